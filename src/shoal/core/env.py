@@ -1,0 +1,181 @@
+"""The only reader of ``os.environ`` in Shoal.
+
+Two things come from the environment:
+
+1. knob overrides, ``SHOAL_<FIELD>`` for every field of :class:`~shoal.core.config.ShoalConfig`;
+2. the world this process belongs to, from whatever launched it. Detection order (first match wins):
+
+   ========================  =========================================================
+   launcher                  variables
+   ========================  =========================================================
+   shoal run / torchrun      RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT
+   shoal.testing harness     SHOAL_INIT_FILE (a FileStore path) with RANK, WORLD_SIZE
+   Open MPI                  OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK / _LOCAL_SIZE
+   MPICH, Intel MPI (PMI)    PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS
+   SLURM (srun)              SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST
+   plain ``python``          nothing: a world of one
+   ========================  =========================================================
+
+Writing variables (NCCL/gloo network settings) happens in ``shoal.init`` through
+:func:`set_default_env`, never at import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import typing
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from .config import ShoalConfig, env_name
+
+__all__ = [
+    "WorldInfo",
+    "read_config",
+    "detect_world",
+    "parse_slurm_first_node",
+    "get_env",
+    "set_default_env",
+]
+
+log = logging.getLogger(__name__)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _environ(environ: Optional[Mapping[str, str]]) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def _parse(field: dataclasses.Field, raw: str):
+    """Parse ``raw`` into the type of ``field``; raise ValueError naming the variable."""
+    name = env_name(field.name)
+    hint = typing.get_type_hints(ShoalConfig)[field.name]
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    text = raw.strip()
+    if args and text.lower() in ("", "none"):
+        return None
+    try:
+        if base is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        return text
+    except ValueError as exc:
+        raise ValueError(f"shoal: cannot parse {name}={raw!r}: {exc}") from None
+
+
+def read_config(environ: Optional[Mapping[str, str]] = None, **overrides) -> ShoalConfig:
+    """Build the config: defaults, then ``SHOAL_*`` variables, then ``overrides``.
+
+    Raises:
+        ValueError: a variable does not parse, or a value is out of range; the message names it.
+    """
+    env = _environ(environ)
+    values = {}
+    for f in dataclasses.fields(ShoalConfig):
+        raw = env.get(env_name(f.name))
+        if raw is not None:
+            values[f.name] = _parse(f, raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ShoalConfig(**values).validate()
+
+
+@dataclass(frozen=True, slots=True)
+class WorldInfo:
+    """Where this process stands, as told by its launcher."""
+
+    rank: int
+    size: int
+    local_rank: Optional[int]
+    local_size: Optional[int]
+    #: ``env://`` (MASTER_ADDR/PORT), ``file://PATH`` or ``None`` (world of one, or to be agreed
+    #: through mpi4py by the runtime).
+    init_method: Optional[str]
+    master_addr: Optional[str]
+    master_port: Optional[int]
+    #: Which launcher was detected: torchrun, file, mpi, slurm, single.
+    source: str
+
+
+def parse_slurm_first_node(nodelist: str) -> str:
+    """First host of a SLURM node list: ``"gpu[03-05,9],cpu1"`` -> ``"gpu03"``."""
+    m = re.match(r"([^\[,]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"shoal: cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
+    for name in names:
+        if env.get(name, "") != "":
+            return int(env[name])
+    return None
+
+
+def detect_world(environ: Optional[Mapping[str, str]] = None) -> WorldInfo:
+    """Find rank and world size from the launcher's variables (see the module docstring)."""
+    env = _environ(environ)
+    addr = env.get("MASTER_ADDR") or None
+    port = _int(env, "MASTER_PORT")
+    if env.get("SHOAL_INIT_FILE"):
+        return WorldInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), _int(env, "LOCAL_RANK"),
+                         _int(env, "LOCAL_WORLD_SIZE"), "file://" + env["SHOAL_INIT_FILE"],
+                         None, None, "file")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return WorldInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), _int(env, "LOCAL_RANK"),
+                         _int(env, "LOCAL_WORLD_SIZE"), "env://", addr, port, "torchrun")
+    if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
+        rank = _int(env, "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+        size = _int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+        local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+        local_size = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
+        return WorldInfo(rank, size, local_rank, local_size,
+                         "env://" if addr else None, addr, port, "mpi")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if addr is None and nodelist:
+            addr = parse_slurm_first_node(nodelist)
+        if port is None:
+            # One port per job, so that two jobs sharing a first node do not collide.
+            port = 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        return WorldInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                         _int(env, "SLURM_LOCALID"), None, "env://", addr, port, "slurm")
+    return WorldInfo(0, 1, 0, 1, None, None, None, "single")
+
+
+def get_env(name: str, default: Optional[str] = None,
+            environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """Read one variable (for the few non-knob variables Shoal looks at, e.g. ``NCCL_*``)."""
+    return _environ(environ).get(name, default)
+
+
+def set_default_env(name: str, value: str, reason: str) -> bool:
+    """Set ``name`` unless the user already did; log either way. Returns True when set.
+
+    Called from ``shoal.init`` only (never at import), so a user's own setting always wins and is
+    never overridden silently.
+    """
+    current = os.environ.get(name)
+    if current is not None:
+        if current != value:
+            log.info("shoal: keeping your %s=%s (shoal would pick %s: %s)", name, current, value, reason)
+        return False
+    os.environ[name] = value
+    log.info("shoal: set %s=%s (%s)", name, value, reason)
+    return True

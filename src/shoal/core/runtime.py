@@ -1,0 +1,404 @@
+"""The runtime: ``init`` / ``shutdown``, who-am-I queries, topology process groups and process sets.
+
+Design constraints:
+
+1. Importing does nothing. ``init()`` reads the environment once (through :mod:`shoal.core.env`),
+   joins or adopts the torch.distributed default group, gathers every rank's host name once, and builds
+   the world / local / cross groups once. Nothing runs in the background afterwards.
+2. No home-made transport or rendezvous: the store and the groups are torch.distributed's.
+3. A failed collective must say which rank is at fault. Every rank's host and pid are gathered at
+   init, so that :func:`explain_failure` can tell a dead local peer from a slow one.
+4. ``init`` twice is a no-op (Horovod allows it); ``shutdown`` then ``init`` starts over.
+
+What lives elsewhere: collectives (:mod:`shoal.core.collectives`), gradient reduction (the engine),
+network variable choices (:mod:`shoal.core.network`, when present).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import env as _env
+from .config import ShoalConfig
+from .errors import NotInitializedError, RankFailureError
+from .topology import Layout, compute_layout
+
+__all__ = [
+    "init",
+    "shutdown",
+    "is_initialized",
+    "rank",
+    "size",
+    "local_rank",
+    "local_size",
+    "cross_rank",
+    "cross_size",
+    "is_homogeneous",
+    "config",
+    "layout",
+    "device",
+    "ProcessSet",
+    "global_process_set",
+    "add_process_set",
+    "remove_process_set",
+    "get_process_set",
+    "local_group",
+    "cross_group",
+    "new_group",
+    "explain_failure",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ProcessSet:
+    """A subset of ranks that collectives can run on (Horovod's ``hvd.ProcessSet``).
+
+    Create one with :func:`add_process_set` on every rank (torch requires every rank of the world to
+    take part in creating a group, members or not). ``global_process_set`` holds all ranks.
+
+    Example:
+        >>> evens = hvd.add_process_set([0, 2])
+        >>> if evens.included(): hvd.allreduce(t, process_set=evens)
+    """
+
+    __slots__ = ("ranks", "process_set_id", "group")
+
+    def __init__(self, ranks: Iterable[int]):
+        self.ranks: tuple[int, ...] = tuple(sorted(set(int(r) for r in ranks)))
+        self.process_set_id: Optional[int] = None
+        self.group: Optional[dist.ProcessGroup] = None
+
+    def included(self) -> bool:
+        """True when the calling rank belongs to this set."""
+        return rank() in self.ranks
+
+    def rank(self) -> int:
+        """This process's rank inside the set; raises ValueError when it is not a member."""
+        me = rank()
+        if me not in self.ranks:
+            raise ValueError(f"shoal: rank {me} is not in process set {self.ranks}")
+        return self.ranks.index(me)
+
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def __repr__(self) -> str:
+        return f"ProcessSet(id={self.process_set_id}, ranks={list(self.ranks)})"
+
+
+#: All ranks; usable once ``init`` has run.
+global_process_set = ProcessSet(())
+
+
+@dataclass(slots=True)
+class _Runtime:
+    config: ShoalConfig
+    world: _env.WorldInfo
+    layout: Layout
+    hosts: list[str]
+    pids: list[int]
+    device: torch.device
+    owns_default_group: bool
+    local_group: Optional[dist.ProcessGroup] = None
+    cross_group: Optional[dist.ProcessGroup] = None
+    process_sets: dict[int, ProcessSet] = field(default_factory=dict)
+    next_set_id: int = 1
+
+
+_rt: Optional[_Runtime] = None
+
+
+def _state(what: str) -> _Runtime:
+    if _rt is None:
+        raise NotInitializedError(what)
+    return _rt
+
+
+def _pick_backend(cfg: ShoalConfig) -> str:
+    if cfg.backend:
+        return cfg.backend
+    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def _agree_with_mpi(world: _env.WorldInfo) -> _env.WorldInfo:
+    """Under mpirun without MASTER_ADDR: rank 0 picks host and port, mpi4py broadcasts them."""
+    try:
+        from mpi4py import MPI  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        raise RuntimeError(
+            "shoal: launched by mpirun but MASTER_ADDR is not set and mpi4py is not installed. "
+            "HINT: `pip install mpi4py`, or pass the rendezvous with "
+            "`mpirun -x MASTER_ADDR=<host of rank 0> -x MASTER_PORT=29500 ...`.") from None
+    comm = MPI.COMM_WORLD
+    addr_port = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            addr_port = (socket.gethostname(), s.getsockname()[1])
+    addr, port = comm.bcast(addr_port, root=0)
+    return _env.WorldInfo(world.rank, world.size, world.local_rank, world.local_size,
+                          f"tcp://{addr}:{port}", addr, port, world.source)
+
+
+def init(backend: Optional[str] = None, timeout_s: Optional[float] = None, **knobs) -> None:
+    """Start Shoal on this process: join the world, learn the topology, build process groups.
+
+    Args:
+        backend: ``gloo``, ``nccl`` or ``mpi``; default nccl when a CUDA device is present, else gloo.
+        timeout_s: seconds any collective may wait for its peers before failing.
+        **knobs: any other :class:`~shoal.core.config.ShoalConfig` field, overriding ``SHOAL_*``.
+
+    Raises:
+        ValueError: a knob is invalid (the message names it and its variable).
+        RuntimeError: the launcher's environment is incomplete (the message says what to set).
+
+    Example:
+        >>> import shoal.torch as hvd
+        >>> hvd.init()
+        >>> print(hvd.rank(), hvd.size())
+    """
+    global _rt
+    if _rt is not None:
+        return
+    cfg = _env.read_config(backend=backend, timeout_s=timeout_s, **knobs)
+    world = _env.detect_world()
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    owns = not dist.is_initialized()
+    if owns:
+        if world.source == "mpi" and world.init_method is None:
+            world = _agree_with_mpi(world)
+        chosen = _pick_backend(cfg)
+        _configure_network(cfg, world)
+        if chosen == "nccl":
+            count = torch.cuda.device_count()
+            torch.cuda.set_device((world.local_rank or 0) % max(count, 1))
+        if world.init_method is None:
+            # A world of one (plain `python train.py`): an in-memory store, no sockets.
+            dist.init_process_group(chosen, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        elif world.init_method == "env://" and (world.master_addr is None or world.master_port is None):
+            raise RuntimeError(
+                f"shoal: launched by {world.source} (rank {world.rank} of {world.size}) but "
+                "MASTER_ADDR/MASTER_PORT are not set. HINT: launch with `shoal run` or torchrun, or "
+                "export MASTER_ADDR=<host of rank 0> MASTER_PORT=29500.")
+        else:
+            dist.init_process_group(chosen, init_method=world.init_method, rank=world.rank,
+                                    world_size=world.size, timeout=timeout)
+    me, n = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    # One allgather at init: host and pid of every rank (pids let failures name a dead local peer).
+    peers: list = [None] * n
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    hosts = [p[0] for p in peers]
+    lay = compute_layout(hosts, cfg.local_size)
+    _rt = _Runtime(config=cfg, world=world, layout=lay, hosts=hosts, pids=[p[1] for p in peers],
+                   device=dev, owns_default_group=owns)
+    # Every rank creates every group, in the same order (torch requires it).
+    for node in lay.nodes:
+        g = new_group(node)
+        if me in node:
+            _rt.local_group = g
+    for ranks in lay.cross_groups():
+        g = new_group(ranks)
+        if me in ranks:
+            _rt.cross_group = g
+    global_process_set.ranks = tuple(range(n))
+    global_process_set.process_set_id = 0
+    global_process_set.group = dist.group.WORLD
+    _rt.process_sets[0] = global_process_set
+    # Gloo finishes connecting a group's pairs asynchronously; without this barrier a fast rank can
+    # leave (or exit) while a peer is still connecting to it, and the peer sees "closed by peer".
+    dist.barrier()
+    log.debug("shoal: rank %d/%d up, layout %s, backend %s", me, n, lay.nodes, dist.get_backend())
+
+
+def _configure_network(cfg: ShoalConfig, world: _env.WorldInfo) -> None:
+    """Apply network choices (interface, NCCL variables) before the process group exists."""
+    try:
+        from . import network  # noqa: PLC0415 (added by the network set-up work; optional here)
+    except ImportError:
+        return
+    network.configure(cfg, world)
+
+
+def shutdown() -> None:
+    """Tear down what ``init`` built. Safe to call twice or before ``init``."""
+    global _rt
+    if _rt is None:
+        return
+    rt, _rt = _rt, None
+    if rt.owns_default_group and dist.is_initialized():
+        dist.destroy_process_group()
+    global_process_set.ranks = ()
+    global_process_set.process_set_id = None
+    global_process_set.group = None
+
+
+def is_initialized() -> bool:
+    """True between ``init()`` and ``shutdown()``."""
+    return _rt is not None
+
+
+def rank() -> int:
+    """This process's rank in the world."""
+    _state("rank")
+    return dist.get_rank()
+
+
+def size() -> int:
+    """Number of ranks in the world."""
+    _state("size")
+    return dist.get_world_size()
+
+
+def local_rank() -> int:
+    """Rank inside this node (see ``local_size`` in the config to emulate nodes)."""
+    return _state("local_rank").layout.local_rank(dist.get_rank())
+
+
+def local_size() -> int:
+    """Number of ranks on this node."""
+    return _state("local_size").layout.local_size(dist.get_rank())
+
+
+def cross_rank() -> int:
+    """Index of this rank's node (its rank in the cross group)."""
+    return _state("cross_rank").layout.cross_rank(dist.get_rank())
+
+
+def cross_size() -> int:
+    """Number of nodes holding this rank's local rank (the number of nodes when homogeneous)."""
+    return _state("cross_size").layout.cross_size(dist.get_rank())
+
+
+def is_homogeneous() -> bool:
+    """True when every node runs the same number of ranks."""
+    return _state("is_homogeneous").layout.is_homogeneous
+
+
+def config() -> ShoalConfig:
+    """The resolved configuration of this run."""
+    return _state("config").config
+
+
+def layout() -> Layout:
+    """The node layout of this run."""
+    return _state("layout").layout
+
+
+def device() -> torch.device:
+    """The device collectives run on: the rank's GPU under nccl, else the CPU."""
+    return _state("device").device
+
+
+def local_group() -> Optional[dist.ProcessGroup]:
+    """Process group of this rank's node."""
+    return _state("local_group").local_group
+
+
+def cross_group() -> Optional[dist.ProcessGroup]:
+    """Process group of the ranks with this rank's local rank, one per node."""
+    return _state("cross_group").cross_group
+
+
+def new_group(ranks: Sequence[int]) -> dist.ProcessGroup:
+    """A new torch.distributed group over ``ranks``; every rank of the world must call it."""
+    rt = _state("new_group")
+    timeout = datetime.timedelta(seconds=rt.config.timeout_s)
+    return dist.new_group(list(ranks), timeout=timeout, use_local_synchronization=False)
+
+
+def add_process_set(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
+    """Register a process set; call it on every rank, in the same order.
+
+    Returns:
+        The registered :class:`ProcessSet` (its ``process_set_id`` is set).
+    Raises:
+        ValueError: a rank is out of range, or the same ranks are registered already.
+    """
+    rt = _state("add_process_set")
+    ps = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
+    n = dist.get_world_size()
+    bad = [r for r in ps.ranks if not 0 <= r < n]
+    if bad or not ps.ranks:
+        raise ValueError(f"shoal: process set {list(ps.ranks)} has ranks outside 0..{n - 1}: {bad}")
+    if any(other.ranks == ps.ranks for other in rt.process_sets.values()):
+        raise ValueError(f"shoal: a process set with ranks {list(ps.ranks)} is registered already")
+    ps.group = new_group(ps.ranks)
+    dist.barrier()  # see init(): let every member finish connecting before anyone moves on
+    ps.process_set_id = rt.next_set_id
+    rt.next_set_id += 1
+    rt.process_sets[ps.process_set_id] = ps
+    return ps
+
+
+def remove_process_set(process_set: ProcessSet) -> bool:
+    """Unregister a process set (the global set cannot be removed). Returns True when removed."""
+    rt = _state("remove_process_set")
+    if process_set.process_set_id in (None, 0):
+        return False
+    removed = rt.process_sets.pop(process_set.process_set_id, None) is not None
+    process_set.process_set_id = None
+    process_set.group = None
+    return removed
+
+
+def get_process_set(process_set: Optional[ProcessSet]) -> ProcessSet:
+    """Resolve ``None`` to the global set and check that ``process_set`` is registered."""
+    rt = _state("process_set")
+    ps = global_process_set if process_set is None else process_set
+    if ps.process_set_id is None or ps.process_set_id not in rt.process_sets:
+        raise ValueError(f"shoal: {ps!r} is not registered. HINT: call hvd.add_process_set(...) "
+                         "on every rank first.")
+    return ps
+
+
+def _is_dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    except OSError:
+        return False
+
+
+def explain_failure(exc: BaseException, what: str, ranks: Optional[Sequence[int]] = None) -> RankFailureError:
+    """Turn a backend error of a collective into a :class:`RankFailureError` naming the cause.
+
+    Peers on this host are checked for liveness through their pids; a dead one is named as the
+    root cause. Peers on other hosts cannot be checked from here and are listed as unknown.
+    """
+    rt = _rt
+    me = dist.get_rank() if dist.is_initialized() else -1
+    if rt is None:
+        return RankFailureError(f"shoal: {what} failed on rank {me}: {exc}")
+    peers = list(ranks) if ranks is not None else list(range(len(rt.hosts)))
+    host = socket.gethostname()
+    dead = [r for r in peers if r != me and rt.hosts[r] == host and _is_dead(rt.pids[r])]
+    remote = [r for r in peers if rt.hosts[r] != host]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if dead:
+        who = ", ".join(f"rank {r} (pid {rt.pids[r]})" for r in dead)
+        msg = (f"shoal: {what} failed on rank {me} because {who} died. Root cause is on the dead rank: "
+               f"see its log. (backend said: {text})")
+    elif "timeout" in text.lower() or "timed out" in text.lower():
+        msg = (f"shoal: {what} timed out on rank {me} after {rt.config.timeout_s:g} s: some rank never "
+               f"joined it (a rank that skipped the call, or diverged). (backend said: {text}) "
+               "HINT: make every rank call the same collectives in the same order; raise timeout_s "
+               "(SHOAL_TIMEOUT_S) if a rank is merely slow.")
+    else:
+        msg = f"shoal: {what} failed on rank {me}: {text}"
+        if remote:
+            msg += f" (ranks {remote} on other hosts could not be checked for liveness)"
+    return RankFailureError(msg)

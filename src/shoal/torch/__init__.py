@@ -1,0 +1,29 @@
+"""PyTorch frontend with Horovod's spelling: ``import shoal.torch as hvd`` runs Horovod scripts.
+
+This package adapts the engine (``shoal.core``); it implements no algorithm of its own.
+"""
+
+from __future__ import annotations
+
+from shoal.core.runtime import (
+    ProcessSet,
+    add_process_set,
+    cross_rank,
+    cross_size,
+    global_process_set,
+    init,
+    is_homogeneous,
+    is_initialized,
+    local_rank,
+    local_size,
+    rank,
+    remove_process_set,
+    shutdown,
+    size,
+)
+
+__all__ = [
+    "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank",
+    "cross_size", "is_homogeneous", "ProcessSet", "global_process_set", "add_process_set",
+    "remove_process_set",
+]
