@@ -53,6 +53,7 @@ __all__ = [
     "local_group",
     "cross_group",
     "new_group",
+    "stream_groups",
     "explain_failure",
 ]
 
@@ -111,6 +112,7 @@ class _Runtime:
     local_group: Optional[dist.ProcessGroup] = None
     cross_group: Optional[dist.ProcessGroup] = None
     process_sets: dict[int, ProcessSet] = field(default_factory=dict)
+    streams: dict[tuple[int, ...], list[dist.ProcessGroup]] = field(default_factory=dict)
     next_set_id: int = 1
 
 
@@ -315,6 +317,21 @@ def new_group(ranks: Sequence[int]) -> dist.ProcessGroup:
     rt = _state("new_group")
     timeout = datetime.timedelta(seconds=rt.config.timeout_s)
     return dist.new_group(list(ranks), timeout=timeout, use_local_synchronization=False)
+
+
+def stream_groups(process_set: ProcessSet, count: int) -> list[dist.ProcessGroup]:
+    """``count`` process groups over ``process_set``'s ranks, for concurrent buckets ("streams").
+
+    Created on first use and cached, so every reducer on the same ranks shares them. Creating groups is
+    collective over the whole world: every rank must ask for the same counts in the same order (reducers
+    are built in the same order on every rank, which guarantees it).
+    """
+    rt = _state("stream_groups")
+    have = rt.streams.setdefault(process_set.ranks, [])
+    while len(have) < count:
+        have.append(new_group(process_set.ranks))
+        dist.barrier()  # see init(): gloo connects pairs asynchronously
+    return have[:count]
 
 
 def add_process_set(process_set: ProcessSet | Sequence[int]) -> ProcessSet:

@@ -1,0 +1,218 @@
+"""The gradient reducer: fused, overlapped, multi-stream reduction of a fixed set of named tensors.
+
+Frontends hand it tensor specs once, then, every step, "tensor i is ready" events; it owns the flat bucket
+buffers (the frontend makes each gradient a view into them) and the in-flight collectives.
+
+Design constraints:
+
+1. Zero copies on the hot path. Gradients live in persistent flat buffers (the frontend points ``param.grad``
+   at :attr:`GradientReducer.views`), so a full bucket goes on the wire as it is. Measured on this machine:
+   allocating a fresh 100 MB fusion buffer every step costs ~100 ms, copying through a persistent one 37-46 ms,
+   views nothing.
+2. Overlap: a bucket is launched (``async_op``) the moment its last tensor is ready, while backward goes on;
+   ``finish`` waits only for what is still in flight.
+3. Same collective order on every rank: buckets are launched strictly in plan order (a bucket that fills
+   early waits for its predecessors), so no rank can issue collectives in a different order.
+4. Several buckets in flight: bucket ``b`` goes on stream ``b % num_streams``, each stream its own process
+   group (on GPU each NCCL communicator has its own CUDA stream; on gloo each group its own threads).
+5. No background loop of ours: completion work (scaling) runs as a future callback on the backend's own
+   completion thread, so an idle rank costs nothing (an idle Horovod rank burns ~7% of a core here for its
+   1 ms cycle).
+6. Numerics equal plain allreduce: sum, then one multiply by ``postscale`` (``1/n`` for Average).
+
+What lives elsewhere: the bucket plan (:mod:`shoal.core.buckets`), the per-bucket algorithm (flat or
+hierarchical, with or without compression: :mod:`shoal.core.algorithms`), hooks into autograd (frontends).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import runtime
+from .algorithms import ReduceContext, get_algorithm
+from .buckets import BucketPlan, TensorSpec, plan_buckets
+from .errors import ShoalError
+
+__all__ = ["GradientReducer", "ReduceOp"]
+
+log = logging.getLogger(__name__)
+
+_MB = 1024 * 1024
+
+
+class ReduceOp:
+    """Reductions the engine supports for gradients."""
+
+    AVERAGE = "average"
+    SUM = "sum"
+
+
+class GradientReducer:
+    """Reduces a fixed set of named tensors across a process set, one flat bucket at a time.
+
+    Args:
+        specs: the tensors (name, shape, dtype, device), in registration order.
+        op: ``ReduceOp.AVERAGE`` or ``ReduceOp.SUM``.
+        prescale_factor / postscale_factor: multiply before the sum / after it (Horovod's meaning).
+        process_set: ranks to reduce over (default: all).
+        fusion_threshold_mb / first_bucket_mb / num_streams / compression / hierarchical: default from
+            the runtime config.
+        groups: explicit grouping of tensor indices into buckets (Horovod's ``groups=``).
+
+    Example (what a frontend does each step)::
+
+        red = GradientReducer(specs)
+        for i, p in enumerate(params): p.grad = red.views[i]
+        ... backward: on each gradient's accumulation hook -> red.mark_ready(i)
+        red.finish()        # every view now holds the averaged gradient
+    """
+
+    def __init__(self, specs: Sequence[TensorSpec], *, op: str = ReduceOp.AVERAGE,
+                 prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                 process_set: Optional[runtime.ProcessSet] = None,
+                 fusion_threshold_mb: Optional[float] = None, first_bucket_mb: Optional[float] = None,
+                 num_streams: Optional[int] = None, compression: Optional[str] = None,
+                 hierarchical: Optional[str] = None,
+                 groups: Optional[Sequence[Sequence[int]]] = None):
+        cfg = runtime.config()
+        self.specs = list(specs)
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"shoal: tensor names must be unique; duplicated: {dup[:5]}")
+        self.process_set = runtime.get_process_set(process_set)
+        self.world = self.process_set.size()
+        if op not in (ReduceOp.AVERAGE, ReduceOp.SUM):
+            raise ValueError(f"shoal: gradient op must be Average or Sum, got {op!r}")
+        self.op = op
+        self.prescale = float(prescale_factor)
+        self.postscale = float(postscale_factor) / (self.world if op == ReduceOp.AVERAGE else 1)
+        self.bucket_nbytes = int((fusion_threshold_mb or cfg.fusion_threshold_mb) * _MB)
+        self.first_bucket_nbytes = int((first_bucket_mb or cfg.first_bucket_mb) * _MB)
+        self.num_streams = int(num_streams or cfg.num_streams)
+        self.compression = compression or cfg.compression
+        self.hierarchical = hierarchical or cfg.hierarchical
+        self._algorithm = get_algorithm(self.compression, self.hierarchical, self.process_set)
+        self._groups_override = [list(g) for g in groups] if groups is not None else None
+        self._streams = runtime.stream_groups(self.process_set, self.num_streams)
+        self.step = 0
+        self._observed: list[int] = []
+        #: Ready order of the last finished step (indices of tensors marked ready, in order).
+        self.last_order: list[int] = []
+        self._build(order=None)
+
+    # ----------------------------------------------------------------------------------- planning
+    def _build(self, order: Optional[Sequence[int]]) -> None:
+        self.plans: list[BucketPlan] = plan_buckets(
+            self.specs, order, bucket_nbytes=self.bucket_nbytes,
+            first_bucket_nbytes=self.first_bucket_nbytes, groups=self._groups_override)
+        self.order = list(order) if order is not None else list(range(len(self.specs) - 1, -1, -1))
+        self.buffers: list[torch.Tensor] = [
+            torch.zeros(p.numel, dtype=p.dtype, device=p.device) for p in self.plans]
+        self.views: list[torch.Tensor] = [torch.empty(0)] * len(self.specs)
+        self.bucket_of: list[int] = [0] * len(self.specs)
+        for p, buf in zip(self.plans, self.buffers):
+            for t, off in zip(p.tensor_ids, p.offsets):
+                spec = self.specs[t]
+                self.views[t] = buf[off:off + spec.numel].view(spec.shape)
+                self.bucket_of[t] = p.index
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        self._pending = [len(p.tensor_ids) for p in self.plans]
+        self._ready = [False] * len(self.specs)
+        self._futures: list[Optional[torch.futures.Future]] = [None] * len(self.plans)
+        self._next_launch = 0
+        self._launched_at: list[float] = [0.0] * len(self.plans)
+
+    def rebucket(self, order: Sequence[int]) -> bool:
+        """Re-plan the buckets for ``order`` (the ready order seen on the process set's first rank).
+
+        Current values move to the new buffers. Returns True when the plan changed; the frontend must
+        then re-point its gradients at the new :attr:`views`.
+        """
+        if self.in_flight:
+            raise ShoalError("shoal: rebucket() while buckets are in flight; call finish() first")
+        if list(order) == self.order:
+            return False
+        old_views = self.views
+        self._build(order)
+        for new, old in zip(self.views, old_views):
+            new.copy_(old)
+        return True
+
+    def agreed_order(self) -> list[int]:
+        """The ready order observed this step on the process set's first rank, completed with the
+        tensors that never became ready (reverse registration order), broadcast to every member."""
+        seen = set(self.last_order)
+        order = self.last_order + [i for i in range(len(self.specs) - 1, -1, -1) if i not in seen]
+        box = [order]
+        dist.broadcast_object_list(box, src=self.process_set.ranks[0], group=self.process_set.group)
+        return box[0]
+
+    # ----------------------------------------------------------------------------------- per step
+    @property
+    def in_flight(self) -> bool:
+        return any(f is not None for f in self._futures)
+
+    def mark_ready(self, i: int) -> None:
+        """Tensor ``i`` holds its final local value in ``views[i]``; launch buckets that are complete."""
+        if self._ready[i]:
+            raise ShoalError(
+                f"shoal: gradient of '{self.specs[i].name}' became ready twice in one step on rank "
+                f"{runtime.rank()}. HINT: call optimizer.synchronize()/step() between backward passes, or "
+                "set backward_passes_per_step to the number of backward passes per step.")
+        self._ready[i] = True
+        self._observed.append(i)
+        b = self.bucket_of[i]
+        self._pending[b] -= 1
+        if self._pending[b] == 0:
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._next_launch < len(self.plans) and self._pending[self._next_launch] == 0:
+            self._launch(self._next_launch)
+            self._next_launch += 1
+
+    def _launch(self, b: int) -> None:
+        plan = self.plans[b]
+        ctx = ReduceContext(group=self._streams[b % self.num_streams], process_set=self.process_set,
+                            prescale=self.prescale, postscale=self.postscale, bucket_index=b,
+                            names=lambda plan=plan: [self.specs[t].name for t in plan.tensor_ids])
+        self._launched_at[b] = time.perf_counter()
+        self._futures[b] = self._algorithm(self.buffers[b], ctx)
+
+    def finish(self) -> None:
+        """Launch every bucket not yet launched (tensors never marked ready go as they are: zeros if the
+        frontend zeroed them), wait for all, and leave the reduced values in :attr:`views`.
+
+        Raises:
+            RankFailureError: a peer died or timed out; the message names the bucket's first tensors.
+        """
+        for b in range(len(self.plans)):
+            self._pending[b] = 0
+        self._launch_ready()
+        error: Optional[BaseException] = None
+        for b, fut in enumerate(self._futures):
+            if fut is None:
+                continue
+            try:
+                fut.wait()
+            except Exception as exc:  # noqa: BLE001 (converted and re-raised below)
+                if error is None:
+                    names = [self.specs[t].name for t in self.plans[b].tensor_ids]
+                    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                    error = runtime.explain_failure(exc, f"gradient allreduce of bucket {b} ({shown})",
+                                                    self.process_set.ranks)
+                    error.__cause__ = exc
+        self.last_order = list(self._observed)
+        self.step += 1
+        self._observed = []
+        self._reset_step()
+        if error is not None:
+            raise error

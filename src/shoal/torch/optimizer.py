@@ -1,0 +1,427 @@
+"""``DistributedOptimizer``: Horovod's optimizer wrapper, on Shoal's gradient engine.
+
+Design constraints:
+
+1. A horovod.torch user changes only the import: same constructor, ``synchronize()``,
+   ``skip_synchronize()``, ``zero_grad()``, the clipping, AMP GradScaler and gradient-accumulation patterns.
+   The wrapper is a real ``torch.optim.Optimizer`` (LR schedulers check ``isinstance``) that shares the
+   wrapped optimizer's ``param_groups`` and ``state``; no class is built at run time.
+2. Zero copies in steady state: each gradient is a view into the engine's bucket buffers. ``zero_grad``
+   zeroes the buffers instead of dropping the views. If user code sets ``.grad = None`` anyway, the next
+   gradient is copied into its view once and the view is put back.
+3. Step 1 discovers: which parameters get gradients, in which order (the bucket plan follows the real
+   ready order, agreed from the process set's first rank), and which produce sparse gradients. From
+   step 2 on, buckets go on the wire during backward.
+4. World size 1 costs nothing: no hooks, ``step`` is the wrapped optimizer's step.
+5. Parameters marked ``_shoal_no_sync = True`` (e.g. a class-sharded classifier, :mod:`shoal.parallel`)
+   are never reduced: their gradients are local by design.
+
+What lives elsewhere: bucketing, streams and collectives (:class:`shoal.core.reducer.GradientReducer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections import OrderedDict
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from shoal.core import runtime
+from shoal.core.buckets import TensorSpec
+from shoal.core.compression import Compression, resolve_compression
+from shoal.core.errors import ShoalError
+from shoal.core.reducer import GradientReducer, ReduceOp
+
+__all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state"]
+
+log = logging.getLogger(__name__)
+
+
+def _op_name(op) -> str:
+    """Map Horovod-style op constants (objects, enums or strings) to the engine's names."""
+    if op is None:
+        return ReduceOp.AVERAGE
+    name = str(getattr(op, "name", op)).lower()
+    if name in ("average", "avg", "mean"):
+        return ReduceOp.AVERAGE
+    if name == "sum":
+        return ReduceOp.SUM
+    raise ValueError(f"shoal: DistributedOptimizer supports op=Average or Sum, got {op!r}")
+
+
+class DistributedOptimizer(torch.optim.Optimizer):
+    """Wrap ``optimizer`` so that ``step()`` applies gradients averaged across ranks.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``.
+        named_parameters: ``model.named_parameters()``; names appear in error messages. Default: the
+            optimizer's parameters, named ``param.<group>.<index>``.
+        compression: ``Compression.none`` / ``.fp16`` / ``.bf16`` (wire format of buckets).
+        backward_passes_per_step: backward passes to accumulate locally before reducing.
+        op: ``Average`` (default) or ``Sum``.
+        gradient_predivide_factor: divide by this before the sum and by ``size/factor`` after
+            (Horovod's meaning; only with Average).
+        groups: explicit buckets: a list of lists of parameters, or an int (that many buckets).
+        sparse_as_dense: reduce sparse gradients as dense tensors (else: allgather of indices and values).
+        process_set: ranks to average over (default: all).
+        **engine_options: ``fusion_threshold_mb``, ``first_bucket_mb``, ``num_streams``,
+            ``hierarchical``: override the runtime config for this optimizer.
+
+    Example:
+        >>> opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                                named_parameters=model.named_parameters())
+        >>> hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, named_parameters=None,
+                 compression=Compression.none, backward_passes_per_step: int = 1, op=None,
+                 gradient_predivide_factor: float = 1.0, groups=None, sparse_as_dense: bool = False,
+                 process_set: Optional[runtime.ProcessSet] = None, **engine_options):
+        # Deliberately not calling Optimizer.__init__: this object is a view of `optimizer`.
+        self._inner = optimizer
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._process_set = runtime.get_process_set(process_set)
+        if backward_passes_per_step < 1:
+            raise ValueError(f"shoal: backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
+        self.backward_passes_per_step = int(backward_passes_per_step)
+        self._op = _op_name(op)
+        if gradient_predivide_factor != 1.0 and self._op != ReduceOp.AVERAGE:
+            raise ValueError("shoal: gradient_predivide_factor needs op=Average")
+        self._prescale = 1.0 / gradient_predivide_factor
+        self._postscale = gradient_predivide_factor
+        self._compression = resolve_compression(compression)
+        self._sparse_as_dense = sparse_as_dense
+        self._engine_options = engine_options
+
+        self._params, self._names = self._name_parameters(named_parameters)
+        self._index = {id(p): i for i, p in enumerate(self._params)}
+        self._groups = self._resolve_groups(groups)
+        self._counts = [0] * len(self._params)
+        self._reducer: Optional[GradientReducer] = None
+        self._dense_ids: list[int] = []     # param index of reducer tensor j
+        self._slot: dict[int, int] = {}     # param index -> reducer tensor j
+        self._sparse_ids: set[int] = set()
+        self._seen_order: list[int] = []    # step-1 ready order (param indices)
+        self._synchronized = False
+        self._should_synchronize = True
+        self._hooks = []
+        world = self._process_set.size()
+        self._active = world > 1 or self._prescale * self._postscale != 1.0 or self._op == ReduceOp.SUM
+        self._active = self._active and self._process_set.included()
+        if self._active:
+            for i, p in enumerate(self._params):
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(i)))
+
+    # ------------------------------------------------------------------------- optimizer façade
+    @property
+    def param_groups(self):
+        return self._inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self._inner.param_groups = value
+
+    @property
+    def state(self):
+        return self._inner.state
+
+    @state.setter
+    def state(self, value):
+        self._inner.state = value
+
+    @property
+    def defaults(self):
+        return self._inner.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self._inner.defaults = value
+
+    def state_dict(self):
+        return self._inner.state_dict()
+
+    def load_state_dict(self, state_dict):
+        return self._inner.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group):
+        raise ShoalError("shoal: add_param_group on a DistributedOptimizer is not supported yet. HINT: "
+                         "add the group to the inner optimizer before wrapping it.")
+
+    def __repr__(self) -> str:
+        return f"DistributedOptimizer({self._inner!r})"
+
+    def __getstate__(self):
+        raise TypeError("shoal: a DistributedOptimizer cannot be pickled; save state_dict() instead")
+
+    # ------------------------------------------------------------------------- set-up helpers
+    def _name_parameters(self, named_parameters):
+        opt_params = [p for g in self._inner.param_groups for p in g["params"]]
+        if named_parameters is None:
+            named = [(f"param.{gi}.{pi}", p) for gi, g in enumerate(self._inner.param_groups)
+                     for pi, p in enumerate(g["params"])]
+        else:
+            named = list(named_parameters)
+            if named and not isinstance(named[0], tuple):
+                raise ValueError("shoal: named_parameters must be (name, parameter) pairs, e.g. "
+                                 "model.named_parameters()")
+            names = [n for n, _ in named]
+            dups = sorted({n for n in names if names.count(n) > 1})
+            if dups:
+                raise ValueError(f"shoal: parameter names are not unique: {dups[:5]}")
+            named_ids = {id(p) for _, p in named}
+            unnamed = [p for p in opt_params if id(p) not in named_ids]
+            if unnamed:
+                raise ValueError(
+                    f"shoal: named_parameters was given, but {len(unnamed)} of the optimizer's parameters "
+                    f"are not in it (first shape: {tuple(unnamed[0].shape)}). HINT: pass "
+                    "model.named_parameters() of the model whose parameters the optimizer holds.")
+        opt_ids = {id(p) for p in opt_params}
+        params, names, seen = [], [], set()
+        for name, p in named:
+            if id(p) in seen or id(p) not in opt_ids:
+                continue  # tied weights appear once; parameters the optimizer does not hold are ignored
+            seen.add(id(p))
+            if not p.requires_grad or getattr(p, "_shoal_no_sync", False):
+                continue
+            params.append(p)
+            names.append(name)
+        return params, names
+
+    def _resolve_groups(self, groups) -> Optional[list[list[int]]]:
+        if groups is None:
+            return None
+        if isinstance(groups, int):
+            if groups < 1:
+                raise ValueError(f"shoal: groups must be >= 1, got {groups}")
+            n = len(self._params)
+            return [list(range(i, n, groups)) for i in range(min(groups, n))]
+        out = []
+        for g in groups:
+            ids = []
+            for p in g:
+                if id(p) not in self._index:
+                    raise ValueError("shoal: groups= holds a parameter the optimizer does not reduce")
+                ids.append(self._index[id(p)])
+            out.append(ids)
+        grouped = {i for g in out for i in g}
+        rest = [i for i in range(len(self._params)) if i not in grouped]
+        return out + ([rest] if rest else [])
+
+    # ------------------------------------------------------------------------- hooks
+    def _make_hook(self, i: int):
+        def hook(param: torch.Tensor) -> None:
+            self._on_grad_ready(i, param)
+        return hook
+
+    def _on_grad_ready(self, i: int, p: torch.Tensor) -> None:
+        if not self._should_synchronize and self._synchronized:
+            return
+        self._counts[i] += 1
+        if self._counts[i] < self.backward_passes_per_step:
+            return
+        if self._synchronized:
+            raise ShoalError(
+                f"shoal: gradient of '{self._names[i]}' was computed again after optimizer.synchronize() "
+                "and before optimizer.step(). HINT: call step() (under skip_synchronize()) before the next "
+                "backward pass.")
+        if self._reducer is None:
+            if self._counts[i] == self.backward_passes_per_step:
+                self._seen_order.append(i)
+            return
+        j = self._slot.get(i)
+        if j is None:
+            return  # a sparse gradient: reduced in synchronize()
+        view = self._reducer.views[j]
+        g = p.grad
+        if g is None:
+            return
+        if g.data_ptr() != view.data_ptr() or g.layout != torch.strided:
+            view.copy_(g.to_dense() if g.is_sparse else g)
+            p.grad = view
+        self._reducer.mark_ready(j)
+
+    # ------------------------------------------------------------------------- the step
+    def _build_reducer(self) -> None:
+        """End of step 1: agree on order and sparse set, build buckets, move gradients into views."""
+        sparse_here = sorted(i for i, p in enumerate(self._params)
+                             if p.grad is not None and p.grad.is_sparse and not self._sparse_as_dense)
+        box = [(self._seen_order, sparse_here)]
+        dist.broadcast_object_list(box, src=self._process_set.ranks[0], group=self._process_set.group)
+        order, sparse = box[0]
+        self._sparse_ids = set(sparse)
+        seen = set(order)
+        full_order = [i for i in order if i not in self._sparse_ids] + [
+            i for i in range(len(self._params) - 1, -1, -1) if i not in seen and i not in self._sparse_ids]
+        self._dense_ids = sorted(full_order)
+        self._slot = {i: j for j, i in enumerate(self._dense_ids)}
+        specs = [TensorSpec(self._names[i], tuple(self._params[i].shape), self._params[i].dtype,
+                            self._params[i].device) for i in self._dense_ids]
+        groups = None
+        if self._groups is not None:
+            groups = [[self._slot[i] for i in g if i in self._slot] for g in self._groups]
+            groups = [g for g in groups if g]
+        self._reducer = GradientReducer(
+            specs, op=self._op, prescale_factor=self._prescale, postscale_factor=self._postscale,
+            process_set=self._process_set, compression=self._compression, groups=groups,
+            **self._engine_options)
+        order_slots = [self._slot[i] for i in full_order]
+        self._reducer.rebucket(order_slots)
+        for j, i in enumerate(self._dense_ids):
+            p = self._params[i]
+            view = self._reducer.views[j]
+            if p.grad is not None:
+                view.copy_(p.grad.to_dense() if p.grad.is_sparse else p.grad)
+            p.grad = view
+            self._reducer.mark_ready(j)
+
+    def synchronize(self) -> None:
+        """Wait until every gradient is reduced (launching what is not yet on the wire).
+
+        After this, ``param.grad`` holds the averaged gradient on every rank; call ``step()`` inside
+        ``with optimizer.skip_synchronize():`` to avoid a second synchronization (e.g. after clipping).
+        """
+        if not self._active:
+            self._synchronized = True
+            return
+        if self._synchronized:
+            return
+        if self._reducer is None:
+            self._build_reducer()
+        else:
+            for j, i in enumerate(self._dense_ids):
+                p = self._params[i]
+                view = self._reducer.views[j]
+                if p.grad is None:
+                    view.zero_()
+                    p.grad = view
+                elif p.grad.data_ptr() != view.data_ptr():
+                    view.copy_(p.grad.to_dense() if p.grad.is_sparse else p.grad)
+                    p.grad = view
+        self._reducer.finish()
+        if self._sparse_ids:
+            self._reduce_sparse()
+        self._counts = [0] * len(self._params)
+        self._synchronized = True
+
+    def _reduce_sparse(self) -> None:
+        """Sparse gradients: allgather indices and values (sizes differ per rank), then coalesce."""
+        group, n = self._process_set.group, self._process_set.size()
+        for i in sorted(self._sparse_ids):
+            p = self._params[i]
+            g = p.grad.coalesce() if p.grad is not None else torch.sparse_coo_tensor(
+                torch.empty((p.dim(), 0), dtype=torch.long), torch.empty((0,) + p.shape[1:], dtype=p.dtype),
+                p.shape)
+            idx, val = g.indices(), g.values()
+            counts = [None] * n
+            dist.all_gather_object(counts, idx.shape[1], group=group)
+            top = max(counts)
+            pad_idx = torch.zeros((idx.shape[0], top), dtype=idx.dtype)
+            pad_idx[:, :idx.shape[1]] = idx
+            pad_val = torch.zeros((top,) + tuple(val.shape[1:]), dtype=val.dtype)
+            pad_val[:val.shape[0]] = val
+            all_idx = [torch.empty_like(pad_idx) for _ in range(n)]
+            all_val = [torch.empty_like(pad_val) for _ in range(n)]
+            dist.all_gather(all_idx, pad_idx, group=group)
+            dist.all_gather(all_val, pad_val, group=group)
+            idx = torch.cat([t[:, :c] for t, c in zip(all_idx, counts)], dim=1)
+            val = torch.cat([t[:c] for t, c in zip(all_val, counts)])
+            scale = self._prescale * self._postscale / (n if self._op == ReduceOp.AVERAGE else 1)
+            p.grad = torch.sparse_coo_tensor(idx, val * scale, p.shape).coalesce()
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """Inside this block ``step()`` does not synchronize (use after an explicit ``synchronize()``)."""
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
+
+    def step(self, closure=None):
+        """Synchronize (unless inside ``skip_synchronize()``), then the wrapped optimizer's step."""
+        if self._should_synchronize:
+            if self._synchronized and self._active:
+                warnings.warn("shoal: optimizer.step() after optimizer.synchronize() without "
+                              "skip_synchronize(): the gradients are already reduced, nothing is redone.",
+                              stacklevel=2)
+            self.synchronize()
+        elif self._active and not self._synchronized:
+            raise ShoalError("shoal: step() under skip_synchronize() but synchronize() was not called "
+                             "this step: gradients would be applied unreduced. HINT: call "
+                             "optimizer.synchronize() first.")
+        try:
+            return self._inner.step(closure) if closure is not None else self._inner.step()
+        finally:
+            self._synchronized = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients. Reduced gradients stay views into the engine's buffers (zeroed in place,
+        whatever ``set_to_none`` says), so the next backward writes straight into them."""
+        if self._reducer is not None and any(self._reducer._ready) and not self._synchronized:
+            raise ShoalError("shoal: optimizer.zero_grad() was called after loss.backward() but before "
+                             "optimizer.step() or optimizer.synchronize(). HINT: zero the gradients "
+                             "before backward, or step first.")
+        if self._reducer is not None:
+            for buf in self._reducer.buffers:
+                buf.zero_()
+        managed = {id(self._params[i]) for i in self._slot} if self._reducer is not None else set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in managed or p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_()
+                    p.grad.zero_()
+        self._counts = [0] * len(self._params)
+        self._synchronized = False
+
+
+def broadcast_parameters(params, root_rank: int = 0,
+                         process_set: Optional[runtime.ProcessSet] = None) -> None:
+    """Copy parameters (a ``state_dict()`` or ``named_parameters()``) from ``root_rank`` to every rank,
+    in place, one collective per dtype.
+
+    Example:
+        >>> hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    """
+    ps = runtime.get_process_set(process_set)
+    items = list(params.items()) if hasattr(params, "items") else list(params)
+    tensors = [t for _, t in items if isinstance(t, torch.Tensor)]
+    by_dtype: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault((t.dtype, t.device), []).append(t)
+    for (dtype, device), ts in by_dtype.items():
+        with torch.no_grad():
+            flat = torch.cat([t.detach().reshape(-1) for t in ts]) if ts else torch.empty(0)
+            dist.broadcast(flat, src=root_rank, group=ps.group)
+            off = 0
+            for t in ts:
+                t.detach().copy_(flat[off:off + t.numel()].view_as(t))
+                off += t.numel()
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0,
+                              process_set: Optional[runtime.ProcessSet] = None) -> None:
+    """Copy the optimizer's state (and hyper-parameters) from ``root_rank`` to every rank.
+
+    Example:
+        >>> hvd.broadcast_optimizer_state(opt, root_rank=0)
+    """
+    ps = runtime.get_process_set(process_set)
+    inner = optimizer._inner if isinstance(optimizer, DistributedOptimizer) else optimizer
+    box = [inner.state_dict() if runtime.rank() == root_rank else None]
+    dist.broadcast_object_list(box, src=root_rank, group=ps.group)
+    if runtime.rank() != root_rank:
+        inner.load_state_dict(box[0])
