@@ -23,10 +23,11 @@ from shoal.core.runtime import (
 )
 
 from shoal.core.compression import Compression
+from shoal.torch.comm_hook import comm_hook
 from shoal.torch.optimizer import DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters
 
 __all__ = [
-    "DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "Compression",
+    "DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "Compression", "comm_hook",
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank",
     "cross_size", "is_homogeneous", "ProcessSet", "global_process_set", "add_process_set",
     "remove_process_set",

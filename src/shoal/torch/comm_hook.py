@@ -1,0 +1,68 @@
+"""DDP communication hook: Shoal's algorithms for existing ``DistributedDataParallel`` code.
+
+DDP keeps its own bucketing and overlap; this hook replaces only what happens to each bucket, with the
+same per-bucket algorithm the engine uses (compression, hierarchical allreduce, several buckets in flight
+on separate process groups). One line changes in the user's script::
+
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp.register_comm_hook(*shoal.torch.comm_hook(compression=shoal.torch.Compression.fp16))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from shoal.core import runtime
+from shoal.core.algorithms import ReduceContext, get_algorithm
+from shoal.core.compression import resolve_compression
+
+__all__ = ["comm_hook", "CommHookState", "allreduce_hook"]
+
+
+@dataclass
+class CommHookState:
+    """What :func:`allreduce_hook` needs: the process set, its stream groups and the algorithm."""
+
+    process_set: runtime.ProcessSet
+    streams: list
+    algorithm: object
+    compression: str
+    hierarchical: str
+
+
+def allreduce_hook(state: CommHookState, bucket: "dist.GradBucket") -> torch.futures.Future:
+    """Average ``bucket`` across the process set with Shoal's algorithm; DDP's hook signature."""
+    buffer = bucket.buffer()
+    ctx = ReduceContext(group=state.streams[bucket.index() % len(state.streams)],
+                        process_set=state.process_set, prescale=1.0,
+                        postscale=1.0 / state.process_set.size(), bucket_index=bucket.index())
+    return state.algorithm(buffer, ctx)
+
+
+def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None,
+              hierarchical: Optional[str] = None, num_streams: Optional[int] = None):
+    """Build ``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``.
+
+    Args:
+        process_set: must span the same ranks as the DDP module's process group (default: all).
+        compression: ``Compression.none`` / ``.fp16`` / ``.bf16``; default from the config.
+        hierarchical: ``auto`` / ``on`` / ``off``; default from the config.
+        num_streams: buckets in flight at once; default from the config.
+
+    Returns:
+        ``(state, hook)``: pass both to ``ddp.register_comm_hook``.
+
+    Example:
+        >>> ddp.register_comm_hook(*hvd.comm_hook())
+    """
+    cfg = runtime.config()
+    ps = runtime.get_process_set(process_set)
+    comp = resolve_compression(compression) or cfg.compression
+    hier = hierarchical or cfg.hierarchical
+    streams = runtime.stream_groups(ps, int(num_streams or cfg.num_streams))
+    state = CommHookState(ps, streams, get_algorithm(comp, hier, ps), comp, hier)
+    return state, allreduce_hook
