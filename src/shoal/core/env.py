@@ -39,6 +39,7 @@ __all__ = [
     "parse_slurm_first_node",
     "get_env",
     "set_default_env",
+    "export_env",
 ]
 
 log = logging.getLogger(__name__)
@@ -179,3 +180,16 @@ def set_default_env(name: str, value: str, reason: str) -> bool:
     os.environ[name] = value
     log.info("shoal: set %s=%s (%s)", name, value, reason)
     return True
+
+
+def export_env(values: Mapping[str, str], reason: str) -> None:
+    """Set variables for the processes a launcher is about to start, overriding inherited ones.
+
+    Called by ``shoal run`` only, right before it starts its workers (never at import): a flag the
+    user typed (``--no-autotune``) must beat a value inherited from the shell.
+    """
+    for name, value in values.items():
+        previous = os.environ.get(name)
+        if previous is not None and previous != value:
+            log.info("shoal: %s=%s replaces the inherited %s (%s)", name, value, previous, reason)
+        os.environ[name] = value
