@@ -8,8 +8,6 @@ on separate process groups). One line changes in the user's script::
     ddp.register_comm_hook(*shoal.torch.comm_hook(compression=shoal.torch.Compression.fp16))
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,12 +27,13 @@ class CommHookState:
 
     process_set: runtime.ProcessSet
     streams: list
-    algorithm: object
+    algorithm: object  # noqa: the engine's Algorithm callable
     compression: str
     hierarchical: str
 
 
-def allreduce_hook(state: CommHookState, bucket: "dist.GradBucket") -> torch.futures.Future:
+# No `from __future__ import annotations` here: DDP checks these annotations against the real classes.
+def allreduce_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average ``bucket`` across the process set with Shoal's algorithm; DDP's hook signature."""
     buffer = bucket.buffer()
     ctx = ReduceContext(group=state.streams[bucket.index() % len(state.streams)],
