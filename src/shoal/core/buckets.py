@@ -127,6 +127,9 @@ def plan_buckets(specs: Sequence[TensorSpec], order: Optional[Sequence[int]] = N
 
         for i in chunk:
             key = (specs[i].dtype, specs[i].device)
+            if limits is not None and open_.get(key) and \
+                    specs[i].nbytes >= (limits[0] if not plans else limits[1]):
+                close(key)  # constraint 2: an oversize tensor travels alone; the ones before it go now
             if key not in open_:
                 open_[key], sizes[key] = [], 0
                 keys_in_order.append(key)
