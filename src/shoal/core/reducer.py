@@ -114,6 +114,7 @@ class GradientReducer:
         self.order = list(order) if order is not None else list(range(len(self.specs) - 1, -1, -1))
         self.buffers: list[torch.Tensor] = [
             torch.zeros(p.numel, dtype=p.dtype, device=p.device) for p in self.plans]
+        self._bucket_state: list[dict] = [{} for _ in self.plans]
         self.views: list[torch.Tensor] = [torch.empty(0)] * len(self.specs)
         self.bucket_of: list[int] = [0] * len(self.specs)
         for p, buf in zip(self.plans, self.buffers):
@@ -183,7 +184,8 @@ class GradientReducer:
         plan = self.plans[b]
         ctx = ReduceContext(group=self._streams[b % self.num_streams], process_set=self.process_set,
                             prescale=self.prescale, postscale=self.postscale, bucket_index=b,
-                            names=lambda plan=plan: [self.specs[t].name for t in plan.tensor_ids])
+                            names=lambda plan=plan: [self.specs[t].name for t in plan.tensor_ids],
+                            state=self._bucket_state[b])
         self._launched_at[b] = time.perf_counter()
         self._futures[b] = self._algorithm(self.buffers[b], ctx)
 

@@ -8,7 +8,7 @@ each algorithm exists once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch.distributed as dist
@@ -33,6 +33,9 @@ class ReduceContext:
     bucket_index: int = 0
     #: Lazily lists the bucket's tensor names (for error messages only; not called on the hot path).
     names: Optional[Callable[[], list[str]]] = None
+    #: Per-bucket state that persists across steps (e.g. error-feedback residuals); owned by the caller,
+    #: reset when the bucket plan changes.
+    state: dict = field(default_factory=dict)
 
 
 Algorithm = Callable[["torch.Tensor", ReduceContext], "torch.futures.Future"]  # noqa: F821
