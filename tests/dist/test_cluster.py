@@ -85,7 +85,9 @@ def test_two_nodes_two_ranks_layout_and_shaping():
         assert len(_ours(prefix)) == 3  # switch + 2 nodes
         run = cluster.run([PY, "-c", _LAYOUT_SCRIPT], timeout_s=60)
     assert _ours(prefix) == []
+    assert not [d for d in os.listdir("/etc/netns") if d.startswith(prefix)]
     run.check()
+    assert "cannot be retrieved" not in run.results[0].output  # node names resolve (hosts files)
     lines = [next(line for line in r.output.splitlines() if line.startswith("OK")) for r in run.results]
     fields = [dict(kv.split("=") for kv in line.split()[1:]) for line in lines]
     # Distinct host name per node (UTS namespaces), shared inside a node.
@@ -174,9 +176,12 @@ def test_cleanup_stale_removes_dead_runs_only():
     try:
         for name in (stale, live):
             subprocess.run(["ip", "netns", "add", name], check=True)
+        orphan = f"/etc/netns/shoal-{gone.pid}-1-n0"  # a hosts file whose namespace is gone
+        os.makedirs(orphan, exist_ok=True)
         removed = cleanup_stale()
         assert stale in removed and live not in removed
         assert _ours(stale) == [] and _ours(live) == [live]
+        assert not os.path.exists(orphan)
     finally:
         for name in (stale, live):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)

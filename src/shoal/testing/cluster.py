@@ -38,7 +38,9 @@ Design constraints:
    routes traffic to a local address through the namespace's loopback, which is not shaped.
 7. Each node gets its own UTS namespace and host name (``<prefix>n<i>``), so Shoal's host-based node
    detection sees real nodes without any override. Where ``unshare --uts`` is not allowed, the ranks
-   get ``SHOAL_LOCAL_SIZE=<ranks_per_node>`` instead (same layout, by rank blocks).
+   get ``SHOAL_LOCAL_SIZE=<ranks_per_node>`` instead (same layout, by rank blocks). The node names
+   resolve inside the run through ``/etc/netns/<ns>/hosts`` (``ip netns exec`` mounts it over
+   ``/etc/hosts``); without it every rank's c10d warns that its peer's host name "cannot be retrieved".
 
 What lives elsewhere: in-process multi-rank tests without a wire (:func:`shoal.testing.run_ranks`),
 launching real jobs (``shoal run``).
@@ -86,6 +88,7 @@ _NAME_RE = re.compile(r"^shoal-(\d+)-(\d+)-")
 _RUN_IDS = itertools.count()
 _IFNAME = "eth0"
 _MASTER_PORT = 29500
+_ETC_NETNS = "/etc/netns"
 #: See constraint 4: queue of 10 ms, burst of 1 ms of data and at least 64 KiB.
 _TBF_LATENCY = "10ms"
 _MIN_BURST_BYTES = 64 * 1024
@@ -244,6 +247,7 @@ def _delete_namespaces(names: Sequence[str]) -> list[str]:
         _kill_inside(ns)
     left = []
     for ns in names:
+        shutil.rmtree(os.path.join(_ETC_NETNS, ns), ignore_errors=True)
         if _ip("netns", "del", ns, check=False).returncode != 0 and ns in list_namespaces(ns):
             left.append(ns)
     return left
@@ -263,6 +267,13 @@ def cleanup_stale() -> list[str]:
         if m and not _pid_alive(int(m.group(1))):
             stale.append(ns)
     left = _delete_namespaces(stale)
+    try:
+        for name in os.listdir(_ETC_NETNS):  # hosts files of namespaces already gone
+            m = _NAME_RE.match(name)
+            if m and not _pid_alive(int(m.group(1))):
+                shutil.rmtree(os.path.join(_ETC_NETNS, name), ignore_errors=True)
+    except OSError:
+        pass
     if stale:
         log.info("shoal.testing.cluster: removed %d stale namespaces (%s)", len(stale) - len(left),
                  ", ".join(stale))
@@ -413,6 +424,7 @@ class EmulatedCluster:
             _ip("-n", ns, "link", "set", self.interface, "up")
             self._shape(ns, self.interface, delay=True)
             self._shape(sw, port, delay=False)
+        self._write_hosts()
         if self._want_hostnames:
             self.hostnames_enabled = shutil.which("unshare") is not None and _cmd(
                 ["ip", "netns", "exec", self.node_ns[0], "unshare", "--uts", "--", "hostname",
@@ -421,6 +433,20 @@ class EmulatedCluster:
                 log.info("shoal.testing.cluster: no UTS namespaces here; ranks get SHOAL_LOCAL_SIZE=%d",
                          self.ranks_per_node)
         log.debug("shoal.testing.cluster: up: %s (%s)", self.prefix, self.describe_link())
+
+    def _write_hosts(self) -> None:
+        """``/etc/hosts`` of every node: localhost and every node's name (constraint 7)."""
+        lines = ["127.0.0.1 localhost", "::1 localhost"]
+        for i, addr in enumerate(self.addresses):
+            # c10d listens on a dual-stack socket and looks its peers up as ::ffff:a.b.c.d.
+            lines += [f"{addr} {self.prefix}n{i}", f"::ffff:{addr} {self.prefix}n{i}"]
+        for ns in self.node_ns:
+            try:
+                os.makedirs(os.path.join(_ETC_NETNS, ns), exist_ok=True)
+                with open(os.path.join(_ETC_NETNS, ns, "hosts"), "w") as f:
+                    f.write("\n".join(lines) + "\n")
+            except OSError as exc:  # cosmetic only: c10d then warns about host names
+                log.debug("shoal.testing.cluster: no hosts file for %s: %s", ns, exc)
 
     def close(self) -> None:
         """Kill everything inside the namespaces and delete them. Safe to call twice."""
