@@ -1,0 +1,486 @@
+"""``shoal doctor``: what this machine has, what Shoal will use on it, and what to install.
+
+Owns the report: probe the machine, build one plain dict (``--json`` prints it as is), and render it
+as rich tables that fit one screen. Network facts and the choices ``init`` makes come from
+:mod:`shoal.core.network` (the same code ``init`` runs, so the report cannot drift from what
+happens); install commands from :mod:`shoal.core.install_hints`. Nothing here changes the machine
+or the environment.
+
+Design constraints:
+
+1. Fast: the command must finish in under 5 s. ``import torch`` is most of it (about 2 s here);
+   no other framework is imported (importing tensorflow alone takes seconds): versions come from
+   ``importlib.metadata``, and every external command (``nvidia-smi``, ``ip``) has a short timeout.
+2. Never fails because one probe fails: the probe's error goes into the report instead.
+3. Specific to this machine: every warning names what was found and ends with a HINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+__all__ = ["add_arguments", "main", "collect", "render"]
+
+_DRIVER_RE = re.compile(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+\.\d+(?:\.\d+)?)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``shoal doctor``."""
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as JSON (for scripts) instead of tables")
+    parser.add_argument("--probe-timeout-s", type=float, default=3.0,
+                        help="time limit for each external command (nvidia-smi, ip); default 3")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the probes and print the report. Returns 0 (a report is never a failure)."""
+    report = collect(probe_timeout_s=args.probe_timeout_s)
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+    else:
+        render(report)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Probes
+# --------------------------------------------------------------------------------------------
+
+def _dist_version(name: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _probe_torch() -> dict[str, Any]:
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    info: dict[str, Any] = {"version": torch.__version__, "cuda": torch.version.cuda,
+                            "hip": getattr(torch.version, "hip", None), "nccl": None,
+                            "cuda_available": False, "device_count": 0}
+    try:
+        info["cuda_available"] = bool(torch.cuda.is_available())
+        info["device_count"] = torch.cuda.device_count() if info["cuda_available"] else 0
+    except Exception as exc:  # noqa: BLE001 (a broken driver must not break the report)
+        info["cuda_error"] = str(exc).splitlines()[0]
+    backends = {}
+    for name in ("gloo", "nccl", "mpi", "ucc"):
+        check = getattr(dist, f"is_{name}_available", None)
+        backends[name] = bool(dist.is_available() and check is not None and check())
+    if backends["nccl"]:
+        try:
+            info["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+        except Exception:  # noqa: BLE001
+            info["nccl"] = "unknown"
+    info["backends"] = backends
+    return info
+
+
+def _probe_gpus(timeout_s: float, torch_info: dict[str, Any]) -> dict[str, Any]:
+    gpu: dict[str, Any] = {"driver": None, "devices": [], "source": None, "error": None}
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
+            m = _DRIVER_RE.search(f.read())
+        if m:
+            gpu["driver"], gpu["source"] = m.group(1), "/proc/driver/nvidia/version"
+    except OSError:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            proc = subprocess.run(
+                [smi, "--query-gpu=index,name,driver_version,memory.total",
+                 "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=timeout_s, check=False)
+            if proc.returncode == 0:
+                for line in proc.stdout.strip().splitlines():
+                    parts = [p.strip() for p in line.split(",")]
+                    if len(parts) >= 4:
+                        gpu["devices"].append({"index": parts[0], "name": parts[1],
+                                               "memory_mib": parts[3]})
+                        gpu["driver"], gpu["source"] = parts[2], "nvidia-smi"
+            else:
+                gpu["error"] = (proc.stderr or proc.stdout).strip().splitlines()[0:1] or ["failed"]
+                gpu["error"] = f"nvidia-smi: {gpu['error'][0]}"
+        except subprocess.TimeoutExpired:
+            gpu["error"] = f"nvidia-smi did not answer within {timeout_s:g} s"
+        except OSError as exc:
+            gpu["error"] = f"nvidia-smi: {exc}"
+    elif torch_info.get("cuda_available"):
+        import torch  # noqa: PLC0415
+
+        for i in range(torch_info.get("device_count", 0)):
+            gpu["devices"].append({"index": str(i), "name": torch.cuda.get_device_name(i),
+                                   "memory_mib": None})
+        gpu["source"] = gpu["source"] or "torch"
+    from shoal.core.install_hints import max_cuda_for_driver  # noqa: PLC0415
+
+    top = max_cuda_for_driver(gpu["driver"])
+    gpu["max_cuda"] = f"{top[0]}.{top[1]}" if top else None
+    return gpu
+
+
+def _keras_backend(keras_version: str) -> tuple[str, str]:
+    from shoal.core.env import get_env  # noqa: PLC0415
+
+    if keras_version.startswith("2."):
+        return "tensorflow", "Keras 2 always runs on TensorFlow"
+    chosen = get_env("KERAS_BACKEND")
+    if chosen:
+        return chosen, "KERAS_BACKEND"
+    home = get_env("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json"), encoding="utf-8") as f:
+            backend = json.load(f).get("backend")
+        if backend:
+            return str(backend), os.path.join(home, "keras.json")
+    except (OSError, ValueError):
+        pass
+    return "tensorflow", "Keras 3 default"
+
+
+def _probe_frontends() -> dict[str, Any]:
+    keras = _dist_version("keras")
+    out: dict[str, Any] = {
+        "keras": keras,
+        "keras_backend": None,
+        "tensorflow": _dist_version("tensorflow") or _dist_version("tensorflow-cpu"),
+        "jax": _dist_version("jax"),
+        "jaxlib": _dist_version("jaxlib"),
+        "jax_cuda_plugin": _dist_version("jax-cuda13-plugin") or _dist_version("jax-cuda12-plugin"),
+    }
+    if keras:
+        backend, source = _keras_backend(keras)
+        out["keras_backend"] = backend
+        out["keras_backend_source"] = source
+    return out
+
+
+def _hierarchical(cfg: Any, world: Any, multi_host: bool) -> tuple[bool, str]:
+    """Whether two-level allreduce is expected to be on, and why (the rule of ``hierarchical``)."""
+    if cfg.hierarchical in ("on", "off"):
+        return cfg.hierarchical == "on", f"hierarchical={cfg.hierarchical}, set by you"
+    if cfg.local_size:
+        nodes = -(-world.size // cfg.local_size)
+        on = nodes > 1 and cfg.local_size > 1
+        return on, f"auto: local_size={cfg.local_size} emulates {nodes} node(s) of this world of {world.size}"
+    if not multi_host:
+        return False, "auto: one node; on when several nodes run more than one rank each"
+    per_node = world.local_size
+    if per_node and per_node > 1:
+        return True, f"auto: {per_node} ranks per node on several nodes"
+    return False, "auto: one rank per node (or unknown), nothing to reduce inside a node"
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+def _env_entries(plan: Any) -> dict[str, Any]:
+    from shoal.core.env import get_env  # noqa: PLC0415
+
+    out = {}
+    for name, (value, reason) in plan.env.items():
+        yours = get_env(name)
+        out[name] = {"value": value, "reason": reason, "yours": yours,
+                     "effective": yours if yours is not None else value}
+    return out
+
+
+def _cuda_warnings(torch_info: dict[str, Any], gpu: dict[str, Any], backends: dict[str, bool],
+                   torch_cmd: str) -> tuple[list[str], list[str]]:
+    from shoal.core.install_hints import (  # noqa: PLC0415
+        CUDA_LINES, MINOR_COMPAT_MIN_DRIVER, max_cuda_for_driver, parse_version)
+
+    warnings: list[str] = []
+    notes: list[str] = []
+    driver = gpu.get("driver")
+    built = parse_version(torch_info.get("cuda"))
+    n_gpus = len(gpu.get("devices") or []) or torch_info.get("device_count", 0)
+    if driver and built is None and not torch_info.get("hip"):
+        warnings.append(
+            f"torch {torch_info['version']} is a CPU-only build but this machine has NVIDIA driver "
+            f"{driver} ({n_gpus or 'some'} GPU(s)): Shoal will train on the CPU with gloo. "
+            f"HINT: {torch_cmd}")
+    if built and not driver:
+        notes.append(f"torch is built for CUDA {torch_info['cuda']} but no NVIDIA driver is loaded: "
+                     "training runs on the CPU with gloo")
+    if built and driver:
+        top = max_cuda_for_driver(driver)
+        d = parse_version(driver) or ()
+        needed = next((line.min_driver for line in CUDA_LINES if line.cuda >= built[:2]), None)
+        floor = MINOR_COMPAT_MIN_DRIVER.get(built[0])
+        compat = floor is not None and d >= (parse_version(floor) or ())
+        if top is None or built[:2] > top:
+            if compat:
+                warnings.append(
+                    f"torch is built for CUDA {torch_info['cuda']} but driver {driver} fully supports "
+                    f"{f'only CUDA {top[0]}.{top[1]}' if top else 'an older CUDA'}: it runs under "
+                    "minor-version compatibility, but code that JIT-compiles PTX may fail. HINT: "
+                    f"upgrade the driver to >= {needed or 'a newer release'}, or install the "
+                    f"matching wheel: {torch_cmd}")
+            else:
+                warnings.append(
+                    f"torch is built for CUDA {torch_info['cuda']} but driver {driver} is too old for "
+                    f"any CUDA {built[0]} build: CUDA will not initialise. HINT: upgrade the driver to "
+                    f">= {needed or floor}, or install the matching wheel: {torch_cmd}")
+        if not torch_info.get("cuda_available"):
+            warnings.append(
+                f"NVIDIA driver {driver} is loaded and torch is a CUDA build, but "
+                "torch.cuda.is_available() is False. HINT: check CUDA_VISIBLE_DEVICES and that "
+                "`nvidia-smi` lists the GPUs inside this container.")
+    if n_gpus and torch_info.get("cuda_available") and not backends.get("nccl"):
+        warnings.append("GPUs are present but this torch has no NCCL: GPU collectives cannot run. "
+                        f"HINT: install an official CUDA wheel: {torch_cmd}")
+    return warnings, notes
+
+
+def collect(probe_timeout_s: float = 3.0) -> dict[str, Any]:
+    """Probe this machine and return the report as a JSON-ready dict.
+
+    Example:
+        >>> report = collect()
+        >>> report["backends"]["gloo"]
+        True
+    """
+    start = time.perf_counter()
+    from shoal import __version__  # noqa: PLC0415
+    from shoal.core import env as _env  # noqa: PLC0415
+    from shoal.core import install_hints, network  # noqa: PLC0415
+    from shoal.core.config import ShoalConfig  # noqa: PLC0415
+
+    warnings: list[str] = []
+    notes: list[str] = []
+    torch_info = _probe_torch()
+    backends = torch_info.pop("backends")
+    gpu = _probe_gpus(probe_timeout_s, torch_info)
+    frontends = _probe_frontends()
+
+    addresses = network.read_addresses_ip_command(probe_timeout_s)
+    interfaces = network.read_interfaces(addresses=addresses)
+    rdma = network.read_rdma_ports()
+    gpudirect = network.read_gpudirect_module()
+
+    try:
+        cfg = _env.read_config()
+    except ValueError as exc:
+        warnings.append(f"{exc}. HINT: fix or unset that variable; the report uses the defaults.")
+        cfg = ShoalConfig()
+    world = _env.detect_world()
+    backend, backend_reason = network.expected_backend(cfg)
+    plan = network.plan_for_this_host(cfg, world, interfaces=interfaces, rdma_ports=rdma,
+                                      backend=backend)
+    preview = None
+    if not plan.multi_host:
+        preview_backend = "nccl" if (torch_info["cuda_available"] and backends["nccl"]) else "gloo"
+        preview = network.plan_for_this_host(cfg, world, interfaces=interfaces, rdma_ports=rdma,
+                                             backend=preview_backend, multi_host=True)
+    hier_on, hier_reason = _hierarchical(cfg, world, plan.multi_host)
+
+    installed = [name for name in ("keras", "tensorflow", "jax") if frontends.get(name)]
+    hints = install_hints.recommend(gpu["driver"], installed)
+    w, n = _cuda_warnings(torch_info, gpu, backends, hints[0].command)
+    warnings += w
+    notes += n
+    warnings += plan.warnings
+    notes += plan.notes
+    if preview is not None:
+        warnings += [f"in a multi-host run: {text}" for text in preview.warnings
+                     if text not in plan.warnings]
+        notes += [f"in a multi-host run: {text}" for text in preview.notes if text not in plan.notes]
+    kb = frontends.get("keras_backend")
+    if kb and kb in ("tensorflow", "jax", "torch") and not (
+            frontends.get(kb) if kb != "torch" else True):
+        warnings.append(f"Keras is set to the {kb} backend ({frontends.get('keras_backend_source')}) "
+                        f"but {kb} is not installed. HINT: install it, or set KERAS_BACKEND=torch.")
+    if frontends.get("keras") and str(frontends["keras"]).startswith("2."):
+        notes.append(f"Keras {frontends['keras']} is Keras 2; shoal's Keras frontend needs Keras 3")
+    active_rdma = [p for p in rdma if p.is_active]
+    if active_rdma and (gpu["devices"] or torch_info["cuda_available"]) and gpudirect is None:
+        notes.append("no GPUDirect RDMA module (nvidia_peermem) is loaded: NCCL stages GPU data "
+                     "through host memory unless the driver offers DMA-BUF; `modprobe nvidia_peermem` "
+                     "enables it")
+
+    return {
+        "shoal": __version__,
+        "python": {"version": platform.python_version(), "executable": sys.executable,
+                   "platform": platform.platform()},
+        "torch": torch_info,
+        "gpu": gpu,
+        "backends": backends,
+        "frontends": frontends,
+        "network": {
+            "address_source": "ip -j addr" if addresses is not None else "ioctl + /proc/net/if_inet6",
+            "interfaces": [{"name": i.name, "up": i.is_up, "loopback": i.resolves_to_loopback,
+                            "container_or_virtual": i.is_container_or_virtual,
+                            "addresses": list(i.addresses), "speed_mbps": i.speed_mbps, "mtu": i.mtu}
+                           for i in interfaces],
+            "rdma": [{"port": p.name, "state": p.state, "link_layer": p.link_layer, "rate": p.rate,
+                      "gids": [{"index": g.index, "gid": g.value, "type": g.roce_type,
+                                "netdev": g.netdev, "ipv4": g.ipv4} for g in p.gids]}
+                     for p in rdma],
+            "gpudirect_rdma_module": gpudirect,
+        },
+        "world": {"source": world.source, "rank": world.rank, "size": world.size,
+                  "local_size": world.local_size, "master_addr": world.master_addr,
+                  "master_port": world.master_port},
+        "plan": {
+            **plan.to_dict(),
+            "env": _env_entries(plan),
+            "backend_reason": backend_reason,
+            "hierarchical": hier_on,
+            "hierarchical_reason": hier_reason,
+        },
+        "plan_multi_host": (None if preview is None
+                            else {**preview.to_dict(), "env": _env_entries(preview)}),
+        "install": [{"target": h.target, "command": h.command, "note": h.note} for h in hints],
+        "warnings": warnings,
+        "notes": notes,
+        "elapsed_s": round(time.perf_counter() - start, 3),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+def _yes(flag: bool) -> str:
+    return "[green]yes[/]" if flag else "[dim]no[/]"
+
+
+def _speed(mbps: Optional[int]) -> str:
+    if not mbps:
+        return "[dim]?[/]"
+    return f"{mbps // 1000} Gb/s" if mbps >= 1000 else f"{mbps} Mb/s"
+
+
+def _env_lines(env: dict[str, Any], interface_reason: str = "") -> str:
+    from rich.markup import escape  # noqa: PLC0415
+
+    if not env:
+        return "[dim]none[/]"
+    lines = []
+    for name, e in env.items():
+        if e["yours"] is not None and e["yours"] != e["value"]:
+            lines.append(f"{name}={escape(e['yours'])} [dim](yours, kept; shoal would set "
+                         f"{escape(e['value'])})[/]")
+        else:
+            why = "the interface above" if e["reason"] == interface_reason else e["reason"]
+            lines.append(f"{name}={escape(e['value'])} [dim]({escape(why)})[/]")
+    return "\n".join(lines)
+
+
+def render(report: dict[str, Any], console: Any = None) -> None:
+    """Print ``report`` (from :func:`collect`) as tables that fit one screen."""
+    from rich import box  # noqa: PLC0415
+    from rich.console import Console  # noqa: PLC0415
+    from rich.markup import escape  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    console = console or Console()
+    t, g, fe, plan = report["torch"], report["gpu"], report["frontends"], report["plan"]
+
+    sw = Table(box=box.SIMPLE, show_header=False, pad_edge=False, title_justify="left",
+               title=f"[bold]shoal doctor[/]  shoal {report['shoal']}, probed in "
+                     f"{report['elapsed_s']:.1f} s")
+    sw.add_column(style="bold cyan", no_wrap=True)
+    sw.add_column()
+    py = report["python"]
+    sw.add_row("Python", f"{py['version']}  [dim]{escape(py['executable'])}[/]")
+    cuda = f"CUDA {t['cuda']}" if t["cuda"] else "CPU-only build"
+    sw.add_row("torch", f"{t['version']}  {cuda}  NCCL {t['nccl'] or '-'}  "
+                        f"cuda available: {_yes(t['cuda_available'])}")
+    driver = (f"driver {g['driver']} (CUDA <= {g['max_cuda'] or '?'})" if g["driver"]
+              else "[dim]no NVIDIA driver[/]")
+    kinds: dict[str, int] = {}
+    for d in g["devices"]:
+        mib = str(d.get("memory_mib") or "")
+        label = d["name"] + (f" ({round(int(mib) / 1024)} GiB)" if mib.isdigit() else "")
+        kinds[label] = kinds.get(label, 0) + 1
+    devices = ", ".join(f"{n} x {label}" for label, n in kinds.items()) or "[dim]no GPU[/]"
+    error = f"  [red]{escape(g['error'])}[/]" if g["error"] else ""
+    sw.add_row("GPU", f"{driver}; {devices}{error}")
+    sw.add_row("backends", "  ".join(f"{k} {_yes(v)}" for k, v in report["backends"].items()))
+    keras = (f"keras {fe['keras']} (backend {fe['keras_backend']})" if fe["keras"]
+             else "keras [dim]-[/]")
+    sw.add_row("frontends", f"{keras}  tensorflow {fe['tensorflow'] or '[dim]-[/]'}  "
+                            f"jax {fe['jax'] or '[dim]-[/]'}")
+    console.print(sw)
+
+    net = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="[bold]Network[/]", title_justify="left")
+    for col in ("interface", "state", "addresses", "speed", "note"):
+        net.add_column(col, no_wrap=col != "addresses")
+    folded = []
+    chosen = set((plan.get("interface") or "").split(",")) | set(
+        ((report.get("plan_multi_host") or {}).get("interface") or "").split(","))
+    for i in report["network"]["interfaces"]:
+        if i["name"] not in chosen and (not i["up"] or i["container_or_virtual"]) and not i["addresses"]:
+            folded.append(i["name"])
+            continue
+        note = ("loopback" if i["loopback"] else "container/virtual" if i["container_or_virtual"]
+                else "chosen" if i["name"] in chosen else "")
+        shown = [a for a in i["addresses"] if not a.lower().startswith("fe80:")]
+        net.add_row(i["name"], "up" if i["up"] else "[dim]down[/]", ", ".join(shown) or "-",
+                    _speed(i["speed_mbps"]), note)
+    if folded:
+        net.add_row(f"[dim]{', '.join(folded)}[/]", "[dim]down/virtual[/]", "[dim]no address[/]", "", "")
+    console.print(net)
+
+    if report["network"]["rdma"]:
+        rd = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="[bold]RDMA[/]", title_justify="left")
+        for col in ("port", "state", "link layer", "rate", "RoCE v2 IPv4 GID"):
+            rd.add_column(col)
+        for p in report["network"]["rdma"]:
+            v2 = next((f"#{x['index']} {x['ipv4']}" for x in p["gids"]
+                       if (x["type"] or "").lower() == "roce v2" and x["ipv4"]), "-")
+            rd.add_row(p["port"], p["state"], p["link_layer"], p["rate"], v2)
+        console.print(rd)
+    else:
+        console.print("[bold]RDMA[/]  none (/sys/class/infiniband is empty): NCCL would use TCP "
+                      "sockets between hosts\n")
+
+    at = Table(box=box.SIMPLE, show_header=False, pad_edge=False, title_justify="left",
+               title="[bold]What shoal will use at init[/]")
+    at.add_column(style="bold cyan", no_wrap=True)
+    at.add_column()
+    at.add_row("backend", f"{plan['backend']} [dim]({escape(plan['backend_reason'])})[/]")
+    at.add_row("scope", escape(plan["scope"]))
+    at.add_row("interface", f"{plan['interface'] or 'not forced'} "
+                            f"[dim]({escape(plan['interface_reason'])})[/]")
+    at.add_row("hierarchical", f"{'on' if plan['hierarchical'] else 'off'} "
+                               f"[dim]({escape(plan['hierarchical_reason'])})[/]")
+    at.add_row("variables", _env_lines(plan["env"], plan["interface_reason"]))
+    mh = report.get("plan_multi_host")
+    if mh:
+        at.add_row("if multi-host",
+                   f"interface {mh['interface'] or '-'} [dim]({escape(mh['interface_reason'])})[/]\n"
+                   f"transport {mh['transport']}\n"
+                   + _env_lines(mh["env"], mh["interface_reason"]))
+    console.print(at)
+
+    ins = Table(box=box.SIMPLE, show_header=False, pad_edge=False, title_justify="left",
+                title="[bold]Install (matching this machine)[/]")
+    ins.add_column(style="bold cyan", no_wrap=True)
+    ins.add_column()
+    for h in report["install"]:
+        ins.add_row(h["target"], f"{escape(h['command'])}\n[dim]{escape(h['note'])}[/]")
+    console.print(ins)
+
+    for text in report["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {escape(text)}")
+    for text in report["notes"]:
+        console.print(f"[dim]note: {escape(text)}[/]")
+    if not report["warnings"]:
+        console.print("[green]no warnings[/]")
