@@ -20,8 +20,9 @@ import pytest
 
 from shoal.core.config import ShoalConfig
 from shoal.core.env import WorldInfo
-from shoal.core.network import (Gid, Interface, RdmaPort, configure, plan_for_this_host,
-                                plan_network, rank_interfaces, read_interfaces, read_rdma_ports)
+from shoal.core.network import (Gid, Interface, RdmaPort, configure, parse_ip_addr_json,
+                                plan_for_this_host, plan_network, rank_interfaces, read_interfaces,
+                                read_rdma_ports)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sysfs"
 
@@ -102,6 +103,16 @@ def test_read_interfaces_flags_speed_and_loopback():
     assert not by_name["eth1"].is_loopback and by_name["eth1"].resolves_to_loopback
     assert by_name["docker0"].is_container_or_virtual and by_name["veth9f8e7d"].is_container_or_virtual
     assert by_name["eth0"].routable_addresses == ("10.1.0.8",)   # link-local fe80:: left out
+
+
+def test_parse_ip_addr_json():
+    text = ('[{"ifindex":1,"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1"}]},'
+            '{"ifindex":2,"ifname":"ifb0","addr_info":[]},'
+            '{"ifindex":4,"ifname":"eth0","addr_info":[{"family":"inet","local":"192.0.2.2"},'
+            '{"family":"inet","local":"192.0.2.9","label":"eth0:1"},{"family":"inet6","local":"fd00::2"}]}]')
+    assert parse_ip_addr_json(text) == {"lo": ["127.0.0.1"], "ifb0": [],
+                                        "eth0": ["192.0.2.2", "192.0.2.9", "fd00::2"]}
+    assert parse_ip_addr_json("not json") is None and parse_ip_addr_json("{}") is None
 
 
 def test_gid_parsing():

@@ -53,6 +53,7 @@ __all__ = [
     "read_interfaces",
     "read_addresses",
     "read_addresses_ip_command",
+    "parse_ip_addr_json",
     "read_rdma_ports",
     "read_gpudirect_module",
     "rank_interfaces",
@@ -277,6 +278,22 @@ def read_addresses(names: Sequence[str], proc_root: str = _PROC_ROOT) -> dict[st
     return out
 
 
+def parse_ip_addr_json(text: str) -> Optional[dict[str, list[str]]]:
+    """Addresses per interface from the output of ``ip -j addr``; None when it does not parse."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, list):
+        return None
+    out: dict[str, list[str]] = {}
+    for entry in data:
+        name = entry.get("ifname") if isinstance(entry, dict) else None
+        if name:
+            out[name] = [a["local"] for a in entry.get("addr_info", []) if a.get("local")]
+    return out
+
+
 def read_addresses_ip_command(timeout_s: float = 2.0) -> Optional[dict[str, list[str]]]:
     """Every address of every interface from ``ip -j addr``; None when ``ip`` is missing or fails."""
     ip = shutil.which("ip")
@@ -285,17 +302,9 @@ def read_addresses_ip_command(timeout_s: float = 2.0) -> Optional[dict[str, list
     try:
         proc = subprocess.run([ip, "-j", "addr"], capture_output=True, text=True, timeout=timeout_s,
                               check=False)
-        data = json.loads(proc.stdout) if proc.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError):
+    except (OSError, subprocess.TimeoutExpired):
         return None
-    if not isinstance(data, list):
-        return None
-    out: dict[str, list[str]] = {}
-    for entry in data:
-        name = entry.get("ifname")
-        if name:
-            out[name] = [a["local"] for a in entry.get("addr_info", []) if a.get("local")]
-    return out
+    return parse_ip_addr_json(proc.stdout) if proc.returncode == 0 else None
 
 
 def read_interfaces(sys_root: str = _SYS_ROOT,

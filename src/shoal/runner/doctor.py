@@ -64,10 +64,12 @@ def _dist_version(name: str) -> Optional[str]:
 
 
 def _probe_torch() -> dict[str, Any]:
+    start = time.perf_counter()
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
-    info: dict[str, Any] = {"version": torch.__version__, "cuda": torch.version.cuda,
+    import_s = time.perf_counter() - start
+    info: dict[str, Any] = {"import_s": round(import_s, 3), "version": torch.__version__, "cuda": torch.version.cuda,
                             "hip": getattr(torch.version, "hip", None), "nccl": None,
                             "cuda_available": False, "device_count": 0}
     try:
@@ -88,8 +90,41 @@ def _probe_torch() -> dict[str, Any]:
     return info
 
 
-def _probe_gpus(timeout_s: float, torch_info: dict[str, Any]) -> dict[str, Any]:
-    gpu: dict[str, Any] = {"driver": None, "devices": [], "source": None, "error": None}
+_SMI_QUERY = ("--query-gpu=index,name,driver_version,memory.total", "--format=csv,noheader,nounits")
+
+
+def _start(argv: list[str]) -> Optional[subprocess.Popen]:
+    """Start an external probe now, so that it runs while torch imports (constraint 1)."""
+    exe = shutil.which(argv[0])
+    if exe is None:
+        return None
+    try:
+        return subprocess.Popen([exe, *argv[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+    except OSError:
+        return None
+
+
+def _finish(proc: Optional[subprocess.Popen], deadline: float) -> tuple[Optional[str], Optional[str]]:
+    """(stdout, None) on success, (None, error) on failure or timeout, (None, None) if not run."""
+    if proc is None:
+        return None, None
+    name = os.path.basename(str(proc.args[0]))
+    try:
+        out, err = proc.communicate(timeout=max(0.1, deadline - time.perf_counter()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return None, f"{name} did not answer in time"
+    if proc.returncode != 0:
+        first = (err or out).strip().splitlines()[:1] or [f"exit status {proc.returncode}"]
+        return None, f"{name}: {first[0]}"
+    return out, None
+
+
+def _probe_gpus(smi_out: Optional[str], smi_error: Optional[str],
+                torch_info: dict[str, Any]) -> dict[str, Any]:
+    gpu: dict[str, Any] = {"driver": None, "devices": [], "source": None, "error": smi_error}
     try:
         with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
             m = _DRIVER_RE.search(f.read())
@@ -97,28 +132,12 @@ def _probe_gpus(timeout_s: float, torch_info: dict[str, Any]) -> dict[str, Any]:
             gpu["driver"], gpu["source"] = m.group(1), "/proc/driver/nvidia/version"
     except OSError:
         pass
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            proc = subprocess.run(
-                [smi, "--query-gpu=index,name,driver_version,memory.total",
-                 "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=timeout_s, check=False)
-            if proc.returncode == 0:
-                for line in proc.stdout.strip().splitlines():
-                    parts = [p.strip() for p in line.split(",")]
-                    if len(parts) >= 4:
-                        gpu["devices"].append({"index": parts[0], "name": parts[1],
-                                               "memory_mib": parts[3]})
-                        gpu["driver"], gpu["source"] = parts[2], "nvidia-smi"
-            else:
-                gpu["error"] = (proc.stderr or proc.stdout).strip().splitlines()[0:1] or ["failed"]
-                gpu["error"] = f"nvidia-smi: {gpu['error'][0]}"
-        except subprocess.TimeoutExpired:
-            gpu["error"] = f"nvidia-smi did not answer within {timeout_s:g} s"
-        except OSError as exc:
-            gpu["error"] = f"nvidia-smi: {exc}"
-    elif torch_info.get("cuda_available"):
+    for line in (smi_out or "").strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 4:
+            gpu["devices"].append({"index": parts[0], "name": parts[1], "memory_mib": parts[3]})
+            gpu["driver"], gpu["source"] = parts[2], "nvidia-smi"
+    if not gpu["devices"] and torch_info.get("cuda_available"):
         import torch  # noqa: PLC0415
 
         for i in range(torch_info.get("device_count", 0)):
@@ -263,12 +282,17 @@ def collect(probe_timeout_s: float = 3.0) -> dict[str, Any]:
 
     warnings: list[str] = []
     notes: list[str] = []
+    deadline = time.perf_counter() + probe_timeout_s
+    smi = _start(["nvidia-smi", *_SMI_QUERY])
+    ip = _start(["ip", "-j", "addr"])
     torch_info = _probe_torch()
     backends = torch_info.pop("backends")
-    gpu = _probe_gpus(probe_timeout_s, torch_info)
+    deadline = max(deadline, time.perf_counter() + 0.5)  # a slow torch import eats no probe's time
+    gpu = _probe_gpus(*_finish(smi, deadline), torch_info)
     frontends = _probe_frontends()
 
-    addresses = network.read_addresses_ip_command(probe_timeout_s)
+    ip_out, _ = _finish(ip, deadline)
+    addresses = network.parse_ip_addr_json(ip_out) if ip_out else None
     interfaces = network.read_interfaces(addresses=addresses)
     rdma = network.read_rdma_ports()
     gpudirect = network.read_gpudirect_module()
@@ -349,6 +373,7 @@ def collect(probe_timeout_s: float = 3.0) -> dict[str, Any]:
         "warnings": warnings,
         "notes": notes,
         "elapsed_s": round(time.perf_counter() - start, 3),
+        "torch_import_s": torch_info.pop("import_s"),
     }
 
 
