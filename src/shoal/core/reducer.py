@@ -36,6 +36,7 @@ import torch.distributed as dist
 from . import runtime
 from .algorithms import ReduceContext, get_algorithm
 from .buckets import BucketPlan, TensorSpec, plan_buckets
+from .checks import make_finite_check
 from .errors import ShoalError
 
 __all__ = ["GradientReducer", "ReduceOp"]
@@ -78,7 +79,7 @@ class GradientReducer:
                  fusion_threshold_mb: Optional[float] = None, first_bucket_mb: Optional[float] = None,
                  num_streams: Optional[int] = None, compression: Optional[str] = None,
                  hierarchical: Optional[str] = None,
-                 groups: Optional[Sequence[Sequence[int]]] = None):
+                 groups: Optional[Sequence[Sequence[int]]] = None, nan_check: Optional[str] = None):
         cfg = runtime.config()
         self.specs = list(specs)
         names = [s.name for s in self.specs]
@@ -100,6 +101,9 @@ class GradientReducer:
         self._algorithm = get_algorithm(self.compression, self.hierarchical, self.process_set)
         self._groups_override = [list(g) for g in groups] if groups is not None else None
         self._streams = runtime.stream_groups(self.process_set, self.num_streams)
+        # NaN/Inf check (shoal.core.checks): None when nan_check is off; report of the last finish().
+        self.nan_check = make_finite_check(nan_check, self.process_set)
+        self.nan_report = None
         self.step = 0
         self._observed: list[int] = []
         #: Ready order of the last finished step (indices of tensors marked ready, in order).
@@ -186,6 +190,9 @@ class GradientReducer:
                             prescale=self.prescale, postscale=self.postscale, bucket_index=b,
                             names=lambda plan=plan: [self.specs[t].name for t in plan.tensor_ids],
                             state=self._bucket_state[b])
+        if self.nan_check is not None:  # before the bucket leaves the rank (shoal.core.checks)
+            self.nan_check.check_bucket(b, self.buffers[b], lambda plan=plan: [
+                (self.specs[t].name, self.views[t]) for t in plan.tensor_ids])
         self._launched_at[b] = time.perf_counter()
         self._futures[b] = self._algorithm(self.buffers[b], ctx)
 
@@ -218,3 +225,5 @@ class GradientReducer:
         self._reset_step()
         if error is not None:
             raise error
+        if self.nan_check is not None:
+            self.nan_report = self.nan_check.finish_step(self.step, num_buckets=len(self.plans))

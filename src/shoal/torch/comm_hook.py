@@ -8,7 +8,7 @@ on separate process groups). One line changes in the user's script::
     ddp.register_comm_hook(*shoal.torch.comm_hook(compression=shoal.torch.Compression.fp16))
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from shoal.core import runtime
 from shoal.core.algorithms import ReduceContext, get_algorithm
+from shoal.core.checks import FiniteCheck, NonFiniteReport, apply_nan_policy, make_finite_check
 from shoal.core.compression import resolve_compression
 
 __all__ = ["comm_hook", "CommHookState", "allreduce_hook"]
@@ -30,6 +31,10 @@ class CommHookState:
     algorithm: object  # noqa: the engine's Algorithm callable
     compression: str
     hierarchical: str
+    #: NaN/Inf check (None: off); names by ``id(param)``; the report of the last backward (None: finite).
+    nan_check: Optional[FiniteCheck] = None
+    param_names: dict = field(default_factory=dict)
+    nan_report: Optional[NonFiniteReport] = None
 
 
 # No `from __future__ import annotations` here: DDP checks these annotations against the real classes.
@@ -39,11 +44,22 @@ def allreduce_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futur
     ctx = ReduceContext(group=state.streams[bucket.index() % len(state.streams)],
                         process_set=state.process_set, prescale=1.0,
                         postscale=1.0 / state.process_set.size(), bucket_index=bucket.index())
-    return state.algorithm(buffer, ctx)
+    if state.nan_check is not None:  # before the bucket leaves the rank (shoal.core.checks)
+        state.nan_check.check_bucket(bucket.index(), buffer, lambda: [
+            (state.param_names.get(id(p), f"<unnamed {tuple(p.shape)}>"), g)
+            for p, g in zip(bucket.parameters(), bucket.gradients())])
+    fut = state.algorithm(buffer, ctx)
+    if state.nan_check is not None and bucket.is_last():
+        # Every rank gets the same report. DDP cannot skip the user's optimizer step: under "skip" (and
+        # "warn") the hook only logs, and the caller skips when state.nan_report is not None.
+        state.nan_report = state.nan_check.finish_step()
+        apply_nan_policy(state.nan_report)
+    return fut
 
 
 def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None,
-              hierarchical: Optional[str] = None, num_streams: Optional[int] = None):
+              hierarchical: Optional[str] = None, num_streams: Optional[int] = None,
+              nan_check: Optional[str] = None, named_parameters=None):
     """Build ``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``.
 
     Args:
@@ -51,6 +67,10 @@ def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None
         compression: ``Compression.none`` / ``.fp16`` / ``.bf16``; default from the config.
         hierarchical: ``auto`` / ``on`` / ``off``; default from the config.
         num_streams: buckets in flight at once; default from the config.
+        nan_check: ``raise`` / ``skip`` / ``warn`` / ``off``; default from the config. Under ``skip`` the
+            hook cannot skip your optimizer step: step only when ``state.nan_report is None``
+            (the same on every rank). See docs/nan_check.md.
+        named_parameters: ``model.named_parameters()``, for names in NaN/Inf reports.
 
     Returns:
         ``(state, hook)``: pass both to ``ddp.register_comm_hook``.
@@ -63,5 +83,7 @@ def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None
     comp = resolve_compression(compression) or cfg.compression
     hier = hierarchical or cfg.hierarchical
     streams = runtime.stream_groups(ps, int(num_streams or cfg.num_streams))
-    state = CommHookState(ps, streams, get_algorithm(comp, hier, ps), comp, hier)
+    state = CommHookState(ps, streams, get_algorithm(comp, hier, ps), comp, hier,
+                          nan_check=make_finite_check(nan_check, ps),
+                          param_names={id(p): n for n, p in (named_parameters or ())})
     return state, allreduce_hook

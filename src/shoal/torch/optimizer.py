@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from shoal.core import runtime
 from shoal.core.buckets import TensorSpec
+from shoal.core.checks import apply_nan_policy
 from shoal.core.compression import Compression, resolve_compression
 from shoal.core.errors import ShoalError
 from shoal.core.reducer import GradientReducer, ReduceOp
@@ -69,7 +70,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         sparse_as_dense: reduce sparse gradients as dense tensors (else: allgather of indices and values).
         process_set: ranks to average over (default: all).
         **engine_options: ``fusion_threshold_mb``, ``first_bucket_mb``, ``num_streams``,
-            ``hierarchical``: override the runtime config for this optimizer.
+            ``hierarchical``, ``nan_check`` (raise / skip / warn / off, see docs/nan_check.md):
+            override the runtime config for this optimizer.
 
     Example:
         >>> opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
@@ -102,6 +104,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._compression = resolve_compression(compression)
         self._sparse_as_dense = sparse_as_dense
         self._engine_options = engine_options
+        #: Steps skipped on every rank by ``nan_check="skip"`` (steps a GradScaler skipped are its own).
+        self.skipped_steps = 0
 
         self._params, self._names = self._name_parameters(named_parameters)
         self._index = {id(p): i for i, p in enumerate(self._params)}
@@ -360,9 +364,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
                              "this step: gradients would be applied unreduced. HINT: call "
                              "optimizer.synchronize() first.")
         try:
+            # NaN/Inf policy (shoal.core.checks): raises, or True on every rank alike for "skip".
+            if self._reducer is not None and self._active and apply_nan_policy(self._reducer.nan_report):
+                self.skipped_steps += 1
+                return None
             return self._inner.step(closure) if closure is not None else self._inner.step()
         finally:
             self._synchronized = False
+
+    @property
+    def nan_report(self):
+        """The :class:`~shoal.core.checks.NonFiniteReport` of the last synchronization; None when every
+        gradient of every rank was finite (or ``nan_check`` is off)."""
+        return self._reducer.nan_report if self._reducer is not None else None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. Reduced gradients stay views into the engine's buffers (zeroed in place,

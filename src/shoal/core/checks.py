@@ -1,0 +1,305 @@
+"""The NaN/Inf check of gradients: which parameter, on which rank, at which step went non-finite.
+
+Once a bucket has been allreduced, one rank's NaN is on every rank and nobody can tell where it started.
+So the check runs on each rank's *local* gradients, right before a bucket goes on the wire, and only the
+verdicts travel. This module owns the engine side, for every frontend (the reducer behind
+``DistributedOptimizer``, the DDP comm hook, later Keras): the per-bucket check, the combine across ranks,
+the attribution to parameters, the :class:`NonFiniteReport` and the policies (:func:`apply_nan_policy`).
+
+Design constraints:
+
+1. One pass over the bucket, no host sync on the hot path. On the CPU the check is ``buffer.sum()``: a sum
+   is non-finite iff the bucket holds a NaN or an Inf, or the finite values overflow it (|sum| > 3.4e38,
+   a false alarm: 16-bit buckets are summed in float32 so that they cannot overflow it, and a false alarm
+   is caught by the exact scan of constraint 3). Measured on a 25 MB fp32 bucket, 1 thread, this
+   machine under load 12: ``sum`` 14.6 ms, ``amax`` 16.9 ms, ``isfinite(b).all()`` 224 ms (it
+   materialises a 6.5 M-element bool tensor), ``isnan(b).any()`` 108 ms. Reading the sum back costs
+   nothing on the CPU (the op is synchronous). On CUDA, reading it back would stall the host behind
+   backward's kernels, so the check stays on the device: one fused multi-tensor ``_foreach_norm(ord=inf)``
+   (max |x| per tensor: never overflows, NaN stays NaN) per bucket, read back once per step (constraint 2).
+2. One tiny collective per step, after the step's buckets: an allreduce (sum) of one int32 per bucket,
+   "how many ranks found a non-finite value in bucket b". Its size does not grow with the world; which
+   ranks, which tensors, NaN or Inf travel only when something tripped (constraint 4).
+3. Attribution uses the local values *before* the bucket leaves the rank (afterwards every rank holds the
+   polluted sum). On the CPU, a rank whose bucket sum is non-finite scans that bucket's tensors at once
+   (``isnan``/``isinf`` counts per tensor: slow, but only on this rare path). On CUDA the per-tensor
+   maxima of constraint 1 already say which tensor and NaN vs Inf (no counts).
+4. Every rank takes the same path. The combined flags are identical everywhere, so when anything
+   tripped every rank joins one ``all_gather_object`` of the findings, builds the same report and applies
+   the same policy: all raise, all skip, or all warn. No rank can be left waiting in a collective.
+5. Report order is backward order: bucket plans follow the order gradients became ready, so
+   (bucket, position) sorts the earliest-reached parameters first.
+
+What lives elsewhere: when the check runs (:class:`shoal.core.reducer.GradientReducer` calls
+:meth:`FiniteCheck.check_bucket` before the algorithm, and :meth:`FiniteCheck.finish_step` after
+``finish``), what "skip" means for an optimizer (``shoal.torch.optimizer``), the module-level drill-down
+(``shoal.torch.nan_drilldown``: it needs torch.nn, which the engine does not import).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import runtime
+from .errors import ShoalError
+
+__all__ = [
+    "NAN_POLICIES",
+    "NonFiniteTensor",
+    "NonFiniteReport",
+    "NonFiniteGradientError",
+    "FiniteCheck",
+    "make_finite_check",
+    "apply_nan_policy",
+]
+
+log = logging.getLogger(__name__)
+
+#: Values of the ``nan_check`` knob.
+NAN_POLICIES = ("raise", "skip", "warn", "off")
+
+#: ``(name, view)`` of every tensor of a bucket, in bucket order; called only when it is needed.
+TensorsOf = Callable[[], Sequence[tuple[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True, slots=True)
+class NonFiniteTensor:
+    """One gradient that held a NaN or an Inf on one rank before communication."""
+
+    name: str
+    rank: int
+    #: ``"nan"``, ``"inf"`` or ``"nan+inf"``.
+    kind: str
+    bucket: int
+    #: Position inside the bucket (bucket, position) is the backward order.
+    position: int
+    numel: int
+    #: Exact counts where the check counted (CPU); None where only the kind is known (CUDA).
+    nan_count: Optional[int] = None
+    inf_count: Optional[int] = None
+
+    def describe(self) -> str:
+        if self.nan_count is None:
+            return f"'{self.name}' ({self.kind.replace('+', ' and ')}, rank {self.rank})"
+        parts = [f"{c} NaN" for c in (self.nan_count,) if c] + [f"{c} Inf" for c in (self.inf_count,) if c]
+        return f"'{self.name}' ({' and '.join(parts)} of {self.numel} values, rank {self.rank})"
+
+
+@dataclass(frozen=True, slots=True)
+class NonFiniteReport:
+    """What tripped in one step; identical on every rank of the process set.
+
+    Attributes:
+        step: the 1-based number of the step (synchronization) in which the values appeared.
+        tensors: one entry per (gradient, rank), earliest in backward order first, then by rank.
+        ranks: the ranks where a gradient was non-finite before communication.
+        policy: the policy that was in force (``raise``, ``skip`` or ``warn``).
+    """
+
+    step: int
+    tensors: tuple[NonFiniteTensor, ...]
+    ranks: tuple[int, ...]
+    policy: str
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the non-finite gradients, earliest in backward order first, each once."""
+        seen: dict[str, None] = {}
+        for t in self.tensors:
+            seen.setdefault(t.name, None)
+        return list(seen)
+
+    @property
+    def kinds(self) -> set[str]:
+        """``{"nan"}``, ``{"inf"}``, or both: what was found, over all tensors and ranks."""
+        return {k for t in self.tensors for k in t.kind.split("+")}
+
+    def describe(self, max_tensors: int = 4) -> str:
+        """One paragraph for logs and errors (the same text on every rank)."""
+        shown = ", ".join(t.describe() for t in self.tensors[:max_tensors])
+        more = len(self.tensors) - max_tensors
+        what = " and ".join({"nan": "NaN", "inf": "Inf"}[k] for k in sorted(self.kinds))
+        ranks = ", ".join(str(r) for r in self.ranks)
+        return (f"shoal: non-finite gradients ({what}) at step {self.step}, before the allreduce, on "
+                f"rank{'s' if len(self.ranks) > 1 else ''} {ranks}: {shown}"
+                + (f" and {more} more" if more > 0 else "")
+                + " (in backward order: the first names are the first gradients backward reached).")
+
+
+class NonFiniteGradientError(ShoalError):
+    """A gradient held NaN/Inf before communication under ``nan_check="raise"``; raised on every rank
+    with the same message. ``err.report`` is the :class:`NonFiniteReport`."""
+
+    def __init__(self, report: NonFiniteReport):
+        self.report = report
+        super().__init__(
+            report.describe() + " HINT: call shoal.torch.nan_drilldown.drill_down(model, closure, "
+            "err.report) on every rank to name the first module that produced it; nan_check='skip' skips "
+            "such steps on every rank instead (SHOAL_NAN_CHECK / --nan-check or the optimizer's "
+            "nan_check= argument); fp16 overflow belongs to a GradScaler.")
+
+
+# ------------------------------------------------------------------------------------------- the check
+
+class FiniteCheck:
+    """Per-step finite check of a fixed sequence of buckets (one object per reducer or DDP hook).
+
+    Args:
+        policy: ``raise``, ``skip`` or ``warn`` (``off`` builds no check: see :func:`make_finite_check`).
+        process_set: the ranks that reduce these buckets; the flags are combined over its group.
+
+    Example (what the reducer does)::
+
+        check = make_finite_check("raise", process_set)
+        check.check_bucket(b, buffer, lambda: [(name, view), ...])    # per bucket, before the algorithm
+        report = check.finish_step(step)                              # after every bucket is reduced
+        apply_nan_policy(report)                                       # raise / warn / True = skip
+    """
+
+    def __init__(self, policy: str, process_set: runtime.ProcessSet):
+        if policy not in NAN_POLICIES or policy == "off":
+            raise ValueError(f"shoal: nan_check={policy!r} is not one of raise, skip, warn (off: no check)")
+        self.policy = policy
+        self.process_set = process_set
+        #: Steps finished by this check (the reducer passes its own count instead).
+        self.steps = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._num_buckets = 0
+        self._host_tripped: dict[int, list[NonFiniteTensor]] = {}
+        # CUDA: bucket -> (per-tensor max |x|, the bucket's tensors) kept on the device until finish_step.
+        self._device: dict[int, tuple[torch.Tensor, TensorsOf]] = {}
+
+    # ----------------------------------------------------------------------- hot path, per bucket
+    def check_bucket(self, bucket: int, buffer: torch.Tensor, tensors: TensorsOf) -> None:
+        """Check ``buffer`` (bucket ``bucket``, still local) before it goes on the wire.
+
+        Args:
+            bucket: index of the bucket in this step's launch order (the same on every rank).
+            buffer: the flat bucket.
+            tensors: returns ``(name, view)`` of the bucket's tensors in bucket order; called on the CPU
+                only when the bucket tripped, on CUDA every step (the views feed one fused kernel).
+        """
+        self._num_buckets = max(self._num_buckets, bucket + 1)
+        if not (buffer.is_floating_point() or buffer.is_complex()) or buffer.numel() == 0:
+            return
+        if buffer.device.type == "cpu":
+            # Constraint 1: one pass; 16-bit buckets summed in float32 so that they cannot overflow it.
+            acc = buffer.sum(dtype=torch.float32) if buffer.element_size() < 4 else buffer.sum()
+            if bool(torch.isfinite(acc)):
+                return
+            found = _scan(tensors(), bucket, self.process_set.rank())
+            if found:
+                self._host_tripped[bucket] = found
+            else:
+                log.debug("shoal: bucket %d summed to %s but holds no NaN/Inf (overflow of the sum)",
+                          bucket, acc.item())
+            return
+        views = [v for _, v in tensors()]
+        # Max |x| per tensor: one fused kernel on CUDA, exact (a maximum cannot overflow).
+        maxima = torch.stack(torch._foreach_norm(views, float("inf")))
+        self._device[bucket] = (maxima, tensors)
+
+    # ----------------------------------------------------------------------- after the step's buckets
+    def finish_step(self, step: Optional[int] = None, num_buckets: Optional[int] = None
+                    ) -> Optional[NonFiniteReport]:
+        """Combine this step's flags across the process set; return the report, or None when every
+        gradient of every rank was finite. Every member must call it once per step, after its buckets.
+
+        Args:
+            step: the step number to report (default: this check's own count, 1-based).
+            num_buckets: buckets this step (default: the highest checked index + 1).
+        """
+        self.steps += 1
+        step = self.steps if step is None else step
+        n = max(num_buckets or 0, self._num_buckets)
+        group = self.process_set.group
+        on_device = dist.get_backend(group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_device else torch.device("cpu")
+        flags = torch.zeros(n, dtype=torch.int32, device=device)
+        for b in self._host_tripped:
+            flags[b] = 1
+        for b, (maxima, _) in self._device.items():
+            flags[b] = (~torch.isfinite(maxima)).any().to(device=device, dtype=torch.int32)
+        local = flags.clone() if self._device else None
+        dist.all_reduce(flags, group=group)
+        combined = flags.tolist()  # on CUDA the one host sync of the check per step
+        if not any(combined):
+            self._reset()
+            return None
+        mine = self._findings(local)
+        self._reset()
+        everyone: list = [None] * self.process_set.size()
+        dist.all_gather_object(everyone, mine, group=group)
+        tensors = sorted((t for found in everyone for t in found),
+                         key=lambda t: (t.bucket, t.position, t.rank))
+        report = NonFiniteReport(step=step, tensors=tuple(tensors),
+                                 ranks=tuple(sorted({t.rank for t in tensors})), policy=self.policy)
+        log.info("%s", report.describe())
+        return report
+
+    def _findings(self, local: Optional[torch.Tensor]) -> list[NonFiniteTensor]:
+        """This rank's non-finite tensors (the rare path: host copies are fine here)."""
+        found = [t for b in sorted(self._host_tripped) for t in self._host_tripped[b]]
+        me = self.process_set.rank()
+        for b, (maxima, tensors) in sorted(self._device.items()):
+            if local is None or not int(local[b]):
+                continue
+            named = tensors()
+            for pos, m in enumerate(maxima.tolist()):
+                if m != m:
+                    kind = "nan"
+                elif m in (float("inf"), float("-inf")):
+                    kind = "inf"
+                else:
+                    continue
+                found.append(NonFiniteTensor(named[pos][0], me, kind, b, pos, named[pos][1].numel()))
+        return found
+
+
+def _scan(tensors: Sequence[tuple[str, torch.Tensor]], bucket: int, rank: int) -> list[NonFiniteTensor]:
+    """Exact per-tensor counts of NaN and Inf (constraint 3; runs only on a tripped bucket)."""
+    found = []
+    for pos, (name, view) in enumerate(tensors):
+        nan = int(torch.isnan(view).sum())
+        inf = int(torch.isinf(view).sum())
+        if nan or inf:
+            kind = "nan+inf" if nan and inf else ("nan" if nan else "inf")
+            found.append(NonFiniteTensor(name, rank, kind, bucket, pos, view.numel(), nan, inf))
+    return found
+
+
+def make_finite_check(policy: Optional[str], process_set: runtime.ProcessSet) -> Optional[FiniteCheck]:
+    """The check for ``policy`` (None: the config's ``nan_check``); None when the policy is ``off``."""
+    policy = runtime.config().nan_check if policy is None else policy
+    if policy not in NAN_POLICIES:
+        raise ValueError(f"shoal: nan_check={policy!r} is not one of {', '.join(NAN_POLICIES)}")
+    return None if policy == "off" else FiniteCheck(policy, process_set)
+
+
+def apply_nan_policy(report: Optional[NonFiniteReport]) -> bool:
+    """Apply ``report.policy`` on this rank; every rank calls it with the same report.
+
+    Returns:
+        True when the step must be skipped (``skip``), False otherwise (no report, or ``warn``).
+    Raises:
+        NonFiniteGradientError: under ``raise``.
+    """
+    if report is None:
+        return False
+    if report.policy == "raise":
+        raise NonFiniteGradientError(report)
+    # Log where a reader looks: the first rank, and the ranks the values came from.
+    loud = dist.get_rank() in report.ranks or dist.get_rank() == 0
+    level = logging.WARNING if loud else logging.DEBUG
+    if report.policy == "skip":
+        log.log(level, "%s Skipping the optimizer step on every rank (nan_check='skip').", report.describe())
+        return True
+    log.log(level, "%s Applying it anyway (nan_check='warn').", report.describe())
+    return False

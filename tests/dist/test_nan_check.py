@@ -1,0 +1,346 @@
+"""The NaN/Inf check on real gloo ranks: attribution to parameter, rank and step; raise / skip / warn on
+every rank alike; the DDP comm hook; the module drill-down.
+
+Every scenario injects on rank 1 (or 0) only and checks what *every* rank reports. The skip scenario has
+a single-process reference (the same model trained on the average of both ranks' gradients, step 3
+left out); tolerance float32 rtol 1e-5, atol 1e-6 (the average is g0 + g1 then * 0.5 in both, so the
+results are in practice bitwise equal; the tolerance only absorbs a different summation order).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.testing import run_ranks
+
+NAMES = ["head.weight", "head.bias", "mid.weight", "mid.bias", "body.weight", "body.bias"]
+# Tiny buckets so that the six gradients travel in several buckets (mid.weight, 4 KB, travels alone).
+ENGINE = {"fusion_threshold_mb": 0.002, "first_bucket_mb": 0.001}
+
+
+class _Log(nn.Module):
+    """``log(x)``: the real source of a forward NaN when an input is negative."""
+
+    def forward(self, x):
+        return torch.log(x)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.feat = _Log()
+        self.body = nn.Linear(8, 32)
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(torch.tanh(self.body(self.feat(x))))))
+
+
+def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return 0.5 + torch.rand(16, 8, generator=g), torch.randn(16, 4, generator=g)
+
+
+def _setup(nan_check=None, momentum=0.0, **engine):
+    import shoal.torch as hvd
+
+    torch.manual_seed(0)
+    model = _Net()
+    kwargs = {**ENGINE, **engine}
+    if nan_check is not None:
+        kwargs["nan_check"] = nan_check
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum),
+                                   named_parameters=model.named_parameters(), **kwargs)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    return model, opt
+
+
+def _inject(model, name: str, at: dict, rank: int, value: float):
+    """Gradient hook on parameter ``name``: at step ``at["step"] == at["when"]`` on ``rank``, one value
+    of the gradient becomes ``value``."""
+    import shoal.torch as hvd
+
+    def hook(g):
+        if at["step"] == at["when"] and hvd.rank() == rank:
+            g = g.clone()
+            g.view(-1)[min(5, g.numel() - 1)] = value
+        return g
+
+    dict(model.named_parameters())[name].register_hook(hook)
+
+
+def _summary(report) -> dict:
+    return {"step": report.step, "names": report.names, "ranks": list(report.ranks),
+            "kinds": sorted(report.kinds), "counts": [(t.nan_count, t.inf_count) for t in report.tensors],
+            "policy": report.policy, "text": report.describe()}
+
+
+# ----------------------------------------------------------------------------------------- raise
+
+def _raise_rank(kind: str, target: str):
+    from shoal.core.checks import NonFiniteGradientError
+
+    model, opt = _setup("raise")
+    at = {"step": 0, "when": 3}
+    _inject(model, target, at, rank=1, value=float("nan") if kind == "nan" else float("inf"))
+    for step in range(1, 6):
+        at["step"] = step
+        x, y = _batch(torch.distributed.get_rank(), step)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            opt.step()
+        except NonFiniteGradientError as err:
+            unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+            return {**_summary(err.report), "message": str(err), "at_step": step, "unchanged": unchanged}
+        assert opt.nan_report is None
+    return None
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_injected_value_is_named_on_every_rank(kind):
+    results = run_ranks(_raise_rank, world_size=2, timeout_s=60, args=(kind, "mid.weight"))
+    for r in results:
+        assert r is not None, "no rank raised"
+        assert r["at_step"] == 3 and r["step"] == 3
+        assert r["names"] == ["mid.weight"]
+        assert r["ranks"] == [1]
+        assert r["kinds"] == [kind]
+        assert r["counts"] == ([(1, 0)] if kind == "nan" else [(0, 1)])
+        assert r["policy"] == "raise"
+        assert r["unchanged"], "a raising step must not touch the weights"
+        assert "'mid.weight'" in r["message"] and "rank 1" in r["message"] and "step 3" in r["message"]
+        assert "HINT" in r["message"]
+    assert results[0]["message"] == results[1]["message"], "every rank raises the same error"
+
+
+# ------------------------------------------------------------------------------------------ skip
+
+def _reference_weights(skip_step: int, steps: int) -> list[torch.Tensor]:
+    """Single process: SGD(momentum) on the average of both ranks' gradients, ``skip_step`` left out."""
+    torch.manual_seed(0)
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(1, steps + 1):
+        if step == skip_step:
+            continue
+        grads = []
+        for rank in (0, 1):
+            x, y = _batch(rank, step)
+            model.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for p, g0, g1 in zip(model.parameters(), *grads):
+            p.grad = (g0 + g1) * 0.5
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+def _skip_rank():
+    model, opt = _setup("skip", momentum=0.9)
+    at = {"step": 0, "when": 3}
+    _inject(model, "body.bias", at, rank=1, value=float("nan"))
+    reports = {}
+    for step in range(1, 7):
+        at["step"] = step
+        x, y = _batch(torch.distributed.get_rank(), step)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        weights = [p.detach().clone() for p in model.parameters()]
+        momenta = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters() if p in opt.state]
+        opt.step()
+        if opt.nan_report is not None:
+            reports[step] = _summary(opt.nan_report)
+            assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters())), "weights changed"
+            assert all(torch.equal(a, opt.state[p]["momentum_buffer"])
+                       for a, p in zip(momenta, model.parameters())), "optimizer state changed"
+    ref = _reference_weights(skip_step=3, steps=6)
+    for p, r in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
+    return {"skipped": opt.skipped_steps, "reports": reports,
+            "weights": [p.detach().clone() for p in model.parameters()]}
+
+
+def test_skip_keeps_weights_and_state_identical_and_training_goes_on():
+    results = run_ranks(_skip_rank, world_size=2, timeout_s=60)
+    for r in results:
+        assert r["skipped"] == 1
+        assert list(r["reports"]) == [3]
+        rep = r["reports"][3]
+        assert rep["names"] == ["body.bias"] and rep["ranks"] == [1] and rep["policy"] == "skip"
+    for a, b in zip(results[0]["weights"], results[1]["weights"]):
+        assert torch.equal(a, b), "ranks diverged"
+        assert torch.isfinite(a).all()
+
+
+# -------------------------------------------------------------------------- warn, knob, overflow
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _warn_rank():
+    from shoal.core import runtime
+
+    records = _Records()
+    logging.getLogger("shoal.core.checks").addHandler(records)
+    logging.getLogger("shoal.core.checks").setLevel(logging.DEBUG)
+    model, opt = _setup(None)  # the policy comes from SHOAL_NAN_CHECK
+    at = {"step": 0, "when": 2}
+    _inject(model, "head.bias", at, rank=0, value=float("-inf"))
+    out = {"knob": runtime.config().nan_check, "reports": {}}
+    for step in range(1, 3):  # step 2 applies an Inf: a step 3 would be non-finite everywhere
+        at["step"] = step
+        x, y = _batch(torch.distributed.get_rank(), step)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        if opt.nan_report is not None:
+            out["reports"][step] = _summary(opt.nan_report)
+            out["applied"] = not torch.isfinite(model.head.bias).all().item()
+    out["warnings"] = [r.getMessage() for r in records.records if r.levelno == logging.WARNING]
+    # Overflow false alarm: finite values whose sum is Inf must not trip (the exact scan clears them).
+    big, opt2 = _setup("raise")
+    x, y = _batch(0, 1)
+    F.mse_loss(big(x), y).backward()
+    if torch.distributed.get_rank() == 0:
+        big.mid.weight.grad.view(-1)[:2] = 3e38  # sums to Inf in float32, yet every value is finite
+    opt2.synchronize()
+    out["overflow_report"] = opt2.nan_report
+    return out
+
+
+def test_warn_from_the_config_knob_logs_and_applies_and_overflow_does_not_trip():
+    results = run_ranks(_warn_rank, world_size=2, timeout_s=60, env={"SHOAL_NAN_CHECK": "warn"})
+    for rank, r in enumerate(results):
+        assert r["knob"] == "warn"
+        assert list(r["reports"]) == [2]
+        rep = r["reports"][2]
+        assert rep["names"] == ["head.bias"] and rep["ranks"] == [0] and rep["kinds"] == ["inf"]
+        assert r["applied"], "warn applies the step"
+        if rank == 0:  # loud on the first rank and on the offending ranks (both are rank 0 here)
+            assert any("'head.bias'" in w and "nan_check='warn'" in w for w in r["warnings"])
+        else:
+            assert not r["warnings"]
+        assert r["overflow_report"] is None
+
+
+# -------------------------------------------------------------- a real forward NaN, and drill-down
+
+def _forward_nan_rank():
+    from shoal.torch.nan_drilldown import drill_down
+
+    model, opt = _setup("skip")
+    rank = torch.distributed.get_rank()
+    out = {}
+    for step in range(1, 6):
+        x, y = _batch(rank, step)
+        if step == 3 and rank == 1:
+            x[0, 0] = -1.0  # log(-1) = NaN inside module 'feat': a real forward NaN
+
+        def loss_fn(x=x, y=y, step=step):
+            loss = F.mse_loss(model(x), y)
+            if step == 5 and rank == 1:  # NaN made by the loss itself: sqrt of a negative number
+                loss = loss + torch.sqrt(model(x).mean() - 10.0)
+            return loss
+
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+        report = opt.nan_report
+        if report is not None:
+            found = drill_down(model, loss_fn, report)
+            out[step] = {**_summary(report),
+                         "drill": {r: (f.forward and (f.forward.module, f.forward.kind, f.forward.inputs_finite),
+                                       f.backward and (f.backward.module, f.backward.kind), f.loss_finite,
+                                       f.describe()) for r, f in found.items()}}
+    out["skipped"] = opt.skipped_steps
+    return out
+
+
+def test_forward_nan_of_one_rank_is_traced_to_that_rank_and_module():
+    results = run_ranks(_forward_nan_rank, world_size=2, timeout_s=60)
+    for r in results:
+        assert r["skipped"] == 2 and sorted(k for k in r if isinstance(k, int)) == [3, 5]
+        for step in (3, 5):
+            rep = r[step]
+            assert rep["ranks"] == [1] and rep["step"] == step and rep["kinds"] == ["nan"]
+            # Every gradient of rank 1 is NaN; the first ones backward reached come first.
+            assert sorted(rep["names"]) == sorted(NAMES)
+            assert set(rep["names"][:2]) == {"head.weight", "head.bias"}
+            assert set(rep["names"][2:4]) == {"mid.weight", "mid.bias"}
+            assert list(rep["drill"]) == [1]
+        fwd, bwd, loss_finite, text = r[3]["drill"][1]
+        assert fwd == ("feat", "nan", True), "the module that made the NaN, from finite inputs"
+        assert not loss_finite and "'feat' (_Log)" in text
+        fwd, bwd, loss_finite, text = r[5]["drill"][1]
+        assert fwd is None and not loss_finite, "every module output finite; the loss made the NaN"
+        assert bwd == ("head", "nan") and "loss computation" in text
+    assert results[0][3] == results[1][3] and results[0][5] == results[1][5]
+
+
+# ------------------------------------------------------------------------------------- DDP hook
+
+def _ddp_rank():
+    import shoal.torch as hvd
+    from shoal.core.checks import NonFiniteGradientError
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank = torch.distributed.get_rank()
+    out = {"skip": {}}
+    # skip: the hook reports; the script skips its own step when state.nan_report is set.
+    torch.manual_seed(0)
+    model = _Net()
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.002)
+    state, hook = hvd.comm_hook(nan_check="skip", named_parameters=model.named_parameters())
+    ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    at = {"step": 0, "when": 2}
+    _inject(model, "mid.bias", at, rank=1, value=float("nan"))
+    for step in range(1, 5):
+        at["step"] = step
+        opt.zero_grad()
+        F.mse_loss(ddp(_batch(rank, step)[0]), _batch(rank, step)[1]).backward()
+        if state.nan_report is None:
+            opt.step()
+        else:
+            out["skip"][step] = _summary(state.nan_report)
+    out["finite"] = all(torch.isfinite(p).all().item() for p in model.parameters())
+    # raise: backward itself raises, on every rank.
+    torch.manual_seed(0)
+    model2 = _Net()
+    ddp2 = DistributedDataParallel(model2, bucket_cap_mb=0.002)
+    ddp2.register_comm_hook(*hvd.comm_hook(nan_check="raise", named_parameters=model2.named_parameters()))
+    at2 = {"step": 1, "when": 1}
+    _inject(model2, "body.weight", at2, rank=1, value=float("inf"))
+    try:
+        F.mse_loss(ddp2(_batch(rank, 1)[0]), _batch(rank, 1)[1]).backward()
+    except Exception as exc:  # noqa: BLE001 (DDP may wrap it)
+        out["raised"] = (isinstance(exc, NonFiniteGradientError), str(exc))
+    return out
+
+
+def test_ddp_comm_hook_reports_skips_and_raises_on_every_rank():
+    results = run_ranks(_ddp_rank, world_size=2, timeout_s=60)
+    for r in results:
+        assert list(r["skip"]) == [2]
+        rep = r["skip"][2]
+        assert rep["names"] == ["mid.bias"] and rep["ranks"] == [1] and rep["step"] == 2
+        assert r["finite"], "the skipped step left the weights finite"
+        assert "raised" in r, "backward did not raise under nan_check='raise'"
+        is_ours, text = r["raised"]
+        assert is_ours, f"backward raised something else: {text}"
+        assert "'body.weight'" in text and "rank 1" in text and "step 1" in text
+    assert results[0]["skip"] == results[1]["skip"]
