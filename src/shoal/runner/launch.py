@@ -456,11 +456,17 @@ def _print_summary(failures: list[_Failure], world_size: int, log_dir: Optional[
         what = f"stopped by shoal after {root.who()} failed" if f.stopped else f.what
         print(f"shoal:   then {f.who()}: {what}", file=out)
     ranks = sorted({f.rank for f in failures if f.rank is not None and not f.stopped})
+    code = _exit_status(root)
+    if root.rank is None:
+        print(f"shoal: the launch failed on host {root.host} before its ranks could run; exit status "
+              f"{code}. HINT: check the messages above: the remote command, the rendezvous address "
+              "(--master-addr/--master-port reachable from every host), the command on that host's "
+              "PATH.", file=out, flush=True)
+        return
     where = f"logs in {log_dir}" if log_dir else "rerun with --log-dir DIR to keep each rank's logs"
-    hint = (f"its output above carries the prefix [rank{root.rank}]" if root.rank is not None
-            else "see the agent's messages above")
-    print(f"shoal: {len(ranks)} of {world_size} ranks failed; exit status {_exit_status(root)}. "
-          f"HINT: the root cause is {root.who()}: {hint}; {where}.", file=out, flush=True)
+    print(f"shoal: {len(ranks)} of {world_size} ranks failed; exit status {code}. HINT: the root "
+          f"cause is {root.who()}: its output above carries the prefix [rank{root.rank}]; {where}.",
+          file=out, flush=True)
 
 
 # ------------------------------------------------------------------------------------ agent
@@ -637,7 +643,7 @@ def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int) ->
     procs: list[subprocess.Popen] = []
     reports: "queue.Queue[tuple[int, _Failure]]" = queue.Queue()
     tails = [""] * len(plans)
-    stopped_by_us = [False] * len(plans)
+    asked_to_stop = [False] * len(plans)
     pumps = []
     old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
     interrupted: Optional[int] = None
@@ -662,7 +668,7 @@ def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int) ->
                 if bad and stop_at is None:
                     stop_at = time.monotonic()
                     for i, p in enumerate(procs):
-                        stopped_by_us[i] = p.poll() is None
+                        asked_to_stop[i] = p.poll() is None
                 if stop_at is not None:
                     _stop_agents(procs, time.monotonic() - stop_at, termed)
                 time.sleep(0.05)
@@ -697,11 +703,16 @@ def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int) ->
             failures.append(_Failure(
                 rank=None, host=plan.host, what=f"remote command {what}"
                 + (f": {tails[i]}" if tails[i] else ""), exitcode=EXIT_LAUNCHER,
-                timestamp=len(failures), stopped=stopped_by_us[i]))
+                timestamp=len(failures), stopped=asked_to_stop[i] and code in _STOPPED_CODES))
     if not failures:
         return 0
     _print_summary(failures, world_size, plans[0].log_dir)
     return _exit_status(sorted(failures, key=_Failure.sort_key)[0])
+
+
+#: How an agent we asked to stop ends: by SIGTERM/SIGKILL, or exiting 128+N after handling it
+#: (which is also what ssh relays).
+_STOPPED_CODES = {-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM, 128 + signal.SIGKILL}
 
 
 def _stop_agents(procs: list[subprocess.Popen], elapsed_s: float, termed: set[int]) -> None:
@@ -753,6 +764,9 @@ def main(args: argparse.Namespace) -> int:
     """
     try:
         return _main(args)
+    except KeyboardInterrupt:  # before torch's agent installed its own handler
+        print("shoal: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except (_UsageError, ValueError, OSError) as exc:
         text = str(exc)
         print(f"shoal run: error: {text[7:] if text.startswith('shoal: ') else text}", file=sys.stderr)
