@@ -1,0 +1,158 @@
+"""read_config (SHOAL_* parsing, precedence, bad values named) and detect_world for each launcher, with a
+plain dict as the environment (nothing here reads or writes os.environ)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from shoal.core.config import ShoalConfig, env_name, flag_name, knobs
+from shoal.core.env import WorldInfo, detect_world, get_env, parse_slurm_first_node, read_config
+
+
+# --------------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------------
+
+def test_defaults_from_an_empty_environment():
+    cfg = read_config({})
+    assert cfg == ShoalConfig()
+    assert cfg.timeout_s == 300.0 and cfg.check_collectives is True and cfg.backend is None
+
+
+def test_one_name_per_knob():
+    assert env_name("fusion_threshold_mb") == "SHOAL_FUSION_THRESHOLD_MB"
+    assert flag_name("fusion_threshold_mb") == "--fusion-threshold-mb"
+    assert {f.name for f in knobs()} == {f.name for f in dataclasses.fields(ShoalConfig)}
+    for f in knobs():
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+
+
+def test_environment_values_are_parsed_by_type():
+    cfg = read_config({
+        "SHOAL_TIMEOUT_S": " 12.5 ", "SHOAL_NUM_STREAMS": "3", "SHOAL_CHECK_COLLECTIVES": "off",
+        "SHOAL_AUTOTUNE": "Yes", "SHOAL_BACKEND": "gloo", "SHOAL_LOCAL_SIZE": "2",
+        "SHOAL_COMPRESSION": "bf16", "SHOAL_TIMELINE_FILENAME": "/tmp/t.json",
+        "UNRELATED": "x", "SHOAL_NOT_A_KNOB": "ignored",
+    })
+    assert cfg.timeout_s == 12.5 and cfg.num_streams == 3 and cfg.local_size == 2
+    assert cfg.check_collectives is False and cfg.autotune is True
+    assert cfg.backend == "gloo" and cfg.compression == "bf16" and cfg.timeline_filename == "/tmp/t.json"
+
+
+@pytest.mark.parametrize("raw", ["none", "None", ""])
+def test_optional_knobs_accept_none(raw):
+    assert read_config({"SHOAL_LOCAL_SIZE": raw, "SHOAL_BACKEND": raw}).local_size is None
+
+
+def test_keyword_overrides_beat_the_environment_and_none_means_unset():
+    cfg = read_config({"SHOAL_TIMEOUT_S": "12", "SHOAL_NUM_STREAMS": "3"}, timeout_s=7.0, num_streams=None)
+    assert cfg.timeout_s == 7.0 and cfg.num_streams == 3
+
+
+@pytest.mark.parametrize("var, raw, needle", [
+    ("SHOAL_NUM_STREAMS", "two", "SHOAL_NUM_STREAMS='two'"),
+    ("SHOAL_TIMEOUT_S", "5m", "SHOAL_TIMEOUT_S='5m'"),
+    ("SHOAL_CHECK_COLLECTIVES", "maybe", "SHOAL_CHECK_COLLECTIVES='maybe'"),
+    ("SHOAL_COMPRESSION", "zip", "SHOAL_COMPRESSION"),
+    ("SHOAL_BACKEND", "tcp", "--backend"),
+    ("SHOAL_TIMEOUT_S", "0", "SHOAL_TIMEOUT_S"),
+    ("SHOAL_NUM_STREAMS", "0", "num_streams"),
+    ("SHOAL_LOCAL_SIZE", "-1", "local_size"),
+])
+def test_bad_values_name_the_variable(var, raw, needle):
+    with pytest.raises(ValueError) as info:
+        read_config({var: raw})
+    assert needle in str(info.value)
+
+
+def test_unknown_keyword_is_a_type_error():
+    with pytest.raises(TypeError):
+        read_config({}, no_such_knob=1)
+
+
+def test_get_env_reads_the_given_mapping():
+    assert get_env("NCCL_SOCKET_IFNAME", environ={"NCCL_SOCKET_IFNAME": "eth0"}) == "eth0"
+    assert get_env("NCCL_SOCKET_IFNAME", "lo", environ={}) == "lo"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------
+
+def test_torchrun():
+    w = detect_world({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                      "MASTER_ADDR": "node0", "MASTER_PORT": "29500"})
+    assert w == WorldInfo(3, 8, 1, 2, "env://", "node0", 29500, "torchrun")
+
+
+def test_torchrun_without_local_variables():
+    w = detect_world({"RANK": "0", "WORLD_SIZE": "2"})
+    assert (w.rank, w.size, w.local_rank, w.local_size, w.source) == (0, 2, None, None, "torchrun")
+    assert w.master_addr is None and w.master_port is None  # init() then says what to set
+
+
+def test_testing_harness_file_store_wins_over_rank_variables():
+    w = detect_world({"SHOAL_INIT_FILE": "/tmp/x/store", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                      "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "ignored", "MASTER_PORT": "1"})
+    assert w == WorldInfo(1, 2, 1, 2, "file:///tmp/x/store", None, None, "file")
+
+
+def test_open_mpi():
+    w = detect_world({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16",
+                      "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"})
+    assert w == WorldInfo(5, 16, 1, 4, None, None, None, "mpi")  # rendezvous agreed through mpi4py
+    w = detect_world({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "MASTER_ADDR": "h0",
+                      "MASTER_PORT": "1234"})
+    assert (w.init_method, w.master_addr, w.master_port) == ("env://", "h0", 1234)
+
+
+def test_mpich_and_intel_mpi_pmi():
+    w = detect_world({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2"})
+    assert (w.rank, w.size, w.local_rank, w.local_size, w.source) == (2, 4, 0, 2, "mpi")
+
+
+def test_mpirun_inside_a_slurm_allocation_is_mpi():
+    w = detect_world({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
+                      "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n1"})
+    assert w.source == "mpi" and w.rank == 1
+
+
+def test_slurm_srun():
+    w = detect_world({"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3",
+                      "SLURM_JOB_NODELIST": "gpu[03-05,9],cpu1", "SLURM_JOB_ID": "123456"})
+    assert (w.rank, w.size, w.local_rank, w.source) == (7, 8, 3, "slurm")
+    assert w.init_method == "env://" and w.master_addr == "gpu03"
+    assert w.master_port == 15000 + 123456 % 20000  # one port per job
+
+
+def test_slurm_respects_explicit_master_and_older_nodelist_name():
+    w = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "a[1-2]",
+                      "MASTER_ADDR": "login1", "MASTER_PORT": "4000"})
+    assert (w.master_addr, w.master_port) == ("login1", 4000)
+    w = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "a[1-2]"})
+    assert w.master_addr == "a1"
+
+
+def test_plain_python_is_a_world_of_one():
+    assert detect_world({}) == WorldInfo(0, 1, 0, 1, None, None, None, "single")
+    assert detect_world({"SLURM_PROCID": "0"}).source == "single"  # SLURM_NTASKS missing: not under srun
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("node1", "node1"),
+    ("n[1-4]", "n1"),
+    ("gpu[03-05,9],cpu1", "gpu03"),
+    ("a[07,09]", "a07"),
+    ("rack-2-host[010-012]", "rack-2-host010"),
+    ("solo,other[1-2]", "solo"),
+    (" n5 ", "n5"),
+])
+def test_slurm_node_list_first_host(nodelist, first):
+    assert parse_slurm_first_node(nodelist) == first
+
+
+def test_bad_slurm_node_list_is_named():
+    with pytest.raises(ValueError, match="SLURM node list"):
+        parse_slurm_first_node("[1-2]")
