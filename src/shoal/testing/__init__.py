@@ -51,6 +51,8 @@ class RankResult:
     error: str = ""
     exitcode: Optional[int] = None
     output: str = ""
+    #: Seconds from the start of the run to the rank's end: when it wrote its result (file time, exact
+    #: even when several ranks end within one poll of the harness), else when the harness noticed.
     finished_at: float = 0.0
 
     def describe(self) -> str:
@@ -157,6 +159,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, timeout_s: float = 60
                                    pg_timeout_s, timeout_s, init))
                  for r in range(world_size)]
         start = time.monotonic()
+        start_wall = time.time()
         for p in procs:
             p.start()
         results: list[Optional[RankResult]] = [None] * world_size
@@ -166,8 +169,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, timeout_s: float = 60
             now = time.monotonic()
             for r, p in enumerate(procs):
                 if results[r] is None and not p.is_alive():
-                    results[r] = _collect(r, p.exitcode, workdir)
-                    results[r].finished_at = now - start
+                    results[r] = _collect(r, p.exitcode, workdir, start_wall=start_wall)
+                    if results[r].finished_at == 0.0:
+                        results[r].finished_at = now - start
                     if results[r].status != "ok" and first_failure is None:
                         first_failure = now
             if all(res is not None for res in results):
@@ -198,7 +202,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, timeout_s: float = 60
         raise RanksFailed(_report(fn, final, timed_out, timeout_s), final)
 
 
-def _collect(rank: int, exitcode: Optional[int], workdir: str, killed: bool = False) -> RankResult:
+def _collect(rank: int, exitcode: Optional[int], workdir: str, killed: bool = False,
+             start_wall: Optional[float] = None) -> RankResult:
     out = ""
     try:
         with open(os.path.join(workdir, f"rank{rank}.log"), errors="replace") as f:
@@ -209,7 +214,12 @@ def _collect(rank: int, exitcode: Optional[int], workdir: str, killed: bool = Fa
     if os.path.exists(path):
         with open(path, "rb") as f:
             status, value, error = pickle.load(f)
-        return RankResult(rank, status, value, error, exitcode, out)
+        res = RankResult(rank, status, value, error, exitcode, out)
+        if start_wall is not None:
+            # Ranks that end within one poll of each other (a raise, then its peer's "connection closed")
+            # would tie on the poll time; the write time keeps the root cause first.
+            res.finished_at = max(os.path.getmtime(path) - start_wall, 1e-9)
+        return res
     return RankResult(rank, "killed" if killed else "died", exitcode=exitcode, output=out)
 
 
