@@ -379,11 +379,16 @@ def get_process_set(process_set: Optional[ProcessSet]) -> ProcessSet:
     return ps
 
 
+_PF_EXITING = 0x4  # linux/sched.h: set at the start of do_exit(), before the process closes its files
+
+
 def _is_dead(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state in ("Z", "X")
+            fields = f.read().rsplit(")", 1)[1].split()
+        # A killed peer closes its sockets (what the survivor sees) before it turns zombie, so the state
+        # alone can still read R or D at that moment: the exiting flag closes that race.
+        return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return True
     except OSError:
