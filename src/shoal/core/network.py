@@ -547,15 +547,16 @@ def _plan_rdma(plan: NetworkPlan, ports: Sequence[RdmaPort], environ: Optional[M
         return
     active = [p for p in ports if p.is_active]
     if not active:
-        # NCCL_IB_DISABLE: "prevent NCCL from using the IB/RoCE transport"; with no ACTIVE port it
-        # could not use it anyway, and saying so keeps NCCL from probing dead devices.
+        # NCCL_IB_DISABLE=1 turns off the IB/RoCE transport and NCCL falls back to IP sockets (env
+        # docs). With no ACTIVE port NCCL could not use RDMA anyway; saying so keeps it from
+        # probing dead devices and makes the fallback visible instead of silent.
         plan.transport = "sockets"
         plan.env["NCCL_IB_DISABLE"] = (
             "1", f"RDMA devices are present but no port is ACTIVE ({_port_states(ports)})")
         plan.warnings.append(
             f"RDMA devices found but no port is ACTIVE ({_port_states(ports)}): NCCL falls back to "
-            "TCP sockets, much slower between hosts. HINT: check the cable and the subnet manager "
-            "(`ibstat`, `ibv_devinfo`), or set NCCL_IB_DISABLE=0 once a port is up.")
+            "TCP sockets, much slower between hosts. HINT: check the cables and the subnet manager "
+            "(`ibstat`, `ibv_devinfo`); Shoal uses the port again as soon as it is ACTIVE.")
         return
     ib = [p for p in active if not p.is_roce]
     roce = [p for p in active if p.is_roce]

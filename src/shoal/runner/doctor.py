@@ -188,19 +188,29 @@ def _probe_frontends() -> dict[str, Any]:
 
 
 def _hierarchical(cfg: Any, world: Any, multi_host: bool) -> tuple[bool, str]:
-    """Whether two-level allreduce is expected to be on, and why (the rule of ``hierarchical``)."""
-    if cfg.hierarchical in ("on", "off"):
-        return cfg.hierarchical == "on", f"hierarchical={cfg.hierarchical}, set by you"
+    """Whether the two-level allreduce will be on, and why.
+
+    The same rule as :func:`shoal.core.algorithms.hierarchical.use_hierarchical`, applied to the
+    layout the launcher announces (that function needs the layout ``init`` builds from host names).
+    """
+    if cfg.hierarchical == "off":
+        return False, "hierarchical=off, set by you"
     if cfg.local_size:
-        nodes = -(-world.size // cfg.local_size)
-        on = nodes > 1 and cfg.local_size > 1
-        return on, f"auto: local_size={cfg.local_size} emulates {nodes} node(s) of this world of {world.size}"
-    if not multi_host:
-        return False, "auto: one node; on when several nodes run more than one rank each"
-    per_node = world.local_size
-    if per_node and per_node > 1:
-        return True, f"auto: {per_node} ranks per node on several nodes"
-    return False, "auto: one rank per node (or unknown), nothing to reduce inside a node"
+        per_node, how = cfg.local_size, f"local_size={cfg.local_size} emulation"
+    elif not multi_host:
+        per_node, how = world.size, "one host"
+    elif world.local_size:
+        per_node, how = world.local_size, "from the launcher"
+    else:
+        return cfg.hierarchical == "on", (f"hierarchical={cfg.hierarchical}: decided at init from the "
+                                          "ranks' host names (the launcher does not say how many "
+                                          "ranks share a node)")
+    nodes, even = -(-world.size // per_node), world.size % per_node == 0
+    layout = f"{nodes} node(s) x {per_node} rank(s), {how}" + ("" if even else ", uneven")
+    if cfg.hierarchical == "on":
+        return even, f"hierarchical=on, set by you; {layout}" + ("" if even else ": flat allreduce")
+    on = nodes > 1 and even and per_node > 1
+    return on, f"auto: {layout}; on when several even nodes have >1 rank each"
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +312,12 @@ def collect(probe_timeout_s: float = 3.0) -> dict[str, Any]:
     except ValueError as exc:
         warnings.append(f"{exc}. HINT: fix or unset that variable; the report uses the defaults.")
         cfg = ShoalConfig()
-    world = _env.detect_world()
+    try:
+        world = _env.detect_world()
+    except ValueError as exc:  # e.g. RANK=abc: init would fail the same way
+        warnings.append(f"the launcher's variables do not parse ({exc}); init will fail. HINT: check "
+                        "RANK, WORLD_SIZE, LOCAL_WORLD_SIZE; the report assumes a world of one.")
+        world = _env.WorldInfo(0, 1, 0, 1, None, None, None, "single")
     backend, backend_reason = network.expected_backend(cfg)
     plan = network.plan_for_this_host(cfg, world, interfaces=interfaces, rdma_ports=rdma,
                                       backend=backend)
@@ -325,8 +340,8 @@ def collect(probe_timeout_s: float = 3.0) -> dict[str, Any]:
                      if text not in plan.warnings]
         notes += [f"in a multi-host run: {text}" for text in preview.notes if text not in plan.notes]
     kb = frontends.get("keras_backend")
-    if kb and kb in ("tensorflow", "jax", "torch") and not (
-            frontends.get(kb) if kb != "torch" else True):
+    have = {"tensorflow": frontends.get("tensorflow"), "jax": frontends.get("jax"), "torch": True}
+    if kb in have and not have[kb]:
         warnings.append(f"Keras is set to the {kb} backend ({frontends.get('keras_backend_source')}) "
                         f"but {kb} is not installed. HINT: install it, or set KERAS_BACKEND=torch.")
     if frontends.get("keras") and str(frontends["keras"]).startswith("2."):
