@@ -1,0 +1,241 @@
+"""PartialFC benchmark: classifier memory per rank and step time against a data-parallel full classifier.
+
+Two measurements, each in real gloo ranks started by ``shoal.testing.run_ranks`` (so one command runs all):
+
+1. Memory per rank of the classifier (weight + gradient + SGD-momentum state), at 1 and at 2 ranks: the
+   sharded classifier shrinks as 1/N, the data-parallel one stays whole on every rank.
+2. Step time at ``--classes`` x ``--dim`` (default 1M x 128) on 2 ranks, modes interleaved round by round
+   (a noisy neighbour hurts them alike), median after warm-up of the slowest rank's step time:
+
+       dp_full      every rank holds the whole weight, computes the margin softmax of its local batch and
+                    allreduces (averages) the weight gradient: plain data parallelism of the classifier
+       pfc          PartialFC, sample_rate 1.0: the same loss and gradients, weight sharded
+       pfc_s0.1     PartialFC, sample_rate 0.1, optimizer bound (only used rows stepped)
+
+   The first-step losses of dp_full and pfc are printed side by side: the numerics are the same.
+
+Each step: margin softmax forward and backward from fixed embeddings (the backbone is not timed), the
+classifier's communication, an SGD(momentum=0.9) step. Each rank uses one thread (2 ranks on 2 cores).
+
+Run::
+
+    python benchmarks/partial_fc_bench.py              # ~2 minutes on 2 cores, ~6 GB of RAM
+    python benchmarks/partial_fc_bench.py --classes 100000 --steps 3 --warmup 1   # a quick look
+
+Results: a table on the console, JSON and Markdown under ``benchmarks/results/partial_fc_<date>.*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from shoal.parallel import ArcFace, PartialFC
+from shoal.parallel.partial_fc import _init_rows
+from shoal.testing import run_ranks
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MIB = 1 << 20
+
+
+def _margin() -> ArcFace:
+    return ArcFace(s=64.0, m=0.5)
+
+
+def _batch(step: int, rank: int, batch: int, dim: int, classes: int):
+    g = torch.Generator().manual_seed(10_000 * step + rank)
+    return torch.randn(batch, dim, generator=g), torch.randint(0, classes, (batch,), generator=g)
+
+
+def _classifier_nbytes(weight: torch.Tensor, opt: torch.optim.Optimizer) -> dict:
+    state = sum(v.nbytes for v in opt.state.get(weight, {}).values() if torch.is_tensor(v))
+    grad = weight.grad.nbytes if weight.grad is not None else 0
+    return {"weight_mib": weight.nbytes / MIB, "optimizer_state_mib": state / MIB, "grad_mib": grad / MIB,
+            "weight_plus_state_mib": (weight.nbytes + state) / MIB}
+
+
+class _DataParallelFull:
+    """The baseline: the whole weight on every rank, its gradient averaged by one allreduce."""
+
+    def __init__(self, classes: int, dim: int):
+        self.weight = torch.nn.Parameter(_init_rows(0, classes, dim, 0, torch.float32))
+        self.opt = torch.optim.SGD([self.weight], lr=0.1, momentum=0.9)
+        self.margin = _margin()
+
+    def step(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        e = emb.clone().requires_grad_()
+        logits = self.margin(F.linear(F.normalize(e), F.normalize(self.weight)), labels)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        dist.all_reduce(self.weight.grad)
+        self.weight.grad /= dist.get_world_size()
+        self.opt.step()
+        return loss.detach()
+
+
+class _Sharded:
+    def __init__(self, classes: int, dim: int, sample_rate: float):
+        self.pfc = PartialFC(dim, classes, _margin(), sample_rate=sample_rate)  # same seed-0 init as above
+        self.weight = self.pfc.weight
+        self.opt = torch.optim.SGD(self.pfc.parameters(), lr=0.1, momentum=0.9)
+        self.pfc.bind_optimizer(self.opt)
+
+    def step(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.pfc(emb.clone().requires_grad_(), labels)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+
+def _rank_memory(classes: int, dim: int, batch: int) -> dict:
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    out = {}
+    makers = [("pfc", lambda: _Sharded(classes, dim, 1.0)), ("dp_full", lambda: _DataParallelFull(classes, dim))]
+    for name, make in makers:
+        if name == "dp_full" and dist.get_world_size() == 1:
+            continue  # identical to pfc on one rank
+        mode = make()
+        mode.step(*_batch(0, rank, batch, dim, classes))
+        out[name] = _classifier_nbytes(mode.weight, mode.opt)
+        del mode
+    return out
+
+
+def _rank_timing(classes: int, dim: int, batch: int, warmup: int, steps: int, modes: list[str]) -> dict:
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    makers = {"dp_full": lambda: _DataParallelFull(classes, dim), "pfc": lambda: _Sharded(classes, dim, 1.0),
+              "pfc_s0.1": lambda: _Sharded(classes, dim, 0.1)}
+    runners = {m: makers[m]() for m in modes}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    first_loss = {}
+    for step in range(warmup + steps):
+        emb, labels = _batch(step, rank, batch, dim, classes)
+        for m in modes:
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = runners[m].step(emb, labels)
+            dist.barrier()
+            dt = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+            if step >= warmup:
+                times[m].append(float(dt))
+            if step == 0:
+                if m == "dp_full":  # local-batch mean -> global-batch mean, for comparison
+                    dist.all_reduce(loss)
+                    loss /= world
+                first_loss[m] = float(loss)
+    memory = {m: _classifier_nbytes(runners[m].weight, runners[m].opt) for m in modes}
+    return {"times_s": times, "first_loss": first_loss, "memory": memory}
+
+
+def _hardware() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "backend": "gloo", "threads_per_rank": 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64, help="per rank")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--modes", default="dp_full,pfc,pfc_s0.1")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON/Markdown results")
+    parser.add_argument("--date", default=datetime.date.today().isoformat())
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    hw = _hardware()
+    print(f"hardware: {hw['cpu']}, {hw['cores']} cores; torch {hw['torch']}; gloo; 1 thread per rank")
+    print(f"classifier {args.classes} x {args.dim}, {args.batch} samples per rank, ArcFace(s=64, m=0.5), "
+          f"SGD momentum 0.9")
+
+    memory = {}
+    for world in (1, 2):
+        res = run_ranks(_rank_memory, world_size=world, timeout_s=600, args=(args.classes, args.dim, args.batch))
+        memory[world] = res[0]
+    print("\nmemory per rank (MiB): weight + optimizer state [+ gradient]")
+    for world, res in memory.items():
+        for name, m in res.items():
+            print(f"  {world} rank(s) {name:8s} {m['weight_plus_state_mib']:9.1f}  [+ {m['grad_mib']:.1f}]")
+    shrink = memory[1]["pfc"]["weight_plus_state_mib"] / memory[2]["pfc"]["weight_plus_state_mib"]
+    print(f"  sharded 1 -> 2 ranks: x{1 / shrink:.3f} (ideal 1/2)")
+
+    world = 2
+    res = run_ranks(_rank_timing, world_size=world, timeout_s=600,
+                    args=(args.classes, args.dim, args.batch, args.warmup, args.steps, modes))[0]
+    med = {m: statistics.median(ts) for m, ts in res["times_s"].items()}
+    print(f"\nstep time on {world} ranks (median of {args.steps} after {args.warmup} warm-up, slowest rank)")
+    rows = []
+    for m in modes:
+        vs_dp = med["dp_full"] / med[m] if "dp_full" in med else float("nan")
+        rows.append({"mode": m, "median_s": med[m], "min_s": min(res["times_s"][m]),
+                     "max_s": max(res["times_s"][m]), "speedup_vs_dp_full": vs_dp,
+                     "first_loss": res["first_loss"][m],
+                     "weight_plus_state_mib_per_rank": res["memory"][m]["weight_plus_state_mib"]})
+        print(f"  {m:9s} {med[m]:7.3f} s   x{vs_dp:5.2f} vs dp_full   first loss {res['first_loss'][m]:.6f}   "
+              f"{res['memory'][m]['weight_plus_state_mib']:.0f} MiB/rank")
+    if "pfc" in med and "pfc_s0.1" in med:
+        print(f"  sample_rate 0.1 vs 1.0: x{med['pfc'] / med['pfc_s0.1']:.2f}")
+
+    result = {"benchmark": "partial_fc", "date": args.date, "hardware": hw, "world_size_timing": world,
+              "classes": args.classes, "dim": args.dim, "batch_per_rank": args.batch, "warmup": args.warmup,
+              "steps": args.steps, "memory_per_rank": {str(k): v for k, v in memory.items()},
+              "memory_shrink_1_to_2": 1 / shrink, "timing": rows,
+              "speedup_sample_rate_0.1": med["pfc"] / med["pfc_s0.1"] if {"pfc", "pfc_s0.1"} <= med.keys()
+              else None}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"partial_fc_{args.date}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(_markdown(result))
+    print(f"\nsaved {stem}.json and .md")
+
+
+def _markdown(r: dict) -> str:
+    hw = r["hardware"]
+    lines = [f"# PartialFC benchmark, {r['date']}", "",
+             f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, gloo, {hw['threads_per_rank']} thread per "
+             f"rank. Classifier {r['classes']:,} x {r['dim']}, {r['batch_per_rank']} samples per rank, "
+             "ArcFace(s=64, m=0.5), SGD momentum 0.9.", "",
+             "Command: `python benchmarks/partial_fc_bench.py`", "",
+             "## Classifier memory per rank (weight + optimizer state)", "",
+             "| ranks | mode | weight + state (MiB) | gradient (MiB) |", "|---|---|---|---|"]
+    for world, res in r["memory_per_rank"].items():
+        for name, m in res.items():
+            lines.append(f"| {world} | {name} | {m['weight_plus_state_mib']:.1f} | {m['grad_mib']:.1f} |")
+    lines += ["", f"Sharded, 1 -> 2 ranks: x{r['memory_shrink_1_to_2']:.3f} (ideal 0.5).", "",
+              f"## Step time, {r['world_size_timing']} ranks (median of {r['steps']} after {r['warmup']} warm-up)",
+              "", "| mode | median (s) | min (s) | max (s) | speed-up vs dp_full | first-step loss | MiB/rank |",
+              "|---|---|---|---|---|---|---|"]
+    for row in r["timing"]:
+        lines.append(f"| {row['mode']} | {row['median_s']:.3f} | {row['min_s']:.3f} | {row['max_s']:.3f} | "
+                     f"{row['speedup_vs_dp_full']:.2f} | {row['first_loss']:.6f} | "
+                     f"{row['weight_plus_state_mib_per_rank']:.0f} |")
+    if r["speedup_sample_rate_0.1"]:
+        lines += ["", f"sample_rate 0.1 vs 1.0: x{r['speedup_sample_rate_0.1']:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

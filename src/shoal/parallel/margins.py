@@ -1,0 +1,190 @@
+"""Margin losses for face-recognition classifiers: ArcFace, CosFace and the combined (m1, m2, m3) form.
+
+A margin loss turns the cosine similarities between normalized embeddings and normalized class weights
+into logits: every logit is scaled by ``s``, and the logit of each row's target class is first replaced by a
+penalized value ``phi(cos)``. The same module works on a full ``(rows, classes)`` matrix and on one class
+shard of it (:class:`~shoal.parallel.PartialFC`), because targets are given as *column indices into the
+tensor passed in*, with ``-1`` for a row whose target class is not among these columns.
+
+What lives elsewhere: the softmax and cross-entropy (sharded in :mod:`shoal.parallel.partial_fc`, or
+``torch.nn.functional.cross_entropy`` for a full matrix).
+
+Design constraints:
+
+1. Numerically stable in float16/bfloat16/float32/float64: no ``acos`` or ``sqrt`` is ever evaluated at
+   +-1 exactly, where their derivatives are infinite. A matmul of unit vectors can return 1.0000001, so
+   inputs are clamped before the angle is taken, never assumed in range; 16-bit targets are upcast to
+   float32 first (the clamp bound is not representable in them).
+2. ``phi`` must decrease monotonically in the angle, or the margin rewards pushing a sample *away* from
+   its class. ``cos(theta + m)`` turns back up once ``theta + m > pi``; past that threshold the usual
+   fallback is used (insightface): a constant penalty ``cos(theta) - mm``, or for ``easy_margin`` no
+   penalty when ``cos(theta) <= 0``.
+3. Only the target entries go through the margin (one per row): the work is O(rows), not O(rows x classes),
+   so that it is negligible next to the logits matmul of a million-class shard.
+4. Out of place with respect to the caller's tensor (autograd needs the cosines for the weight gradient);
+   one new ``(rows, classes)`` tensor is allocated, the scaled logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MarginLoss", "ArcFace", "CosFace", "CombinedMargin"]
+
+# Cosines are clamped to [-1 + eps, 1 - eps] before acos. 1e-7 is representable in float32 (rounds to
+# 1.19e-7 below 1.0), and bounds |d acos / d cos| by 1/sqrt(1 - (1 - 1e-7)^2) ~ 2.2e3 instead of inf.
+_COS_EPS = 1e-7
+
+
+class MarginLoss(nn.Module):
+    """Base class: scale cosine logits by ``s`` and apply ``phi`` to each row's target logit.
+
+    Subclasses implement :meth:`target_logit` (the unscaled ``phi(cos)``).
+
+    Args:
+        s: scale (inverse temperature) applied to every logit.
+    """
+
+    def __init__(self, s: float):
+        super().__init__()
+        if s <= 0:
+            raise ValueError(f"shoal: margin scale s must be positive, got {s}. HINT: 64 is the usual value.")
+        self.s = float(s)
+
+    def target_logit(self, cos: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Unscaled penalized logit ``phi(cos)`` for a 1-D tensor of target cosines."""
+        raise NotImplementedError
+
+    def forward(self, cos: Tensor, targets: Tensor) -> Tensor:
+        """Scaled logits with the margin applied to each row's target column.
+
+        Args:
+            cos: ``(rows, columns)`` cosine similarities, in [-1, 1] up to rounding.
+            targets: ``(rows,)`` integer column of each row's target class in ``cos``, or ``-1`` where the
+                target is not among these columns (another shard holds it).
+
+        Returns:
+            ``(rows, columns)`` logits: ``s * cos`` everywhere, ``s * phi(cos)`` at the targets.
+
+        Example:
+            >>> margin = ArcFace(s=64.0, m=0.5)
+            >>> logits = margin(F.linear(F.normalize(x), F.normalize(w)), labels)
+            >>> loss = F.cross_entropy(logits, labels)
+        """
+        if targets.shape != cos.shape[:1]:
+            raise ValueError(f"shoal: margin targets have shape {tuple(targets.shape)}, expected "
+                             f"({cos.shape[0]},) for cosines of shape {tuple(cos.shape)}. "
+                             "HINT: pass one target column per row, -1 for rows without a target here.")
+        logits = cos * self.s
+        rows = torch.nonzero(targets >= 0).squeeze(1)
+        if rows.numel():
+            cols = targets[rows]
+            target = cos[rows, cols]
+            if target.element_size() < 4:
+                # 1 - 1e-7 rounds to 1.0 in float16/bfloat16, where sqrt/acos have infinite slopes.
+                target = target.float()
+            phi = self.target_logit(target) * self.s
+            # In place on the fresh product: autograd records it (mul by a constant saves nothing that
+            # the write invalidates), and it saves a second (rows x columns) copy.
+            logits.index_put_((rows, cols), phi.to(logits.dtype))
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"s={self.s:g}"
+
+
+def _angle(cos: Tensor) -> Tensor:
+    return torch.acos(cos.clamp(-1.0 + _COS_EPS, 1.0 - _COS_EPS))
+
+
+class ArcFace(MarginLoss):
+    """Additive angular margin: ``phi = cos(theta + m)`` (Deng et al., ArcFace).
+
+    Past ``theta = pi - m`` (where ``cos(theta + m)`` stops decreasing) the target logit is
+    ``cos(theta) - m * sin(pi - m)``, the usual insightface fallback; with ``easy_margin=True`` the margin
+    is applied only where ``cos(theta) > 0`` and the raw cosine is kept elsewhere.
+
+    Args:
+        s: logit scale. m: angular margin in radians. easy_margin: see above.
+    """
+
+    def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False):
+        super().__init__(s)
+        if not 0.0 <= m < math.pi / 2:
+            raise ValueError(f"shoal: ArcFace margin m={m} must be in [0, pi/2). HINT: 0.5 is the usual value.")
+        self.m = float(m)
+        self.easy_margin = bool(easy_margin)
+        self._cos_m, self._sin_m = math.cos(m), math.sin(m)
+        self._threshold = math.cos(math.pi - m)
+        self._fallback_penalty = math.sin(math.pi - m) * m
+
+    def target_logit(self, cos: Tensor) -> Tensor:
+        c = cos.clamp(-1.0 + _COS_EPS, 1.0 - _COS_EPS)
+        # cos(t + m) = cos t cos m - sin t sin m; sin t >= 0 on [0, pi]. The clamp keeps sqrt off 0.
+        phi = c * self._cos_m - torch.sqrt(1.0 - c * c) * self._sin_m
+        if self.easy_margin:
+            return torch.where(cos > 0, phi, cos)
+        return torch.where(cos > self._threshold, phi, cos - self._fallback_penalty)
+
+    def extra_repr(self) -> str:
+        return f"s={self.s:g}, m={self.m:g}, easy_margin={self.easy_margin}"
+
+
+class CosFace(MarginLoss):
+    """Additive cosine margin: ``phi = cos(theta) - m`` (Wang et al., CosFace / AM-softmax).
+
+    Monotone everywhere and free of ``acos``, so no threshold is needed.
+
+    Args:
+        s: logit scale. m: cosine margin.
+    """
+
+    def __init__(self, s: float = 64.0, m: float = 0.4):
+        super().__init__(s)
+        if m < 0:
+            raise ValueError(f"shoal: CosFace margin m={m} must be >= 0. HINT: 0.4 is the usual value.")
+        self.m = float(m)
+
+    def target_logit(self, cos: Tensor) -> Tensor:
+        return cos - self.m
+
+    def extra_repr(self) -> str:
+        return f"s={self.s:g}, m={self.m:g}"
+
+
+class CombinedMargin(MarginLoss):
+    """The combined margin of insightface: ``phi = cos(m1 * theta + m2) - m3``.
+
+    ``(1, m, 0)`` is ArcFace, ``(1, 0, m)`` is CosFace, ``m1 > 1`` adds SphereFace's multiplicative margin;
+    insightface's combined setting is ``(1.0, 0.3, 0.2)``. Where ``m1 * theta + m2`` passes ``pi`` (the
+    angle ``theta* = (pi - m2) / m1``), ``phi`` falls back to ``cos(theta) - m3 - sin(theta*) (pi - theta*)``,
+    which for ``m1 = 1`` is exactly ArcFace's fallback, so ``CombinedMargin(s, 1, m, 0)`` equals
+    ``ArcFace(s, m)`` everywhere.
+
+    Args:
+        s: logit scale. m1: multiplicative angular margin (>= 1). m2: additive angular margin (radians).
+        m3: additive cosine margin.
+    """
+
+    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.3, m3: float = 0.2):
+        super().__init__(s)
+        if m1 < 1.0 or m2 < 0.0 or m3 < 0.0 or m2 >= math.pi:
+            raise ValueError(f"shoal: CombinedMargin needs m1 >= 1, 0 <= m2 < pi, m3 >= 0; got "
+                             f"m1={m1}, m2={m2}, m3={m3}. HINT: insightface uses (1.0, 0.3, 0.2).")
+        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
+        theta_star = (math.pi - m2) / m1
+        self._pure_cosine = m1 == 1.0 and m2 == 0.0
+        self._threshold = math.cos(theta_star)
+        self._fallback_penalty = m3 + math.sin(theta_star) * (math.pi - theta_star)
+
+    def target_logit(self, cos: Tensor) -> Tensor:
+        if self._pure_cosine:
+            return cos - self.m3
+        phi = torch.cos(self.m1 * _angle(cos) + self.m2) - self.m3
+        return torch.where(cos > self._threshold, phi, cos - self._fallback_penalty)
+
+    def extra_repr(self) -> str:
+        return f"s={self.s:g}, m1={self.m1:g}, m2={self.m2:g}, m3={self.m3:g}"

@@ -1,0 +1,571 @@
+"""PartialFC: a margin-softmax classifier whose weight is sharded by class across ranks (InsightFace-type
+model parallelism), with optional negative-class sampling (Partial FC).
+
+Owns the module, its class sharding, the sampling of classes, the lazy (sampled-rows-only) optimizer update
+and the sharded checkpoint format. The collectives are in :mod:`shoal.parallel._ops`; the margins in
+:mod:`shoal.parallel.margins`.
+
+Glossary:
+    shard: the contiguous class range ``[class_start, class_end)`` this rank owns; sizes differ by at most 1.
+    global batch: every rank's local batch, concatenated in rank order (equal local sizes required).
+    sampled classes: with ``sample_rate < 1``, the classes of this shard that take part in a step: all
+        classes present in the global batch, plus uniformly drawn others up to ``sample_rate`` of the shard.
+
+Design constraints:
+
+1. The loss is the full softmax cross-entropy (with margin) of the global batch, identical on every rank,
+   and the gradients equal those of a single process that holds the whole weight: the weight gradient is
+   the gradient of that loss (never averaged: each rank owns different rows), and the embedding gradient
+   is ``size`` times the gradient of that loss, i.e. the gradient of the mean over the rank's own samples,
+   which is what a data-parallel backbone expects: averaging over ``size`` ranks gives the exact gradient.
+2. Sharded parameters must never be averaged across ranks. Every parameter carries ``_shoal_no_sync = True``;
+   Shoal's DistributedOptimizer skips such parameters; a forward inside a DDP module that has not excluded
+   them raises (DDP would broadcast rank 0's shard over the others' and average the shards).
+3. Equal local batch sizes on every rank (the all-gather needs them); checked every step with one
+   all-gather of one integer, raising an error that names every rank's size instead of hanging.
+4. Sampling keeps the optimizer honest: with :meth:`PartialFC.bind_optimizer`, a step updates only the rows
+   used since the previous step, and their per-element state (momentum, Adam moments); unused rows and
+   their state stay bit-identical (a "lazy" update, as SparseAdam does).
+5. Checkpoints are per-rank shard files plus a JSON index of the class ranges, loadable into any world size:
+   each rank reads only the slices that overlap its new range (memory-mapped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shoal.core.errors import ShoalError
+
+from ._ops import _AllGatherEmbeddings, _all_gather_rows, _resolve_shards, _Shards, \
+    _ShardedSoftmaxCrossEntropy
+from .margins import MarginLoss
+
+__all__ = [
+    "PartialFC",
+    "shard_range",
+    "exclude_from_ddp",
+    "load_full_weight",
+    "NO_SYNC_ATTR",
+]
+
+log = logging.getLogger(__name__)
+
+#: Attribute set to True on parameters that a data-parallel reduction must skip.
+NO_SYNC_ATTR = "_shoal_no_sync"
+
+_FORMAT = "shoal.partial_fc/1"
+_INDEX_FILE = "partial_fc.json"
+# Rows are initialized in blocks with a seed per block, so that the full weight is the same whatever the
+# number of ranks (a run on 2 ranks starts where a run on 3 would) without any rank materializing it.
+_INIT_BLOCK_ROWS = 4096
+
+
+def shard_range(num_classes: int, size: int, rank: int) -> tuple[int, int]:
+    """Class range ``[start, end)`` of ``rank`` among ``size`` balanced contiguous shards.
+
+    The first ``num_classes % size`` ranks get one class more.
+
+    Example:
+        >>> [shard_range(10, 3, r) for r in range(3)]
+        [(0, 4), (4, 7), (7, 10)]
+    """
+    base, extra = divmod(num_classes, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def exclude_from_ddp(module: nn.Module) -> list[str]:
+    """Make ``DistributedDataParallel(module)`` leave every sharded parameter alone.
+
+    Call it before wrapping a model that contains a :class:`PartialFC`. It records the names of all
+    parameters marked ``_shoal_no_sync`` in the attribute DDP reads at construction, so DDP neither
+    broadcasts nor averages them. Keeping PartialFC outside the DDP module is the simpler alternative.
+
+    Returns:
+        The excluded parameter names.
+    """
+    names = [n for n, p in module.named_parameters() if getattr(p, NO_SYNC_ATTR, False)]
+    previous = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+    module._ddp_params_and_buffers_to_ignore = sorted(set(previous) | set(names))
+    return names
+
+
+def _init_rows(start: int, end: int, dim: int, seed: int, dtype: torch.dtype) -> Tensor:
+    """Rows ``start..end`` of an N(0, 0.01^2) matrix whose values depend on the row, not on the sharding."""
+    out = torch.empty((end - start, dim), dtype=dtype)
+    gen = torch.Generator()
+    block = start // _INIT_BLOCK_ROWS
+    while block * _INIT_BLOCK_ROWS < end:
+        lo, hi = block * _INIT_BLOCK_ROWS, (block + 1) * _INIT_BLOCK_ROWS
+        gen.manual_seed(seed * 1_000_003 + block)
+        values = torch.randn((_INIT_BLOCK_ROWS, dim), generator=gen, dtype=torch.float32) * 0.01
+        a, b = max(lo, start), min(hi, end)
+        out[a - start:b - start] = values[a - lo:b - lo].to(dtype)
+        block += 1
+    return out
+
+
+class _LazyRowsUpdate:
+    """Optimizer step hooks: step only the rows used since the last step (constraint 4).
+
+    Before the step the weight, its gradient and every per-element state tensor are swapped for their used
+    rows; after it the rows are written back. Nested step calls (an optimizer subclass whose ``step`` calls
+    ``super().step()`` fires the hooks at both levels) swap once, at the outermost level.
+    """
+
+    def __init__(self, owner: "PartialFC"):
+        self.owner = owner
+        self.depth = 0
+        self.swapped: Optional[tuple] = None
+
+    def before_step(self, optimizer, args, kwargs) -> None:
+        self.depth += 1
+        if self.depth > 1:
+            return
+        w = self.owner.weight
+        used = self.owner._rows_used
+        self.swapped = None
+        if used is None or w.grad is None or bool(used.all()):
+            return
+        index = torch.nonzero(used).squeeze(1)
+        state = optimizer.state.get(w, {})
+        full_state = {k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == w.shape}
+        for k, v in full_state.items():
+            state[k] = v.index_select(0, index)
+        self.swapped = (w.data, w.grad, full_state, index)
+        w.data = w.data.index_select(0, index)
+        w.grad = self.swapped[1].index_select(0, index)
+
+    def after_step(self, optimizer, args, kwargs) -> None:
+        self.depth -= 1
+        if self.depth > 0:
+            return
+        self.owner._rows_used = None
+        if self.swapped is None:
+            return
+        w = self.owner.weight
+        full_data, full_grad, full_state, index = self.swapped
+        self.swapped = None
+        full_data.index_copy_(0, index, w.data)
+        small_shape = w.data.shape
+        w.data, w.grad = full_data, full_grad
+        state = optimizer.state.get(w)
+        if not state:
+            return
+        for k, v in list(state.items()):
+            if torch.is_tensor(v) and v.shape == small_shape:
+                # State created by this very step (first step) starts at zero on the unused rows, as a
+                # dense step with zero gradients there would have left it.
+                full = full_state.get(k)
+                if full is None:
+                    full = v.new_zeros(full_data.shape)
+                full.index_copy_(0, index, v)
+                state[k] = full
+
+
+class _Binding:
+    """Handle returned by :meth:`PartialFC.bind_optimizer`; ``remove()`` unbinds."""
+
+    def __init__(self, owner: "PartialFC", handles: tuple):
+        self._owner, self._handles = owner, handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._owner._lazy = None
+
+
+class PartialFC(nn.Module):
+    """Margin-softmax classifier sharded by class across the ranks of a process set.
+
+    Each rank holds rows ``[class_start, class_end)`` of the ``(num_classes, embedding_size)`` weight.
+    ``forward(embeddings, labels)`` takes this rank's local batch and returns the global-batch loss.
+
+    Args:
+        embedding_size: dimension of the embeddings.
+        num_classes: total number of classes (identities), over all ranks; at least the number of ranks.
+        margin_loss: a :class:`~shoal.parallel.MarginLoss` (ArcFace, CosFace, CombinedMargin) or any module
+            ``(cos, targets) -> logits`` with the same contract.
+        sample_rate: fraction of each shard's classes used per training step (1.0: all). Classes present in
+            the global batch are always used. Call :meth:`bind_optimizer` so that only used rows are stepped.
+        process_set: the ranks sharing the classifier (default: all). Every member must call ``forward``.
+        fp16: compute the logits matmul in half precision (float16 on CUDA, bfloat16 on CPU, via autocast);
+            the margin, softmax and loss stay in the weight's dtype.
+        seed: seeds the weight initialization (independent of the world size) and the class sampling.
+        device, dtype: of the weight (default: CPU or the current CUDA device under NCCL; float32).
+
+    Raises:
+        ValueError: invalid sizes or rates, or this rank is not in ``process_set``.
+
+    Example:
+        >>> pfc = PartialFC(512, 1_000_000, ArcFace(s=64.0, m=0.5), sample_rate=0.1)
+        >>> opt = torch.optim.SGD([{"params": backbone.parameters()}, {"params": pfc.parameters()}], lr=0.1,
+        ...                       momentum=0.9)
+        >>> pfc.bind_optimizer(opt)
+        >>> loss = pfc(backbone(images), labels); loss.backward(); opt.step()
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, margin_loss: nn.Module, sample_rate: float = 1.0,
+                 process_set=None, fp16: bool = False, seed: int = 0,
+                 device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if embedding_size < 1:
+            raise ValueError(f"shoal: PartialFC embedding_size must be >= 1, got {embedding_size}.")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"shoal: PartialFC sample_rate must be in (0, 1], got {sample_rate}. "
+                             "HINT: 0.1 keeps 10% of the negative classes per step.")
+        self._shards: _Shards = _resolve_shards(process_set)
+        if num_classes < self._shards.size:
+            raise ValueError(f"shoal: PartialFC needs at least one class per rank: {num_classes} classes on "
+                             f"{self._shards.size} ranks. HINT: use fewer ranks for the classifier "
+                             "(process_set=...).")
+        self.embedding_size = int(embedding_size)
+        self.num_classes = int(num_classes)
+        self.margin_loss = margin_loss
+        self.sample_rate = float(sample_rate)
+        self.fp16 = bool(fp16)
+        self.seed = int(seed)
+        self.class_start, self.class_end = shard_range(num_classes, self._shards.size, self._shards.rank)
+        self.num_local = self.class_end - self.class_start
+        self.num_sample = max(1, int(self.sample_rate * self.num_local))
+        if device is None:
+            device = "cuda" if self._shards.group is not None and dist.get_backend(self._shards.group) == "nccl" \
+                else "cpu"
+        dtype = dtype or torch.float32
+        rows = _init_rows(self.class_start, self.class_end, self.embedding_size, self.seed, dtype)
+        self.weight = nn.Parameter(rows.to(device))
+        setattr(self.weight, NO_SYNC_ATTR, True)
+        #: Global class ids this rank used in the last training step (None without sampling).
+        self.last_sampled_classes: Optional[Tensor] = None
+        self._rows_used: Optional[Tensor] = None
+        self._generator: Optional[torch.Generator] = None
+        self._lazy: Optional[_LazyRowsUpdate] = None
+        self._warned_unbound = False
+        log.debug("shoal: PartialFC rank %d/%d owns classes [%d, %d) of %d", self.rank, self.world_size,
+                  self.class_start, self.class_end, self.num_classes)
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def rank(self) -> int:
+        """This rank's index among the classifier's ranks."""
+        return self._shards.rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks sharing the classifier."""
+        return self._shards.size
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"shard=[{self.class_start}, {self.class_end}) of rank {self.rank}/{self.world_size}, "
+                f"sample_rate={self.sample_rate:g}, fp16={self.fp16}")
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Global-batch margin-softmax cross-entropy; a collective over the classifier's ranks.
+
+        Args:
+            embeddings: ``(batch, embedding_size)`` this rank's embeddings (the same batch on every rank).
+            labels: ``(batch,)`` integer class ids in ``[0, num_classes)``.
+
+        Returns:
+            The scalar mean loss over the global batch, identical on every rank.
+
+        Raises:
+            ShoalError: local batch sizes differ across ranks, a label is out of range, or the module runs
+                inside a DDP module that did not exclude its weight.
+        """
+        self._check_not_in_ddp()
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"shoal: PartialFC embeddings on rank {self.rank} have shape "
+                             f"{tuple(embeddings.shape)}, expected (batch, {self.embedding_size}).")
+        if labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"shoal: PartialFC labels on rank {self.rank} have shape {tuple(labels.shape)}, "
+                             f"expected ({embeddings.shape[0]},) to match the embeddings.")
+        self._check_batch_sizes(embeddings.shape[0])
+        w = self.weight
+        # Normalize before the gather: same result as after, with 1/size of the work on each rank.
+        local = F.normalize(embeddings.to(w.dtype), dim=1)
+        gathered = _AllGatherEmbeddings.apply(local, self._shards, float(self._shards.size))
+        all_labels = _all_gather_rows(labels.to(device=w.device, dtype=torch.long).reshape(-1), self._shards)
+        self._check_labels(all_labels)
+        shifted = all_labels - self.class_start
+        targets = torch.where((shifted >= 0) & (shifted < self.num_local), shifted, torch.full_like(shifted, -1))
+        if self.training and self.num_sample < self.num_local:
+            index, targets = self._sample(targets)
+            weight = w[index]
+        else:
+            weight = w
+        cos = self._cosine(gathered, weight)
+        logits = self.margin_loss(cos, targets)
+        return _ShardedSoftmaxCrossEntropy.apply(logits, targets, self._shards)
+
+    def _cosine(self, embeddings: Tensor, weight: Tensor) -> Tensor:
+        if not self.fp16:
+            return F.linear(embeddings, F.normalize(weight, dim=1))
+        half = torch.float16 if weight.device.type == "cuda" else torch.bfloat16
+        with torch.autocast(device_type=weight.device.type, dtype=half):
+            cos = F.linear(embeddings, F.normalize(weight, dim=1))
+        return cos.to(weight.dtype)
+
+    def _sample(self, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows of the shard used this step (sorted) and the targets remapped to positions among them."""
+        positive = targets[targets >= 0]
+        if self._generator is None or self._generator.device != self.weight.device:
+            self._generator = torch.Generator(device=self.weight.device)
+            self._generator.manual_seed(self.seed * 1_000_003 + 7919 * self.rank + 1)
+        score = torch.rand(self.num_local, generator=self._generator, device=self.weight.device)
+        score[positive] = 2.0  # above any uniform draw: kept first by topk
+        k = max(self.num_sample, int(torch.unique(positive).numel()))
+        index = torch.topk(score, k, sorted=False).indices.sort().values
+        remapped = torch.where(targets >= 0, torch.searchsorted(index, targets.clamp_min(0)), targets)
+        self.last_sampled_classes = index + self.class_start
+        if self._lazy is not None:
+            # Union over the forwards since the last step (gradient accumulation samples several times).
+            used = torch.zeros(self.num_local, dtype=torch.bool, device=index.device)
+            used[index] = True
+            self._rows_used = used if self._rows_used is None else self._rows_used | used
+        elif not self._warned_unbound:
+            self._warned_unbound = True
+            warnings.warn("shoal: PartialFC samples classes (sample_rate < 1) but no optimizer is bound: an "
+                          "optimizer with momentum, weight decay or Adam state will also move the rows not "
+                          "used in a step. HINT: call pfc.bind_optimizer(optimizer) once.", stacklevel=3)
+        return index, remapped
+
+    def _check_batch_sizes(self, batch: int) -> None:
+        if not self._shards.distributed:
+            return
+        sizes = _all_gather_rows(torch.tensor([batch], dtype=torch.long, device=self.weight.device),
+                                 self._shards).tolist()
+        if len(set(sizes)) != 1:
+            per_rank = ", ".join(f"rank {r}: {s}" for r, s in enumerate(sizes))
+            raise ShoalError(f"shoal: PartialFC needs the same local batch size on every rank; rank "
+                             f"{self.rank} saw {per_rank}. HINT: use drop_last=True in the DataLoader (and the "
+                             "same batch size everywhere) so that no rank has a short last batch.")
+
+    def _check_labels(self, labels: Tensor) -> None:
+        if labels.numel() == 0:
+            return
+        lo, hi = torch.stack([labels.min(), labels.max()]).tolist()
+        if lo < 0 or hi >= self.num_classes:
+            raise ShoalError(f"shoal: PartialFC got labels in [{lo}, {hi}] (gathered from all ranks, seen on "
+                             f"rank {self.rank}) but num_classes is {self.num_classes}. HINT: labels must be "
+                             "class ids in [0, num_classes).")
+
+    def _check_not_in_ddp(self) -> None:
+        ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+        if ddp is None:
+            return
+        ignored = getattr(ddp, "parameters_to_ignore", set())
+        for name, p in ddp.module.named_parameters():
+            if p is self.weight and name not in ignored:
+                raise ShoalError(
+                    f"shoal: PartialFC (rank {self.rank}) runs inside a DistributedDataParallel module that "
+                    f"synchronizes its sharded weight '{name}': DDP broadcasts rank 0's shard to every rank "
+                    "and averages the shards' gradients. HINT: keep PartialFC outside the DDP module, or call "
+                    "shoal.parallel.exclude_from_ddp(model) before wrapping it.")
+
+    # -------------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        """Nearest class by cosine for this rank's embeddings, searched over every shard (a collective).
+
+        Returns:
+            ``(class_ids, cosines)``, each ``(batch,)``, for this rank's rows.
+        """
+        self._check_batch_sizes(embeddings.shape[0])
+        w = self.weight
+        gathered = _all_gather_rows(F.normalize(embeddings.to(w.dtype), dim=1), self._shards)
+        best, idx = self._cosine(gathered, w).max(dim=1)
+        if self._shards.distributed:
+            # Every rank's best (cosine, class id) for every row; pick the best shard per row.
+            # float64 holds class ids exactly (up to 2**53; float32 would stop at 2**24).
+            pair = torch.stack([best.double(), (idx + self.class_start).double()])
+            everyone = _all_gather_rows(pair.unsqueeze(0), self._shards)  # (size, 2, rows)
+            winner = everyone[:, 0].argmax(dim=0)
+            cols = torch.arange(best.shape[0], device=best.device)
+            best, ids = everyone[winner, 0, cols].to(w.dtype), everyone[winner, 1, cols].round().long()
+        else:
+            ids = idx + self.class_start
+        n = embeddings.shape[0]
+        mine = slice(self.rank * n, (self.rank + 1) * n)
+        return ids[mine], best[mine]
+
+    # -------------------------------------------------------------------------------------------- optimizer
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> _Binding:
+        """Make ``optimizer.step()`` update only the rows used since the previous step (with sampling).
+
+        Unused rows keep their values and their per-element state (momentum, Adam's moments) untouched, as
+        if they had not been part of the step; scalar state such as Adam's ``step`` counts every step. A
+        no-op without sampling. Call once, after creating the optimizer that holds ``self.weight``.
+
+        Returns:
+            A handle; ``handle.remove()`` unbinds.
+
+        Raises:
+            ValueError: the optimizer does not hold this module's weight, or another optimizer is bound.
+        """
+        if not any(p is self.weight for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError(f"shoal: PartialFC.bind_optimizer on rank {self.rank}: the optimizer does not hold "
+                             "this module's weight. HINT: pass pfc.parameters() to the optimizer first.")
+        if self._lazy is not None:
+            raise ValueError("shoal: PartialFC already has an optimizer bound. HINT: remove the previous "
+                             "handles first.")
+        lazy = _LazyRowsUpdate(self)
+        handles = (optimizer.register_step_pre_hook(lazy.before_step),
+                   optimizer.register_step_post_hook(lazy.after_step))
+        self._lazy = lazy
+        return _Binding(self, handles)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def get_extra_state(self) -> dict:
+        """The shard layout, stored in ``state_dict()`` next to the weight shard."""
+        return {"format": _FORMAT, "num_classes": self.num_classes, "embedding_size": self.embedding_size,
+                "class_start": self.class_start, "class_end": self.class_end, "world_size": self.world_size}
+
+    def set_extra_state(self, state: dict) -> None:
+        mine = (self.class_start, self.class_end, self.num_classes)
+        theirs = (state.get("class_start"), state.get("class_end"), state.get("num_classes"))
+        if theirs != mine:
+            raise ShoalError(
+                f"shoal: PartialFC state_dict on rank {self.rank} holds classes [{theirs[0]}, {theirs[1]}) of "
+                f"{theirs[2]} but this rank owns [{mine[0]}, {mine[1]}) of {mine[2]}. HINT: a state_dict is one "
+                "rank's shard; to change the number of ranks use save_sharded()/load_sharded().")
+
+    def _shard_file(self, rank: int, size: int) -> str:
+        return f"partial_fc.shard{rank:05d}-of-{size:05d}.pt"
+
+    def save_sharded(self, directory: str | os.PathLike, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Write this rank's shard (and its optimizer rows) under ``directory``; a collective.
+
+        Every rank writes ``partial_fc.shardRRRRR-of-NNNNN.pt``; rank 0 then writes ``partial_fc.json``, the
+        index of class ranges. ``directory`` must be visible to every rank that loads it later.
+
+        Args:
+            directory: created if missing.
+            optimizer: also store this optimizer's per-row state of the weight (momentum, Adam moments).
+        """
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        payload = dict(self.get_extra_state())
+        payload["rank"] = self.rank
+        payload["weight"] = self.weight.detach().cpu()
+        rows, scalars = {}, {}
+        state = optimizer.state.get(self.weight, {}) if optimizer is not None else {}
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == self.weight.shape:
+                rows[k] = v.detach().cpu()
+            else:
+                scalars[k] = v.detach().cpu() if torch.is_tensor(v) else v
+        payload["optimizer_rows"], payload["optimizer_scalars"] = rows, scalars
+        path = os.path.join(directory, self._shard_file(self.rank, self.world_size))
+        torch.save(payload, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        self._barrier()
+        if self.rank == 0:
+            index = {"format": _FORMAT, "num_classes": self.num_classes, "embedding_size": self.embedding_size,
+                     "world_size": self.world_size,
+                     "shards": [{"file": self._shard_file(r, self.world_size),
+                                 "class_start": shard_range(self.num_classes, self.world_size, r)[0],
+                                 "class_end": shard_range(self.num_classes, self.world_size, r)[1]}
+                                for r in range(self.world_size)]}
+            with open(os.path.join(directory, _INDEX_FILE + ".tmp"), "w") as f:
+                json.dump(index, f, indent=1)
+            os.replace(os.path.join(directory, _INDEX_FILE + ".tmp"), os.path.join(directory, _INDEX_FILE))
+        self._barrier()
+
+    def load_sharded(self, directory: str | os.PathLike,
+                     optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Load the rows of this rank's class range from a checkpoint saved with any number of ranks.
+
+        No collective: each rank memory-maps only the shard files that overlap its range.
+
+        Args:
+            directory: what :meth:`save_sharded` wrote.
+            optimizer: restore the weight's optimizer state too (it must hold ``self.weight``); rows are
+                re-sharded like the weight, scalar state (e.g. Adam's ``step``) is taken from the first shard.
+
+        Raises:
+            ShoalError: the checkpoint is for another number of classes or embedding size, or a shard is
+                missing.
+        """
+        index = _read_index(directory)
+        if (index["num_classes"], index["embedding_size"]) != (self.num_classes, self.embedding_size):
+            raise ShoalError(f"shoal: PartialFC checkpoint {os.fspath(directory)!r} holds "
+                             f"{index['num_classes']} x {index['embedding_size']} but this module is "
+                             f"{self.num_classes} x {self.embedding_size} (rank {self.rank}). HINT: build "
+                             "PartialFC with the checkpoint's num_classes and embedding_size.")
+        rows: dict[str, Tensor] = {}
+        scalars: dict = {}
+        with torch.no_grad():
+            for shard, data in _overlapping_shards(directory, index, self.class_start, self.class_end):
+                a, b = max(shard["class_start"], self.class_start), min(shard["class_end"], self.class_end)
+                src = slice(a - shard["class_start"], b - shard["class_start"])
+                dst = slice(a - self.class_start, b - self.class_start)
+                self.weight[dst].copy_(data["weight"][src])
+                if optimizer is None:
+                    continue
+                for k, v in data.get("optimizer_rows", {}).items():
+                    if k not in rows:
+                        rows[k] = torch.zeros(self.weight.shape, dtype=v.dtype, device=self.weight.device)
+                    rows[k][dst].copy_(v[src])
+                if not scalars:
+                    scalars = dict(data.get("optimizer_scalars", {}))
+        if optimizer is not None and (rows or scalars):
+            if not any(p is self.weight for g in optimizer.param_groups for p in g["params"]):
+                raise ValueError(f"shoal: PartialFC.load_sharded on rank {self.rank}: the optimizer does not "
+                                 "hold this module's weight. HINT: pass pfc.parameters() to the optimizer.")
+            state = {k: (v.to(self.weight.device) if torch.is_tensor(v) and v.dim() else v)
+                     for k, v in scalars.items()}
+            state.update(rows)
+            optimizer.state[self.weight] = state
+
+    def _barrier(self) -> None:
+        if self._shards.distributed:
+            dist.barrier(group=self._shards.group)
+
+
+def _read_index(directory) -> dict:
+    path = os.path.join(os.fspath(directory), _INDEX_FILE)
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise ShoalError(f"shoal: no PartialFC checkpoint index at {path!r}. HINT: save with "
+                         "PartialFC.save_sharded(directory) on every rank first.") from None
+    if index.get("format") != _FORMAT:
+        raise ShoalError(f"shoal: {path!r} has format {index.get('format')!r}, expected {_FORMAT!r}.")
+    return index
+
+
+def _overlapping_shards(directory, index: dict, start: int, end: int):
+    """Yield ``(shard entry, loaded shard)`` for the saved shards overlapping ``[start, end)``."""
+    for shard in index["shards"]:
+        if shard["class_end"] <= start or shard["class_start"] >= end:
+            continue
+        path = os.path.join(os.fspath(directory), shard["file"])
+        if not os.path.exists(path):
+            raise ShoalError(f"shoal: PartialFC checkpoint shard {path!r} (classes [{shard['class_start']}, "
+                             f"{shard['class_end']})) is missing. HINT: every rank's shard must be on a file "
+                             "system that the loading ranks can read.")
+        yield shard, torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def load_full_weight(directory: str | os.PathLike) -> Tensor:
+    """The whole ``(num_classes, embedding_size)`` weight of a sharded checkpoint, on the CPU (no collective).
+
+    For export and evaluation on one process.
+    """
+    index = _read_index(directory)
+    parts = [data["weight"][: shard["class_end"] - shard["class_start"]].clone()
+             for shard, data in _overlapping_shards(directory, index, 0, index["num_classes"])]
+    return torch.cat(parts, dim=0)

@@ -1,0 +1,394 @@
+"""PartialFC on real gloo ranks against a single-process full softmax on the concatenated batch.
+
+Reference: one process holds the whole weight, computes ``cross_entropy(margin(normalize(E) @ normalize(W).T),
+labels)`` on every rank's rows concatenated, and backpropagates through the same linear backbone.
+
+Tolerance (float64 everywhere): rtol=1e-9, atol=1e-11 (observed max abs error ~1e-13; the loss is O(10),
+gradients O(1)). The fp16 path (bfloat16 matmul on CPU) is checked against float32 at rtol=3e-2 on the loss.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch._dynamo  # noqa: F401  (see below)
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.parallel import ArcFace, CombinedMargin, CosFace, PartialFC, exclude_from_ddp, load_full_weight, \
+    shard_range
+from shoal.testing import RanksFailed, run_ranks
+
+# The first torch optimizer imports torch._dynamo, which writes TORCHINDUCTOR_CACHE_DIR into os.environ;
+# importing it at collection keeps the conftest leak guard from blaming whichever test builds one first.
+
+RTOL, ATOL = 1e-9, 1e-11
+IN_DIM, DIM, LOCAL_BATCH = 6, 8, 4
+MARGINS = {
+    "arcface": lambda: ArcFace(s=16.0, m=0.5),
+    "cosface": lambda: CosFace(s=16.0, m=0.35),
+    "combined": lambda: CombinedMargin(s=16.0, m1=1.0, m2=0.3, m3=0.2),
+}
+
+
+def _data(world: int, num_classes: int, seed: int = 0):
+    """Inputs, labels, backbone and classifier weight of the global batch (the same on every rank)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = world * LOCAL_BATCH
+    x = torch.randn(rows, IN_DIM, generator=g, dtype=torch.float64)
+    # Repeated labels and labels on every shard; class 0 and the last class always present.
+    labels = torch.randint(0, num_classes, (rows,), generator=g)
+    labels[0], labels[-1] = 0, num_classes - 1
+    labels[1] = labels[2]
+    backbone_w = torch.randn(DIM, IN_DIM, generator=g, dtype=torch.float64)
+    weight = torch.randn(num_classes, DIM, generator=g, dtype=torch.float64)
+    # Make a few targets nearly aligned with their class (large cosines exercise the margin clamps).
+    weight[labels[3]] = (x[3] @ backbone_w.T) * 1.5
+    return x, labels, backbone_w, weight
+
+
+def _reference(margin, x, labels, backbone_w, weight):
+    """Loss, embedding grad, backbone grad and weight grad of one process on the whole batch."""
+    bw = backbone_w.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    emb = x @ bw.T
+    emb.retain_grad()
+    loss = F.cross_entropy(margin(F.linear(F.normalize(emb), F.normalize(w)), labels), labels)
+    loss.backward()
+    return loss.detach(), emb.grad, bw.grad, w.grad
+
+
+FULL_CLASSES = 11                   # 11 % 2 and 11 % 3 != 0: uneven shards
+SAMPLED_CLASSES, SAMPLE_RATE = 50, 0.3  # 50 % 3 != 0
+
+
+def _me_and_world() -> tuple[int, int]:
+    # A world of one runs in the pytest process, without a process group (PartialFC supports that).
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _one_step(num_classes: int, sample_rate: float) -> dict:
+    """Each margin, one forward/backward on this rank; returns what the parent compares."""
+    me, world = _me_and_world()
+    x, labels, backbone_w, weight = _data(world, num_classes)
+    mine = slice(me * LOCAL_BATCH, (me + 1) * LOCAL_BATCH)
+    out = {}
+    for name, make in MARGINS.items():
+        pfc = PartialFC(DIM, num_classes, make(), sample_rate=sample_rate, dtype=torch.float64, seed=3)
+        if sample_rate < 1:
+            pfc.bind_optimizer(torch.optim.SGD(pfc.parameters(), lr=0.1))  # binding alone changes nothing
+        assert getattr(pfc.weight, "_shoal_no_sync") is True
+        with torch.no_grad():
+            pfc.weight.copy_(weight[pfc.class_start:pfc.class_end])
+        bw = backbone_w.clone().requires_grad_()
+        emb = x[mine] @ bw.T
+        emb.retain_grad()
+        loss = pfc(emb, labels[mine])
+        loss.backward()
+        # What a data-parallel optimizer does with the backbone: average over ranks.
+        if world > 1:
+            dist.all_reduce(bw.grad)
+            bw.grad /= world
+        out[name] = {
+            "range": (pfc.class_start, pfc.class_end), "loss": loss.detach(), "emb_grad": emb.grad,
+            "backbone_grad": bw.grad, "weight_grad": pfc.weight.grad,
+            "sampled": pfc.last_sampled_classes, "num_sample": pfc.num_sample,
+        }
+    return out
+
+
+def _fp16_and_predict() -> tuple:
+    me, world = _me_and_world()
+    x, labels, backbone_w, weight = _data(world, FULL_CLASSES)
+    mine = slice(me * LOCAL_BATCH, (me + 1) * LOCAL_BATCH)
+    emb = (x[mine] @ backbone_w.T).float()
+    losses = {}
+    for fp16 in (False, True):
+        pfc = PartialFC(DIM, FULL_CLASSES, CosFace(s=16.0, m=0.35), fp16=fp16)
+        with torch.no_grad():
+            pfc.weight.copy_(weight[pfc.class_start:pfc.class_end])
+        e = emb.clone().requires_grad_()
+        loss = pfc(e, labels[mine])
+        loss.backward()
+        losses[fp16] = (loss.item(), e.grad, pfc.weight.grad)
+    ids, cos = pfc.predict(emb)
+    return losses, ids, cos
+
+
+def _rank_all_steps() -> dict:
+    """One launch per world size serves every numerical test (launches dominate the test time)."""
+    return {"full": _one_step(FULL_CLASSES, 1.0), "sampled": _one_step(SAMPLED_CLASSES, SAMPLE_RATE),
+            "fp16": _fp16_and_predict()}
+
+
+_RUNS: dict[int, list] = {}
+
+
+def _run(world: int) -> list[dict]:
+    if world not in _RUNS:
+        _RUNS[world] = [_rank_all_steps()] if world == 1 else \
+            run_ranks(_rank_all_steps, world_size=world, timeout_s=60)
+    return _RUNS[world]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_equals_single_process_full_softmax(world):
+    results = [res["full"] for res in _run(world)]
+    x, labels, backbone_w, weight = _data(world, FULL_CLASSES)
+    starts = [shard_range(FULL_CLASSES, world, r)[0] for r in range(world)]
+    assert [res["arcface"]["range"][0] for res in results] == starts
+    for name, make in MARGINS.items():
+        ref_loss, ref_emb, ref_bb, ref_w = _reference(make(), x, labels, backbone_w, weight)
+        for r, res in enumerate(results):
+            got = res[name]
+            lo, hi = got["range"]
+            torch.testing.assert_close(got["loss"], ref_loss, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(got["weight_grad"], ref_w[lo:hi], rtol=RTOL, atol=ATOL)
+            # Embedding gradient = size x gradient of the global mean loss (constraint 1 of partial_fc.py) ...
+            rows = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
+            torch.testing.assert_close(got["emb_grad"] / world, ref_emb[rows], rtol=RTOL, atol=ATOL)
+            # ... so that the data-parallel average of the backbone gradient is exact.
+            torch.testing.assert_close(got["backbone_grad"], ref_bb, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampling_equals_softmax_restricted_to_sampled_classes(world):
+    results = [res["sampled"] for res in _run(world)]
+    x, labels, backbone_w, weight = _data(world, SAMPLED_CLASSES)
+    for name, make in MARGINS.items():
+        sampled = torch.cat([res[name]["sampled"] for res in results])
+        assert torch.equal(sampled, sampled.sort().values) and sampled.unique().numel() == sampled.numel()
+        assert torch.isin(labels, sampled).all(), "every class of the global batch must be kept"
+        for res in results:
+            lo, hi = res[name]["range"]
+            positives = labels[(labels >= lo) & (labels < hi)].unique().numel()
+            assert res[name]["sampled"].numel() == max(res[name]["num_sample"], positives) < hi - lo
+        ref_loss, ref_emb, ref_bb, ref_w = _reference(make(), x, torch.searchsorted(sampled, labels),
+                                                      backbone_w, weight[sampled])
+        for r, res in enumerate(results):
+            got = res[name]
+            lo, hi = got["range"]
+            torch.testing.assert_close(got["loss"], ref_loss, rtol=RTOL, atol=ATOL)
+            rows = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
+            torch.testing.assert_close(got["emb_grad"] / world, ref_emb[rows], rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(got["backbone_grad"], ref_bb, rtol=RTOL, atol=ATOL)
+            # Sampled rows get the restricted gradient; the others none.
+            expected = torch.zeros(hi - lo, DIM, dtype=torch.float64)
+            mine = (sampled >= lo) & (sampled < hi)
+            expected[sampled[mine] - lo] = ref_w[mine]
+            torch.testing.assert_close(got["weight_grad"], expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_fp16_logits_and_predict(world):
+    results = [res["fp16"] for res in _run(world)]
+    x, labels, backbone_w, weight = _data(world, FULL_CLASSES)
+    full_cos = F.linear(F.normalize((x @ backbone_w.T).float()), F.normalize(weight.float()))
+    for r, (losses, ids, cos) in enumerate(results):
+        (l32, e32, w32), (l16, e16, w16) = losses[False], losses[True]
+        assert l16 == pytest.approx(l32, rel=3e-2)
+        torch.testing.assert_close(e16, e32, rtol=0.1, atol=0.1)
+        torch.testing.assert_close(w16, w32, rtol=0.1, atol=0.1)
+        rows = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
+        best = full_cos[rows].max(dim=1).values
+        # bfloat16 matmul: near-ties may swap; the chosen class must be within rounding of the best cosine.
+        torch.testing.assert_close(cos, best, rtol=0, atol=3e-2)
+        assert (full_cos[rows].gather(1, ids.unsqueeze(1)).squeeze(1) >= best - 3e-2).all()
+
+
+def _rank_unequal_batch():
+    me = dist.get_rank()
+    pfc = PartialFC(DIM, 11, CosFace())
+    n = LOCAL_BATCH - me  # rank 1 has a short batch
+    pfc(torch.randn(n, DIM), torch.zeros(n, dtype=torch.long))
+
+
+def test_unequal_local_batch_raises_naming_ranks_and_sizes():
+    with pytest.raises(RanksFailed) as info:
+        run_ranks(_rank_unequal_batch, world_size=2, timeout_s=30, pg_timeout_s=10)
+    text = str(info.value)
+    assert "same local batch size" in text and "rank 0: 4, rank 1: 3" in text and "HINT" in text
+    assert all(res.status == "error" for res in info.value.results)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(IN_DIM, DIM)
+        self.head = PartialFC(DIM, 11, CosFace())
+
+    def forward(self, x, y):
+        return self.head(self.backbone(x), y)
+
+
+def _rank_ddp():
+    torch.manual_seed(0)
+    x, y = torch.randn(LOCAL_BATCH, IN_DIM), torch.randint(0, 11, (LOCAL_BATCH,))
+    wrong = nn.parallel.DistributedDataParallel(_Net())
+    try:
+        wrong(x, y)
+        raised = ""
+    except RuntimeError as exc:
+        raised = str(exc)
+    net = _Net()
+    assert exclude_from_ddp(net) == ["head.weight"]
+    right = nn.parallel.DistributedDataParallel(net)
+    right(x, y).backward()
+    return raised, net.head.weight.grad is not None
+
+
+def test_inside_ddp_raises_unless_excluded():
+    raised, ok = run_ranks(_rank_ddp, world_size=1, timeout_s=30)[0]
+    assert "inside a DistributedDataParallel" in raised and "exclude_from_ddp" in raised
+    assert ok
+
+
+def _rank_save(directory: str, num_classes: int):
+    pfc = PartialFC(DIM, num_classes, ArcFace(), seed=1)
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.5, momentum=0.9)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    pfc(torch.randn(LOCAL_BATCH, DIM, generator=g), torch.randint(0, num_classes, (LOCAL_BATCH,), generator=g)
+        ).backward()
+    opt.step()
+    pfc.save_sharded(directory, optimizer=opt)
+    return pfc.weight.detach().clone(), opt.state[pfc.weight]["momentum_buffer"].clone()
+
+
+def _rank_load(directory: str, num_classes: int):
+    pfc = PartialFC(DIM, num_classes, ArcFace(), seed=2)  # another init: every value must come from the files
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.5, momentum=0.9)
+    pfc.load_sharded(directory, optimizer=opt)
+    # A plain state_dict round trip keeps the layout; another rank's shard is refused.
+    pfc.load_state_dict(pfc.state_dict())
+    return pfc.weight.detach().clone(), opt.state[pfc.weight]["momentum_buffer"].clone()
+
+
+def test_checkpoint_saved_on_2_ranks_loads_on_3_and_1(tmp_path):
+    num_classes = 20  # 10 + 10 saved; 7 + 7 + 6 loaded: every loading rank straddles a saved boundary
+    directory = os.fspath(tmp_path / "ckpt")
+    saved = run_ranks(_rank_save, world_size=2, timeout_s=60, args=(directory, num_classes))
+    full_w = torch.cat([w for w, _ in saved])
+    full_m = torch.cat([m for _, m in saved])
+    assert full_m.abs().sum() > 0
+    for world in (3, 1):  # a world of one runs here, without a process group
+        loaded = run_ranks(_rank_load, world_size=world, timeout_s=60, args=(directory, num_classes)) \
+            if world > 1 else [_rank_load(directory, num_classes)]
+        assert torch.equal(torch.cat([w for w, _ in loaded]), full_w)
+        assert torch.equal(torch.cat([m for _, m in loaded]), full_m)
+    assert torch.equal(load_full_weight(directory), full_w)
+
+
+def test_state_dict_of_another_shard_is_refused():
+    # No process group: a world of one owns [0, 11); pretend the state came from rank 1 of 2.
+    pfc = PartialFC(DIM, 11, CosFace())
+    state = pfc.state_dict()
+    state["_extra_state"] = dict(state["_extra_state"], class_start=6, class_end=11)
+    with pytest.raises(RuntimeError, match="owns \\[0, 11\\)"):
+        pfc.load_state_dict(state)
+
+
+def test_shard_range_is_balanced_and_contiguous():
+    for classes, size in [(10, 3), (11, 3), (7, 7), (1_000_000, 8)]:
+        ranges = [shard_range(classes, size, r) for r in range(size)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == classes
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
+
+
+def test_init_does_not_depend_on_world_size():
+    full = PartialFC(DIM, 10_000, CosFace(), seed=5).weight.detach()
+    # What rank 1 of 3 would initialize, built directly (no process group needed).
+    from shoal.parallel.partial_fc import _init_rows
+
+    lo, hi = shard_range(10_000, 3, 1)
+    assert torch.equal(_init_rows(lo, hi, DIM, 5, torch.float32), full[lo:hi])
+
+
+# ------------------------------------------------------------------ sampled rows and the optimizer (1 process)
+def _sampled_step(pfc, opt, labels):
+    opt.zero_grad()
+    pfc(torch.randn(labels.numel(), DIM, dtype=torch.float64), labels).backward()
+    used = torch.zeros(pfc.num_local, dtype=torch.bool)
+    used[pfc.last_sampled_classes - pfc.class_start] = True
+    opt.step()
+    return used
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-3),
+    lambda p: torch.optim.AdamW(p, lr=0.01, foreach=False),
+])
+def test_bound_optimizer_updates_only_sampled_rows_and_their_state(make_opt):
+    torch.manual_seed(0)
+    pfc = PartialFC(DIM, 40, CosFace(), sample_rate=0.25, dtype=torch.float64)
+    opt = make_opt(pfc.parameters())
+    pfc.bind_optimizer(opt)
+    for step in range(3):
+        before_w = pfc.weight.detach().clone()
+        before_state = {k: v.clone() for k, v in opt.state.get(pfc.weight, {}).items() if v.dim() == 2}
+        used = _sampled_step(pfc, opt, torch.tensor([step, 20 + step, 39]))
+        assert used.sum() == 10 and used[[step, 20 + step, 39]].all()
+        unused = ~used
+        assert torch.equal(pfc.weight.detach()[unused], before_w[unused])
+        assert not torch.equal(pfc.weight.detach()[used], before_w[used])
+        assert pfc.weight.shape == (40, DIM) and pfc.weight.grad.shape == (40, DIM)
+        for k, v in opt.state[pfc.weight].items():
+            if v.dim() == 2:
+                assert v.shape == (40, DIM)
+                old = before_state.get(k, torch.zeros_like(v))
+                assert torch.equal(v[unused], old[unused]), f"state {k} moved on unused rows"
+
+
+def test_bound_sgd_matches_dense_sgd_on_the_used_rows():
+    torch.manual_seed(1)
+    pfc = PartialFC(DIM, 40, CosFace(), sample_rate=0.25, dtype=torch.float64)
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9)
+    pfc.bind_optimizer(opt)
+    # Gradient accumulation: two forwards (two samples) then one step updates the union of their rows.
+    opt.zero_grad()
+    for labels in (torch.tensor([1, 2]), torch.tensor([30, 31])):
+        pfc(torch.randn(2, DIM, dtype=torch.float64), labels).backward()
+    used, grad, before = pfc._rows_used.clone(), pfc.weight.grad.clone(), pfc.weight.detach().clone()
+    opt.step()
+    assert 10 < used.sum() <= 20 and used[[1, 2, 30, 31]].all()
+    # First SGD step: momentum buffer = grad, w -= lr * grad, on the used rows only.
+    torch.testing.assert_close(pfc.weight.detach()[used], before[used] - 0.1 * grad[used], rtol=0, atol=1e-15)
+    assert torch.equal(opt.state[pfc.weight]["momentum_buffer"][used], grad[used])
+    assert torch.equal(pfc.weight.detach()[~used], before[~used])
+    assert pfc._rows_used is None
+
+
+def test_unbound_optimizer_moves_unused_rows_and_warns():
+    # Documents the behavior without bind_optimizer: momentum keeps moving rows that were not sampled.
+    torch.manual_seed(2)
+    pfc = PartialFC(DIM, 40, CosFace(), sample_rate=0.25, dtype=torch.float64)
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9)
+    with pytest.warns(UserWarning, match="bind_optimizer"):
+        first = _sampled_step(pfc, opt, torch.tensor([0, 1]))
+    before = pfc.weight.detach().clone()
+    second = _sampled_step(pfc, opt, torch.tensor([2, 3]))
+    only_first = first & ~second
+    assert only_first.any()
+    assert not torch.equal(pfc.weight.detach()[only_first], before[only_first])
+
+
+def test_eval_mode_uses_every_class():
+    pfc = PartialFC(DIM, 40, CosFace(), sample_rate=0.25, dtype=torch.float64).eval()
+    x, y = torch.randn(3, DIM, dtype=torch.float64), torch.tensor([0, 5, 39])
+    loss = pfc(x, y)
+    ref = F.cross_entropy(CosFace()(F.linear(F.normalize(x), F.normalize(pfc.weight.detach())), y), y)
+    torch.testing.assert_close(loss.detach(), ref, rtol=RTOL, atol=ATOL)
+
+
+def test_bad_labels_and_shapes_raise():
+    pfc = PartialFC(DIM, 11, CosFace())
+    with pytest.raises(RuntimeError, match="labels in \\[0, 11\\]"):
+        pfc(torch.randn(2, DIM), torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match="expected \\(batch, 8\\)"):
+        pfc(torch.randn(2, DIM + 1), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="sample_rate"):
+        PartialFC(DIM, 11, CosFace(), sample_rate=0.0)
