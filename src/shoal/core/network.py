@@ -809,8 +809,12 @@ def plan_for_this_host(cfg: ShoalConfig, world: WorldInfo, *, sys_root: str = _S
         target = next((ip for ip in master_ips if not _is_loopback_ip(ip) and not _unspecified(ip)),
                       None)
         route = _route_source(target) if target else None
-        hostname = socket.gethostname()
-        hostname_ips = _resolve(hostname)
+        owner = _owner(interfaces, route) if route else None
+        if owner is None or owner.resolves_to_loopback:
+            # Only when the route does not decide: a host name missing from /etc/hosts costs a DNS
+            # round trip, or seconds where DNS is broken.
+            hostname = socket.gethostname()
+            hostname_ips = _resolve(hostname)
         if rdma_ports is None and backend == "nccl":
             rdma_ports = read_rdma_ports(sys_root)
     return plan_network(world=world, interfaces=interfaces, rdma_ports=rdma_ports or (),
