@@ -97,6 +97,9 @@ def _child(fn, args, kwargs, rank, world_size, workdir, env, pg_timeout_s, timeo
         "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
         "SHOAL_INIT_FILE": os.path.join(workdir, "store"),
         "SHOAL_TIMEOUT_S": str(pg_timeout_s),
+        # Constraint 1 (gloo), also on a GPU machine: there init() would pick NCCL and put every rank on
+        # the one visible GPU, which NCCL refuses. Tests that want NCCL pass env={"SHOAL_BACKEND": "nccl"}.
+        "SHOAL_BACKEND": "gloo",
     })
     os.environ.update(env or {})
     result_path = os.path.join(workdir, f"result{rank}.pkl")
