@@ -22,7 +22,37 @@ from shoal.core.runtime import (
     size,
 )
 
+from shoal.core.collectives import (
+    Adasum,
+    Average,
+    Handle,
+    Max,
+    Min,
+    Product,
+    ReduceOp,
+    Sum,
+    allgather_async,
+    allgather_object,
+    allreduce_,
+    allreduce_async,
+    allreduce_async_,
+    alltoall_async,
+    barrier,
+    broadcast_,
+    broadcast_async,
+    broadcast_async_,
+    broadcast_object,
+    grouped_allreduce,
+    grouped_allreduce_,
+    grouped_allreduce_async,
+    grouped_allreduce_async_,
+    poll,
+    reducescatter_async,
+    synchronize,
+)
 from shoal.core.compression import Compression
+from shoal.core.errors import MismatchError, NotInitializedError, RankFailureError, ShoalError
+from shoal.torch.functions import allgather, allreduce, alltoall, broadcast, reducescatter
 from shoal.torch.comm_hook import comm_hook
 from shoal.torch.optimizer import DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters
 
@@ -31,4 +61,11 @@ __all__ = [
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank",
     "cross_size", "is_homogeneous", "ProcessSet", "global_process_set", "add_process_set",
     "remove_process_set",
+    "ReduceOp", "Average", "Sum", "Adasum", "Min", "Max", "Product", "Handle",
+    "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
+    "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_",
+    "allgather", "allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_",
+    "alltoall", "alltoall_async", "reducescatter", "reducescatter_async", "barrier",
+    "broadcast_object", "allgather_object", "poll", "synchronize",
+    "ShoalError", "MismatchError", "NotInitializedError", "RankFailureError",
 ]
