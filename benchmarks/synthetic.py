@@ -210,6 +210,13 @@ def hardware() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
 
 
+def _repo_relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return path
+
+
 def init_world(timeout_s: float):
     import datetime as dt  # noqa: PLC0415
 
@@ -328,7 +335,7 @@ def worker(args) -> int:
     link = get_env("SHOAL_CLUSTER_LINK") or ("one host, loopback" if world > 1 else "none (world of one)")
     meta = {
         "name": args.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join(["python", _repo_relative(sys.argv[0]), *sys.argv[1:]]),
         "launcher": ("shoal.testing.cluster" if get_env("SHOAL_CLUSTER_LINK")
                      else "torchrun / shoal run" if get_env("TORCHELASTIC_RUN_ID") else
                      "env://" if world > 1 else "none"),
