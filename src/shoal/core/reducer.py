@@ -192,7 +192,7 @@ class GradientReducer:
                             state=self._bucket_state[b])
         if self.nan_check is not None:  # before the bucket leaves the rank (shoal.core.checks)
             self.nan_check.check_bucket(b, self.buffers[b], lambda plan=plan: [
-                (self.specs[t].name, self.views[t]) for t in plan.tensor_ids])
+                (self.specs[t].name, self.views[t]) for t in plan.tensor_ids], last=b == len(self.plans) - 1)
         self._launched_at[b] = time.perf_counter()
         self._futures[b] = self._algorithm(self.buffers[b], ctx)
 

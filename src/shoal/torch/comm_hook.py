@@ -47,7 +47,7 @@ def allreduce_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futur
     if state.nan_check is not None:  # before the bucket leaves the rank (shoal.core.checks)
         state.nan_check.check_bucket(bucket.index(), buffer, lambda: [
             (state.param_names.get(id(p), f"<unnamed {tuple(p.shape)}>"), g)
-            for p, g in zip(bucket.parameters(), bucket.gradients())])
+            for p, g in zip(bucket.parameters(), bucket.gradients())], last=bucket.is_last())
     fut = state.algorithm(buffer, ctx)
     if state.nan_check is not None and bucket.is_last():
         # Every rank gets the same report. DDP cannot skip the user's optimizer step: under "skip" (and
