@@ -475,11 +475,10 @@ def _print_summary(failures: list[_Failure], world_size: int, log_dir: Optional[
 def _quiet_torch_agent(verbose: bool) -> None:
     # The agent logs each step of a failure ("Sending process ... closing signal", "failed
     # (exitcode: 1)") at WARNING/ERROR, which would bury the one-line root cause (constraint 3);
-    # our summary carries the same facts. --verbose keeps them. Only torch's elastic logger is
-    # touched, never the root logger, and only in the launcher process.
-    # torch sets a level on each of its elastic loggers (from LOGLEVEL), so the parent's level
-    # alone does not reach them: set it on every one already created (all are, once
-    # torch.distributed.launcher.api is imported).
+    # our summary carries the same facts, and --verbose keeps them. Only torch's elastic loggers
+    # are touched (never the root logger), only in the launcher process, and each one by name:
+    # torch sets a level on every elastic logger it creates (from LOGLEVEL), so a level on the
+    # parent alone would not reach them. All exist once torch.distributed.launcher.api is imported.
     if verbose:
         return
     prefix = "torch.distributed.elastic"
