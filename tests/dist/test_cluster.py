@@ -148,9 +148,12 @@ def test_timeout_leaves_nothing_behind():
 
 @needs_netns
 @pytest.mark.timeout(60)
-def test_sigterm_to_the_cli_removes_everything():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_to_the_cli_removes_everything(sig):
+    # SIGINT may be inherited as ignored (a background job of a script); give the CLI the default.
     proc = subprocess.Popen([PY, "-m", "shoal.testing.cluster", "--nodes", "2", "--", "sleep", "600"],
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     prefix = f"shoal-{proc.pid}-"
     try:
         deadline = time.monotonic() + 20
@@ -158,7 +161,7 @@ def test_sigterm_to_the_cli_removes_everything():
             time.sleep(0.1)
         assert len(_ours(prefix)) == 3
         time.sleep(0.5)  # let it start the ranks
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(20) != 0
     finally:
         if proc.poll() is None:

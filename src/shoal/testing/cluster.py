@@ -204,7 +204,7 @@ def check_available() -> Optional[str]:
     if shutil.which("ip") is None or shutil.which("tc") is None:
         reason = "the `ip` and `tc` commands (iproute2) are not installed"
     else:
-        probe = f"{_PREFIX}{os.getpid()}-probe-{next(_RUN_IDS)}"
+        probe = f"{_PREFIX}{os.getpid()}-{next(_RUN_IDS)}-probe"
         made = _ip("netns", "add", probe, check=False)
         if made.returncode != 0:
             reason = f"`ip netns add` is not permitted here ({made.stderr.strip()}); it needs root"
@@ -377,7 +377,8 @@ class EmulatedCluster:
 
     def _restore_signal_handlers(self) -> None:
         for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(sig, handler)
         self._old_handlers.clear()
 
     def _add_ns(self, name: str) -> None:
@@ -451,6 +452,11 @@ class EmulatedCluster:
     def close(self) -> None:
         """Kill everything inside the namespaces and delete them. Safe to call twice."""
         self._open = False
+        if self._old_handlers:
+            # A second Ctrl-C or SIGTERM must not cut the removal short (it takes well under a second).
+            for sig in (signal.SIGINT, *self._old_handlers):
+                self._old_handlers.setdefault(sig, signal.getsignal(sig))
+                signal.signal(sig, signal.SIG_IGN)
         try:
             # Nodes first: deleting a node namespace destroys its veth pair; then the switch.
             created = [ns for ns in self._created if ns != self.switch_ns] + \
@@ -676,6 +682,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ClusterError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; the cluster was removed", file=sys.stderr)
+        return 130
+    except _Interrupted as exc:
+        print("terminated; the cluster was removed", file=sys.stderr)
+        return int(exc.code)
     if run.timed_out:
         print(run.describe(), file=sys.stderr)
         return 124
