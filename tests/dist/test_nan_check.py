@@ -1,5 +1,5 @@
 """The NaN/Inf check on real gloo ranks: attribution to parameter, rank and step; raise / skip / warn on
-every rank alike; the DDP comm hook; the module drill-down.
+every rank alike; the DDP comm hook; the module drill-down; AMP's GradScaler under ``raise``.
 
 Every scenario injects on rank 1 (or 0) only and checks what *every* rank reports. The skip scenario has
 a single-process reference (the same model trained on the average of both ranks' gradients, step 3
@@ -344,3 +344,41 @@ def test_ddp_comm_hook_reports_skips_and_raises_on_every_rank():
         assert is_ours, f"backward raised something else: {text}"
         assert "'body.weight'" in text and "rank 1" in text and "step 1" in text
     assert results[0]["skip"] == results[1]["skip"]
+
+
+# ------------------------------------------------------------------------------------ GradScaler
+
+def _scaler_rank():
+    """AMP's pattern under nan_check='raise': an Inf from rank 1 is GradScaler's to skip, not ours."""
+    model, opt = _setup("raise")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    at = {"step": 0, "when": 2}
+    _inject(model, "mid.weight", at, rank=1, value=float("inf"))
+    out = {"reports": {}, "skipped_by_scaler": []}
+    for step in range(1, 4):
+        at["step"] = step
+        x, y = _batch(torch.distributed.get_rank(), step)
+        opt.zero_grad()
+        scaler.scale(F.mse_loss(model(x), y)).backward()
+        opt.synchronize()
+        scaler.unscale_(opt)
+        before = [p.detach().clone() for p in model.parameters()]
+        with opt.skip_synchronize():
+            scaler.step(opt)  # must not raise: GradScaler found the Inf and does not call opt.step()
+        scaler.update()
+        out["skipped_by_scaler"].append(all(torch.equal(a, p) for a, p in zip(before, model.parameters())))
+        if opt.nan_report is not None:
+            out["reports"][step] = _summary(opt.nan_report)
+    out["skipped_steps"] = opt.skipped_steps
+    out["scale"] = scaler.get_scale()
+    return out
+
+
+def test_grad_scaler_skips_inf_steps_itself_under_raise():
+    results = run_ranks(_scaler_rank, world_size=2, timeout_s=60)
+    for r in results:
+        assert r["skipped_by_scaler"] == [False, True, False]
+        assert list(r["reports"]) == [2] and r["reports"][2]["names"] == ["mid.weight"]
+        assert r["reports"][2]["ranks"] == [1]
+        assert r["skipped_steps"] == 0, "a step GradScaler skipped is not counted as ours"
+        assert r["scale"] == 2.0 ** 9
