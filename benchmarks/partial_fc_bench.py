@@ -150,7 +150,7 @@ def _hardware() -> dict:
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "backend": "gloo", "threads_per_rank": 1}
+            "backend": "gloo", "threads_per_rank": 1, "load_avg_1min_at_start": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -166,7 +166,8 @@ def main() -> None:
     args = parser.parse_args()
     modes = args.modes.split(",")
     hw = _hardware()
-    print(f"hardware: {hw['cpu']}, {hw['cores']} cores; torch {hw['torch']}; gloo; 1 thread per rank")
+    print(f"hardware: {hw['cpu']}, {hw['cores']} cores; torch {hw['torch']}; gloo; 1 thread per rank; "
+          f"load average {hw['load_avg_1min_at_start']:.1f} at start (other processes skew absolute times)")
     print(f"classifier {args.classes} x {args.dim}, {args.batch} samples per rank, ArcFace(s=64, m=0.5), "
           f"SGD momentum 0.9")
 
@@ -198,6 +199,7 @@ def main() -> None:
     if "pfc" in med and "pfc_s0.1" in med:
         print(f"  sample_rate 0.1 vs 1.0: x{med['pfc'] / med['pfc_s0.1']:.2f}")
 
+    hw["load_avg_1min_at_end"] = os.getloadavg()[0]
     result = {"benchmark": "partial_fc", "date": args.date, "hardware": hw, "world_size_timing": world,
               "classes": args.classes, "dim": args.dim, "batch_per_rank": args.batch, "warmup": args.warmup,
               "steps": args.steps, "memory_per_rank": {str(k): v for k, v in memory.items()},
@@ -217,7 +219,9 @@ def _markdown(r: dict) -> str:
     lines = [f"# PartialFC benchmark, {r['date']}", "",
              f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, gloo, {hw['threads_per_rank']} thread per "
              f"rank. Classifier {r['classes']:,} x {r['dim']}, {r['batch_per_rank']} samples per rank, "
-             "ArcFace(s=64, m=0.5), SGD momentum 0.9.", "",
+             "ArcFace(s=64, m=0.5), SGD momentum 0.9. Load average (1 min) "
+             f"{hw['load_avg_1min_at_start']:.1f} at start, {hw['load_avg_1min_at_end']:.1f} at end: a load above "
+             "the core count inflates every absolute time; the modes run interleaved, so ratios suffer less.", "",
              "Command: `python benchmarks/partial_fc_bench.py`", "",
              "## Classifier memory per rank (weight + optimizer state)", "",
              "| ranks | mode | weight + state (MiB) | gradient (MiB) |", "|---|---|---|---|"]

@@ -39,6 +39,8 @@ class _Shards:
     group: Optional[dist.ProcessGroup]
     rank: int
     size: int
+    #: where the collectives run: the rank's GPU under NCCL, else the CPU
+    device: torch.device
 
     @property
     def distributed(self) -> bool:
@@ -58,14 +60,16 @@ def _resolve_shards(process_set) -> _Shards:
         if not ps.included():
             raise ValueError(f"shoal: PartialFC created on rank {runtime.rank()}, which is not in {ps!r}. "
                              "HINT: create the classifier only on the ranks of its process set.")
-        return _Shards(ps.group, ps.rank(), ps.size())
+        return _Shards(ps.group, ps.rank(), ps.size(), runtime.device())
     if process_set is not None:
         raise ValueError("shoal: PartialFC got a process_set but shoal.init() has not run. "
                          "HINT: call shoal.torch.init() first, or pass process_set=None.")
     if dist.is_available() and dist.is_initialized():
         # A plain torch.distributed (e.g. DDP) program: shard across the default group.
-        return _Shards(None, dist.get_rank(), dist.get_world_size())
-    return _Shards(None, 0, 1)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+        return _Shards(None, dist.get_rank(), dist.get_world_size(), device)
+    return _Shards(None, 0, 1, torch.device("cpu"))
 
 
 def _all_gather_rows(x: Tensor, shards: _Shards) -> Tensor:
@@ -113,6 +117,36 @@ class _AllGatherEmbeddings(torch.autograd.Function):
         if ctx.grad_scale != 1.0:
             out = out * ctx.grad_scale
         return out, None, None
+
+
+class _NormalizeRows(torch.autograd.Function):
+    """``w / ||w||`` per row, with a fused backward.
+
+    The classifier shard is the largest tensor of the step; autograd's ``F.normalize`` backward takes about
+    seven passes over it (div, neg, mul, div, expand-sum, norm backward). Measured on one CPU core at
+    500k x 128: normalize forward + backward was 50% of the step, ahead of the matmul. This backward takes
+    three: ``(g - y * sum(g * y)) / ||w||``.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, eps: float) -> Tensor:
+        norm = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min_(eps)
+        y = w / norm
+        ctx.save_for_backward(y, norm)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        y, norm = ctx.saved_tensors
+        dot = torch.linalg.vecdot(g, y, dim=1).unsqueeze(1)
+        grad = torch.addcmul(g, y, dot, value=-1.0)
+        grad.div_(norm)
+        return grad, None
+
+
+def _normalize_rows(w: Tensor, eps: float = 1e-12) -> Tensor:
+    return _NormalizeRows.apply(w, eps)
 
 
 class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):

@@ -21,8 +21,11 @@ Design constraints:
    penalty when ``cos(theta) <= 0``.
 3. Only the target entries go through the margin (one per row): the work is O(rows), not O(rows x classes),
    so that it is negligible next to the logits matmul of a million-class shard.
-4. Out of place with respect to the caller's tensor (autograd needs the cosines for the weight gradient);
-   one new ``(rows, classes)`` tensor is allocated, the scaled logits.
+4. One pass over the ``(rows, classes)`` matrix each way. Plain autograd through ``logits[rows, cols] =
+   phi(cos[rows, cols])`` would add a zero-filled matrix, a clone and an accumulation in the backward
+   (measured: a third of the elementwise time of a 500k-class CPU step). So the derivative of ``phi`` is
+   taken on the target vector alone (``phi`` is elementwise) and the backward is ``s * grad`` with the
+   target entries rescaled by ``phi'``. The caller's cosines are never modified.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["MarginLoss", "ArcFace", "CosFace", "CombinedMargin"]
 
@@ -55,7 +59,7 @@ class MarginLoss(nn.Module):
         self.s = float(s)
 
     def target_logit(self, cos: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Unscaled penalized logit ``phi(cos)`` for a 1-D tensor of target cosines."""
+        """Unscaled penalized logit ``phi(cos)`` for a 1-D tensor of target cosines; must be elementwise."""
         raise NotImplementedError
 
     def forward(self, cos: Tensor, targets: Tensor) -> Tensor:
@@ -78,22 +82,46 @@ class MarginLoss(nn.Module):
             raise ValueError(f"shoal: margin targets have shape {tuple(targets.shape)}, expected "
                              f"({cos.shape[0]},) for cosines of shape {tuple(cos.shape)}. "
                              "HINT: pass one target column per row, -1 for rows without a target here.")
-        logits = cos * self.s
         rows = torch.nonzero(targets >= 0).squeeze(1)
-        if rows.numel():
-            cols = targets[rows]
-            target = cos[rows, cols]
-            if target.element_size() < 4:
-                # 1 - 1e-7 rounds to 1.0 in float16/bfloat16, where sqrt/acos have infinite slopes.
-                target = target.float()
-            phi = self.target_logit(target) * self.s
-            # In place on the fresh product: autograd records it (mul by a constant saves nothing that
-            # the write invalidates), and it saves a second (rows x columns) copy.
-            logits.index_put_((rows, cols), phi.to(logits.dtype))
-        return logits
+        return _ApplyTargetMargin.apply(cos, rows, targets[rows], self)
 
     def extra_repr(self) -> str:
         return f"s={self.s:g}"
+
+
+class _ApplyTargetMargin(torch.autograd.Function):
+    """``s * cos`` with ``s * phi(cos)`` at ``(rows, cols)``; backward in one pass (constraint 4)."""
+
+    @staticmethod
+    def forward(ctx, cos: Tensor, rows: Tensor, cols: Tensor, margin: "MarginLoss") -> Tensor:
+        logits = cos * margin.s
+        slope = None
+        if rows.numel():
+            target = cos[rows, cols].detach()
+            if target.element_size() < 4:
+                # 1 - 1e-7 rounds to 1.0 in float16/bfloat16, where sqrt/acos have infinite slopes.
+                target = target.float()
+            with torch.enable_grad():
+                target.requires_grad_()
+                phi = margin.target_logit(target)
+                # phi is elementwise: the gradient of its sum is its derivative at every target.
+                (slope,) = torch.autograd.grad(phi.sum(), target, allow_unused=True)
+            if slope is None:  # phi does not depend on the cosine
+                slope = torch.zeros_like(target)
+            logits.index_put_((rows, cols), (phi.detach() * margin.s).to(logits.dtype))
+            slope = (slope * margin.s).to(cos.dtype)
+        ctx.save_for_backward(rows, cols, slope if slope is not None else cos.new_empty(0))
+        ctx.scale = margin.s
+        return logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        rows, cols, slope = ctx.saved_tensors
+        out = grad * ctx.scale
+        if rows.numel():
+            out.index_put_((rows, cols), grad[rows, cols] * slope)
+        return out, None, None, None
 
 
 def _angle(cos: Tensor) -> Tensor:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from shoal.core.errors import ShoalError
 
-from ._ops import _AllGatherEmbeddings, _all_gather_rows, _resolve_shards, _Shards, \
+from ._ops import _AllGatherEmbeddings, _all_gather_rows, _normalize_rows, _resolve_shards, _Shards, \
     _ShardedSoftmaxCrossEntropy
 from .margins import MarginLoss
 
@@ -201,7 +201,7 @@ class PartialFC(nn.Module):
         fp16: compute the logits matmul in half precision (float16 on CUDA, bfloat16 on CPU, via autocast);
             the margin, softmax and loss stay in the weight's dtype.
         seed: seeds the weight initialization (independent of the world size) and the class sampling.
-        device, dtype: of the weight (default: CPU or the current CUDA device under NCCL; float32).
+        device, dtype: of the weight (default: the device collectives use, the rank's GPU under NCCL; float32).
 
     Raises:
         ValueError: invalid sizes or rates, or this rank is not in ``process_set``.
@@ -237,9 +237,7 @@ class PartialFC(nn.Module):
         self.class_start, self.class_end = shard_range(num_classes, self._shards.size, self._shards.rank)
         self.num_local = self.class_end - self.class_start
         self.num_sample = max(1, int(self.sample_rate * self.num_local))
-        if device is None:
-            device = "cuda" if self._shards.group is not None and dist.get_backend(self._shards.group) == "nccl" \
-                else "cpu"
+        device = self._shards.device if device is None else device
         dtype = dtype or torch.float32
         rows = _init_rows(self.class_start, self.class_end, self.embedding_size, self.seed, dtype)
         self.weight = nn.Parameter(rows.to(device))
@@ -311,10 +309,10 @@ class PartialFC(nn.Module):
 
     def _cosine(self, embeddings: Tensor, weight: Tensor) -> Tensor:
         if not self.fp16:
-            return F.linear(embeddings, F.normalize(weight, dim=1))
+            return F.linear(embeddings, _normalize_rows(weight))
         half = torch.float16 if weight.device.type == "cuda" else torch.bfloat16
         with torch.autocast(device_type=weight.device.type, dtype=half):
-            cos = F.linear(embeddings, F.normalize(weight, dim=1))
+            cos = F.linear(embeddings, _normalize_rows(weight))
         return cos.to(weight.dtype)
 
     def _sample(self, targets: Tensor) -> tuple[Tensor, Tensor]:
