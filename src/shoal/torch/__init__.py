@@ -50,8 +50,10 @@ from shoal.core.collectives import (
     reducescatter_async,
     synchronize,
 )
+from shoal.core.checks import NonFiniteGradientError, NonFiniteReport
 from shoal.core.compression import Compression
 from shoal.core.errors import MismatchError, NotInitializedError, RankFailureError, ShoalError
+from shoal.torch.nan_drilldown import NanDrilldown, drill_down
 from shoal.torch.functions import allgather, allreduce, alltoall, broadcast, reducescatter
 from shoal.torch.comm_hook import comm_hook
 from shoal.torch.optimizer import DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters
@@ -68,4 +70,5 @@ __all__ = [
     "alltoall", "alltoall_async", "reducescatter", "reducescatter_async", "barrier",
     "broadcast_object", "allgather_object", "poll", "synchronize",
     "ShoalError", "MismatchError", "NotInitializedError", "RankFailureError",
+    "NonFiniteGradientError", "NonFiniteReport", "NanDrilldown", "drill_down",
 ]
