@@ -1,9 +1,23 @@
 """Wire compression of gradients: one small interface, one implementation for every frontend.
 
-A :class:`Compressor` turns a flat tensor into its wire form and back. The names follow Horovod
-(``Compression.none``, ``Compression.fp16``) so that ``hvd.DistributedOptimizer(..., compression=
-hvd.Compression.fp16)`` works unchanged; ``bf16`` is ours. The algorithms that put compressed buckets on the
-wire live in :mod:`shoal.core.algorithms`; this module only says what the wire dtype is.
+A :class:`Compressor` says how a bucket travels: its wire dtype, and whether 16 bits are used on every
+stage or only across nodes ("mixed"). The names follow Horovod (``Compression.none``,
+``Compression.fp16``) so that ``hvd.DistributedOptimizer(..., compression=hvd.Compression.fp16)`` works
+unchanged; ``bf16`` and the mixed variants are ours:
+
+==============  ==============================================================================
+name            on the wire
+==============  ==============================================================================
+``none``        the gradients' own dtype
+``fp16``        float16 on every stage (flat: the whole allreduce; hierarchical: inside and across nodes)
+``bf16``        bfloat16, likewise (float32's range, 8 bits of mantissa instead of 11)
+``mixed_fp16``  float16 only where bytes cross nodes: full precision inside a node (hierarchical: the
+                cross-node stage only; flat across nodes: everything; one node: nothing)
+``mixed_bf16``  the same with bfloat16
+==============  ==============================================================================
+
+What lives elsewhere: the algorithms that put compressed buckets on the wire (overflow-safe scaling,
+16-bit transfers summed in float32, error feedback): :mod:`shoal.core.algorithms`.
 """
 
 from __future__ import annotations
@@ -13,18 +27,25 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["Compressor", "Compression", "resolve_compression"]
+__all__ = ["Compressor", "Compression", "resolve_compression", "get_compressor", "COMPRESSION_NAMES"]
 
 
 @dataclass(frozen=True, slots=True)
 class Compressor:
-    """How a bucket travels: ``name`` (the config value) and ``wire_dtype`` (None: as it is)."""
+    """How a bucket travels.
+
+    Attributes:
+        name: the config value (``SHOAL_COMPRESSION``).
+        wire_dtype: the 16-bit dtype on the wire, or None (as it is).
+        cross_node_only: True for the mixed variants: full precision inside a node.
+    """
 
     name: str
     wire_dtype: Optional[torch.dtype]
+    cross_node_only: bool = False
 
     def compress(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The wire form of ``tensor`` (a new tensor when the dtype changes)."""
+        """The wire form of ``tensor`` (a new tensor when the dtype changes; non-floats as they are)."""
         if self.wire_dtype is None or not tensor.is_floating_point() or tensor.dtype == self.wire_dtype:
             return tensor
         return tensor.to(self.wire_dtype)
@@ -37,11 +58,32 @@ class Compressor:
 
 
 class Compression:
-    """Horovod's names for the compressors."""
+    """Horovod's names for the compressors, and ours (see the module docstring)."""
 
     none = Compressor("none", None)
     fp16 = Compressor("fp16", torch.float16)
     bf16 = Compressor("bf16", torch.bfloat16)
+    mixed_fp16 = Compressor("mixed_fp16", torch.float16, cross_node_only=True)
+    mixed_bf16 = Compressor("mixed_bf16", torch.bfloat16, cross_node_only=True)
+
+
+_BY_NAME = {c.name: c for c in (Compression.none, Compression.fp16, Compression.bf16,
+                                Compression.mixed_fp16, Compression.mixed_bf16)}
+#: Every valid compression name, in the order of the table above.
+COMPRESSION_NAMES = tuple(_BY_NAME)
+
+
+def get_compressor(name: str) -> Compressor:
+    """The :class:`Compressor` called ``name``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+    """
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"shoal: unknown compression {name!r}; use one of {', '.join(COMPRESSION_NAMES)} "
+                         "(hvd.Compression.<name>)") from None
 
 
 def resolve_compression(value: Union[None, str, Compressor]) -> Optional[str]:
@@ -51,6 +93,7 @@ def resolve_compression(value: Union[None, str, Compressor]) -> Optional[str]:
     if isinstance(value, Compressor):
         return value.name
     name = getattr(value, "name", value)
-    if name not in ("none", "fp16", "bf16"):
-        raise ValueError(f"shoal: unknown compression {value!r}; use Compression.none, .fp16 or .bf16")
+    if name not in _BY_NAME:
+        raise ValueError(f"shoal: unknown compression {value!r}; use Compression."
+                         f"{', Compression.'.join(COMPRESSION_NAMES)}")
     return name

@@ -49,7 +49,11 @@ class ShoalConfig:
     num_streams: int = _knob(
         2, "How many buckets may be in flight at once, each on its own process group.")
     compression: str = _knob(
-        "none", "Wire compression of gradients.", choices=("none", "fp16", "bf16"))
+        "none", "Wire compression of gradients: fp16/bf16 on every stage, mixed_fp16/mixed_bf16 only across "
+                "nodes (full precision inside a node).",
+        choices=("none", "fp16", "bf16", "mixed_fp16", "mixed_bf16"))
+    error_feedback: bool = _knob(
+        False, "With 16-bit compression: keep what rounding drops, per bucket, and add it back next step.")
     hierarchical: str = _knob(
         "auto", "Two-level allreduce (inside node, then across nodes): auto, on or off.",
         choices=("auto", "on", "off"))

@@ -54,6 +54,7 @@ __all__ = [
     "cross_group",
     "new_group",
     "stream_groups",
+    "stream_node_groups",
     "explain_failure",
 ]
 
@@ -113,6 +114,8 @@ class _Runtime:
     cross_group: Optional[dist.ProcessGroup] = None
     process_sets: dict[int, ProcessSet] = field(default_factory=dict)
     streams: dict[tuple[int, ...], list[dist.ProcessGroup]] = field(default_factory=dict)
+    #: Per stream: (local group, cross group) of this rank, for hierarchical algorithms.
+    node_streams: list[tuple[dist.ProcessGroup, dist.ProcessGroup]] = field(default_factory=list)
     next_set_id: int = 1
 
 
@@ -332,6 +335,28 @@ def stream_groups(process_set: ProcessSet, count: int) -> list[dist.ProcessGroup
         have.append(new_group(process_set.ranks))
         dist.barrier()  # see init(): gloo connects pairs asynchronously
     return have[:count]
+
+
+def stream_node_groups(count: int) -> list[tuple[dist.ProcessGroup, dist.ProcessGroup]]:
+    """``count`` pairs ``(local group, cross group)`` of this rank, one pair per stream, for
+    hierarchical algorithms: each stream reduces inside the node and across nodes on groups of its own,
+    so that buckets in flight on different streams do not queue behind each other.
+
+    Created on first use and cached; collective over the whole world, like :func:`stream_groups`.
+    """
+    rt = _state("stream_node_groups")
+    me = dist.get_rank()
+    while len(rt.node_streams) < count:
+        local = cross = None
+        for node in rt.layout.nodes:
+            g = new_group(node)
+            local = g if me in node else local
+        for ranks in rt.layout.cross_groups():
+            g = new_group(ranks)
+            cross = g if me in ranks else cross
+        rt.node_streams.append((local, cross))
+        dist.barrier()  # see init(): gloo connects pairs asynchronously
+    return rt.node_streams[:count]
 
 
 def add_process_set(process_set: ProcessSet | Sequence[int]) -> ProcessSet:

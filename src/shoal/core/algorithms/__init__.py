@@ -8,15 +8,21 @@ each algorithm exists once.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
 import torch.distributed as dist
 
 from .. import runtime
+from ..compression import get_compressor
+from .compressed import allreduce_bf16, allreduce_fp16
 from .flat import allreduce_flat
+from .hierarchical import StreamNodeGroups, allreduce_hierarchical, use_hierarchical
 
-__all__ = ["ReduceContext", "Algorithm", "get_algorithm", "allreduce_flat"]
+__all__ = ["ReduceContext", "Algorithm", "get_algorithm", "allreduce_flat", "allreduce_fp16", "allreduce_bf16",
+           "allreduce_hierarchical", "use_hierarchical"]
 
 
 @dataclass(slots=True)
@@ -41,8 +47,44 @@ class ReduceContext:
 Algorithm = Callable[["torch.Tensor", ReduceContext], "torch.futures.Future"]  # noqa: F821
 
 
-def get_algorithm(compression: str, hierarchical: str, process_set: runtime.ProcessSet) -> Algorithm:
-    """Pick the algorithm for a reducer from its compression and hierarchical settings."""
-    if compression != "none":
-        raise NotImplementedError(f"shoal: compression={compression!r} is not available yet")
-    return allreduce_flat
+def get_algorithm(compression: str, hierarchical: str, process_set: runtime.ProcessSet, *,
+                  num_streams: Optional[int] = None, error_feedback: Optional[bool] = None) -> Algorithm:
+    """Pick the algorithm for a reducer (or the DDP hook) from its settings.
+
+    Call it on every rank in the same order: with hierarchical allreduce it creates the per-stream node
+    groups on first use (collective over the world).
+
+    Args:
+        compression: a name of :data:`shoal.core.compression.COMPRESSION_NAMES`.
+        hierarchical: ``auto`` / ``on`` / ``off`` (:func:`.hierarchical.use_hierarchical`).
+        process_set: the ranks to reduce over.
+        num_streams: the caller's stream count (default: the config's); hierarchical needs it to map
+            each stream group to that stream's node groups.
+        error_feedback: keep what 16-bit rounding drops, per bucket (default: the config's).
+
+    Returns:
+        ``algorithm(buffer, ctx) -> Future``. Full precision on one level: :func:`allreduce_flat`
+        (one ``all_reduce``, no thread hop). 16 bits, or two levels: a chunked chain on the stream's
+        worker (:mod:`._levels`).
+
+    Example:
+        >>> algo = get_algorithm("mixed_fp16", "auto", runtime.global_process_set)
+        >>> algo(bucket, ctx).wait()
+    """
+    cfg = runtime.config()
+    comp = get_compressor(compression)
+    ef = bool(getattr(cfg, "error_feedback", False) if error_feedback is None else error_feedback)
+    if use_hierarchical(hierarchical, process_set):
+        nodes = StreamNodeGroups(process_set, int(num_streams or cfg.num_streams))
+        return functools.partial(allreduce_hierarchical, nodes=nodes,
+                                 local_dtype=None if comp.cross_node_only else comp.wire_dtype,
+                                 cross_dtype=comp.wire_dtype, error_feedback=ef)
+    if comp.wire_dtype is None or (comp.cross_node_only and not _spans_nodes(process_set)):
+        return allreduce_flat
+    sixteen = allreduce_fp16 if comp.wire_dtype == torch.float16 else allreduce_bf16
+    return functools.partial(sixteen, error_feedback=ef)
+
+
+def _spans_nodes(process_set: runtime.ProcessSet) -> bool:
+    lay = runtime.layout()
+    return len({lay.node_of(r) for r in process_set.ranks}) > 1

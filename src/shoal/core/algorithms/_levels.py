@@ -1,0 +1,336 @@
+"""A bucket's reduction as a chain of levels: reduce-scatter up the levels, allreduce at the top,
+allgather back down; each level in full precision or with 16 bits on the wire.
+
+Flat 16-bit compression is a chain of one level (the stream's group); hierarchical allreduce is two
+levels, the node (local group) below the cross-node group; mixed precision is a full-precision node
+level under a 16-bit cross level. :mod:`.compressed` and :mod:`.hierarchical` build the chains; this
+module runs them, chunk by chunk, on the stream's worker (:mod:`._pipeline`).
+
+Design constraints:
+
+1. 16 bits on the wire, 32 bits in the sum. gloo sums float16 slowly: over the emulated 1 Gbit/s link,
+   a 25 MB float16 ``all_reduce`` took 540 ms where a float32 one of the same bytes took 438 ms, and on
+   loopback 39 ms against 14 ms (2 ranks). So a 16-bit level is a reduce-scatter of 16-bit pieces,
+   summed locally in float32 (torch's vectorized kernels), then an allgather of the 16-bit result: the
+   same bytes per rank as a ring allreduce (2(n-1)/n of the chunk), one rounding of the sum instead of
+   one per hop. Backends that sum 16 bits natively (NCCL) get one 16-bit ``all_reduce`` at the top.
+2. Reduce-scatter and allgather are pairwise ``isend``/``irecv`` (one ``batch_isend_irecv`` per step),
+   not gloo's own collectives: on loopback, 2 ranks, 4 MB, median of 40 (load ~10 on 2 cores):
+   ``reduce_scatter_single`` 6.8 ms, ``all_to_all_single`` + sum 4.1 ms, pairwise + sum 3.0 ms;
+   ``all_gather_single`` 4.7 ms, pairwise 2.7 ms (gloo queues collectives on per-group worker threads,
+   point-to-point goes straight to the transport). Each stage has its own tag, so that stages of
+   different chunks in flight between the same pair never match each other's messages.
+3. In place: a level's reduce-scatter sums into this rank's own piece of its input (the bucket chunk
+   itself at the bottom), the level above works on that piece, and the allgather fills the other pieces
+   around it. Full-precision levels need no copy of the bucket at all; a 16-bit level needs a send and
+   a receive buffer.
+4. Overflow-safe: every scale factor is applied before the first cast, so that what travels in 16 bits
+   is already divided by the number of ranks (for Average: the sum of n values near float16's maximum
+   would overflow, their mean does not). A Sum is divided by n before and multiplied by n after, in
+   float32. In full precision the numerics equal a flat allreduce: sum, then one multiply.
+5. Every rank ends with the same bits: the sum is rounded once, by the rank that owns the piece, and
+   the 16-bit result is gathered (the owner uses the rounded value too), never re-summed. A rank's own
+   contribution to its own piece is never rounded (it does not travel).
+6. Error feedback (opt-in): at every cast, what the rounding dropped is kept in a float32 residual
+   (per bucket, in ``ReduceContext.state``) and added to the same elements before the next step's cast.
+   Each rank owns the same shards every step, so a residual always meets the elements it came from.
+7. A chunk's length is a multiple of the product of the level sizes (so that every reduce-scatter splits
+   evenly); only the bucket's last chunk is padded, through a scratch copy.
+
+What lives elsewhere: worker threads, chunk schedule and scratch (:mod:`._pipeline`), choosing the
+levels (:func:`shoal.core.algorithms.get_algorithm`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ._pipeline import Worker, chunk_bounds, run_stages
+
+__all__ = ["Level", "make_level", "reduce_chain", "scale_factors", "CHUNK_NBYTES"]
+
+#: Bytes of the bucket's own dtype per chunk. Measured over the emulated 1 Gbit/s link: see
+#: docs/compression.md ("chunk size").
+CHUNK_NBYTES = 4 * 1024 * 1024
+
+#: Base of the point-to-point tags of the stages (constraint 2); stage s uses _TAG + s.
+_TAG = 0x5348
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One level of a chain: this rank's process group at that level and the wire format."""
+
+    group: Any  # dist.ProcessGroup
+    #: Global ranks of the group, in group-rank order; piece j of a chunk belongs to ranks[j].
+    ranks: tuple[int, ...]
+    #: This rank's position in ``ranks``.
+    index: int
+    #: None: the bucket's own precision; else the 16-bit dtype that travels.
+    wire_dtype: Optional[torch.dtype] = None
+    #: The backend sums ``wire_dtype`` well (NCCL): one ``all_reduce`` in 16 bits at the top level.
+    native_sum: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+def make_level(group, wire_dtype: Optional[torch.dtype] = None) -> Level:
+    """The :class:`Level` of this rank in ``group``."""
+    ranks = tuple(dist.get_process_group_ranks(group))
+    return Level(group, ranks, ranks.index(dist.get_rank()), wire_dtype,
+                 native_sum=wire_dtype is not None and dist.get_backend(group) == "nccl")
+
+
+def scale_factors(prescale: float, postscale: float, world: int, compressed: bool) -> tuple[float, float]:
+    """``(before, after)`` multipliers: their product is ``prescale * postscale``.
+
+    Full precision: Horovod's meaning (``prescale`` before the sum, ``postscale`` after). With 16 bits
+    on the wire, everything is applied before the cast, but never less than a division by ``world``
+    (constraint 4): for a Sum, 1/world before and world after.
+    """
+    if not compressed:
+        return prescale, postscale
+    if abs(postscale) * world <= 1.0:
+        return prescale * postscale, 1.0
+    return prescale / world, postscale * world
+
+
+def _cast(dst16: torch.Tensor, src: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
+    """``dst16 = src`` rounded; with a residual: round ``src + residual`` and keep what was dropped."""
+    if residual is None:
+        dst16.copy_(src)
+        return
+    residual.add_(src)
+    dst16.copy_(residual)
+    residual.sub_(dst16)
+
+
+class _Works:
+    """The works of one ``batch_isend_irecv``, waited together."""
+
+    __slots__ = ("works",)
+
+    def __init__(self, works):
+        self.works = works
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+
+
+def _exchange(lv: Level, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], tag: int) -> _Works:
+    """Send ``send[j]`` to member j and receive ``recv[j]`` from it, for every j but this rank."""
+    ops = []
+    for j, peer in enumerate(lv.ranks):
+        if j != lv.index:
+            ops.append(dist.P2POp(dist.irecv, recv[j], peer, lv.group, tag))
+            ops.append(dist.P2POp(dist.isend, send[j], peer, lv.group, tag))
+    return _Works(dist.batch_isend_irecv(ops))
+
+
+class _Residuals:
+    """Error-feedback residuals of one bucket, one float32 tensor per rounding site (constraint 6)."""
+
+    def __init__(self, state: dict, key: tuple, device: torch.device):
+        sites = state.get("error_feedback") if state.get("error_feedback_key") == key else None
+        if sites is None:
+            sites = {}
+            state["error_feedback"] = sites
+            state["error_feedback_key"] = key
+        self._sites: dict = sites
+        self._device = device
+
+    def view(self, site: str, total: int, offset: int, numel: int) -> torch.Tensor:
+        res = self._sites.get(site)
+        if res is None or res.numel() != total:
+            res = torch.zeros(total, dtype=torch.float32, device=self._device)
+            self._sites[site] = res
+        return res[offset:offset + numel]
+
+
+def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, after: float, state: dict,
+                 worker: Worker, error_feedback: bool, chunk_nbytes: Optional[int] = None) -> torch.Tensor:
+    """Reduce ``buffer`` in place over ``levels`` (bottom first); runs on ``worker``'s thread.
+
+    Args:
+        buffer: the flat bucket (1-D, contiguous, floating point).
+        levels: bottom level first; a 16-bit level may only sit under other 16-bit levels.
+        before / after: multipliers before the first cast and after the result (:func:`scale_factors`).
+        state: the bucket's persistent state (error-feedback residuals live there).
+        worker: the stream's worker, for scratch buffers.
+        error_feedback: keep and re-add what each rounding drops.
+        chunk_nbytes: default :data:`CHUNK_NBYTES`.
+
+    Returns:
+        ``buffer``, holding the reduced, scaled result.
+    """
+    levels = [lv for lv in levels if lv.size > 1]
+    numel = buffer.numel()
+    if not levels or numel == 0:
+        _scale(buffer, before * after)
+        return buffer
+    for lo, hi in zip(levels, levels[1:]):
+        if lo.wire_dtype is not None and hi.wire_dtype is None:
+            raise ValueError("reduce_chain: a full-precision level above a 16-bit one")
+    sizes = [lv.size for lv in levels]
+    divisor = math.prod(sizes)
+    chunk_numel = max(1, (chunk_nbytes or CHUNK_NBYTES) // buffer.element_size())
+    bounds = chunk_bounds(numel, chunk_numel, divisor)
+    padded = [-(-(hi - lo) // divisor) * divisor for lo, hi in bounds]
+    # Level i works on a 1/below[i] piece of the chunk: this rank's piece after the levels beneath it.
+    below = [math.prod(sizes[:i]) for i in range(len(levels) + 1)]
+    device = buffer.device
+    top = len(levels) - 1
+    top_split = levels[top].wire_dtype is not None and not levels[top].native_sum
+    # Scale where the first 16-bit level starts (constraint 4): for mixed precision that is 1/G of the
+    # chunk, after the node's full-precision sum, instead of the whole chunk.
+    scale_at = next((i for i, lv in enumerate(levels) if lv.wire_dtype is not None), 0)
+    residuals = None
+    if error_feedback and any(lv.wire_dtype is not None for lv in levels):
+        key = (numel, tuple(sizes), tuple(str(lv.wire_dtype) for lv in levels), chunk_numel)
+        residuals = _Residuals(state, key, device)
+    site_total = [(bounds[-1][0] + padded[-1]) // below[i] for i in range(len(levels) + 1)]
+
+    nstages = 2 * top + 2 + (1 if top_split else 0)
+    xs: list[Optional[torch.Tensor]] = [None] * nstages      # per slot: the chunk (or its padded copy)
+    wide: list[Optional[torch.Tensor]] = [None] * nstages    # per slot: the piece a stage works on, 32-bit
+    narrow: list[Optional[torch.Tensor]] = [None] * nstages  # per slot: a 16-bit result from above
+    pending: list[Any] = [None] * nstages                    # per slot: a reduce-scatter to sum
+
+    def scratch(role: str, level: int, slot: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+        return worker.scratch((role, level, slot), n, dtype, device)
+
+    def residual(site: str, depth: int, k: int, n: int) -> Optional[torch.Tensor]:
+        if residuals is None:
+            return None
+        return residuals.view(site, site_total[depth], bounds[k][0] // below[depth], n)
+
+    def finish_sum(slot: int) -> None:
+        """Add what the peers sent for this rank's piece to it (float32, in place)."""
+        if pending[slot] is not None:
+            own, received = pending[slot]
+            for j, part in enumerate(received):
+                if part is not None:
+                    own.add_(part)
+            pending[slot] = None
+
+    def reduce_scatter(i: int, k: int, stage: int) -> _Works:
+        """Level ``i``: send every member its piece of ``wide``; keep ours as the next ``wide``."""
+        slot, lv = k % nstages, levels[i]
+        src = wide[slot]
+        n = src.numel()
+        pieces = src.view(lv.size, -1)
+        if lv.wire_dtype is None:
+            send = pieces
+            recv = scratch("recv", i, slot, n, src.dtype).view(lv.size, -1)
+        else:
+            send16 = scratch("send", i, slot, n, lv.wire_dtype)
+            res = residual(f"cast{i}", i, k, n)
+            _cast(send16, src, res)
+            if res is not None:  # our own piece does not travel: nothing of it was dropped
+                res.view(lv.size, -1)[lv.index].zero_()
+            send = send16.view(lv.size, -1)
+            recv = scratch("recv", i, slot, n, lv.wire_dtype).view(lv.size, -1)
+        own = pieces[lv.index]
+        pending[slot] = (own, [None if j == lv.index else recv[j] for j in range(lv.size)])
+        wide[slot] = own
+        return _exchange(lv, send, recv, _TAG + stage)
+
+    # -------------------------------------------------------------------------------------- stages
+    def first(k: int) -> Any:
+        slot = k % nstages
+        lo, hi = bounds[k]
+        x = buffer[lo:hi]
+        if padded[k] != hi - lo:
+            pad = scratch("pad", 0, slot, padded[k], buffer.dtype)
+            pad[:hi - lo].copy_(x)
+            pad[hi - lo:].zero_()
+            x = pad
+        xs[slot] = wide[slot] = x
+        return down(0, k, 0)
+
+    def down(i: int, k: int, stage: int) -> Any:
+        """Reduce-scatter over level ``i`` (below the top, or the top's first half); or the top's allreduce."""
+        slot, lv = k % nstages, levels[i]
+        finish_sum(slot)
+        if i == scale_at:
+            _scale(wide[slot], before)
+        if i < top or top_split:
+            return reduce_scatter(i, k, stage)
+        src = wide[slot]
+        if lv.wire_dtype is None:
+            return dist.all_reduce(src, group=lv.group, async_op=True)
+        w = scratch("send", i, slot, src.numel(), lv.wire_dtype)
+        _cast(w, src, residual(f"cast{i}", i, k, src.numel()))
+        narrow[slot] = w
+        return dist.all_reduce(w, group=lv.group, async_op=True)
+
+    def top_gather(k: int, stage: int) -> Any:
+        """The top level's second half: round our summed piece once, gather everyone's."""
+        slot, lv = k % nstages, levels[top]
+        finish_sum(slot)
+        own = wide[slot]
+        out = scratch("send", top, slot, own.numel() * lv.size, lv.wire_dtype)  # its sends completed
+        pieces = out.view(lv.size, -1)
+        _cast(pieces[lv.index], own, residual(f"sum{top}", top + 1, k, own.numel()))
+        narrow[slot] = out
+        return _exchange(lv, [pieces[lv.index]] * lv.size, pieces, _TAG + stage)
+
+    def up(i: int, k: int, stage: int) -> Any:
+        """Allgather over level ``i`` < top of the piece the level above returned."""
+        slot, lv = k % nstages, levels[i]
+        above = narrow[slot]
+        if lv.wire_dtype is None:
+            # Our piece of this level's input is the level above's input: x's pieces, in place.
+            pieces = wide_of(slot, i).view(lv.size, -1)
+            if above is not None:  # a 16-bit result from above: widen it into our piece
+                pieces[lv.index].copy_(above)
+                narrow[slot] = None
+            return _exchange(lv, [pieces[lv.index]] * lv.size, pieces, _TAG + stage)
+        out = scratch("send", i, slot, above.numel() * lv.size, lv.wire_dtype)  # its sends completed
+        pieces = out.view(lv.size, -1)
+        pieces[lv.index].copy_(above)
+        narrow[slot] = out
+        return _exchange(lv, [pieces[lv.index]] * lv.size, pieces, _TAG + stage)
+
+    def wide_of(slot: int, i: int) -> torch.Tensor:
+        """This rank's piece of the chunk at level ``i`` (a view of x)."""
+        x = xs[slot]
+        for j in range(i):
+            x = x.view(levels[j].size, -1)[levels[j].index]
+        return x
+
+    def last(k: int) -> None:
+        slot = k % nstages
+        lo, hi = bounds[k]
+        x, target = xs[slot], buffer[lo:hi]
+        if narrow[slot] is not None:  # every level was 16-bit: widen the whole chunk
+            target.copy_(narrow[slot][:hi - lo])
+        elif x.data_ptr() != target.data_ptr():
+            target.copy_(x[:hi - lo])
+        _scale(target, after)
+        xs[slot] = wide[slot] = narrow[slot] = None
+
+    stages: list = [first]
+    stages += [lambda k, i=i, s=len(stages) + i - 1: down(i, k, s) for i in range(1, top + 1)]
+    if top_split:
+        stages.append(lambda k, s=len(stages): top_gather(k, s))
+    base = len(stages)
+    stages += [lambda k, i=i, s=base + (top - 1 - i): up(i, k, s) for i in range(top - 1, -1, -1)]
+    stages.append(last)
+    if len(stages) != nstages:
+        raise AssertionError(f"reduce_chain: {len(stages)} stages, expected {nstages}")
+    run_stages(stages, len(bounds))
+    return buffer
+
+
+def _scale(t: torch.Tensor, factor: float) -> None:
+    if factor != 1.0:
+        t.mul_(factor)
