@@ -54,14 +54,20 @@ def draw(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 # Held-out samples of the same identities, different on each rank.
 test_x, test_y = draw(1024, torch.Generator().manual_seed(2000 + rank))
 
-torch.manual_seed(0)  # the same initial backbone on every rank
+torch.manual_seed(0)
 backbone = nn.Sequential(nn.Linear(args.input_dim, 256), nn.BatchNorm1d(256), nn.PReLU(),
                          nn.Linear(256, args.embedding_size), nn.BatchNorm1d(args.embedding_size))
 # Every rank holds classes [class_start, class_end) of the weight; its parameters carry _shoal_no_sync.
 pfc = PartialFC(args.embedding_size, args.identities, ArcFace(s=32.0, m=0.3), sample_rate=args.sample_rate)
-opt = torch.optim.SGD([{"params": backbone.parameters()}, {"params": pfc.parameters()}], lr=args.lr,
-                      momentum=0.9, weight_decay=5e-4)
+# One optimizer for both. DistributedOptimizer averages the backbone's gradients across ranks and skips the
+# classifier's (marked _shoal_no_sync): each rank owns different rows, whose gradient already covers the
+# global batch.
+opt = hvd.DistributedOptimizer(
+    torch.optim.SGD([{"params": backbone.parameters()}, {"params": pfc.parameters()}], lr=args.lr,
+                    momentum=0.9, weight_decay=5e-4),
+    named_parameters=[*backbone.named_parameters(prefix="backbone"), *pfc.named_parameters(prefix="pfc")])
 pfc.bind_optimizer(opt)  # with sampling: only the rows used in a step (and their momentum) are updated
+hvd.broadcast_parameters(backbone.state_dict(), root_rank=0)
 sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
 if rank == 0:
     print(f"{world} rank(s); {args.identities} identities, {pfc.num_local} on rank 0 "
@@ -88,14 +94,8 @@ if rank == 0:
 for step in range(1, args.steps + 1):
     x, y = draw(args.batch_size, sampler)
     loss = pfc(backbone(x), y)  # the global-batch loss, the same on every rank
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad()
     loss.backward()
-    # Data-parallel backbone: average its gradients. The classifier shard is not averaged: each rank owns
-    # different rows, and its gradient already covers the whole global batch.
-    if world > 1:
-        for p in backbone.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= world
     opt.step()
     sched.step()
     if step % args.eval_every == 0 or step == args.steps:

@@ -206,6 +206,57 @@ def test_fp16_logits_and_predict(world):
         assert (full_cos[rows].gather(1, ids.unsqueeze(1)).squeeze(1) >= best - 3e-2).all()
 
 
+def _rank_distributed_optimizer_step():
+    """One SGD step (momentum, weight decay) of backbone + sampled PartialFC through DistributedOptimizer."""
+    import shoal.torch as hvd  # noqa: PLC0415
+
+    me, world = _me_and_world()
+    x, labels, backbone_w, weight = _data(world, SAMPLED_CLASSES)
+    mine = slice(me * LOCAL_BATCH, (me + 1) * LOCAL_BATCH)
+    backbone = nn.Linear(IN_DIM, DIM, bias=False, dtype=torch.float64)
+    pfc = PartialFC(DIM, SAMPLED_CLASSES, CosFace(s=16.0, m=0.35), sample_rate=SAMPLE_RATE, dtype=torch.float64)
+    with torch.no_grad():
+        backbone.weight.copy_(backbone_w)
+        pfc.weight.copy_(weight[pfc.class_start:pfc.class_end])
+    inner = torch.optim.SGD([*backbone.parameters(), *pfc.parameters()], lr=0.5, momentum=0.9, weight_decay=0.01)
+    opt = hvd.DistributedOptimizer(inner, named_parameters=[*backbone.named_parameters(prefix="backbone"),
+                                                            *pfc.named_parameters(prefix="pfc")])
+    pfc.bind_optimizer(opt)  # the wrapper's inner optimizer is the one bound
+    pfc(backbone(x[mine]), labels[mine]).backward()
+    opt.step()
+    return backbone.weight.detach(), pfc.weight.detach(), pfc.last_sampled_classes
+
+
+def test_with_distributed_optimizer_one_step_equals_single_process_step():
+    world = 2
+    results = run_ranks(_rank_distributed_optimizer_step, world_size=world, timeout_s=60)
+    x, labels, backbone_w, weight = _data(world, SAMPLED_CLASSES)
+    sampled = torch.cat([res[2] for res in results])
+    margin = CosFace(s=16.0, m=0.35)
+    _, _, ref_bb, ref_w = _reference(margin, x, torch.searchsorted(sampled, labels), backbone_w, weight[sampled])
+    # First SGD step with momentum: buffer = grad + wd * w; w -= lr * buffer. The sampled rows only (lazy).
+    expected_bb = backbone_w - 0.5 * (ref_bb + 0.01 * backbone_w)
+    expected_w = weight.clone()
+    expected_w[sampled] = weight[sampled] - 0.5 * (ref_w + 0.01 * weight[sampled])
+    for res in results:
+        torch.testing.assert_close(res[0], expected_bb, rtol=RTOL, atol=ATOL)  # averaged, same on all
+    torch.testing.assert_close(torch.cat([res[1] for res in results]), expected_w, rtol=RTOL, atol=ATOL)
+
+
+def test_bind_refuses_an_optimizer_whose_step_runs_no_hooks():
+    class Facade(torch.optim.Optimizer):  # shares state but never ran Optimizer.__init__
+        def __init__(self, params):
+            self.param_groups = [{"params": list(params)}]
+            self.state = {}
+
+        def step(self, closure=None):
+            pass
+
+    pfc = PartialFC(DIM, 40, CosFace(), sample_rate=0.25)
+    with pytest.raises(ValueError, match="HINT: bind the optimizer it wraps"):
+        pfc.bind_optimizer(Facade(pfc.parameters()))
+
+
 def _rank_unequal_batch():
     me = dist.get_rank()
     pfc = PartialFC(DIM, 11, CosFace())

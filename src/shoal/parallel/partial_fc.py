@@ -172,6 +172,28 @@ class _LazyRowsUpdate:
                 state[k] = full
 
 
+def _stepping_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose ``step`` runs torch's step hooks: ``optimizer`` or the one it wraps.
+
+    torch runs step hooks only for classes whose ``Optimizer.__init__`` patched ``step``. A wrapper that
+    shares its inner optimizer's state without calling it (Shoal's DistributedOptimizer; Lightning and
+    accelerate wrappers) would accept hooks and never run them: sampled rows would silently be stepped
+    densely. Known wrapper attributes are followed; anything else is refused.
+    """
+    seen = optimizer
+    for _ in range(4):
+        if getattr(type(seen).step, "hooked", False):
+            return seen
+        inner = next((getattr(seen, a) for a in ("optimizer", "_inner", "_optimizer")
+                      if isinstance(getattr(seen, a, None), torch.optim.Optimizer)), None)
+        if inner is None:
+            break
+        seen = inner
+    raise ValueError(f"shoal: PartialFC.bind_optimizer: {type(optimizer).__name__}.step does not run torch's "
+                     "optimizer step hooks, and no wrapped optimizer was found. HINT: bind the optimizer it "
+                     "wraps (the torch.optim optimizer you created).")
+
+
 class _Binding:
     """Handle returned by :meth:`PartialFC.bind_optimizer`; ``remove()`` unbinds."""
 
@@ -404,7 +426,8 @@ class PartialFC(nn.Module):
 
         Unused rows keep their values and their per-element state (momentum, Adam's moments) untouched, as
         if they had not been part of the step; scalar state such as Adam's ``step`` counts every step. A
-        no-op without sampling. Call once, after creating the optimizer that holds ``self.weight``.
+        no-op without sampling. Call once, after creating the optimizer that holds ``self.weight``; a
+        wrapper such as ``shoal.torch.DistributedOptimizer`` may be passed (its inner optimizer is bound).
 
         Returns:
             A handle; ``handle.remove()`` unbinds.
@@ -418,9 +441,10 @@ class PartialFC(nn.Module):
         if self._lazy is not None:
             raise ValueError("shoal: PartialFC already has an optimizer bound. HINT: remove the previous "
                              "handles first.")
+        stepping = _stepping_optimizer(optimizer)
         lazy = _LazyRowsUpdate(self)
-        handles = (optimizer.register_step_pre_hook(lazy.before_step),
-                   optimizer.register_step_post_hook(lazy.after_step))
+        handles = (stepping.register_step_pre_hook(lazy.before_step),
+                   stepping.register_step_post_hook(lazy.after_step))
         self._lazy = lazy
         return _Binding(self, handles)
 
