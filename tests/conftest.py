@@ -6,14 +6,17 @@ import threading
 
 import pytest
 
+# Set by pytest itself, and by torch's lazy import of torch._dynamo (the first optimizer step of a process).
+_ALLOWED = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+
 
 @pytest.fixture(autouse=True)
 def _no_leaks():
-    env_before = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    env_before = {k: v for k, v in os.environ.items() if k not in _ALLOWED}
     threads_before = {t.ident for t in threading.enumerate()}
     yield
     leaked_env = sorted(k for k in os.environ if (k not in env_before or os.environ[k] != env_before[k])
-                        and k != "PYTEST_CURRENT_TEST")
+                        and k not in _ALLOWED)
     for k in leaked_env:  # restore first, so one leak does not fail every later test
         if k in env_before:
             os.environ[k] = env_before[k]
