@@ -342,12 +342,18 @@ def worker(args) -> int:
         "hardware": hardware(), "threads_per_rank": args.threads, "torch": torch.__version__,
         "python": platform.python_version(), "world_size": world, "link": link,
         "settings": {k: getattr(args, k) for k in ("warmup", "steps", "rounds", "lr", "seed", "batch_size")},
+        # Other processes on the machine inflate every mode's compute; recorded so a reader can tell.
+        "load_avg_start": [round(v, 2) for v in os.getloadavg()],
     }
     if rank == 0:
         hw = meta["hardware"]
         console.print(f"[bold]shoal synthetic benchmark[/]  {hw['cpu']}, {hw['cores']} cores, "
                       f"{args.threads} thread(s) per rank; torch {torch.__version__}; world size {world}; "
                       f"link: {link}")
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > cores:
+            console.print(f"[yellow]busy machine: load average {load:.1f} on {cores} cores; every mode's "
+                          "times are inflated (ratios suffer less)[/]")
         console.print(f"models {', '.join(args.models)}; modes {', '.join(args.modes)}; "
                       f"{args.rounds} rounds x ({args.warmup} warm-up in round 1, 1 after) + {args.steps} timed steps")
     results = {}
@@ -365,6 +371,7 @@ def worker(args) -> int:
         if progress:
             progress.stop()
     if rank == 0:
+        meta["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
         report = {**meta, "models": results}
         path = save(report, args)
         print_table(console, report)
