@@ -18,7 +18,11 @@ Design constraints:
 5. No background loop of ours: completion work (scaling) runs as a future callback on the backend's own
    completion thread, so an idle rank costs nothing (an idle Horovod rank burns ~7% of a core here for its
    1 ms cycle).
-6. Numerics equal plain allreduce: sum, then one multiply by ``postscale`` (``1/n`` for Average).
+6. One pass per gradient, on the way in. Each gradient is multiplied by ``prescale * postscale`` (``1/n``
+   for Average) as it enters its bucket: fused into the copy when autograd handed over a fresh gradient
+   (:meth:`GradientReducer.load`, as DDP fuses its division into its bucket copy), in place otherwise. The
+   algorithms then only sum. Dividing before the sum is exact for power-of-two world sizes, keeps 16-bit
+   wires from overflowing, and saves the pass over every bucket that a post-multiply would cost.
 
 What lives elsewhere: the bucket plan (:mod:`shoal.core.buckets`), the per-bucket algorithm (flat or
 hierarchical, with or without compression: :mod:`shoal.core.algorithms`), hooks into autograd (frontends).
@@ -93,6 +97,8 @@ class GradientReducer:
         self.op = op
         self.prescale = float(prescale_factor)
         self.postscale = float(postscale_factor) / (self.world if op == ReduceOp.AVERAGE else 1)
+        #: Multiplier applied to every tensor as it enters its bucket (constraint 6).
+        self.load_scale = self.prescale * self.postscale
         self.bucket_nbytes = int((fusion_threshold_mb or cfg.fusion_threshold_mb) * _MB)
         self.first_bucket_nbytes = int((first_bucket_mb or cfg.first_bucket_mb) * _MB)
         self.num_streams = int(num_streams or cfg.num_streams)
@@ -165,13 +171,36 @@ class GradientReducer:
     def in_flight(self) -> bool:
         return any(f is not None for f in self._futures)
 
-    def mark_ready(self, i: int) -> None:
-        """Tensor ``i`` holds its final local value in ``views[i]``; launch buckets that are complete."""
+    def load(self, i: int, tensor: Optional[torch.Tensor]) -> torch.Tensor:
+        """Tensor ``i``'s local value is ``tensor``: copy it into its bucket, scaled (one fused pass), and
+        mark it ready. ``None`` or the view itself: the value is already in ``views[i]``.
+
+        Returns:
+            ``views[i]`` (the frontend points the gradient at it).
+        """
+        view = self.views[i]
+        if tensor is None or (tensor.layout == torch.strided and tensor.data_ptr() == view.data_ptr()):
+            self.mark_ready(i)
+            return view
+        if tensor.is_sparse:
+            tensor = tensor.to_dense()
+        if self.load_scale != 1.0:
+            torch.mul(tensor, self.load_scale, out=view)
+        else:
+            view.copy_(tensor)
+        self.mark_ready(i, scaled=True)
+        return view
+
+    def mark_ready(self, i: int, scaled: bool = False) -> None:
+        """Tensor ``i`` holds its final local value in ``views[i]`` (already multiplied by
+        :attr:`load_scale` when ``scaled``); launch buckets that are complete."""
         if self._ready[i]:
             raise ShoalError(
                 f"shoal: gradient of '{self.specs[i].name}' became ready twice in one step on rank "
                 f"{runtime.rank()}. HINT: call optimizer.synchronize()/step() between backward passes, or "
                 "set backward_passes_per_step to the number of backward passes per step.")
+        if not scaled and self.load_scale != 1.0:
+            self.views[i].mul_(self.load_scale)
         self._ready[i] = True
         self._observed.append(i)
         b = self.bucket_of[i]
@@ -187,7 +216,7 @@ class GradientReducer:
     def _launch(self, b: int) -> None:
         plan = self.plans[b]
         ctx = ReduceContext(group=self._streams[b % self.num_streams], process_set=self.process_set,
-                            prescale=self.prescale, postscale=self.postscale, bucket_index=b,
+                            prescale=1.0, postscale=1.0, bucket_index=b,  # applied on load (constraint 6)
                             names=lambda plan=plan: [self.specs[t].name for t in plan.tensor_ids],
                             state=self._bucket_state[b])
         if self.nan_check is not None:  # before the bucket leaves the rank (shoal.core.checks)
@@ -203,6 +232,10 @@ class GradientReducer:
         Raises:
             RankFailureError: a peer died or timed out; the message names the bucket's first tensors.
         """
+        if self.load_scale != 1.0:  # tensors never marked ready travel as they are, scaled like the rest
+            for i, ready in enumerate(self._ready):
+                if not ready:
+                    self.views[i].mul_(self.load_scale)
         for b in range(len(self.plans)):
             self._pending[b] = 0
         self._launch_ready()

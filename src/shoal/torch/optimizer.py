@@ -151,6 +151,18 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def defaults(self, value):
         self._inner.defaults = value
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer."""
+        return self._inner
+
+    def register_step_pre_hook(self, hook):
+        """Registered on the wrapped optimizer, whose ``step`` runs it (after the gradients are reduced)."""
+        return self._inner.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook):
+        return self._inner.register_step_post_hook(hook)
+
     def state_dict(self):
         return self._inner.state_dict()
 
@@ -234,10 +246,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._counts[i] < self.backward_passes_per_step:
             return
         if self._synchronized:
-            raise ShoalError(
-                f"shoal: gradient of '{self._names[i]}' was computed again after optimizer.synchronize() "
-                "and before optimizer.step(). HINT: call step() (under skip_synchronize()) before the next "
-                "backward pass.")
+            # A backward after a synchronize() whose step() never ran: AMP's GradScaler skips step() on
+            # overflow. As in Horovod, that starts a new step.
+            self._synchronized = False
         if self._reducer is None:
             if self._counts[i] == self.backward_passes_per_step:
                 self._seen_order.append(i)
@@ -245,14 +256,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         j = self._slot.get(i)
         if j is None:
             return  # a sparse gradient: reduced in synchronize()
-        view = self._reducer.views[j]
-        g = p.grad
-        if g is None:
+        if p.grad is None:
             return
-        if g.data_ptr() != view.data_ptr() or g.layout != torch.strided:
-            view.copy_(g.to_dense() if g.is_sparse else g)
-            p.grad = view
-        self._reducer.mark_ready(j)
+        # A fresh gradient (after zero_grad(set_to_none=True)) is copied in with the 1/n fused; one that
+        # accumulated in place in its view is scaled there (GradientReducer.load).
+        p.grad = self._reducer.load(j, p.grad)
 
     # ------------------------------------------------------------------------- the step
     def _build_reducer(self) -> None:
@@ -282,11 +290,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._reducer.rebucket(order_slots)
         for j, i in enumerate(self._dense_ids):
             p = self._params[i]
-            view = self._reducer.views[j]
-            if p.grad is not None:
-                view.copy_(p.grad.to_dense() if p.grad.is_sparse else p.grad)
-            p.grad = view
-            self._reducer.mark_ready(j)
+            p.grad = self._reducer.load(j, p.grad)  # None: the (zero) view as it is
 
     def synchronize(self) -> None:
         """Wait until every gradient is reduced (launching what is not yet on the wire).
@@ -379,16 +383,23 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return self._reducer.nan_report if self._reducer is not None else None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients. Reduced gradients stay views into the engine's buffers (zeroed in place,
-        whatever ``set_to_none`` says), so the next backward writes straight into them."""
-        if self._reducer is not None and any(self._reducer._ready) and not self._synchronized:
+        """Zero the gradients, as ``torch.optim.Optimizer.zero_grad`` does.
+
+        ``set_to_none=True`` (the default) is the cheaper one here too: autograd then hands over fresh
+        gradients, which enter their buckets in one fused copy-and-scale pass. With ``False`` the views
+        into the buckets are zeroed in place and autograd accumulates into them (a zeroing pass plus an
+        add per step: measured slower)."""
+        # _counts, not the reducer's ready flags: they also cover step 1 (no reducer yet) and the first
+        # backward passes of backward_passes_per_step > 1 (counted but not yet marked ready).
+        if any(self._counts) and not self._synchronized:
             raise ShoalError("shoal: optimizer.zero_grad() was called after loss.backward() but before "
                              "optimizer.step() or optimizer.synchronize(). HINT: zero the gradients "
                              "before backward, or step first.")
-        if self._reducer is not None:
+        managed = set()
+        if self._reducer is not None and not set_to_none:
             for buf in self._reducer.buffers:
                 buf.zero_()
-        managed = {id(self._params[i]) for i in self._slot} if self._reducer is not None else set()
+            managed = {id(self._params[i]) for i in self._slot}
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in managed or p.grad is None:
