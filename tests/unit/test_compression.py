@@ -153,6 +153,13 @@ def test_run_stages_schedule_is_fixed_and_frees_slots():
             assert log[i - 1] == ("wait", entry[1] - 1, entry[2])
     # Chunk 0 is finished (last stage ran) before chunk 3 starts: its scratch slot is free.
     assert runs.index((2, 0)) < runs.index((0, 3))
+    # With a lead, stage 0 runs that many chunks ahead; chunk k finishes before chunk k + 3 + lead starts.
+    log.clear()
+    run_stages([stage(0), stage(1), stage(2)], 6, lead=2)
+    runs = [(s, k) for kind, s, k in log if kind == "run"]
+    assert runs[:5] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    assert sorted(runs) == sorted((s, k) for s in range(3) for k in range(6))
+    assert runs.index((2, 0)) < runs.index((0, 5))
     with pytest.raises(AssertionError, match="last stage"):
         run_stages([stage(0), lambda k: _Done(9, k)], 1)
 

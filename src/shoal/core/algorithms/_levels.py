@@ -54,9 +54,16 @@ from ._pipeline import Worker, chunk_bounds, run_stages
 
 __all__ = ["Level", "make_level", "reduce_chain", "scale_factors", "CHUNK_NBYTES"]
 
-#: Bytes of the bucket's own dtype per chunk. Measured over the emulated 1 Gbit/s link: see
-#: docs/compression.md ("chunk size").
-CHUNK_NBYTES = 4 * 1024 * 1024
+#: Fixed chunk size in bytes of the bucket's dtype; None: about ``_CHUNKS_PER_BUCKET`` chunks per bucket,
+#: clamped to ``_CHUNK_MIN_NBYTES..._CHUNK_MAX_NBYTES``. Small chunks pipeline better, big ones cost less
+#: CPU per byte (fewer operations and thread wake-ups): see docs/compression.md ("chunk size").
+CHUNK_NBYTES: Optional[int] = None
+_CHUNKS_PER_BUCKET = 8
+_CHUNK_MIN_NBYTES = 2 * 1024 * 1024
+_CHUNK_MAX_NBYTES = 16 * 1024 * 1024
+
+#: How many chunks the first stage runs ahead of the others (:func:`._pipeline.run_stages`).
+_LEAD_CHUNKS = 2
 
 #: Base of the point-to-point tags of the stages (constraint 2); stage s uses _TAG + s.
 _TAG = 0x5348
@@ -121,7 +128,9 @@ class _Works:
         self.works = works
 
     def wait(self) -> None:
-        for w in self.works:
+        # Once only: waiting again on a finished gloo receive waits for another message (and times out).
+        works, self.works = self.works, []
+        for w in works:
             w.wait()
 
 
@@ -166,7 +175,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
         state: the bucket's persistent state (error-feedback residuals live there).
         worker: the stream's worker, for scratch buffers.
         error_feedback: keep and re-add what each rounding drops.
-        chunk_nbytes: default :data:`CHUNK_NBYTES`.
+        chunk_nbytes: default :data:`CHUNK_NBYTES`, else adaptive.
 
     Returns:
         ``buffer``, holding the reduced, scaled result.
@@ -181,7 +190,9 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
             raise ValueError("reduce_chain: a full-precision level above a 16-bit one")
     sizes = [lv.size for lv in levels]
     divisor = math.prod(sizes)
-    chunk_numel = max(1, (chunk_nbytes or CHUNK_NBYTES) // buffer.element_size())
+    chunk_nbytes = chunk_nbytes or CHUNK_NBYTES or min(_CHUNK_MAX_NBYTES, max(
+        _CHUNK_MIN_NBYTES, numel * buffer.element_size() // _CHUNKS_PER_BUCKET))
+    chunk_numel = max(1, chunk_nbytes // buffer.element_size())
     bounds = chunk_bounds(numel, chunk_numel, divisor)
     padded = [-(-(hi - lo) // divisor) * divisor for lo, hi in bounds]
     # Level i works on a 1/below[i] piece of the chunk: this rank's piece after the levels beneath it.
@@ -199,10 +210,11 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
     site_total = [(bounds[-1][0] + padded[-1]) // below[i] for i in range(len(levels) + 1)]
 
     nstages = 2 * top + 2 + (1 if top_split else 0)
-    xs: list[Optional[torch.Tensor]] = [None] * nstages      # per slot: the chunk (or its padded copy)
-    wide: list[Optional[torch.Tensor]] = [None] * nstages    # per slot: the piece a stage works on, 32-bit
-    narrow: list[Optional[torch.Tensor]] = [None] * nstages  # per slot: a 16-bit result from above
-    pending: list[Any] = [None] * nstages                    # per slot: a reduce-scatter to sum
+    slots = nstages + _LEAD_CHUNKS
+    xs: list[Optional[torch.Tensor]] = [None] * slots      # per slot: the chunk (or its padded copy)
+    wide: list[Optional[torch.Tensor]] = [None] * slots    # per slot: the piece a stage works on, 32-bit
+    narrow: list[Optional[torch.Tensor]] = [None] * slots  # per slot: a 16-bit result from above
+    pending: list[Any] = [None] * slots                    # per slot: a reduce-scatter to sum
 
     def scratch(role: str, level: int, slot: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         return worker.scratch((role, level, slot), n, dtype, device)
@@ -223,7 +235,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
 
     def reduce_scatter(i: int, k: int, stage: int) -> _Works:
         """Level ``i``: send every member its piece of ``wide``; keep ours as the next ``wide``."""
-        slot, lv = k % nstages, levels[i]
+        slot, lv = k % slots, levels[i]
         src = wide[slot]
         n = src.numel()
         pieces = src.view(lv.size, -1)
@@ -245,7 +257,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
 
     # -------------------------------------------------------------------------------------- stages
     def first(k: int) -> Any:
-        slot = k % nstages
+        slot = k % slots
         lo, hi = bounds[k]
         x = buffer[lo:hi]
         if padded[k] != hi - lo:
@@ -258,7 +270,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
 
     def down(i: int, k: int, stage: int) -> Any:
         """Reduce-scatter over level ``i`` (below the top, or the top's first half); or the top's allreduce."""
-        slot, lv = k % nstages, levels[i]
+        slot, lv = k % slots, levels[i]
         finish_sum(slot)
         if i == scale_at:
             _scale(wide[slot], before)
@@ -274,7 +286,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
 
     def top_gather(k: int, stage: int) -> Any:
         """The top level's second half: round our summed piece once, gather everyone's."""
-        slot, lv = k % nstages, levels[top]
+        slot, lv = k % slots, levels[top]
         finish_sum(slot)
         own = wide[slot]
         out = scratch("send", top, slot, own.numel() * lv.size, lv.wire_dtype)  # its sends completed
@@ -285,7 +297,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
 
     def up(i: int, k: int, stage: int) -> Any:
         """Allgather over level ``i`` < top of the piece the level above returned."""
-        slot, lv = k % nstages, levels[i]
+        slot, lv = k % slots, levels[i]
         above = narrow[slot]
         if lv.wire_dtype is None:
             # Our piece of this level's input is the level above's input: x's pieces, in place.
@@ -308,7 +320,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
         return x
 
     def last(k: int) -> None:
-        slot = k % nstages
+        slot = k % slots
         lo, hi = bounds[k]
         x, target = xs[slot], buffer[lo:hi]
         if narrow[slot] is not None:  # every level was 16-bit: widen the whole chunk
@@ -327,7 +339,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
     stages.append(last)
     if len(stages) != nstages:
         raise AssertionError(f"reduce_chain: {len(stages)} stages, expected {nstages}")
-    run_stages(stages, len(bounds))
+    run_stages(stages, len(bounds), lead=_LEAD_CHUNKS)
     return buffer
 
 

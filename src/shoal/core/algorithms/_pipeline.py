@@ -9,12 +9,14 @@ chunk k on the slow wire.
 
 Design constraints:
 
-1. Same collective order on every rank. torch.distributed (gloo, NCCL) matches collectives of a group by
-   the order in which they are issued. So every collective of a stream is issued by one thread, the
-   stream's worker, in an order fixed by the schedule below and never by completion timing: step ``t``
-   runs stage ``s`` on chunk ``t - s``, for s = 0, 1, ... (stage 0 first), and a stage waits only for
-   its own chunk's previous stage. Callbacks on the backend's completion threads (what the flat
-   algorithm uses) would issue the next collective in completion order, which differs across ranks.
+1. Same collective order on every rank. torch.distributed matches a group's collectives by the order in
+   which they are issued (and point-to-point messages of one pair and tag by posting order). So every
+   operation of a stream is issued by one thread, the stream's worker, in an order fixed by the schedule
+   and never by completion timing: step ``t`` starts chunk ``t`` (stage 0) and runs stage ``s`` >= 1 on
+   chunk ``t - s - lead``, and a stage waits only for its own chunk's previous stage. (Callbacks on the
+   backend's threads would issue the next operation in completion order, which differs across ranks;
+   gloo's point-to-point works have no future to call back anyway, and report ``is_completed()`` only
+   once waited for, so the schedule cannot be driven by polling either.)
 2. One worker per stream, shared by every algorithm that uses that stream's groups (two optimizers on
    the same process set share the stream groups): jobs of a worker run one after another, in
    submission order, which is the reducer's launch order (same on every rank).
@@ -161,29 +163,29 @@ def chunk_bounds(numel: int, chunk_numel: int, multiple: int) -> list[tuple[int,
 Stage = Callable[[int], Any]
 
 
-def run_stages(stages: Sequence[Stage], nchunks: int) -> None:
+def run_stages(stages: Sequence[Stage], nchunks: int, lead: int = 0) -> None:
     """Run every stage on every chunk with the fixed schedule of constraint 1.
 
-    Step ``t`` runs stage ``s`` on chunk ``t - s`` (stage 0 first: it needs nothing, so the next chunk's
-    first collective is queued before this step waits on anything). The last stage must issue no
-    collective (it completes the chunk); so chunk ``k`` is done when chunk ``k + len(stages)`` starts,
-    and scratch slot ``k % len(stages)`` may be reused by it.
+    Args:
+        stages: ``stage(k)`` for chunk k; the last one must issue nothing (it completes the chunk).
+        nchunks: number of chunks.
+        lead: how many chunks stage 0 runs ahead of the others (their first operations are on the wire
+            before the worker waits for anything).
+
+    Chunk ``k`` starts at step ``k`` and completes at step ``k + lead + len(stages) - 1``; so at most
+    ``len(stages) + lead`` chunks are in flight, and a stage may keep per-chunk scratch in slot
+    ``k % (len(stages) + lead)``.
     """
     nstages = len(stages)
     pending: list[list[Any]] = [[None] * nchunks for _ in range(nstages)]
-    for t in range(nchunks + nstages - 1):
+    for t in range(nchunks + nstages - 1 + lead):
         for s in range(nstages):
-            k = t - s
+            k = t if s == 0 else t - s - lead
             if not 0 <= k < nchunks:
                 continue
-            if s > 0:
-                _wait(pending[s - 1][k])
+            if s > 0 and pending[s - 1][k] is not None:
+                pending[s - 1][k].wait()
                 pending[s - 1][k] = None
             pending[s][k] = stages[s](k)
             if s == nstages - 1 and pending[s][k] is not None:
                 raise AssertionError("run_stages: the last stage must not issue a collective")
-
-
-def _wait(work: Any) -> None:
-    if work is not None:
-        work.wait()
