@@ -67,6 +67,13 @@ class ShoalConfig:
               "mismatch raises a named error instead of hanging or returning garbage.")
     stall_warning_s: float = _knob(
         60.0, "Seconds a rank may wait on a bucket or collective before the stall is logged.")
+    stall_timeout_s: float = _knob(
+        0.0, "Seconds a rank may wait on a bucket before it fails, naming the ranks that never arrived; "
+             "0: 90% of timeout_s, so that the named error comes before the backend's timeout.")
+    negotiation: str = _knob(
+        "auto", "Per-step agreement on which gradients every rank produced: auto (every step until the model "
+                "looks static, then a flag in the last bucket and a check every 100 steps), always, or off.",
+        choices=("auto", "always", "off"))
     autotune: bool = _knob(
         True, "Tune bucket size and stream count online during the first steps.")
     timeline_filename: Optional[str] = _knob(

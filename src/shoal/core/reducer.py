@@ -68,6 +68,8 @@ class GradientReducer:
         fusion_threshold_mb / first_bucket_mb / num_streams / compression / hierarchical: default from
             the runtime config.
         groups: explicit grouping of tensor indices into buckets (Horovod's ``groups=``).
+        negotiator: the frontend's :class:`shoal.core.negotiation.Negotiator` (a control slot after the last
+            bucket, launch tracking, the stall inspector in :meth:`finish`), or None.
 
     Example (what a frontend does each step)::
 
@@ -83,7 +85,8 @@ class GradientReducer:
                  fusion_threshold_mb: Optional[float] = None, first_bucket_mb: Optional[float] = None,
                  num_streams: Optional[int] = None, compression: Optional[str] = None,
                  hierarchical: Optional[str] = None,
-                 groups: Optional[Sequence[Sequence[int]]] = None, nan_check: Optional[str] = None):
+                 groups: Optional[Sequence[Sequence[int]]] = None, nan_check: Optional[str] = None,
+                 negotiator=None):
         cfg = runtime.config()
         self.specs = list(specs)
         names = [s.name for s in self.specs]
@@ -114,6 +117,8 @@ class GradientReducer:
         self._observed: list[int] = []
         #: Ready order of the last finished step (indices of tensors marked ready, in order).
         self.last_order: list[int] = []
+        #: shoal.core.negotiation.Negotiator of the frontend (control slot, stall inspector), or None.
+        self.negotiator = negotiator
         self._build(order=None)
 
     # ----------------------------------------------------------------------------------- planning
@@ -124,6 +129,8 @@ class GradientReducer:
         self.order = list(order) if order is not None else list(range(len(self.specs) - 1, -1, -1))
         self.buffers: list[torch.Tensor] = [
             torch.zeros(p.numel, dtype=p.dtype, device=p.device) for p in self.plans]
+        if self.negotiator is not None and self.buffers:  # control slot after the last bucket (negotiation)
+            self.buffers[-1] = self.negotiator.extend_last_bucket(self.buffers[-1])
         self._bucket_state: list[dict] = [{} for _ in self.plans]
         self.views: list[torch.Tensor] = [torch.empty(0)] * len(self.specs)
         self.bucket_of: list[int] = [0] * len(self.specs)
@@ -223,6 +230,8 @@ class GradientReducer:
             self.nan_check.check_bucket(b, self.buffers[b], lambda plan=plan: [
                 (self.specs[t].name, self.views[t]) for t in plan.tensor_ids], last=b == len(self.plans) - 1)
         self._launched_at[b] = time.perf_counter()
+        if self.negotiator is not None:  # writes the control slot into the last bucket (negotiation)
+            self.negotiator.on_launch(b, len(self.plans))
         self._futures[b] = self._algorithm(self.buffers[b], ctx)
 
     def finish(self) -> None:
@@ -240,6 +249,8 @@ class GradientReducer:
             self._pending[b] = 0
         self._launch_ready()
         error: Optional[BaseException] = None
+        if self.negotiator is not None:  # stall inspector: warns, then fails naming the ranks missing
+            self.negotiator.wait(self._futures, lambda b: [self.specs[t].name for t in self.plans[b].tensor_ids])
         for b, fut in enumerate(self._futures):
             if fut is None:
                 continue

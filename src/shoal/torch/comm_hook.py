@@ -18,6 +18,7 @@ from shoal.core import runtime
 from shoal.core.algorithms import ReduceContext, get_algorithm
 from shoal.core.checks import FiniteCheck, NonFiniteReport, apply_nan_policy, make_finite_check
 from shoal.core.compression import resolve_compression
+from shoal.core.negotiation import check_registration
 
 __all__ = ["comm_hook", "CommHookState", "allreduce_hook"]
 
@@ -70,7 +71,8 @@ def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None
         nan_check: ``raise`` / ``skip`` / ``warn`` / ``off``; default from the config. Under ``skip`` the
             hook cannot skip your optimizer step: step only when ``state.nan_report is None``
             (the same on every rank). See docs/nan_check.md.
-        named_parameters: ``model.named_parameters()``, for names in NaN/Inf reports.
+        named_parameters: ``model.named_parameters()``, for names in NaN/Inf reports; when given, ranks
+            also check that they registered the same names, shapes and dtypes (raises ``MismatchError``).
 
     Returns:
         ``(state, hook)``: pass both to ``ddp.register_comm_hook``.
@@ -80,10 +82,13 @@ def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None
     """
     cfg = runtime.config()
     ps = runtime.get_process_set(process_set)
+    named = list(named_parameters or ())
+    if named:  # registration check (shoal.core.negotiation): one 16-byte allreduce
+        check_registration([(n, tuple(p.shape), p.dtype) for n, p in named], ps, what="DDP comm hook")
     comp = resolve_compression(compression) or cfg.compression
     hier = hierarchical or cfg.hierarchical
     streams = runtime.stream_groups(ps, int(num_streams or cfg.num_streams))
     state = CommHookState(ps, streams, get_algorithm(comp, hier, ps), comp, hier,
                           nan_check=make_finite_check(nan_check, ps),
-                          param_names={id(p): n for n, p in (named_parameters or ())})
+                          param_names={id(p): n for n, p in named})
     return state, allreduce_hook

@@ -35,6 +35,7 @@ from shoal.core.buckets import TensorSpec
 from shoal.core.checks import apply_nan_policy
 from shoal.core.compression import Compression, resolve_compression
 from shoal.core.errors import ShoalError
+from shoal.core.negotiation import Negotiator
 from shoal.core.reducer import GradientReducer, ReduceOp
 
 __all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state"]
@@ -122,6 +123,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         world = self._process_set.size()
         self._active = world > 1 or self._prescale * self._postscale != 1.0 or self._op == ReduceOp.SUM
         self._active = self._active and self._process_set.included()
+        # Registration check (collective: every argument is validated above) and per-step negotiation.
+        self._negotiator = Negotiator([(n, tuple(p.shape), p.dtype) for n, p in zip(self._names, self._params)],
+                                      self._process_set, owner=self) if self._active else None
         if self._active:
             for i, p in enumerate(self._params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(i)))
@@ -243,7 +247,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if not self._should_synchronize and self._synchronized:
             return
         self._counts[i] += 1
-        if self._counts[i] < self.backward_passes_per_step:
+        need = self.backward_passes_per_step * self._negotiator.fires(i)  # > 1: reentrant checkpointing
+        if self._counts[i] != need:
+            if self._counts[i] > need:  # fired again after it was marked ready (shoal.core.negotiation)
+                j = self._slot.get(i)
+                bucket = None if self._reducer is None or j is None else self._reducer.bucket_of[j]
+                self._negotiator.note_extra_firing(i, self._counts[i], self.backward_passes_per_step, bucket)
             return
         if self._synchronized:
             # A backward after a synchronize() whose step() never ran: AMP's GradScaler skips step() on
@@ -285,7 +294,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._reducer = GradientReducer(
             specs, op=self._op, prescale_factor=self._prescale, postscale_factor=self._postscale,
             process_set=self._process_set, compression=self._compression, groups=groups,
-            **self._engine_options)
+            negotiator=self._negotiator, **self._engine_options)
         order_slots = [self._slot[i] for i in full_order]
         self._reducer.rebucket(order_slots)
         for j, i in enumerate(self._dense_ids):
@@ -315,9 +324,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 elif p.grad.data_ptr() != view.data_ptr():
                     view.copy_(p.grad.to_dense() if p.grad.is_sparse else p.grad)
                     p.grad = view
-        self._reducer.finish()
+        # reducer.finish() plus the per-step negotiation: which gradients no rank produced.
+        none_have = self._negotiator.finish(self._reducer, self._counts, sorted(self._sparse_ids))
         if self._sparse_ids:
             self._reduce_sparse()
+        for i in none_have:  # unused on every rank: no gradient, as in single-process training
+            self._params[i].grad = None
         self._counts = [0] * len(self._params)
         self._synchronized = True
 

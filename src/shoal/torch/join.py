@@ -1,0 +1,44 @@
+"""``shoal.torch.join()``: uneven inputs, with Horovod's semantics.
+
+The mechanism (rounds of zero-gradient steps, the "joined" flag in the per-step negotiation, who joined
+last) lives in :func:`shoal.core.negotiation.join`; this is the PyTorch spelling of it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from shoal.core import negotiation, runtime
+
+__all__ = ["join"]
+
+
+def join(device: int = -1, process_set: Optional[runtime.ProcessSet] = None) -> int:
+    """Say that this rank has finished its data; return the rank that joined last.
+
+    Until every rank has called ``join()``, this rank takes part in the other ranks' optimizer steps with
+    zero gradients (every ``DistributedOptimizer`` it stepped is synchronized once per round, its own
+    ``step()`` is not called), so ranks with more batches finish them instead of hanging. ``Average`` divides
+    by the full number of ranks, joined ones included, as in Horovod. A joined rank's parameters stay where
+    its last step left them: broadcast from the returned rank afterwards if every rank needs the final model.
+
+    Args:
+        device: accepted for Horovod compatibility (where Horovod allocates its zero tensors); the zeros
+            here are the optimizer's own gradient buffers.
+        process_set: the ranks to join over (default: all).
+
+    Returns:
+        The rank of the last process that called ``join()``.
+
+    Raises:
+        ShoalError: a ``DistributedOptimizer`` was built with ``negotiation="off"``.
+        MismatchError / RankFailureError / StallError: as in ``optimizer.step()``.
+
+    Example:
+        >>> for x, y in loader:           # not the same number of batches on every rank
+        ...     opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        >>> last = hvd.join()
+        >>> hvd.broadcast_parameters(model.state_dict(), root_rank=last)
+    """
+    del device  # the zeros are the optimizers' own (zeroed) buffers
+    return negotiation.join(process_set)

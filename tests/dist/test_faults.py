@@ -1,0 +1,279 @@
+"""The fault table: each way ranks can diverge ends, within its deadline, in an error on every surviving rank
+that names the rank and the tensor -- or, for the dynamic cases, in training equal to a single-process
+reference.
+
+Ranks catch their own error and return its text, so each test asserts on what every rank was told.
+
+Tolerance of the reference comparisons (fp32): the distributed gradient is the average of the ranks' own
+gradients (zeros where a rank did not produce one), the reference the gradient of the average of the
+ranks' losses computed in one process: the same math in another summation order, a few ulps per element.
+Over <= 10 SGD steps (lr 0.1, momentum 0.9) that stays far below ``_ATOL = 1e-5`` times the parameter scale
+(measured: ~1e-7).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from shoal.testing import RanksFailed, run_ranks
+
+_ATOL = 1e-5
+
+
+def _setup():
+    import shoal.torch as hvd  # noqa: PLC0415
+
+    torch.set_num_threads(1)  # 2 ranks on 2 cores
+    return hvd, hvd.rank(), hvd.size()
+
+
+def _mlp(seed: int = 0, width: int = 16) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, 4))
+
+
+def _batch(step: int, rank: int, n: int = 4):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(n, 8, generator=g), torch.randn(n, 4, generator=g)
+
+
+def _mse(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def _error(exc: BaseException) -> dict:
+    return {"type": type(exc).__name__, "error": str(exc)}
+
+
+# --------------------------------------------------------------------------------- rank 1 skips backward
+def _rank_skip_backward(skip_step: int):
+    hvd, rank, _ = _setup()
+    model = _mlp()
+    opt = hvd.DistributedOptimizer(_sgd(model.parameters()), named_parameters=model.named_parameters())
+    step = 0
+    try:
+        for step in range(skip_step + 2):
+            opt.zero_grad()
+            if not (rank == 1 and step == skip_step):
+                _mse(model, *_batch(step, rank)).backward()
+            opt.step()
+    except hvd.ShoalError as exc:
+        return {**_error(exc), "step": step, "static": opt._negotiator.static}
+    return {"type": None, "step": step}
+
+
+@pytest.mark.parametrize("skip_step", [2, 8], ids=["negotiating", "static"])
+def test_rank_that_skips_backward_is_named_on_every_rank(skip_step):
+    # Step 2: the per-step negotiation sees it. Step 8: the model went static after step 5 (no per-step
+    # collective), rank 1's changed set rides in the last bucket's control slot and every rank negotiates.
+    results = run_ranks(_rank_skip_backward, world_size=2, timeout_s=60, pg_timeout_s=20, args=(skip_step,))
+    for r in results:
+        assert r["type"] == "MismatchError", r
+        assert r["step"] == skip_step
+        assert "rank 1 produced no gradient" in r["error"] and "rank 0 produced 4 of 4" in r["error"]
+        assert "'0.weight'" in r["error"] and "HINT" in r["error"]
+    assert results[0]["error"] == results[1]["error"]
+
+
+# --------------------------------------------------------------------------------- different parameter set
+def _rank_subset():
+    hvd, rank, _ = _setup()
+    model = _mlp(width=16 if rank == 0 else 12)  # rank 1: another hidden width, and no last bias
+    named = [(n, p) for n, p in model.named_parameters() if not (rank == 1 and n == "2.bias")]
+    try:
+        hvd.DistributedOptimizer(_sgd([p for _, p in named]), named_parameters=named)
+    except hvd.MismatchError as exc:
+        return _error(exc)
+    return {"type": None}
+
+
+def test_rank_with_a_different_parameter_subset_fails_at_registration():
+    results = run_ranks(_rank_subset, world_size=2, timeout_s=60, pg_timeout_s=20)
+    for r in results:
+        assert r["type"] == "MismatchError", r
+        text = r["error"]
+        assert "'2.bias': rank 0: float32 [4]; rank 1: missing" in text, text
+        assert "'0.weight': rank 0: float32 [16, 8]; rank 1: float32 [12, 8]" in text, text
+        assert "HINT" in text
+    assert results[0]["error"] == results[1]["error"]
+
+
+# --------------------------------------------------------------------------------- user allreduce shapes
+def _rank_user_shape():
+    hvd, rank, _ = _setup()
+    try:
+        hvd.allreduce(torch.ones(2, 3) if rank == 0 else torch.ones(3, 3), name="metrics.loss")
+    except hvd.MismatchError as exc:
+        return _error(exc)
+    return {"type": None}
+
+
+def test_shape_mismatch_in_a_user_allreduce_names_both_sides():
+    for r in run_ranks(_rank_user_shape, world_size=2, timeout_s=60, pg_timeout_s=20):
+        assert r["type"] == "MismatchError"
+        for needed in ("'metrics.loss'", "rank 0", "rank 1", "[2, 3]", "[3, 3]", "HINT"):
+            assert needed in r["error"], (needed, r["error"])
+
+
+# --------------------------------------------------------------------------------- SIGKILL mid-step
+def _rank_killed(kill_step: int):
+    hvd, rank, _ = _setup()
+    model = _mlp()
+    opt = hvd.DistributedOptimizer(_sgd(model.parameters()), named_parameters=model.named_parameters())
+    if rank == 1:  # dies inside backward, after the first gradients went on the wire
+        state = {"step": 0}
+        model[0].weight.register_post_accumulate_grad_hook(
+            lambda p: os.kill(os.getpid(), signal.SIGKILL) if state["step"] == kill_step else None)
+    try:
+        for step in range(kill_step + 2):
+            if rank == 1:
+                state["step"] = step
+            opt.zero_grad()
+            _mse(model, *_batch(step, rank)).backward()
+            opt.step()
+    except hvd.ShoalError as exc:
+        return {**_error(exc), "step": step}
+    return {"type": None}
+
+
+def test_rank_killed_mid_step_is_named_dead_by_its_peer():
+    start = time.monotonic()
+    with pytest.raises(RanksFailed) as info:
+        run_ranks(_rank_killed, world_size=2, timeout_s=60, pg_timeout_s=20, grace_s=15, args=(3,))
+    assert time.monotonic() - start < 60
+    dead, peer = info.value.by_rank(1), info.value.by_rank(0)
+    assert dead.status == "died" and dead.exitcode == -signal.SIGKILL
+    assert peer.status == "ok", peer.describe()
+    r = peer.value
+    assert r["type"] == "RankFailureError" and r["step"] == 3, r
+    assert "rank 1 (pid" in r["error"] and "died" in r["error"], r["error"]
+    assert "bucket 0 (2.bias" in r["error"] or "negotiation" in r["error"], r["error"]  # what it waited on
+
+
+# --------------------------------------------------------------------------------- uneven batch counts
+def _rank_uneven_without_join(variant: str):
+    hvd, rank, _ = _setup()
+    model = _mlp()
+    opt = hvd.DistributedOptimizer(_sgd(model.parameters()), named_parameters=model.named_parameters())
+    batches = 5 if rank == 0 else 3
+    step = 0
+    try:
+        for step in range(batches):
+            opt.zero_grad()
+            _mse(model, *_batch(step, rank)).backward()
+            opt.step()
+    except hvd.ShoalError as exc:
+        return {**_error(exc), "step": step}
+    if variant == "shutdown":  # the usual end of a script: shut down and exit
+        hvd.shutdown()
+    else:                      # still alive, busy elsewhere (evaluation, saving) until the others give up
+        time.sleep(8)
+    return {"type": None}
+
+
+@pytest.mark.parametrize("variant", ["shutdown", "lingering"])
+def test_uneven_batch_counts_without_join_name_the_rank_that_left(variant):
+    env = {"SHOAL_STALL_WARNING_S": "1", "SHOAL_STALL_TIMEOUT_S": "3"}
+    start = time.monotonic()
+    r0, r1 = run_ranks(_rank_uneven_without_join, world_size=2, timeout_s=60, pg_timeout_s=30, env=env,
+                       args=(variant,))
+    assert time.monotonic() - start < 60
+    assert r1["type"] is None
+    assert r0["step"] == 3, r0
+    if variant == "shutdown":
+        assert r0["type"] == "RankFailureError", r0
+        assert "rank 1 (pid" in r0["error"] and "join()" in r0["error"], r0["error"]
+    else:
+        assert r0["type"] == "StallError", r0
+        assert "rank 1 has not reached synchronize() of this step" in r0["error"], r0["error"]
+        assert "rank 1 last arrived in step 2" in r0["error"] or "step 3" in r0["error"], r0["error"]
+        assert "bucket 0 ('2.bias'" in r0["error"] or "negotiation" in r0["error"], r0["error"]
+        assert "join()" in r0["error"]
+
+
+def _rank_uneven_with_join(batches: tuple[int, int]):
+    hvd, rank, world = _setup()
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    opt = hvd.DistributedOptimizer(_sgd(model.parameters()), named_parameters=model.named_parameters())
+    for step in range(batches[rank]):
+        opt.zero_grad()
+        _mse(model, *_batch(step, rank)).backward()
+        opt.step()
+    from shoal.torch.join import join  # noqa: PLC0415 (hvd.join once the package exports it)
+
+    last = join()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=last)
+    # Reference: the ranks' losses averaged over the full world (a joined rank contributes zeros and
+    # Average still divides by the world size, as in Horovod).
+    ref_opt = _sgd(ref.parameters())
+    for step in range(max(batches)):
+        ref_opt.zero_grad()
+        sum(_mse(ref, *_batch(step, r)) for r in range(world) if step < batches[r]).div(world).backward()
+        ref_opt.step()
+    return {"last": last, "diff": _max_diff(model, ref), "static": opt._negotiator.static,
+            "negotiations": opt._negotiator.negotiations}
+
+
+@pytest.mark.parametrize("batches", [(10, 7), (3, 0)], ids=["joins-while-static", "joins-before-step-1"])
+def test_uneven_batch_counts_with_join_complete_with_correct_results(batches):
+    results = run_ranks(_rank_uneven_with_join, world_size=2, timeout_s=60, pg_timeout_s=20, args=(batches,))
+    for r in results:
+        assert r["last"] == 0  # rank 0 had more batches: it joined last
+        assert r["diff"] <= _ATOL, r
+
+
+# --------------------------------------------------------------------------------- unused on one rank
+class _TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = torch.nn.Linear(8, 16)
+        self.a = torch.nn.Linear(16, 4)
+        self.b = torch.nn.Linear(16, 4)
+
+    def forward(self, x, use_b: bool):
+        h = torch.tanh(self.trunk(x))
+        return self.a(h) + (self.b(h) if use_b else 0)
+
+
+def _rank_unused_on_one_rank(steps: int):
+    hvd, rank, world = _setup()
+    model = _TwoHeads()
+    ref = copy.deepcopy(model)
+    opt = hvd.DistributedOptimizer(_sgd(model.parameters()), named_parameters=model.named_parameters())
+    ref_opt = _sgd(ref.parameters())
+
+    def loss(m, step, r):
+        x, y = _batch(step, r)
+        return torch.nn.functional.mse_loss(m(x, use_b=(r == 0)), y)  # head b: rank 0 only
+
+    for step in range(steps):
+        opt.zero_grad()
+        loss(model, step, rank).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        sum(loss(ref, step, r) for r in range(world)).div(world).backward()  # b's grad from rank 1: zero
+        ref_opt.step()
+    return {"diff": _max_diff(model, ref), "static": opt._negotiator.static,
+            "b_moved": not torch.equal(model.b.weight, _TwoHeads().b.weight)}
+
+
+def test_parameters_unused_on_one_rank_train_like_the_reference_with_zero_grads():
+    for r in run_ranks(_rank_unused_on_one_rank, world_size=2, timeout_s=60, args=(9,)):
+        assert r["diff"] <= _ATOL, r
+        assert r["static"] and r["b_moved"]
