@@ -52,7 +52,8 @@ from shoal.core.collectives import (
 )
 from shoal.core.checks import NonFiniteGradientError, NonFiniteReport
 from shoal.core.compression import Compression
-from shoal.core.errors import MismatchError, NotInitializedError, RankFailureError, ShoalError
+from shoal.core.errors import MismatchError, NotInitializedError, RankFailureError, ShoalError, StallError
+from shoal.torch.join import join
 from shoal.torch.nan_drilldown import NanDrilldown, drill_down
 from shoal.torch.functions import allgather, allreduce, alltoall, broadcast, reducescatter
 from shoal.torch.comm_hook import comm_hook
@@ -69,6 +70,6 @@ __all__ = [
     "allgather", "allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_",
     "alltoall", "alltoall_async", "reducescatter", "reducescatter_async", "barrier",
     "broadcast_object", "allgather_object", "poll", "synchronize",
-    "ShoalError", "MismatchError", "NotInitializedError", "RankFailureError",
+    "ShoalError", "MismatchError", "NotInitializedError", "RankFailureError", "StallError", "join",
     "NonFiniteGradientError", "NonFiniteReport", "NanDrilldown", "drill_down",
 ]
