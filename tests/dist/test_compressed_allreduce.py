@@ -2,8 +2,9 @@
 error feedback, the optimizer and the DDP hook.
 
 Tolerance of a 16-bit average (written out). Unit roundoff u = 2**-11 (float16), 2**-8 (bfloat16).
-Each rank's contribution x_j / n travels rounded once (relative error <= u; a rank's own piece does not
-travel), the float32 sum of the n contributions is rounded once more by its owner. So, elementwise,
+Each rank's contribution x_j / n travels rounded once (relative error <= u; with more than two ranks a
+rank's own piece does not travel), the float32 sum of the n contributions is rounded once more by its
+owner (with two ranks it is not: both add the same two rounded values and keep the float32 sum). So, elementwise,
 |result - mean| <= u * sum_j |x_j| / n + u * |sum| (1 + u) <= 2.01 * u * max_j |x_j|, plus 2**-24 for
 float16 subnormals; float32 sums add ~1e-7 relative, far below.
 """
@@ -122,21 +123,23 @@ def _error_feedback(error_feedback: bool, steps: int):
         total += out.double()
         if step == 0 and error_feedback:
             res = states[0]["error_feedback"]["cast0"][:4099].clone()
-            # What step 1's rounding dropped: x/n minus its float16 value, for the pieces that travel;
-            # our own piece stays in float32 (nothing dropped).
-            dropped = (x / n) - (x / n).half().float()
-            per = -(-4099 // n)
-            mine = slice(rank * per, (rank + 1) * per)
-            dropped[mine] = 0.0
+            # What step 1's rounding dropped: x/n minus its float16 value. (With two ranks the whole
+            # chunk travels and is rounded; with more, our own piece stays float32: nothing dropped.)
+            v = x * (1.0 / n)  # the pre-scaling, as the algorithm does it (a multiply in float32)
+            dropped = v - v.half().float()
+            if n > 2:
+                per = -(-4099 // n)
+                dropped[rank * per:(rank + 1) * per] = 0.0
             first_residual = float((res - dropped).abs().max())
     err = float((total - steps * mean).abs().max())
     return err, first_residual, float(mean.abs().max())
 
 
-def test_error_feedback_accumulates_what_was_dropped():
+@pytest.mark.parametrize("world", [2, 3])
+def test_error_feedback_accumulates_what_was_dropped(world):
     steps = 40
-    with_ef = run_ranks(_error_feedback, world_size=2, timeout_s=60, args=(True, steps))
-    without = run_ranks(_error_feedback, world_size=2, timeout_s=60, args=(False, steps))
+    with_ef = run_ranks(_error_feedback, world_size=world, timeout_s=60, args=(True, steps))
+    without = run_ranks(_error_feedback, world_size=world, timeout_s=60, args=(False, steps))
     for (err_ef, first_residual, scale), (err_plain, _, _) in zip(with_ef, without):
         # The residual after step 1 is exactly what rounding dropped.
         assert first_residual == 0.0

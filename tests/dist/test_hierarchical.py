@@ -101,13 +101,15 @@ def test_uneven_layouts_fall_back_to_flat(world, local_size):
         assert r["fell_back"] and r["exact"]
 
 
-@pytest.mark.parametrize("compression", ["mixed_fp16", "fp16", "mixed_bf16"])
-def test_hierarchical_with_compression_within_16bit_tolerance(compression):
-    results = run_ranks(_versus_flat, world_size=4, timeout_s=60, args=(compression, False),
+@pytest.mark.parametrize("compression,world", [("mixed_fp16", 4), ("fp16", 4), ("mixed_bf16", 4),
+                                               ("mixed_fp16", 6), ("fp16", 6)])
+def test_hierarchical_with_compression_within_16bit_tolerance(compression, world):
+    # 2 nodes (the cross level is one exchange) and 3 nodes (reduce-scatter + allgather across nodes).
+    results = run_ranks(_versus_flat, world_size=world, timeout_s=60, args=(compression, False),
                         env={"SHOAL_LOCAL_SIZE": "2"})
-    # Sum over 4 ranks (op_sum): 16-bit values are divided by 4 before the cast and multiplied after,
-    # so the absolute bound scales with n = 4; "fp16" rounds the node's partial sum once more.
-    u, n = _U[compression], 4
+    # Sum over n ranks (op_sum): 16-bit values are divided by n before the cast and multiplied after,
+    # so the absolute bound scales with n; "fp16" rounds the node's partial sum once more.
+    u, n = _U[compression], world
     extra = 1.0 if compression == "fp16" else 0.0
     for r in results:
         assert not r["fell_back"]

@@ -36,6 +36,10 @@ Design constraints:
    Each rank owns the same shards every step, so a residual always meets the elements it came from.
 7. A chunk's length is a multiple of the product of the level sizes (so that every reduce-scatter splits
    evenly); only the bucket's last chunk is padded, through a scratch copy.
+8. Two members at the top level (two nodes, or a flat 16-bit allreduce of two ranks): the reduce-scatter
+   and allgather become one exchange of the whole 16-bit piece, both ranks add the same two rounded
+   values in float32 and keep the float32 sum: the same bytes on the wire (the piece each way), one stage
+   and one wake-up less per chunk, and one rounding less.
 
 What lives elsewhere: worker threads, chunk schedule and scratch (:mod:`._pipeline`), choosing the
 levels (:func:`shoal.core.algorithms.get_algorithm`).
@@ -199,7 +203,11 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
     below = [math.prod(sizes[:i]) for i in range(len(levels) + 1)]
     device = buffer.device
     top = len(levels) - 1
-    top_split = levels[top].wire_dtype is not None and not levels[top].native_sum
+    sixteen_top = levels[top].wire_dtype is not None and not levels[top].native_sum
+    # Two members at the top: one exchange of the whole piece, both add the same two 16-bit values
+    # (constraint 8). More members: reduce-scatter, then allgather of the rounded sums.
+    top_pair = sixteen_top and levels[top].size == 2
+    top_split = sixteen_top and not top_pair
     # Scale where the first 16-bit level starts (constraint 4): for mixed precision that is 1/G of the
     # chunk, after the node's full-precision sum, instead of the whole chunk.
     scale_at = next((i for i, lv in enumerate(levels) if lv.wire_dtype is not None), 0)
@@ -214,7 +222,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
     xs: list[Optional[torch.Tensor]] = [None] * slots      # per slot: the chunk (or its padded copy)
     wide: list[Optional[torch.Tensor]] = [None] * slots    # per slot: the piece a stage works on, 32-bit
     narrow: list[Optional[torch.Tensor]] = [None] * slots  # per slot: a 16-bit result from above
-    pending: list[Any] = [None] * slots                    # per slot: a reduce-scatter to sum
+    pending: list[Any] = [None] * slots                    # per slot: the sum to finish after a wait
 
     def scratch(role: str, level: int, slot: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         return worker.scratch((role, level, slot), n, dtype, device)
@@ -225,13 +233,14 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
         return residuals.view(site, site_total[depth], bounds[k][0] // below[depth], n)
 
     def finish_sum(slot: int) -> None:
-        """Add what the peers sent for this rank's piece to it (float32, in place)."""
+        """Complete the sum of the exchange this slot's last stage waited for (float32, in place)."""
         if pending[slot] is not None:
-            own, received = pending[slot]
-            for j, part in enumerate(received):
-                if part is not None:
-                    own.add_(part)
+            pending[slot]()
             pending[slot] = None
+
+    def add_parts(own: torch.Tensor, parts: list) -> None:
+        for part in parts:
+            own.add_(part)
 
     def reduce_scatter(i: int, k: int, stage: int) -> _Works:
         """Level ``i``: send every member its piece of ``wide``; keep ours as the next ``wide``."""
@@ -251,9 +260,21 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
             send = send16.view(lv.size, -1)
             recv = scratch("recv", i, slot, n, lv.wire_dtype).view(lv.size, -1)
         own = pieces[lv.index]
-        pending[slot] = (own, [None if j == lv.index else recv[j] for j in range(lv.size)])
+        pending[slot] = lambda: add_parts(own, [recv[j] for j in range(lv.size) if j != lv.index])
         wide[slot] = own
         return _exchange(lv, send, recv, _TAG + stage)
+
+    def pair_exchange(k: int, stage: int) -> _Works:
+        """Top level of two members: swap the whole 16-bit piece; both compute a + b from the same
+        two rounded values (commutative, so bitwise the same on both)."""
+        slot, lv = k % slots, levels[top]
+        src = wide[slot]
+        n = src.numel()
+        send16 = scratch("send", top, slot, n, lv.wire_dtype)
+        _cast(send16, src, residual(f"cast{top}", top, k, n))
+        recv16 = scratch("recv", top, slot, n, lv.wire_dtype)
+        pending[slot] = lambda: src.copy_(send16).add_(recv16)
+        return _exchange(lv, [send16] * 2, [recv16] * 2, _TAG + stage)
 
     # -------------------------------------------------------------------------------------- stages
     def first(k: int) -> Any:
@@ -276,6 +297,8 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
             _scale(wide[slot], before)
         if i < top or top_split:
             return reduce_scatter(i, k, stage)
+        if top_pair:
+            return pair_exchange(k, stage)
         src = wide[slot]
         if lv.wire_dtype is None:
             return dist.all_reduce(src, group=lv.group, async_op=True)
@@ -298,6 +321,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
     def up(i: int, k: int, stage: int) -> Any:
         """Allgather over level ``i`` < top of the piece the level above returned."""
         slot, lv = k % slots, levels[i]
+        finish_sum(slot)
         above = narrow[slot]
         if lv.wire_dtype is None:
             # Our piece of this level's input is the level above's input: x's pieces, in place.
@@ -306,9 +330,13 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
                 pieces[lv.index].copy_(above)
                 narrow[slot] = None
             return _exchange(lv, [pieces[lv.index]] * lv.size, pieces, _TAG + stage)
-        out = scratch("send", i, slot, above.numel() * lv.size, lv.wire_dtype)  # its sends completed
+        mine = wide_of(slot, i + 1)  # this level's share; the level above's result if that was float32
+        out = scratch("send", i, slot, mine.numel() * lv.size, lv.wire_dtype)  # its sends completed
         pieces = out.view(lv.size, -1)
-        pieces[lv.index].copy_(above)
+        if above is not None:
+            pieces[lv.index].copy_(above)
+        else:  # a float32 result from the top (a pair exchange): round it once for this 16-bit level
+            _cast(pieces[lv.index], mine, residual(f"result{top}", i + 1, k, mine.numel()))
         narrow[slot] = out
         return _exchange(lv, [pieces[lv.index]] * lv.size, pieces, _TAG + stage)
 
@@ -321,6 +349,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
 
     def last(k: int) -> None:
         slot = k % slots
+        finish_sum(slot)
         lo, hi = bounds[k]
         x, target = xs[slot], buffer[lo:hi]
         if narrow[slot] is not None:  # every level was 16-bit: widen the whole chunk
