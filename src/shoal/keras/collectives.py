@@ -1,0 +1,138 @@
+"""Horovod's collectives on Keras backend tensors: ``allreduce``, ``allgather``, ``broadcast``,
+``broadcast_variables``.
+
+Each converts to torch (DLPack, :mod:`shoal.keras._bridge`), calls :mod:`shoal.core.collectives` (one
+code path per collective, with its cross-rank signature check) and converts back. Inside a compiled
+function the call goes through the bridge's host call (``tf.py_function``, ``io_callback``), so these work
+in ``tf.function`` and ``jax.jit`` too, except ``allgather`` under ``jax.jit`` (its output shape depends on
+the other ranks, and JAX needs it at trace time).
+
+What lives elsewhere: the collectives themselves (:mod:`shoal.core.collectives`), gradient averaging
+(:mod:`shoal.keras.optimizer`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from shoal.core import collectives as _coll
+from shoal.core import runtime
+from shoal.core.errors import ShoalError
+
+from . import _bridge
+
+__all__ = ["allreduce", "allgather", "broadcast", "broadcast_variables"]
+
+
+def _value(x: Any) -> Any:
+    """A keras.Variable's backend value; anything else as it is."""
+    if isinstance(x, _bridge.import_keras().Variable):
+        return x.value
+    return x
+
+
+def _spec(x: Any) -> tuple[tuple[int, ...], str]:
+    keras = _bridge.import_keras()
+    return tuple(int(d) for d in x.shape), keras.backend.standardize_dtype(x.dtype)
+
+
+def allreduce(value: Any, name: Optional[str] = None, op: Any = None, average: Optional[bool] = None,
+              prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+              process_set: Optional[runtime.ProcessSet] = None) -> Any:
+    """Reduce a backend tensor (or a keras.Variable's value) across ranks; returns a new backend tensor.
+
+    Args:
+        value: a TF / JAX / torch tensor, numpy array or ``keras.Variable``; same shape and dtype everywhere.
+        op: ``Average`` (default), ``Sum``, ``Min``, ``Max``, ``Product``.
+        average: Horovod's deprecated spelling of ``op`` (True = Average, False = Sum).
+
+    Example:
+        >>> mean_loss = hvd.allreduce(loss, name="loss")
+    """
+    keras = _bridge.import_keras()
+    x = _value(value)
+    if isinstance(x, (int, float, np.ndarray, np.generic)):
+        x = keras.ops.convert_to_tensor(x)
+
+    def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [_coll.allreduce(ts[0].to(runtime.device()), average=average, name=name, op=op,
+                                prescale_factor=prescale_factor, postscale_factor=postscale_factor,
+                                process_set=process_set).to(ts[0].device)]
+
+    return _bridge.run_on_host(host, [x], [_spec(x)], keras.backend.backend(), what="allreduce")[0]
+
+
+def allgather(value: Any, name: Optional[str] = None,
+              process_set: Optional[runtime.ProcessSet] = None) -> Any:
+    """Concatenate every rank's tensor along the first dimension (which may differ across ranks).
+
+    Raises:
+        ShoalError: called under ``jax.jit`` (the output shape is not known at trace time).
+
+    Example:
+        >>> all_preds = hvd.allgather(preds)
+    """
+    keras = _bridge.import_keras()
+    backend = keras.backend.backend()
+    x = _value(value)
+    if isinstance(x, (int, float, np.ndarray, np.generic)):
+        x = keras.ops.convert_to_tensor(x)
+    if backend == "jax" and _bridge.is_symbolic(x):
+        raise ShoalError("shoal: allgather inside jax.jit: its first dimension depends on the other ranks, "
+                         "and JAX needs output shapes at trace time. HINT: call it outside jit (e.g. in a "
+                         "callback), or allreduce a fixed-size tensor instead.")
+    shape, dtype = _spec(x)
+
+    def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [_coll.allgather(ts[0].to(runtime.device()), name=name, process_set=process_set).to(ts[0].device)]
+
+    return _bridge.run_on_host(host, [x], [((None,) + shape[1:], dtype)], backend, what="allgather")[0]
+
+
+def broadcast(value: Any, root_rank: int, name: Optional[str] = None,
+              process_set: Optional[runtime.ProcessSet] = None) -> Any:
+    """``root_rank``'s tensor on every rank (a new backend tensor).
+
+    Example:
+        >>> w0 = hvd.broadcast(w, root_rank=0)
+    """
+    keras = _bridge.import_keras()
+    x = _value(value)
+    if isinstance(x, (int, float, np.ndarray, np.generic)):
+        x = keras.ops.convert_to_tensor(x)
+
+    def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [_coll.broadcast(ts[0].to(runtime.device()), root_rank, name=name,
+                                process_set=process_set).to(ts[0].device)]
+
+    return _bridge.run_on_host(host, [x], [_spec(x)], keras.backend.backend(), what="broadcast")[0]
+
+
+def broadcast_variables(variables: Sequence[Any], root_rank: int = 0,
+                        process_set: Optional[runtime.ProcessSet] = None) -> None:
+    """Overwrite ``variables`` (keras.Variables) with ``root_rank``'s values, in one collective.
+
+    The values travel as raw bytes in one flat buffer (a broadcast does no arithmetic, so one buffer
+    serves every dtype); eager only (call it outside compiled code, e.g. in a callback).
+
+    Example:
+        >>> hvd.broadcast_variables(model.weights + model.optimizer.variables, root_rank=0)
+    """
+    keras = _bridge.import_keras()
+    variables = [v for v in variables if v is not None]
+    if not variables:
+        return
+    # np.ascontiguousarray would turn 0-d values (the iteration counter) into shape (1,)
+    arrays = [np.asarray(keras.ops.convert_to_numpy(v), order="C") for v in variables]
+    chunks = [torch.from_numpy(a.reshape(-1).view(np.uint8)) for a in arrays]
+    flat = torch.cat(chunks).to(runtime.device()) if chunks else torch.empty(0, dtype=torch.uint8)
+    _coll.broadcast_(flat, root_rank, name=f"broadcast_variables.{len(variables)}", process_set=process_set)
+    flat = flat.cpu()
+    offset = 0
+    for v, a in zip(variables, arrays):
+        n = a.nbytes
+        v.assign(flat[offset:offset + n].numpy().view(a.dtype).reshape(a.shape))
+        offset += n

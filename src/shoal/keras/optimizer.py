@@ -1,0 +1,455 @@
+"""``DistributedOptimizer`` for Keras 3: gradients averaged across ranks on the TensorFlow, JAX and PyTorch
+backends, by the same engine as ``shoal.torch`` (:class:`shoal.core.reducer.GradientReducer`).
+
+Design constraints:
+
+1. One path into the engine. Every backend ends in the reducer's ``views`` / ``mark_ready`` / ``finish``;
+   what differs is only how gradients reach it (:mod:`shoal.keras._bridge`): TF and JAX hand them over in
+   one host call per step (``tf.py_function`` / ``io_callback(ordered=True)``), torch marks them ready from
+   autograd hooks while backward runs (the engine's overlap), as ``shoal.torch`` does.
+2. Patch the user's optimizer instance; build no class. ``DistributedOptimizer(opt)`` replaces two bound
+   methods of ``opt`` (``apply`` and ``stateless_apply``) and returns ``opt``. Why not a wrapper class:
+   Keras' optimizer surface is large and backend-specific (variables, iterations, learning rate, build,
+   save/load of its variables, ``get_config``, tf.distribute hooks); Keras' own wrapper,
+   ``LossScaleOptimizer``, needs ~300 lines with backend branches for it, and any member a wrapper forgets
+   to forward would silently bypass the averaging. Patching keeps the user's class (``isinstance`` checks,
+   ``get_config``, checkpoints: a saved model reloads with a plain optimizer) and cannot miss a path,
+   because every update goes through one of the two methods (constraint 3). Horovod built a subclass at
+   run time with ``type(...)``; that class cannot be deserialised by name.
+3. Hook ``apply`` AND ``stateless_apply``. The TF and torch trainers call ``apply_gradients`` -> ``apply``;
+   the JAX trainer calls ``stateless_apply``. The base ``stateless_apply`` calls ``self.apply`` inside a
+   ``StatelessScope`` (reduced once: a guard skips the inner call), but ``LossScaleOptimizer`` overrides it
+   and calls its inner optimizer's ``stateless_apply``, never its own ``apply``: hooking ``apply`` alone,
+   JAX + loss scaling trains every rank on its own gradients without any error.
+4. Reduce before anything reads the gradients: the loss-scale optimizer's finite check, clipping, Keras'
+   accumulation. Every rank then sees the same values and takes the same branch (apply or skip, loss
+   scale up or down). Hence wrap the ``LossScaleOptimizer``, not its inner optimizer;
+   ``compile(auto_scale_loss=True)`` under ``mixed_float16`` wraps ours the wrong way round, which the
+   callbacks of :mod:`shoal.keras.callbacks` detect before the first step.
+5. Gradient accumulation (Keras' ``gradient_accumulation_steps``; ``backward_passes_per_step`` sets it):
+   ``apply`` runs on every micro-batch. Reduce once per real step: on the update micro-step only, reduce
+   ``g + s * acc`` (the rank's whole window; ``s`` the optimizer's fixed ``loss_scale_factor``, 1 without),
+   then zero the accumulator, so that Keras' own ``(g + acc) / k`` becomes ``(reduced + 0) / k``, exactly.
+   Exception, measured by reasoning rather than luck: under a ``LossScaleOptimizer`` the skip decision is
+   taken on every micro-batch and moves the inner optimizer's micro-step counter; ranks that disagreed
+   once would disagree on which micro-step is the update step from then on. So with a loss-scale
+   optimizer every micro-batch is reduced (the accumulation then runs on averaged micro-gradients).
+6. The engine's NaN/Inf check (``nan_check``: raise / warn / skip / off, :mod:`shoal.core.checks`) runs on
+   the local gradients before they travel. Under a ``LossScaleOptimizer`` it defaults to ``off``:
+   non-finite gradients are how loss scaling finds its scale, and the optimizer skips those steps itself,
+   on every rank alike (constraint 4). ``skip`` skips the update on every rank (with accumulation it also
+   counts the micro-step, so that the update steps stay aligned).
+7. World size 1 costs nothing: the patched methods call the originals.
+
+Glossary:
+    exchange      this module's per-optimizer state: the reducers (one per set of variables that get
+                  gradients, normally one), the torch hooks, counters
+    update step   the micro-step on which Keras applies the accumulated gradients
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any, Optional, Sequence
+
+import torch
+
+from shoal.core import runtime
+from shoal.core.buckets import TensorSpec
+from shoal.core.checks import apply_nan_policy
+from shoal.core.collectives import ReduceOp as _HvdOp
+from shoal.core.compression import Compression, resolve_compression
+from shoal.core.errors import ShoalError
+from shoal.core.reducer import GradientReducer, ReduceOp
+
+from . import _bridge
+
+__all__ = ["DistributedOptimizer", "is_distributed", "exchange_stats"]
+
+log = logging.getLogger(__name__)
+
+_ATTR = "_shoal_exchange"
+
+
+def _op_name(op: Any) -> str:
+    if op is None:
+        return ReduceOp.AVERAGE
+    name = str(getattr(op, "name", op)).lower()
+    if name in ("average", "avg", "mean") or op is _HvdOp.Average:
+        return ReduceOp.AVERAGE
+    if name == "sum" or op is _HvdOp.Sum:
+        return ReduceOp.SUM
+    raise ValueError(f"shoal: DistributedOptimizer supports op=Average or Sum, got {op!r}")
+
+
+def DistributedOptimizer(optimizer, compression=Compression.none, backward_passes_per_step: int = 1,
+                         op=None, gradient_predivide_factor: float = 1.0,
+                         process_set: Optional[runtime.ProcessSet] = None, nan_check: Optional[str] = None,
+                         name: Optional[str] = None, **engine_options):
+    """Make ``optimizer`` average its gradients across ranks before applying them; returns ``optimizer``.
+
+    Args:
+        optimizer: a Keras 3 optimizer, or a ``keras.optimizers.LossScaleOptimizer`` (wrap that, not its
+            inner optimizer: see docs/keras.md).
+        compression: ``Compression.none`` / ``.fp16`` / ``.bf16`` / ``.mixed_fp16`` / ``.mixed_bf16``.
+        backward_passes_per_step: micro-batches per update; sets Keras' ``gradient_accumulation_steps``
+            (on the inner optimizer of a loss-scale optimizer). Gradients are averaged over the
+            micro-batches, as Keras does, and reduced once per update.
+        op: ``Average`` (default) or ``Sum``.
+        gradient_predivide_factor: divide by this before the sum and by ``size / factor`` after.
+        process_set: ranks to average over (default: all).
+        nan_check: ``raise`` / ``warn`` / ``skip`` / ``off``; default the runtime config, or ``off``
+            for a loss-scale optimizer.
+        name: accepted for Horovod compatibility; unused.
+        **engine_options: ``fusion_threshold_mb``, ``first_bucket_mb``, ``num_streams``,
+            ``hierarchical``, ``error_feedback``: override the runtime config for this optimizer.
+
+    Returns:
+        ``optimizer`` itself, with ``apply`` and ``stateless_apply`` patched.
+
+    Raises:
+        ValueError: the optimizer is already distributed, or ``backward_passes_per_step`` conflicts with
+            an already built optimizer.
+
+    Example:
+        >>> import shoal.keras as hvd
+        >>> hvd.init()
+        >>> opt = hvd.DistributedOptimizer(keras.optimizers.SGD(0.01 * hvd.size()))
+        >>> model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        >>> model.fit(x, y, callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
+    """
+    keras = _bridge.import_keras()
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(f"shoal: DistributedOptimizer needs a keras.optimizers.Optimizer, got "
+                        f"{type(optimizer).__name__}. HINT: for torch.optim optimizers use shoal.torch.")
+    if getattr(optimizer, _ATTR, None) is not None:
+        raise ValueError(f"shoal: optimizer {optimizer.name!r} is already a DistributedOptimizer. HINT: wrap "
+                         "it once; DistributedOptimizer returns the same object.")
+    lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    if backward_passes_per_step < 1:
+        raise ValueError(f"shoal: backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
+    if backward_passes_per_step > 1:
+        _set_accumulation(optimizer.inner_optimizer if lso else optimizer, int(backward_passes_per_step))
+    op_name = _op_name(op)
+    if gradient_predivide_factor != 1.0 and op_name != ReduceOp.AVERAGE:
+        raise ValueError("shoal: gradient_predivide_factor needs op=Average")
+    ex = _Exchange(optimizer, backend=keras.backend.backend(), lso=lso, op=op_name,
+                   prescale=1.0 / gradient_predivide_factor, postscale=gradient_predivide_factor,
+                   compression=resolve_compression(compression), process_set=process_set,
+                   nan_check=nan_check, engine_options=engine_options)
+    object.__setattr__(optimizer, _ATTR, ex)
+    # Constraint 2: bound methods on the instance shadow the class's; object.__setattr__ keeps them out of
+    # Keras' and TF's attribute tracking (they are not state to save).
+    object.__setattr__(optimizer, "apply", types.MethodType(_patched_apply, optimizer))
+    if ex.backend != "tensorflow":  # TF's optimizer refuses stateless_apply (tf.distribute); leave it so
+        object.__setattr__(optimizer, "stateless_apply", types.MethodType(_patched_stateless_apply, optimizer))
+    return optimizer
+
+
+def is_distributed(optimizer) -> bool:
+    """True when ``optimizer`` went through :func:`DistributedOptimizer`."""
+    return getattr(optimizer, _ATTR, None) is not None
+
+
+def exchange_stats(optimizer) -> dict[str, int]:
+    """Counters of a distributed optimizer: ``reductions`` (steps whose gradients were reduced) and
+    ``hooked`` (torch backend: gradients marked ready from backward hooks, i.e. overlapped)."""
+    ex = getattr(optimizer, _ATTR, None)
+    if ex is None:
+        raise ValueError("shoal: exchange_stats() needs an optimizer wrapped by DistributedOptimizer")
+    return {"reductions": ex.reductions, "hooked": ex.hooked}
+
+
+def _set_accumulation(opt, steps: int) -> None:
+    current = opt.gradient_accumulation_steps
+    if current == steps:
+        return
+    if current or opt.built:
+        raise ValueError(
+            f"shoal: backward_passes_per_step={steps} but optimizer {opt.name!r} "
+            + (f"has gradient_accumulation_steps={current}" if current else "is already built without "
+               "gradient accumulation")
+            + ". HINT: pass gradient_accumulation_steps to the optimizer's constructor, or wrap it before "
+              "model.compile()/fit() builds it.")
+    opt.gradient_accumulation_steps = steps
+
+
+# ------------------------------------------------------------------------------------------- state access
+
+class _Stateful:
+    """Reads and writes optimizer variables in place (TF, torch, eager JAX)."""
+
+    @staticmethod
+    def read(var):
+        return var.value
+
+    @staticmethod
+    def write(var, value) -> None:
+        var.assign(value)
+
+
+class _Stateless:
+    """Reads and writes the explicit state of ``stateless_apply`` (JAX): ``values`` follows
+    ``optimizer.variables``."""
+
+    def __init__(self, optimizer, values: Sequence[Any]):
+        self.values = list(values)
+        self._index = {id(v): i for i, v in enumerate(optimizer.variables)}
+
+    def read(self, var):
+        return self.values[self._index[id(var)]]
+
+    def write(self, var, value) -> None:
+        self.values[self._index[id(var)]] = value
+
+
+# ------------------------------------------------------------------------------------------- the patches
+
+def _patched_apply(self, grads, trainable_variables=None):
+    ex: _Exchange = getattr(self, _ATTR)
+    if ex.bypass or not ex.active:
+        return ex.original_apply(grads, trainable_variables)
+    if not self.built and trainable_variables is not None:
+        # Built here rather than in the original apply: the accumulators must exist before we read them.
+        keras = _bridge.import_keras()
+        with keras.name_scope(self.name, caller=self):
+            self.build(list(trainable_variables))
+        self.built = True
+    tvars = list(trainable_variables) if trainable_variables is not None else list(self._trainable_variables)
+    new_grads, skip = ex.reduce(list(grads), tvars, _Stateful())
+    if skip is None:
+        return ex.original_apply(new_grads, trainable_variables)
+    ops = _bridge.import_keras().ops
+
+    def skipped():
+        if ex.accumulation:
+            self._iterations.assign_add(1)  # constraint 6: keep the update steps aligned
+
+    return ops.cond(ops.greater(skip, 0), skipped,
+                    lambda: ex.original_apply(new_grads, trainable_variables))
+
+
+def _patched_stateless_apply(self, optimizer_variables, grads, trainable_variables):
+    ex: _Exchange = getattr(self, _ATTR)
+    if not ex.active:
+        return ex.original_stateless_apply(optimizer_variables, grads, trainable_variables)
+    state = _Stateless(self, optimizer_variables)
+    new_grads, skip = ex.reduce(list(grads), list(self._trainable_variables), state)
+    ex.bypass += 1  # the base stateless_apply calls self.apply: reduced already (constraint 3)
+    try:
+        if skip is None:
+            return ex.original_stateless_apply(state.values, new_grads, trainable_variables)
+        ops = _bridge.import_keras().ops
+
+        def skipped():
+            values = list(state.values)
+            if ex.accumulation:
+                i = state._index[id(self._iterations)]
+                values[i] = values[i] + 1
+            return list(trainable_variables), values
+
+        return ops.cond(ops.greater(skip, 0), skipped,
+                        lambda: ex.original_stateless_apply(state.values, new_grads, trainable_variables))
+    finally:
+        ex.bypass -= 1
+
+
+# ------------------------------------------------------------------------------------------- the exchange
+
+class _Exchange:
+    """Per-optimizer state between Keras and the engine (see the glossary)."""
+
+    def __init__(self, optimizer, *, backend: str, lso: bool, op: str, prescale: float, postscale: float,
+                 compression: Optional[str], process_set, nan_check: Optional[str], engine_options: dict):
+        self.opt = optimizer
+        self.backend = backend
+        self.lso = lso
+        self.original_apply = optimizer.apply
+        self.original_stateless_apply = optimizer.stateless_apply
+        self.process_set = runtime.get_process_set(process_set)
+        self.op, self.prescale, self.postscale = op, prescale, postscale
+        self.compression = compression
+        self.nan_policy = nan_check or ("off" if lso else runtime.config().nan_check)
+        self.engine_options = dict(engine_options)
+        self.active = self.process_set.included() and (
+            self.process_set.size() > 1 or op == ReduceOp.SUM or prescale * postscale != 1.0)
+        #: Constraint 5: Keras' accumulation steps on this optimizer (None: none, or a loss-scale one).
+        self.accumulation: Optional[int] = None if lso else (optimizer.gradient_accumulation_steps or None)
+        self.bypass = 0
+        self.reducers: dict[tuple[int, ...], GradientReducer] = {}
+        self.reductions = 0
+        self.hooked = 0
+        # torch backend (constraint 1): hooks feed the reducer of `_armed`; `_marked` this step's slots.
+        self._armed: Optional[tuple[int, ...]] = None
+        self._hooks: list = []
+        self._marked: set[int] = set()
+        self._hook_accs: list = []
+        self._hook_scale = 1.0
+        self._next_is_update = True
+        self._rebucketed = False
+
+    # ------------------------------------------------------------------ selection and accumulation
+    def reduce(self, grads: list, tvars: list, state) -> tuple[list, Any]:
+        """Reduce the gradients of one micro-step; returns the gradients to apply and the skip flag
+        (a backend int scalar, or None when the policy is not ``skip``)."""
+        opt = self.opt
+        sel = [i for i, g in enumerate(grads) if g is not None]
+        if not sel:
+            return grads, None
+        key = tuple(opt._get_variable_index(tvars[i]) for i in sel)
+        g_sel = [self._dense(grads[i]) for i in sel]
+        if self.backend == "torch":
+            out, skip = self._reduce_torch(key, g_sel, [tvars[i] for i in sel])
+        elif self.accumulation is None:
+            out, skip = self._exchange(key, g_sel)
+        else:
+            out, skip = self._reduce_on_update(key, g_sel, [tvars[i] for i in sel], state)
+        new = list(grads)
+        for i, o in zip(sel, out):
+            new[i] = o
+        return new, (skip if self.nan_policy == "skip" else None)
+
+    def _accumulators(self, variables: list) -> tuple[list, float]:
+        opt = self.opt
+        accs = [opt._accumulated_gradients[opt._get_variable_index(v)] for v in variables]
+        return accs, float(opt.loss_scale_factor or 1.0)
+
+    def _reduce_on_update(self, key, g_sel: list, variables: list, state) -> tuple[list, Any]:
+        """Constraint 5 for TF and JAX: a backend ``cond`` on the update step around the host call."""
+        ops = _bridge.import_keras().ops
+        accs, scale = self._accumulators(variables)
+        acc_vals = [state.read(a) for a in accs]
+        is_update = ops.equal(ops.mod(state.read(self.opt._iterations) + 1, self.accumulation), 0)
+
+        def update():
+            totals = [g + (a if scale == 1.0 else a * scale) for g, a in zip(g_sel, acc_vals)]
+            out, skip = self._exchange(key, totals)
+            return out, [ops.zeros_like(a) for a in acc_vals], skip
+
+        def keep():
+            return list(g_sel), list(acc_vals), ops.convert_to_tensor(0, dtype="int32")
+
+        out, new_accs, skip = ops.cond(is_update, update, keep)
+        for a, v in zip(accs, new_accs):
+            state.write(a, v)
+        return list(out), skip
+
+    def _dense(self, g):
+        if self.backend == "tensorflow":
+            import tensorflow as tf  # noqa: PLC0415
+
+            if isinstance(g, tf.IndexedSlices):  # embedding gradients: reduced dense (sparse_as_dense)
+                return tf.convert_to_tensor(g)
+        return g
+
+    # ------------------------------------------------------------------ host side (all backends)
+    def _exchange(self, key, tensors: list) -> tuple[list, Any]:
+        """One host call for the whole step (bridge constraint 3): returns reduced tensors and the flag."""
+        keras = _bridge.import_keras()
+        specs = [(tuple(int(d) for d in t.shape), keras.backend.standardize_dtype(t.dtype)) for t in tensors]
+        specs.append(((), "int32"))
+        outs = _bridge.run_on_host(lambda ts: self._host_reduce(key, ts), tensors, specs, self.backend,
+                                   what="gradient allreduce")
+        return outs[:-1], outs[-1]
+
+    def _reducer(self, key, tensors: Sequence[torch.Tensor]) -> GradientReducer:
+        red = self.reducers.get(key)
+        if red is None:
+            names = _unique_names([self.opt._trainable_variables[i] for i in key])
+            device = runtime.device()
+            specs = [TensorSpec(n, tuple(t.shape), t.dtype, device) for n, t in zip(names, tensors)]
+            red = GradientReducer(specs, op=self.op, prescale_factor=self.prescale,
+                                  postscale_factor=self.postscale, process_set=self.process_set,
+                                  compression=self.compression, nan_check=self.nan_policy,
+                                  **self.engine_options)
+            self.reducers[key] = red
+            log.debug("shoal: keras gradient reducer for %d tensors in %d buckets", len(specs), len(red.plans))
+        return red
+
+    def _host_reduce(self, key, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        red = self._reducer(key, tensors)
+        with torch.no_grad():
+            # Reverse registration order: roughly backward order, the engine's default bucket plan.
+            for j in range(len(tensors) - 1, -1, -1):
+                red.views[j].copy_(tensors[j].reshape(red.views[j].shape))
+                red.mark_ready(j)
+        return self._finish(red)
+
+    def _finish(self, red: GradientReducer) -> list[torch.Tensor]:
+        red.finish()
+        self.reductions += 1
+        skip = apply_nan_policy(red.nan_report)  # the same report, hence the same verdict, on every rank
+        return list(red.views) + [torch.tensor(int(skip), dtype=torch.int32)]
+
+    # ------------------------------------------------------------------ torch backend: hooks
+    def _reduce_torch(self, key, g_sel: list, variables: list) -> tuple[list, Any]:
+        """Eager torch: the update-step decision is a Python bool; from the second step on the hooks
+        have already copied (and marked ready) what backward produced."""
+        it = int(self.opt._iterations.value) if self.accumulation else 0
+        is_update = self.accumulation is None or (it + 1) % self.accumulation == 0
+        if self.accumulation:
+            # What the hooks of the next micro-step must do (apply increments iterations by one).
+            self._next_is_update = (it + 2) % self.accumulation == 0
+        if not is_update:
+            return g_sel, torch.tensor(0, dtype=torch.int32)
+        accs, scale = self._accumulators(variables) if self.accumulation else ([], 1.0)
+        with torch.no_grad():
+            red = self._reducer(key, g_sel)
+            hooked = self._armed == key
+            for j in range(len(g_sel) - 1, -1, -1):
+                if hooked and j in self._marked:
+                    continue
+                view = red.views[j]
+                view.copy_(g_sel[j].reshape(view.shape))
+                if accs:
+                    view.add_(accs[j].value.reshape(view.shape), alpha=scale)
+                red.mark_ready(j)
+            self._marked = set()
+            outs = self._finish(red)
+            if hooked and not self._rebucketed:
+                # After the first step with hooks: plan buckets in the order gradients really arrived.
+                self._rebucketed = True
+                red.rebucket(red.agreed_order())
+            for a in accs:
+                a.value.zero_()
+        if self._armed is None:
+            self._arm(key, variables, accs, scale)
+        return outs[:-1], outs[-1]
+
+    def _arm(self, key, variables: list, accs: list, scale: float) -> None:
+        """Register post-accumulate-grad hooks, so later steps put gradients on the wire during backward."""
+        params = [v.value for v in variables]
+        if not all(isinstance(p, torch.Tensor) and p.requires_grad for p in params):
+            self._armed = ()  # not plain torch parameters: keep reducing at apply time
+            return
+        self._armed = key
+        self._hook_accs = accs
+        self._hook_scale = scale
+        for j, p in enumerate(params):
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(key, j)))
+
+    def _make_hook(self, key, j: int):
+        def hook(param: torch.Tensor) -> None:
+            if self._armed != key or not self._next_is_update or param.grad is None:
+                return
+            red = self.reducers[key]
+            with torch.no_grad():
+                view = red.views[j]
+                view.copy_(param.grad.reshape(view.shape))
+                if self._hook_accs:
+                    view.add_(self._hook_accs[j].value.reshape(view.shape), alpha=self._hook_scale)
+            self._marked.add(j)
+            self.hooked += 1
+            red.mark_ready(j)
+        return hook
+
+
+def _unique_names(variables: list) -> list[str]:
+    names, seen = [], {}
+    for v in variables:
+        base = getattr(v, "path", None) or getattr(v, "name", None) or "variable"
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        names.append(base if n == 0 else f"{base}#{n}")
+    return names

@@ -1,0 +1,306 @@
+"""``shoal.keras`` on 2 real gloo ranks, for each Keras backend (tensorflow, jax, torch).
+
+One ``run_ranks`` launch per backend does every check (importing TensorFlow costs 5-30 s per rank on this
+machine): each rank fits small models with ``model.fit`` and returns the final weights; rank 0 also fits
+the single-process reference on the concatenated batches. Each backend is skipped, with the reason, when
+Keras or the backend is not installed (``pip install 'shoal[tensorflow]'`` / ``'shoal[jax]'`` /
+``'shoal[keras]'``).
+
+What each case proves:
+- ``plain``: SGD with momentum; rank 1 starts from other weights, BroadcastGlobalVariablesCallback fixes
+  that; weights identical across ranks (bitwise) and equal to the reference.
+- ``lso``: DistributedOptimizer(LossScaleOptimizer(SGD)): under JAX this is the path that bypasses
+  ``apply``. Rank 1's first batch holds a target of 1e36, so only rank 1's local gradients overflow; the
+  step must be skipped on both ranks alike (the finite check runs after the reduction) and the loss scale
+  halved on both, as in the reference.
+- ``accum``: ``backward_passes_per_step=2`` (Keras' gradient_accumulation_steps): one reduction per
+  update, equal to the reference fit with the same accumulation on the concatenated micro-batches.
+- ``lso_accum``: accumulation inside a loss-scale optimizer: every micro-batch reduced (docs/keras.md).
+- ``fp16``: fp16 wire compression, 2 steps per compiled call (TF/JAX): identical across ranks, close to
+  the reference.
+- ``nan_skip`` / ``nan_raise``: the engine's NaN check; rank 1's first batch has an Inf target: ``skip``
+  skips that step on both ranks (equal to the reference without that batch), ``raise`` raises on both
+  ranks, naming rank 1.
+- callbacks: MetricAverageCallback averages the epoch logs; LearningRateWarmupCallback sets Horovod's rates.
+- collectives on backend tensors, eager and inside the backend's compiled function.
+
+Tolerances. fp32: the distributed gradient is ``(mean(half0) + mean(half1)) / 2``, the reference one
+``mean(half0 ++ half1)``: the same sum in another order, a few ulps per element; after 4 SGD steps with
+lr 0.1 on weights of scale ~1 the measured differences are ~1e-7, ``_ATOL = 1e-5`` leaves room for another
+summation order in the backend's kernels. fp16 wire: each gradient element is rounded to 11 bits (relative
+4.9e-4) before the sum; 4 steps of lr 0.1 on gradients of scale <= 1 move weights by < 4 * 0.1 * 4.9e-4 *
+(1 + momentum); ``_ATOL_FP16 = 2e-3``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from shoal.testing import run_ranks
+
+_ATOL = 1e-5
+_ATOL_FP16 = 2e-3
+_STEPS = 4
+_LOCAL = 8          # local batch per rank; the reference's batch is 2 * _LOCAL
+_IN, _HID, _OUT = 8, 16, 4
+
+# 2 ranks on 2 cores: one compute thread each. TF needs >= 2 inter-op threads: the host call
+# (tf.py_function) occupies one while it waits for the peer.
+_ENV = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "2", "TF_CPP_MIN_LOG_LEVEL": "2",
+        "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+        "OMP_NUM_THREADS": "1"}
+
+
+def _needs(backend: str) -> None:
+    """Skip (with the reason) when keras or the backend is missing. ``find_spec`` rather than
+    ``pytest.importorskip``: importing TensorFlow or JAX here would cost the pytest process 5-30 s for
+    nothing (the ranks import them)."""
+    extra = {"tensorflow": "tensorflow", "jax": "jax", "torch": "keras"}[backend]
+    for module in ("keras", backend):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed, needed for Keras' {backend} backend "
+                        f"(pip install 'shoal[{extra}]')")
+
+
+# ----------------------------------------------------------------------------------------- rank side
+
+def _data(world: int):
+    """Global data: _STEPS global batches of world * _LOCAL rows; and rank r's rows of each batch."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((_STEPS * world * _LOCAL, _IN)).astype("float32")
+    y = rng.standard_normal((_STEPS * world * _LOCAL, _OUT)).astype("float32")
+    return x, y
+
+
+def _local(a: np.ndarray, rank: int, world: int, micro: int = _LOCAL) -> np.ndarray:
+    """Rank ``rank``'s share: of every global (micro-)batch of ``world * micro`` rows, its own ``micro``."""
+    blocks = a.reshape(-1, world, micro, *a.shape[1:])
+    return blocks[:, rank].reshape(-1, *a.shape[1:])
+
+
+def _weights(seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((_IN, _HID)).astype("float32") * 0.5, np.zeros(_HID, "float32"),
+            rng.standard_normal((_HID, _OUT)).astype("float32") * 0.5, np.zeros(_OUT, "float32")]
+
+
+def _model(keras, seed: int = 0):
+    model = keras.Sequential([keras.Input((_IN,)), keras.layers.Dense(_HID, activation="tanh"),
+                              keras.layers.Dense(_OUT)])
+    model.set_weights(_weights(seed))
+    return model
+
+
+def _flat(model) -> np.ndarray:
+    return np.concatenate([np.asarray(w).reshape(-1) for w in model.get_weights()])
+
+
+def _fit(keras, opt, x, y, batch: int, callbacks=(), **compile_kw):
+    model = _model(keras, seed=0)
+    model.compile(optimizer=opt, loss="mse", **compile_kw)
+    hist = model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=list(callbacks))
+    return model, hist
+
+
+def _rank_checks() -> dict:
+    import keras
+    import torch
+
+    import shoal.keras as hvd
+
+    torch.set_num_threads(1)
+    backend = keras.backend.backend()
+    r, n = hvd.rank(), hvd.size()
+    x, y = _data(n)
+    xl, yl = _local(x, r, n), _local(y, r, n)
+    out: dict = {"backend": backend}
+    bcast = hvd.callbacks.BroadcastGlobalVariablesCallback(0)
+
+    # plain: rank 1 starts elsewhere; the broadcast callback must fix it.
+    opt = hvd.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9))
+    model = _model(keras, seed=r)
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(xl, yl, batch_size=_LOCAL, epochs=1, shuffle=False, verbose=0, callbacks=[bcast])
+    out["plain"] = _flat(model)
+    out["plain_stats"] = hvd.exchange_stats(opt)
+
+    # lso: rank 1's first batch overflows locally; both ranks must skip that step.
+    yp = y.copy()
+    yp[_LOCAL] = 1e36  # first row of rank 1's part of global batch 0
+    ypl = _local(yp, r, n)
+    lso = hvd.DistributedOptimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)))
+    model, _ = _fit(keras, lso, xl, ypl, _LOCAL, [hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
+    out["lso"] = _flat(model)
+    out["lso_scale"] = float(keras.ops.convert_to_numpy(lso.dynamic_scale))
+
+    # accum: 2 micro-batches per update, reduced once per update.
+    acc = hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), backward_passes_per_step=2)
+    model, _ = _fit(keras, acc, xl, yl, _LOCAL)
+    out["accum"] = _flat(model)
+    out["accum_stats"] = hvd.exchange_stats(acc)
+
+    # lso_accum: accumulation inside a loss-scale optimizer: every micro-batch is reduced.
+    lacc = hvd.DistributedOptimizer(keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)))
+    model, _ = _fit(keras, lacc, xl, yl, _LOCAL)
+    out["lso_accum"] = _flat(model)
+    out["lso_accum_stats"] = hvd.exchange_stats(lacc)
+
+    # fp16 wire compression; 2 steps per compiled call (the host call inside the backend's loop).
+    f16 = hvd.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), compression=hvd.Compression.fp16)
+    model, _ = _fit(keras, f16, xl, yl, _LOCAL, steps_per_execution=1 if backend == "torch" else 2)
+    out["fp16"] = _flat(model)
+
+    # callbacks: raw logs recorded before MetricAverageCallback, averaged after; warm-up rates per batch.
+    raw, lrs = [], []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raw.append(float(logs["loss"]))
+
+        def on_train_batch_begin(self, batch, logs=None):
+            lrs.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+    warm = hvd.callbacks.LearningRateWarmupCallback(initial_lr=0.2, warmup_epochs=1, steps_per_epoch=_STEPS)
+    cb_opt = hvd.DistributedOptimizer(keras.optimizers.SGD(0.1))
+    _, hist = _fit(keras, cb_opt, xl, yl, _LOCAL, [warm, Record(), hvd.callbacks.MetricAverageCallback()])
+    out["raw_loss"], out["avg_loss"], out["lrs"] = raw[0], hist.history["loss"][0], lrs
+
+    # collectives on backend tensors: eager, then inside the backend's compiled function.
+    t = keras.ops.convert_to_tensor(np.full((3,), r + 1.0, "float32"))
+    out["allreduce"] = keras.ops.convert_to_numpy(hvd.allreduce(t, op=hvd.Sum)).tolist()
+    out["allgather"] = keras.ops.convert_to_numpy(
+        hvd.allgather(keras.ops.convert_to_tensor(np.full((r + 1, 2), r, "float32")))).tolist()
+    out["broadcast"] = keras.ops.convert_to_numpy(hvd.broadcast(t, root_rank=1)).tolist()
+    out["compiled_allreduce"] = _compiled_allreduce(backend, hvd, t)
+
+    if backend == "tensorflow":
+        out.update(_tf_jit_checks(keras, hvd, xl, yl))
+
+    # NaN check: rank 1's first batch has an Inf target. skip: that step is skipped on both ranks.
+    yi = y.copy()
+    yi[_LOCAL] = np.inf
+    yil = _local(yi, r, n)
+    model, _ = _fit(keras, hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), nan_check="skip"), xl, yil, _LOCAL)
+    out["nan_skip"] = _flat(model)
+
+    # the single-process references, on the concatenated batches (rank 0 only: rank 1 leaves the core free)
+    if r == 0:
+        model, _ = _fit(keras, keras.optimizers.SGD(0.1, momentum=0.9), x, y, n * _LOCAL)
+        out["ref_plain"] = _flat(model)
+        ref_lso = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+        model, _ = _fit(keras, ref_lso, x, yp, n * _LOCAL)
+        out["ref_lso"] = _flat(model)
+        out["ref_lso_scale"] = float(keras.ops.convert_to_numpy(ref_lso.dynamic_scale))
+        model, _ = _fit(keras, keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), x, y, n * _LOCAL)
+        out["ref_accum"] = _flat(model)
+        ref_lacc = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1, gradient_accumulation_steps=2))
+        model, _ = _fit(keras, ref_lacc, x, y, n * _LOCAL)
+        out["ref_lso_accum"] = _flat(model)
+        model, _ = _fit(keras, keras.optimizers.SGD(0.1), x[n * _LOCAL:], y[n * _LOCAL:], n * _LOCAL)
+        out["ref_nan_skip"] = _flat(model)  # the poisoned first batch left out
+
+    # raise (last: the error leaves the step half done): every rank raises, naming the rank.
+    try:
+        _fit(keras, hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), nan_check="raise"), xl, yil, _LOCAL)
+        out["nan_raise"] = ""
+    except Exception as exc:  # noqa: BLE001 (the message is what we check)
+        out["nan_raise"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _compiled_allreduce(backend: str, hvd, t):
+    import keras
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        fn = tf.function(lambda v: hvd.allreduce(v, op=hvd.Sum) * 2)
+    elif backend == "jax":
+        import jax
+
+        fn = jax.jit(lambda v: hvd.allreduce(v, op=hvd.Sum) * 2)
+    else:
+        return keras.ops.convert_to_numpy(hvd.allreduce(t, op=hvd.Sum) * 2).tolist()
+    return keras.ops.convert_to_numpy(fn(t)).tolist()
+
+
+def _tf_jit_checks(keras, hvd, xl, yl) -> dict:
+    """jit_compile=True: the callbacks rebuild the train step without XLA; without them, a clear error."""
+    out = {}
+    opt = hvd.DistributedOptimizer(keras.optimizers.SGD(0.1))
+    model, _ = _fit(keras, opt, xl, yl, _LOCAL, [hvd.callbacks.BroadcastGlobalVariablesCallback(0)],
+                    jit_compile=True)
+    out["jit_weights"] = _flat(model)
+    out["jit_still_on"] = bool(model.jit_compile)
+    try:
+        _fit(keras, hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), xl, yl, _LOCAL, jit_compile=True)
+        out["jit_error"] = ""
+    except Exception as exc:  # noqa: BLE001 (the message is what we check)
+        out["jit_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+# ----------------------------------------------------------------------------------------- test side
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+@pytest.mark.timeout(240)
+def test_keras_fit_matches_single_process(backend):
+    _needs(backend)
+    r0, r1 = run_ranks(_rank_checks, world_size=2, timeout_s=200, pg_timeout_s=60,
+                       env={**_ENV, "KERAS_BACKEND": backend})
+    assert r0["backend"] == r1["backend"] == backend
+
+    # identical across ranks, bitwise, and equal to the single-process reference
+    for case in ("plain", "lso", "accum", "lso_accum", "fp16", "nan_skip"):
+        np.testing.assert_array_equal(r0[case], r1[case], err_msg=f"{case}: ranks differ")
+    for case in ("plain", "lso", "accum", "lso_accum", "nan_skip"):
+        np.testing.assert_allclose(r0[case], r0[f"ref_{case}"], rtol=0, atol=_ATOL, err_msg=case)
+    np.testing.assert_allclose(r0["fp16"], r0["ref_plain"], rtol=0, atol=_ATOL_FP16)
+    assert np.abs(r0["plain"] - _weights_flat(0)).max() > 100 * _ATOL, "plain: the weights did not move"
+
+    # loss scaling: the overflowing step was skipped on both ranks (scale halved once, like the reference)
+    assert r0["lso_scale"] == r1["lso_scale"] == r0["ref_lso_scale"] == 2.0 ** 14
+
+    # accumulation: 4 micro-batches, 2 updates, 2 reductions
+    assert r0["plain_stats"]["reductions"] == _STEPS
+    assert r0["accum_stats"]["reductions"] == _STEPS // 2
+    assert r0["lso_accum_stats"]["reductions"] == _STEPS
+    if backend == "torch":  # from step 2 on, gradients were marked ready from backward hooks (overlap)
+        assert r0["plain_stats"]["hooked"] == (_STEPS - 1) * 4
+
+    # callbacks
+    assert r0["avg_loss"] == pytest.approx((r0["raw_loss"] + r1["raw_loss"]) / 2, rel=1e-12)
+    assert r0["avg_loss"] == r1["avg_loss"] and r0["raw_loss"] != r1["raw_loss"]
+    expected = [0.2 / 2 * (b / _STEPS * (2 - 1) / 1 + 1) for b in range(_STEPS)]
+    assert r0["lrs"] == pytest.approx(expected, rel=1e-6)
+
+    # collectives on backend tensors
+    assert r0["allreduce"] == r1["allreduce"] == [3.0] * 3
+    assert r0["allgather"] == r1["allgather"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    assert r0["broadcast"] == r1["broadcast"] == [2.0] * 3
+    assert r0["compiled_allreduce"] == r1["compiled_allreduce"] == [6.0] * 3
+
+    # NaN check: raise names the rank whose gradients were not finite, on both ranks
+    for res in (r0, r1):
+        assert "non-finite gradients" in res["nan_raise"] and "on rank 1" in res["nan_raise"], res["nan_raise"]
+
+    if backend == "tensorflow":
+        np.testing.assert_array_equal(r0["jit_weights"], r1["jit_weights"])
+        assert r0["jit_still_on"], "prepare_model must leave model.jit_compile as the user set it"
+        assert "jit_compile=False" in r0["jit_error"] and "HINT" in r0["jit_error"], r0["jit_error"]
+
+
+def _weights_flat(seed: int) -> np.ndarray:
+    return np.concatenate([w.reshape(-1) for w in _weights(seed)])
+
+
+def test_import_without_keras_names_the_extra():
+    """In an environment without keras, importing shoal.keras fails with the install line."""
+    if importlib.util.find_spec("keras") is not None:
+        pytest.skip("keras is installed here; this checks the error of an environment without it")
+    with pytest.raises(ImportError, match=r"pip install 'shoal\[keras\]'"):
+        import shoal.keras  # noqa: F401
