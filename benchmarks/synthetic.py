@@ -304,7 +304,6 @@ def bench_model(name: str, args, rank: int, world: int, progress) -> dict:
     info["modes"] = {m: info["modes"][m] for m in args.modes if m in info["modes"]}
     modes.clear()
     gc.collect()
-    torch.manual_seed(args.seed)
     return info
 
 
@@ -446,6 +445,14 @@ def print_table(console, report: dict) -> None:
                       f"{info['grad_bytes'] / 1e6:.1f} MB of gradients")
     for line in missing:
         console.print(f"  [dim]not run: {line}[/]")
+    # fp32 modes apply the same averaged gradients: their final losses must agree (1e-4 relative
+    # leaves room for a different summation order).
+    for name, info in report["models"].items():
+        ref = info["modes"].get("ddp", {}).get("loss")
+        for mode in ("shoal", "naive", "horovod"):
+            loss = info["modes"].get(mode, {}).get("loss")
+            if ref is not None and loss is not None and abs(loss - ref) > 1e-4 * max(1.0, abs(ref)):
+                console.print(f"  [red]{name}/{mode}: final loss {loss:.6f} differs from ddp's {ref:.6f}[/]")
 
 
 def plot(report: dict, path: Path) -> Path:
