@@ -52,7 +52,7 @@ def set_up_backend(backend: str, threads: int) -> None:
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))  # the host call needs one
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
 def build_model(keras):

@@ -14,7 +14,8 @@ What each case proves:
   step must be skipped on both ranks alike (the finite check runs after the reduction) and the loss scale
   halved on both, as in the reference.
 - ``accum``: ``backward_passes_per_step=2`` (Keras' gradient_accumulation_steps): one reduction per
-  update, equal to the reference fit with the same accumulation on the concatenated micro-batches.
+  update, equal to the reference fit with the same accumulation on the concatenated micro-batches;
+  ``eager_accum`` the same with ``run_eagerly=True`` (TF, JAX).
 - ``lso_accum``: accumulation inside a loss-scale optimizer: every micro-batch reduced (docs/keras.md).
 - ``fp16``: fp16 wire compression, 2 steps per compiled call (TF/JAX): identical across ranks, close to
   the reference.
@@ -47,9 +48,8 @@ _STEPS = 4
 _LOCAL = 8          # local batch per rank; the reference's batch is 2 * _LOCAL
 _IN, _HID, _OUT = 8, 16, 4
 
-# 2 ranks on 2 cores: one compute thread each. TF needs >= 2 inter-op threads: the host call
-# (tf.py_function) occupies one while it waits for the peer.
-_ENV = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "2", "TF_CPP_MIN_LOG_LEVEL": "2",
+# 2 ranks on 2 cores: one compute thread each (the host call also runs with TF_NUM_INTEROP_THREADS=1).
+_ENV = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
         "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
         "OMP_NUM_THREADS": "1"}
 
@@ -141,6 +141,12 @@ def _rank_checks() -> dict:
     model, _ = _fit(keras, acc, xl, yl, _LOCAL)
     out["accum"] = _flat(model)
     out["accum_stats"] = hvd.exchange_stats(acc)
+
+    # the same, eager (run_eagerly=True: TF and JAX call the host function directly; torch is always eager)
+    if backend != "torch":
+        eacc = hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), backward_passes_per_step=2)
+        model, _ = _fit(keras, eacc, xl, yl, _LOCAL, run_eagerly=True)
+        out["eager_accum"] = _flat(model)
 
     # lso_accum: accumulation inside a loss-scale optimizer: every micro-batch is reduced.
     lacc = hvd.DistributedOptimizer(keras.optimizers.LossScaleOptimizer(
@@ -269,6 +275,9 @@ def test_keras_fit_matches_single_process(backend):
     assert r0["plain_stats"]["reductions"] == _STEPS
     assert r0["accum_stats"]["reductions"] == _STEPS // 2
     assert r0["lso_accum_stats"]["reductions"] == _STEPS
+    if backend != "torch":
+        np.testing.assert_array_equal(r0["eager_accum"], r1["eager_accum"])
+        np.testing.assert_allclose(r0["eager_accum"], r0["ref_accum"], rtol=0, atol=_ATOL)
     if backend == "torch":  # from step 2 on, gradients were marked ready from backward hooks (overlap)
         assert r0["plain_stats"]["hooked"] == (_STEPS - 1) * 4
 

@@ -288,6 +288,10 @@ class _Exchange:
         self._hook_scale = 1.0
         self._next_is_update = True
         self._rebucketed = False
+        if backend == "torch":
+            # jit_compile=True (torch.compile): dynamo must not trace collectives and Python bookkeeping;
+            # it breaks the graph here and runs this eagerly (it failed inside broadcast_object_list).
+            self._reduce_torch = torch.compiler.disable(self._reduce_torch)
 
     # ------------------------------------------------------------------ selection and accumulation
     def reduce(self, grads: list, tvars: list, state) -> tuple[list, Any]:
