@@ -35,6 +35,8 @@ from .config import ShoalConfig, env_name
 __all__ = [
     "WorldInfo",
     "read_config",
+    "explicit_knobs",
+    "TIMELINE_ALIAS",
     "detect_world",
     "parse_slurm_first_node",
     "get_env",
@@ -89,8 +91,27 @@ def read_config(environ: Optional[Mapping[str, str]] = None, **overrides) -> Sho
         raw = env.get(env_name(f.name))
         if raw is not None:
             values[f.name] = _parse(f, raw)
+    if "timeline_filename" not in values and env.get(TIMELINE_ALIAS):
+        values["timeline_filename"] = env[TIMELINE_ALIAS]
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ShoalConfig(**values).validate()
+
+
+#: Short alias of ``SHOAL_TIMELINE_FILENAME`` (Horovod users know ``HOROVOD_TIMELINE``); the long name wins.
+TIMELINE_ALIAS = "SHOAL_TIMELINE"
+
+
+def explicit_knobs(environ: Optional[Mapping[str, str]] = None) -> frozenset[str]:
+    """Names of the knobs set in the environment (``SHOAL_<FIELD>``; ``shoal run --flag`` sets them too).
+
+    The autotuner leaves such knobs alone: a value the user chose is never tuned away
+    (docs/autotune.md lists every way a value counts as chosen).
+    """
+    env = _environ(environ)
+    names = {f.name for f in dataclasses.fields(ShoalConfig) if env.get(env_name(f.name)) is not None}
+    if env.get(TIMELINE_ALIAS):
+        names.add("timeline_filename")
+    return frozenset(names)
 
 
 @dataclass(frozen=True, slots=True)
