@@ -195,6 +195,31 @@ def test_ddp_comm_hook_hierarchical():
             assert (a - b).abs().max() <= 4 * 2.0 ** -11 * max(1.0, a.abs().max().item())
 
 
+def _user_allreduce(hierarchical: str):
+    import shoal.core.algorithms as algorithms  # noqa: PLC0415
+    import shoal.torch as hvd  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(hvd.rank())
+    big = torch.randint(-1000, 1001, (1 << 19,), generator=g).float()  # 2 MiB: hierarchical when on
+    small = torch.randint(-1000, 1001, (1000,), generator=g).float()
+    out = [hvd.allreduce(big, op=hvd.Sum), hvd.allreduce(small, op=hvd.Average),
+           hvd.synchronize(hvd.allreduce_async(big, op=hvd.Average))]
+    used = [a is not None for a in algorithms._user_algorithms.values()]
+    return out, used
+
+
+def test_user_allreduce_takes_the_hierarchical_path():
+    env = {"SHOAL_LOCAL_SIZE": "2"}
+    flat = run_ranks(_user_allreduce, world_size=4, timeout_s=60, args=("off",),
+                     env={**env, "SHOAL_HIERARCHICAL": "off"})
+    hier = run_ranks(_user_allreduce, world_size=4, timeout_s=60, args=("auto",), env=env)
+    for (f, used_f), (h, used_h) in zip(flat, hier):
+        assert used_f == [False] and used_h == [True]
+        for a, b in zip(f, h):
+            assert torch.equal(a, b)  # integer-valued data: exact in any summation order
+
+
 _CLUSTER_SCRIPT = textwrap.dedent("""
     import torch, torch.distributed as dist
     import shoal.core.runtime as rt

@@ -63,6 +63,7 @@ import torch
 import torch.distributed as dist
 
 from . import runtime
+from .algorithms import start_allreduce
 from .errors import MismatchError, NotInitializedError, RankFailureError, ShoalError
 from .runtime import ProcessSet
 
@@ -564,7 +565,7 @@ def _start_allreduce(tensor: torch.Tensor, average: Optional[bool], name: Option
         buf = src if inplace and wire == src.dtype and src.is_contiguous() else _wire_copy(src, wire)
         _scale_(buf, prescale_factor)
         with _converting(call):
-            work = dist.all_reduce(buf, op=_TORCH_OPS[rop], group=call.ps.group, async_op=True)
+            work = start_allreduce(buf, call.ps, _TORCH_OPS[rop])  # hierarchical when configured
 
     def finish() -> torch.Tensor:
         with torch.no_grad():

@@ -9,6 +9,7 @@ each algorithm exists once.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -22,7 +23,7 @@ from .flat import allreduce_flat
 from .hierarchical import StreamNodeGroups, allreduce_hierarchical, use_hierarchical
 
 __all__ = ["ReduceContext", "Algorithm", "get_algorithm", "allreduce_flat", "allreduce_fp16", "allreduce_bf16",
-           "allreduce_hierarchical", "use_hierarchical"]
+           "allreduce_hierarchical", "use_hierarchical", "start_allreduce"]
 
 
 @dataclass(slots=True)
@@ -83,6 +84,55 @@ def get_algorithm(compression: str, hierarchical: str, process_set: runtime.Proc
         return allreduce_flat
     sixteen = allreduce_fp16 if comp.wire_dtype == torch.float16 else allreduce_bf16
     return functools.partial(sixteen, error_feedback=ef)
+
+
+#: Below this size a user allreduce stays one flat ``all_reduce``: two levels pay off on bandwidth, while
+#: a small tensor is latency-bound (the chain adds a thread hop and three operations).
+_HIERARCHICAL_MIN_NBYTES = 1 << 20
+
+# process-set group -> the user collectives' hierarchical algorithm, or None (flat); see start_allreduce.
+_user_algorithms: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class _FutureWork:
+    """A future seen as a torch ``Work`` (``wait``, ``is_completed``), for :mod:`shoal.core.collectives`."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: torch.futures.Future):
+        self._future = future
+
+    def wait(self) -> bool:
+        self._future.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._future.done()
+
+
+def start_allreduce(buffer: torch.Tensor, process_set: runtime.ProcessSet, op) -> "dist.Work":
+    """Start the user collective's allreduce (``shoal.core.collectives``) of ``buffer``, in place.
+
+    Hierarchical when the config's ``hierarchical`` resolves on for ``process_set`` and ``buffer`` is a
+    contiguous floating-point sum of at least 1 MiB; otherwise one ``dist.all_reduce`` on the process
+    set's group. Full precision either way (user collectives are not compressed). Every member must call
+    it with the same size (the collectives' signature check guarantees it): the first hierarchical call
+    creates the node groups.
+
+    Returns:
+        A torch ``Work`` or an object with its ``wait()`` and ``is_completed()``.
+    """
+    if (op == dist.ReduceOp.SUM and buffer.is_floating_point() and buffer.is_contiguous()
+            and buffer.numel() * buffer.element_size() >= _HIERARCHICAL_MIN_NBYTES):
+        group = process_set.group
+        if group not in _user_algorithms:
+            on = use_hierarchical(runtime.config().hierarchical, process_set)
+            _user_algorithms[group] = (get_algorithm("none", "on", process_set, num_streams=1) if on else None)
+        algorithm = _user_algorithms[group]
+        if algorithm is not None:
+            ctx = ReduceContext(group=runtime.stream_groups(process_set, 1)[0], process_set=process_set)
+            return _FutureWork(algorithm(buffer.view(-1), ctx))
+    return dist.all_reduce(buffer, op=op, group=process_set.group, async_op=True)
 
 
 def _spans_nodes(process_set: runtime.ProcessSet) -> bool:
