@@ -30,7 +30,7 @@ Design constraints:
    float32. In full precision the numerics equal a flat allreduce: sum, then one multiply.
 5. Every rank ends with the same bits: the sum is rounded once, by the rank that owns the piece, and
    the 16-bit result is gathered (the owner uses the rounded value too), never re-summed. A rank's own
-   contribution to its own piece is never rounded (it does not travel).
+   contribution to its own piece is never rounded (it does not travel), except under constraint 8.
 6. Error feedback (opt-in): at every cast, what the rounding dropped is kept in a float32 residual
    (per bucket, in ``ReduceContext.state``) and added to the same elements before the next step's cast.
    Each rank owns the same shards every step, so a residual always meets the elements it came from.

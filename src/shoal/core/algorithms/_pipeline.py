@@ -33,14 +33,13 @@ Design constraints:
 6. Scratch memory is per worker and per chunk slot (a ring of as many slots as chunks in flight), not
    per bucket: allocating a fresh 100 MB buffer per step cost ~100 ms here.
 
-What lives elsewhere: the stages themselves (:mod:`.compressed`, :mod:`.hierarchical`), choosing an
+What lives elsewhere: the stages themselves (:mod:`._levels`), choosing an
 algorithm (:func:`shoal.core.algorithms.get_algorithm`).
 """
 
 from __future__ import annotations
 
 import atexit
-import logging
 import queue
 import threading
 import weakref
@@ -49,8 +48,6 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 __all__ = ["Worker", "worker_for", "run_stages", "chunk_bounds"]
-
-log = logging.getLogger(__name__)
 
 _STOP = object()
 
@@ -75,7 +72,7 @@ class Worker:
         """Queue ``job``; the future completes with its return value or its exception."""
         fut: torch.futures.Future = torch.futures.Future()
         with self._lock:
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # first job, or after stop()
                 _register_atexit()
                 self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
                 self._thread.start()
