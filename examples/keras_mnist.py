@@ -55,16 +55,18 @@ def set_up_backend(backend: str, threads: int) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def build_model(keras):
+def build_model(keras, seed: int):
+    # Seeded initializers: the same start on every run, without keras.utils.set_random_seed (see main).
+    init = lambda i: keras.initializers.GlorotUniform(seed=seed + i)  # noqa: E731
     return keras.Sequential([
         keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(16, 5, activation="relu"),
+        keras.layers.Conv2D(16, 5, activation="relu", kernel_initializer=init(0)),
         keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(32, 5, activation="relu"),
+        keras.layers.Conv2D(32, 5, activation="relu", kernel_initializer=init(1)),
         keras.layers.MaxPooling2D(),
         keras.layers.Flatten(),
-        keras.layers.Dense(128, activation="relu"),
-        keras.layers.Dense(10),
+        keras.layers.Dense(128, activation="relu", kernel_initializer=init(2)),
+        keras.layers.Dense(10, kernel_initializer=init(3)),
     ])
 
 
@@ -81,13 +83,16 @@ def main():
     set_up_backend(args.backend, threads=max(1, (os.cpu_count() or 1) // shoal.local_size()))
 
     import keras
+    import torch
 
     import shoal.keras as hvd
 
+    # Shuffling draws from numpy (JAX), torch (torch) or TF (tf.data); keras.utils.set_random_seed would
+    # seed them all but imports TensorFlow whatever the backend (~10 s), so it is used only there.
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     if args.backend == "tensorflow":
-        keras.utils.set_random_seed(args.seed)  # it imports TensorFlow whatever the backend: only there
-    else:  # the initial weights come from rank 0 anyway; this seeds the data shuffling
-        np.random.seed(args.seed)
+        keras.utils.set_random_seed(args.seed)
     data = load_mnist()
     norm = lambda x: ((x.astype("float32") / 255.0 - 0.1307) / 0.3081)[..., None]  # noqa: E731
     x_train, y_train = norm(data["x_train"]), data["y_train"]
@@ -95,7 +100,7 @@ def main():
     # Each rank trains on its own shard.
     x_train, y_train = x_train[hvd.rank()::hvd.size()], y_train[hvd.rank()::hvd.size()]
 
-    model = build_model(keras)
+    model = build_model(keras, args.seed)
     opt = keras.optimizers.SGD(learning_rate=args.lr * hvd.size(), momentum=0.9)
     opt = hvd.DistributedOptimizer(opt, compression=getattr(hvd.Compression, args.compression))
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

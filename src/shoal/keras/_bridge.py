@@ -187,10 +187,10 @@ def in_xla_trace() -> bool:
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()))
 
 
-HostFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+_HostFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
-def run_on_host(fn: HostFn, tensors: Sequence[Any], out_specs: Sequence[tuple[tuple[int, ...], str]],
+def run_on_host(fn: _HostFn, tensors: Sequence[Any], out_specs: Sequence[tuple[tuple[int, ...], str]],
                 backend: str, *, what: str) -> list[Any]:
     """Run ``fn`` on torch views of ``tensors`` and return its outputs as backend tensors, from eager or
     compiled code alike (constraints 3-5).

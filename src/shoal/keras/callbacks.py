@@ -38,7 +38,7 @@ __all__ = ["BroadcastGlobalVariablesCallback", "MetricAverageCallback", "Learnin
 
 log = logging.getLogger(__name__)
 
-keras = _bridge.import_keras()
+_keras = _bridge.import_keras()
 
 #: model -> the train function built without XLA by prepare_model (so that a second fit does not rebuild it).
 _rebuilt: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -53,7 +53,7 @@ def prepare_model(model) -> None:
     opt = getattr(model, "optimizer", None)
     if opt is None:
         return
-    if isinstance(opt, keras.optimizers.LossScaleOptimizer) and is_distributed(opt.inner_optimizer) \
+    if isinstance(opt, _keras.optimizers.LossScaleOptimizer) and is_distributed(opt.inner_optimizer) \
             and not is_distributed(opt):
         raise ShoalError(
             "shoal: model.optimizer is a LossScaleOptimizer around a DistributedOptimizer (compile() adds one "
@@ -61,7 +61,7 @@ def prepare_model(model) -> None:
             "could disagree on skipping a step. HINT: wrap the loss-scale optimizer instead, "
             "DistributedOptimizer(keras.optimizers.LossScaleOptimizer(opt)), or compile(..., "
             "auto_scale_loss=False).")
-    if not is_distributed(opt) or keras.backend.backend() != "tensorflow":
+    if not is_distributed(opt) or _keras.backend.backend() != "tensorflow":
         return
     if not getattr(model, "jit_compile", False) or getattr(model, "run_eagerly", False):
         return
@@ -78,7 +78,7 @@ def prepare_model(model) -> None:
                     "that averages gradients); evaluate() and predict() keep XLA.")
 
 
-class _Prepares(keras.callbacks.Callback):
+class _Prepares(_keras.callbacks.Callback):
     """Base of this module's callbacks: :func:`prepare_model` at the start of ``fit``."""
 
     def on_train_begin(self, logs=None):

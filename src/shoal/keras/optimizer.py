@@ -60,7 +60,6 @@ from shoal.core.buckets import TensorSpec
 from shoal.core.checks import apply_nan_policy
 from shoal.core.collectives import ReduceOp as _HvdOp
 from shoal.core.compression import Compression, resolve_compression
-from shoal.core.errors import ShoalError
 from shoal.core.reducer import GradientReducer, ReduceOp
 
 from . import _bridge
