@@ -52,6 +52,7 @@ from shoal.core.collectives import (
 )
 from shoal.core.checks import NonFiniteGradientError, NonFiniteReport
 from shoal.core.compression import Compression
+from shoal.core.timeline import start_timeline, stop_timeline
 from shoal.core.errors import MismatchError, NotInitializedError, RankFailureError, ShoalError, StallError
 from shoal.torch.join import join
 from shoal.torch.nan_drilldown import NanDrilldown, drill_down
@@ -71,5 +72,6 @@ __all__ = [
     "alltoall", "alltoall_async", "reducescatter", "reducescatter_async", "barrier",
     "broadcast_object", "allgather_object", "poll", "synchronize",
     "ShoalError", "MismatchError", "NotInitializedError", "RankFailureError", "StallError", "join",
+    "start_timeline", "stop_timeline",
     "NonFiniteGradientError", "NonFiniteReport", "NanDrilldown", "drill_down",
 ]
