@@ -91,6 +91,8 @@ def worker(args) -> int:
         _levels.CHUNK_NBYTES = int(args.chunk_mb * 1024 * 1024)
     if args.lead_chunks is not None:
         _levels._LEAD_CHUNKS = args.lead_chunks
+    if args.no_ramp:
+        _levels._RAMP = False
     ps = rt.global_process_set
     streams = rt.stream_groups(ps, args.num_streams)
     algos = {m: get_algorithm(*MODES[m], ps, num_streams=args.num_streams) for m in args.modes}
@@ -153,7 +155,7 @@ def worker(args) -> int:
             "layout": f"{len(lay.nodes)} nodes x {len(lay.nodes[0])} ranks",
             "size_mb": args.size_mb, "buckets": args.buckets, "num_streams": args.num_streams,
             "chunk_mb": _levels.CHUNK_NBYTES / 1024 / 1024 if _levels.CHUNK_NBYTES else "adaptive",
-            "lead_chunks": _levels._LEAD_CHUNKS, "rounds": args.rounds, "threads": args.threads,
+            "lead_chunks": _levels._LEAD_CHUNKS, "ramp": _levels._RAMP, "rounds": args.rounds, "threads": args.threads,
             "cpu": _cpu(), "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "uptime_before": args.uptime_before, "uptime_after": _uptime(),
             "modes": result,
@@ -215,6 +217,7 @@ def parse_args(argv: list[str]):
     ap.add_argument("--num-streams", type=int, default=2, help="streams (groups) the buckets rotate over")
     ap.add_argument("--chunk-mb", type=float, default=None, help="override the pipeline's chunk size")
     ap.add_argument("--lead-chunks", type=int, default=None, help="override how far the first stage runs ahead")
+    ap.add_argument("--no-ramp", action="store_true", help="chunks of one size (no small first and last chunks)")
     ap.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES), metavar="MODE",
                     help=f"modes: {', '.join(MODES)} (default: {' '.join(DEFAULT_MODES)})")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up round)")

@@ -126,6 +126,16 @@ def test_chunk_bounds_cover_and_align(numel, chunk, multiple):
         assert hi == lo2 and (hi - lo) % multiple == 0 and hi - lo <= max(chunk, multiple)
 
 
+@pytest.mark.parametrize("numel", [40, 41, 47, 1000, 1001])
+def test_chunk_bounds_ramp_starts_and_ends_small(numel):
+    bounds = chunk_bounds(numel, 8, 2, ramp=True)
+    sizes = [hi - lo for lo, hi in bounds]
+    assert bounds[0][0] == 0 and bounds[-1][1] == numel and sum(sizes) == numel
+    assert sizes[:2] == [2, 4] and sizes[-2] == 4 and 2 <= sizes[-1] < 4
+    assert all(size % 2 == 0 for size in sizes[:-1]) and max(sizes) <= 8
+    assert chunk_bounds(31, 8, 2, ramp=True) == chunk_bounds(31, 8, 2)  # under 4 chunks: no ramp
+
+
 def test_run_stages_schedule_is_fixed_and_frees_slots():
     log: list[tuple[int, int]] = []
 

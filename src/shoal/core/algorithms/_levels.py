@@ -68,6 +68,8 @@ _CHUNK_MAX_NBYTES = 16 * 1024 * 1024
 
 #: How many chunks the first stage runs ahead of the others (:func:`._pipeline.run_stages`).
 _LEAD_CHUNKS = 2
+#: Small first and last chunks (:func:`._pipeline.chunk_bounds`): shorter pipeline fill and drain.
+_RAMP = True
 
 #: Base of the point-to-point tags of the stages (constraint 2); stage s uses _TAG + s.
 _TAG = 0x5348
@@ -197,7 +199,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
     chunk_nbytes = chunk_nbytes or CHUNK_NBYTES or min(_CHUNK_MAX_NBYTES, max(
         _CHUNK_MIN_NBYTES, numel * buffer.element_size() // _CHUNKS_PER_BUCKET))
     chunk_numel = max(1, chunk_nbytes // buffer.element_size())
-    bounds = chunk_bounds(numel, chunk_numel, divisor)
+    bounds = chunk_bounds(numel, chunk_numel, divisor, ramp=_RAMP)
     padded = [-(-(hi - lo) // divisor) * divisor for lo, hi in bounds]
     # Level i works on a 1/below[i] piece of the chunk: this rank's piece after the levels beneath it.
     below = [math.prod(sizes[:i]) for i in range(len(levels) + 1)]

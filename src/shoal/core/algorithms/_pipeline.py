@@ -143,16 +143,35 @@ def worker_for(anchor: Any) -> Worker:
         return w
 
 
-def chunk_bounds(numel: int, chunk_numel: int, multiple: int) -> list[tuple[int, int]]:
+def chunk_bounds(numel: int, chunk_numel: int, multiple: int, ramp: bool = False) -> list[tuple[int, int]]:
     """Split ``[0, numel)`` into chunks of ``chunk_numel`` elements (rounded down to a multiple of
-    ``multiple``, at least ``multiple``); the last chunk takes the rest.
+    ``multiple``, at least ``multiple``); only the last chunk may end off a multiple.
+
+    ``ramp``: when the range holds at least 4 chunks, the first two and the last two are 1/4 and 1/2 of
+    a chunk, so that a pipeline fills and drains faster (its first stages start on a small chunk, its last
+    stages end on one).
 
     Example:
         >>> chunk_bounds(10, 4, 2)
         [(0, 4), (4, 8), (8, 10)]
+        >>> chunk_bounds(40, 8, 2, ramp=True)
+        [(0, 2), (2, 6), (6, 14), (14, 22), (22, 30), (30, 34), (34, 38), (38, 40)]
     """
     step = max(multiple, chunk_numel // multiple * multiple)
-    return [(lo, min(lo + step, numel)) for lo in range(0, numel, step)] or [(0, 0)]
+    if not ramp or numel < 4 * step:
+        return [(lo, min(lo + step, numel)) for lo in range(0, numel, step)] or [(0, 0)]
+    quarter = max(multiple, step // 4 // multiple * multiple)
+    half = max(multiple, step // 2 // multiple * multiple)
+    body = numel - 2 * (quarter + half)
+    rest = body % step
+    aligned = rest // multiple * multiple
+    sizes = [quarter, half] + [step] * (body // step) + ([aligned] if aligned else []) + \
+        [half, quarter + rest - aligned]
+    bounds, lo = [], 0
+    for size in sizes:
+        bounds.append((lo, lo + size))
+        lo += size
+    return bounds
 
 
 #: A stage: ``stage(chunk_index) -> waitable or None``. It may use what the chunk's previous stage
