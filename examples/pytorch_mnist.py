@@ -44,7 +44,8 @@ def parse_args():
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.02, help="per rank; scaled by the number of ranks")
-    p.add_argument("--compression", choices=["none", "fp16", "bf16"], default="none")
+    p.add_argument("--compression", choices=["none", "fp16", "bf16", "mixed_fp16", "mixed_bf16"], default="none",
+                   help="wire format of gradients; mixed_*: 16 bits only across nodes")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
     return p.parse_args()
