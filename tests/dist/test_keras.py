@@ -193,6 +193,14 @@ def _rank_checks() -> dict:
     model, _ = _fit(keras, hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), nan_check="skip"), xl, yil, _LOCAL)
     out["nan_skip"] = _flat(model)
 
+    # raise: every rank raises, naming the rank (before the references, so that rank 1 does not wait
+    # in this collective while rank 0 fits them).
+    try:
+        _fit(keras, hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), nan_check="raise"), xl, yil, _LOCAL)
+        out["nan_raise"] = ""
+    except Exception as exc:  # noqa: BLE001 (the message is what we check)
+        out["nan_raise"] = f"{type(exc).__name__}: {exc}"
+
     # the single-process references, on the concatenated batches (rank 0 only: rank 1 leaves the core free)
     if r == 0:
         model, _ = _fit(keras, keras.optimizers.SGD(0.1, momentum=0.9), x, y, n * _LOCAL)
@@ -209,12 +217,6 @@ def _rank_checks() -> dict:
         model, _ = _fit(keras, keras.optimizers.SGD(0.1), x[n * _LOCAL:], y[n * _LOCAL:], n * _LOCAL)
         out["ref_nan_skip"] = _flat(model)  # the poisoned first batch left out
 
-    # raise (last: the error leaves the step half done): every rank raises, naming the rank.
-    try:
-        _fit(keras, hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), nan_check="raise"), xl, yil, _LOCAL)
-        out["nan_raise"] = ""
-    except Exception as exc:  # noqa: BLE001 (the message is what we check)
-        out["nan_raise"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
