@@ -116,3 +116,19 @@ def test_importing_the_launcher_imports_no_torch():
     code = "import sys, shoal.runner.launch; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_help_renders_every_knob():
+    """`shoal run --help` formats every generated knob's help (argparse %-formats help strings)."""
+    import contextlib
+    import io
+
+    import pytest
+
+    from shoal.runner.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exc:
+        main(["run", "--help"])
+    assert exc.value.code == 0
+    assert "--fusion-threshold-mb" in out.getvalue()

@@ -172,7 +172,8 @@ def _knob_options(parser: argparse.ArgumentParser) -> None:
     for f in knobs():
         base = _knob_base_type(f)
         shown = f"default: {f.default}" if f.default is not None else "default: automatic"
-        help_text = f"{f.metadata.get('help', '')} [{env_name(f.name)}; {shown}]"
+        # argparse %-formats help strings: escape the knobs' own percent signs ("1% of ...").
+        help_text = f"{f.metadata.get('help', '')} [{env_name(f.name)}; {shown}]".replace("%", "%%")
         if base is bool:
             group.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
