@@ -42,6 +42,7 @@ from .algorithms import ReduceContext, get_algorithm
 from .buckets import BucketPlan, TensorSpec, plan_buckets
 from .checks import make_finite_check
 from .errors import ShoalError
+from . import timeline as _timeline
 
 __all__ = ["GradientReducer", "ReduceOp"]
 
@@ -65,8 +66,8 @@ class GradientReducer:
         op: ``ReduceOp.AVERAGE`` or ``ReduceOp.SUM``.
         prescale_factor / postscale_factor: multiply before the sum / after it (Horovod's meaning).
         process_set: ranks to reduce over (default: all).
-        fusion_threshold_mb / first_bucket_mb / num_streams / compression / hierarchical: default from
-            the runtime config.
+        fusion_threshold_mb / first_bucket_mb / num_streams / compression / hierarchical /
+            error_feedback: default from the runtime config.
         groups: explicit grouping of tensor indices into buckets (Horovod's ``groups=``).
         negotiator: the frontend's :class:`shoal.core.negotiation.Negotiator` (a control slot after the last
             bucket, launch tracking, the stall inspector in :meth:`finish`), or None.
@@ -86,7 +87,7 @@ class GradientReducer:
                  num_streams: Optional[int] = None, compression: Optional[str] = None,
                  hierarchical: Optional[str] = None,
                  groups: Optional[Sequence[Sequence[int]]] = None, nan_check: Optional[str] = None,
-                 negotiator=None):
+                 error_feedback: Optional[bool] = None, negotiator=None):
         cfg = runtime.config()
         self.specs = list(specs)
         names = [s.name for s in self.specs]
@@ -107,7 +108,8 @@ class GradientReducer:
         self.num_streams = int(num_streams or cfg.num_streams)
         self.compression = compression or cfg.compression
         self.hierarchical = hierarchical or cfg.hierarchical
-        self._algorithm = get_algorithm(self.compression, self.hierarchical, self.process_set)
+        self._algorithm = get_algorithm(self.compression, self.hierarchical, self.process_set,
+                                        num_streams=self.num_streams, error_feedback=error_feedback)
         self._groups_override = [list(g) for g in groups] if groups is not None else None
         self._streams = runtime.stream_groups(self.process_set, self.num_streams)
         # NaN/Inf check (shoal.core.checks): None when nan_check is off; report of the last finish().
@@ -119,6 +121,8 @@ class GradientReducer:
         self.last_order: list[int] = []
         #: shoal.core.negotiation.Negotiator of the frontend (control slot, stall inspector), or None.
         self.negotiator = negotiator
+        self._error_feedback = error_feedback  # reconfigure() rebuilds the algorithm for a new stream count
+        _timeline.maybe_start_from_config(cfg)  # SHOAL_TIMELINE_FILENAME alone starts the timeline
         self._build(order=None)
 
     # ----------------------------------------------------------------------------------- planning
@@ -147,6 +151,9 @@ class GradientReducer:
         self._futures: list[Optional[torch.futures.Future]] = [None] * len(self.plans)
         self._next_launch = 0
         self._launched_at: list[float] = [0.0] * len(self.plans)
+        # The timeline recorder, looked up once per step: one attribute test per gradient when off.
+        self._tl = _timeline.active()
+        self._fill_ns: dict[int, int] = {}  # timeline only: bucket -> first gradient ready
 
     def rebucket(self, order: Sequence[int]) -> bool:
         """Re-plan the buckets for ``order`` (the ready order seen on the process set's first rank).
@@ -160,6 +167,46 @@ class GradientReducer:
             return False
         old_views = self.views
         self._build(order)
+        for new, old in zip(self.views, old_views):
+            new.copy_(old)
+        return True
+
+    def reconfigure(self, *, bucket_nbytes: Optional[int] = None, num_streams: Optional[int] = None) -> bool:
+        """Switch to another bucket size and/or stream count between steps (the autotuner's lever).
+
+        The ready order stays; the buckets are re-planned and the current values move to the new buffers,
+        so the next reduction sums the same numbers. Call it on every rank of the process set at the same
+        step: a stream count not used before creates process groups (collective over the world).
+
+        Args:
+            bucket_nbytes: new target size of every bucket but the first.
+            num_streams: new number of buckets in flight at once.
+
+        Returns:
+            True when the plan changed; the frontend must then re-point its gradients at :attr:`views`.
+
+        Example:
+            >>> if red.reconfigure(bucket_nbytes=8 << 20, num_streams=3):
+            ...     for p, v in zip(params, red.views): p.grad = v
+        """
+        if self.in_flight:
+            raise ShoalError(f"shoal: reconfigure() while buckets are in flight on rank {runtime.rank()}. "
+                             "HINT: call it after finish(), before the next backward pass.")
+        if num_streams is not None and int(num_streams) != self.num_streams:
+            self.num_streams = int(num_streams)
+            self._streams = runtime.stream_groups(self.process_set, self.num_streams)
+            # Hierarchical algorithms map each stream group to its node groups: rebuild for the new count.
+            self._algorithm = get_algorithm(self.compression, self.hierarchical, self.process_set,
+                                            num_streams=self.num_streams, error_feedback=self._error_feedback)
+        if bucket_nbytes is None or int(bucket_nbytes) == self.bucket_nbytes:
+            return False
+        self.bucket_nbytes = int(bucket_nbytes)
+        new_plans = plan_buckets(self.specs, self.order, bucket_nbytes=self.bucket_nbytes,
+                                 first_bucket_nbytes=self.first_bucket_nbytes, groups=self._groups_override)
+        if [p.tensor_ids for p in new_plans] == [p.tensor_ids for p in self.plans]:
+            return False
+        old_views = self.views
+        self._build(self.order)
         for new, old in zip(self.views, old_views):
             new.copy_(old)
         return True
@@ -212,6 +259,9 @@ class GradientReducer:
         self._observed.append(i)
         b = self.bucket_of[i]
         self._pending[b] -= 1
+        tl = self._tl
+        if tl is not None:
+            self._record_fill(tl, b)
         if self._pending[b] == 0:
             self._launch_ready()
 
@@ -226,6 +276,8 @@ class GradientReducer:
                             prescale=1.0, postscale=1.0, bucket_index=b,  # applied on load (constraint 6)
                             names=lambda plan=plan: [self.specs[t].name for t in plan.tensor_ids],
                             state=self._bucket_state[b])
+        tl = self._tl
+        t_check_ns = tl.now_ns() if tl is not None else 0
         if self.nan_check is not None:  # before the bucket leaves the rank (shoal.core.checks)
             self.nan_check.check_bucket(b, self.buffers[b], lambda plan=plan: [
                 (self.specs[t].name, self.views[t]) for t in plan.tensor_ids], last=b == len(self.plans) - 1)
@@ -233,6 +285,8 @@ class GradientReducer:
         if self.negotiator is not None:  # writes the control slot into the last bucket (negotiation)
             self.negotiator.on_launch(b, len(self.plans))
         self._futures[b] = self._algorithm(self.buffers[b], ctx)
+        if tl is not None:
+            self._record_launch(tl, b, t_check_ns)
 
     def finish(self) -> None:
         """Launch every bucket not yet launched (tensors never marked ready go as they are: zeros if the
@@ -241,6 +295,8 @@ class GradientReducer:
         Raises:
             RankFailureError: a peer died or timed out; the message names the bucket's first tensors.
         """
+        tl = self._tl
+        t_wait_ns = tl.now_ns() if tl is not None else 0
         if self.load_scale != 1.0:  # tensors never marked ready travel as they are, scaled like the rest
             for i, ready in enumerate(self._ready):
                 if not ready:
@@ -265,9 +321,38 @@ class GradientReducer:
                     error.__cause__ = exc
         self.last_order = list(self._observed)
         self.step += 1
+        if tl is not None:
+            tl.complete("synchronize", "wait for buckets", t_wait_ns, tl.now_ns(), "main", {"step": self.step})
+            tl.mark_step(self.step)
         self._observed = []
         self._reset_step()
         if error is not None:
             raise error
         if self.nan_check is not None:
             self.nan_report = self.nan_check.finish_step(self.step, num_buckets=len(self.plans))
+
+    # ----------------------------------------------------------------------------------- timeline
+    def _record_fill(self, tl, b: int) -> None:
+        """Waiting for gradients: bucket ``b`` from its first ready gradient to its last."""
+        now = tl.now_ns()
+        start = self._fill_ns.setdefault(b, now)
+        if self._pending[b] == 0:
+            tl.complete("wait_for_gradients", f"fill b{b}", start, now, "gradients",
+                        {"bucket": b, "step": self.step + 1, "tensors": len(self.plans[b].tensor_ids)})
+
+    def _record_launch(self, tl, b: int, t_check_ns: int) -> None:
+        """NaN check (main track), then communication from launch to completion on the bucket's stream;
+        the end is stamped by a callback on the backend's completion thread (the timeline is thread-safe)."""
+        t_launch_ns = int(self._launched_at[b] * 1e9)  # perf_counter and perf_counter_ns share one clock
+        step = self.step + 1
+        if self.nan_check is not None:
+            tl.complete("nan_check", f"nan check b{b}", t_check_ns, t_launch_ns, "main", {"bucket": b, "step": step})
+        stream = b % self.num_streams
+        args = {"bucket": b, "step": step, "stream": stream, "nbytes": self.plans[b].nbytes,
+                "tensors": len(self.plans[b].tensor_ids), "algorithm": self.compression}
+        name = f"allreduce b{b}"
+
+        def done(_fut) -> None:
+            tl.complete("communication", name, t_launch_ns, tl.now_ns(), f"stream {stream}", args)
+
+        self._futures[b].add_done_callback(done)

@@ -36,6 +36,8 @@ class CommHookState:
     nan_check: Optional[FiniteCheck] = None
     param_names: dict = field(default_factory=dict)
     nan_report: Optional[NonFiniteReport] = None
+    #: Per bucket index: state that persists across steps (error-feedback residuals).
+    bucket_state: dict = field(default_factory=dict)
 
 
 # No `from __future__ import annotations` here: DDP checks these annotations against the real classes.
@@ -44,7 +46,8 @@ def allreduce_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futur
     buffer = bucket.buffer()
     ctx = ReduceContext(group=state.streams[bucket.index() % len(state.streams)],
                         process_set=state.process_set, prescale=1.0,
-                        postscale=1.0 / state.process_set.size(), bucket_index=bucket.index())
+                        postscale=1.0 / state.process_set.size(), bucket_index=bucket.index(),
+                        state=state.bucket_state.setdefault(bucket.index(), {}))
     if state.nan_check is not None:  # before the bucket leaves the rank (shoal.core.checks)
         state.nan_check.check_bucket(bucket.index(), buffer, lambda: [
             (state.param_names.get(id(p), f"<unnamed {tuple(p.shape)}>"), g)
@@ -60,12 +63,13 @@ def allreduce_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futur
 
 def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None,
               hierarchical: Optional[str] = None, num_streams: Optional[int] = None,
-              nan_check: Optional[str] = None, named_parameters=None):
+              nan_check: Optional[str] = None, named_parameters=None, error_feedback: Optional[bool] = None):
     """Build ``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``.
 
     Args:
         process_set: must span the same ranks as the DDP module's process group (default: all).
-        compression: ``Compression.none`` / ``.fp16`` / ``.bf16``; default from the config.
+        compression: ``Compression.none`` / ``.fp16`` / ``.bf16`` / ``.mixed_fp16`` / ``.mixed_bf16``;
+            default from the config.
         hierarchical: ``auto`` / ``on`` / ``off``; default from the config.
         num_streams: buckets in flight at once; default from the config.
         nan_check: ``raise`` / ``skip`` / ``warn`` / ``off``; default from the config. Under ``skip`` the
@@ -73,6 +77,7 @@ def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None
             (the same on every rank). See docs/nan_check.md.
         named_parameters: ``model.named_parameters()``, for names in NaN/Inf reports; when given, ranks
             also check that they registered the same names, shapes and dtypes (raises ``MismatchError``).
+        error_feedback: with 16-bit compression, keep what rounding drops per bucket; default from the config.
 
     Returns:
         ``(state, hook)``: pass both to ``ddp.register_comm_hook``.
@@ -87,8 +92,10 @@ def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None
         check_registration([(n, tuple(p.shape), p.dtype) for n, p in named], ps, what="DDP comm hook")
     comp = resolve_compression(compression) or cfg.compression
     hier = hierarchical or cfg.hierarchical
-    streams = runtime.stream_groups(ps, int(num_streams or cfg.num_streams))
-    state = CommHookState(ps, streams, get_algorithm(comp, hier, ps), comp, hier,
+    count = int(num_streams or cfg.num_streams)
+    streams = runtime.stream_groups(ps, count)
+    algorithm = get_algorithm(comp, hier, ps, num_streams=count, error_feedback=error_feedback)
+    state = CommHookState(ps, streams, algorithm, comp, hier,
                           nan_check=make_finite_check(nan_check, ps),
                           param_names={id(p): n for n, p in named})
     return state, allreduce_hook

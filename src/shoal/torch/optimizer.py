@@ -37,6 +37,8 @@ from shoal.core.compression import Compression, resolve_compression
 from shoal.core.errors import ShoalError
 from shoal.core.negotiation import Negotiator
 from shoal.core.reducer import GradientReducer, ReduceOp
+from shoal.core import autotune as _autotune
+from shoal.core import timeline as _timeline
 
 __all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state"]
 
@@ -62,7 +64,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         optimizer: any ``torch.optim.Optimizer``.
         named_parameters: ``model.named_parameters()``; names appear in error messages. Default: the
             optimizer's parameters, named ``param.<group>.<index>``.
-        compression: ``Compression.none`` / ``.fp16`` / ``.bf16`` (wire format of buckets).
+        compression: ``Compression.none`` / ``.fp16`` / ``.bf16`` / ``.mixed_fp16`` / ``.mixed_bf16``
+            (wire format of buckets; see docs/compression.md).
         backward_passes_per_step: backward passes to accumulate locally before reducing.
         op: ``Average`` (default) or ``Sum``.
         gradient_predivide_factor: divide by this before the sum and by ``size/factor`` after
@@ -71,7 +74,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         sparse_as_dense: reduce sparse gradients as dense tensors (else: allgather of indices and values).
         process_set: ranks to average over (default: all).
         **engine_options: ``fusion_threshold_mb``, ``first_bucket_mb``, ``num_streams``,
-            ``hierarchical``, ``nan_check`` (raise / skip / warn / off, see docs/nan_check.md):
+            ``hierarchical``, ``error_feedback``, ``nan_check`` (raise / skip / warn / off, see docs/nan_check.md):
             override the runtime config for this optimizer.
 
     Example:
@@ -113,6 +116,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._groups = self._resolve_groups(groups)
         self._counts = [0] * len(self._params)
         self._reducer: Optional[GradientReducer] = None
+        self._tuner: Optional[_autotune.Autotuner] = None  # bucket size / streams (shoal.core.autotune)
         self._dense_ids: list[int] = []     # param index of reducer tensor j
         self._slot: dict[int, int] = {}     # param index -> reducer tensor j
         self._sparse_ids: set[int] = set()
@@ -297,6 +301,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             negotiator=self._negotiator, **self._engine_options)
         order_slots = [self._slot[i] for i in full_order]
         self._reducer.rebucket(order_slots)
+        self._tuner = _autotune.make_autotuner(self._reducer, self._engine_options)
         for j, i in enumerate(self._dense_ids):
             p = self._params[i]
             p.grad = self._reducer.load(j, p.grad)  # None: the (zero) view as it is
@@ -330,6 +335,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._reduce_sparse()
         for i in none_have:  # unused on every rank: no gradient, as in single-process training
             self._params[i].grad = None
+        if self._tuner is not None and self._tuner.end_step():  # new bucket plan: values moved already
+            for j, i in enumerate(self._dense_ids):
+                if self._params[i].grad is not None:
+                    self._params[i].grad = self._reducer.views[j]
         self._counts = [0] * len(self._params)
         self._synchronized = True
 
@@ -384,7 +393,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             if self._reducer is not None and self._active and apply_nan_policy(self._reducer.nan_report):
                 self.skipped_steps += 1
                 return None
-            return self._inner.step(closure) if closure is not None else self._inner.step()
+            with _timeline.span("optimizer", "optimizer step"):
+                return self._inner.step(closure) if closure is not None else self._inner.step()
         finally:
             self._synchronized = False
 
