@@ -54,6 +54,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import timeline as _timeline
 from ._pipeline import Worker, chunk_bounds, run_stages
 
 __all__ = ["Level", "make_level", "reduce_chain", "scale_factors", "CHUNK_NBYTES"]
@@ -117,6 +118,20 @@ def scale_factors(prescale: float, postscale: float, world: int, compressed: boo
 
 def _cast(dst16: torch.Tensor, src: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
     """``dst16 = src`` rounded; with a residual: round ``src + residual`` and keep what was dropped."""
+    tl = _timeline.active()
+    if tl is not None:  # compression on the timeline, on this stream's worker thread
+        with tl.span("compression", f"cast to {dst16.dtype}", _track(), {"numel": src.numel()}):
+            _cast_now(dst16, src, residual)
+        return
+    _cast_now(dst16, src, residual)
+
+
+def _track() -> str:
+    import threading  # noqa: PLC0415
+    return threading.current_thread().name
+
+
+def _cast_now(dst16: torch.Tensor, src: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
     if residual is None:
         dst16.copy_(src)
         return
@@ -355,7 +370,8 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
         lo, hi = bounds[k]
         x, target = xs[slot], buffer[lo:hi]
         if narrow[slot] is not None:  # every level was 16-bit: widen the whole chunk
-            target.copy_(narrow[slot][:hi - lo])
+            with _timeline.span("decompression", "widen", _track()):
+                target.copy_(narrow[slot][:hi - lo])
         elif x.data_ptr() != target.data_ptr():
             target.copy_(x[:hi - lo])
         _scale(target, after)
