@@ -75,6 +75,7 @@ import torch
 import torch.distributed as dist
 
 from . import runtime
+from . import timeline as _timeline
 from .buckets import ALIGN_NUMEL
 from .errors import MismatchError, RankFailureError, ShoalError, StallError
 
@@ -666,11 +667,12 @@ class Negotiator:
 
     def _wait_exchange(self, pending) -> list[int]:
         fut, vector = pending
-        self.stall.wait([fut], self.step, lambda _: ["the negotiation bit vector"], label="allreduce")
-        try:
-            fut.wait()
-        except RuntimeError as exc:
-            raise self._explain(exc, "negotiation") from exc
+        with _timeline.span("negotiation", "bit-vector exchange", "main", {"step": self.step + 1}):
+            self.stall.wait([fut], self.step, lambda _: ["the negotiation bit vector"], label="allreduce")
+            try:
+                fut.wait()
+            except RuntimeError as exc:
+                raise self._explain(exc, "negotiation") from exc
         return vector.tolist()
 
     def _finish_reducer(self, reducer) -> None:
