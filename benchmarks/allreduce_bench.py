@@ -188,18 +188,10 @@ def launch(args, argv: list[str]) -> int:
     nodes, per_node = args.nodes, args.per_node
     me = [sys.executable, str(Path(__file__).resolve()), *argv, "--uptime-before", _uptime()]
     if args.link:
-        from shoal.testing.cluster import ClusterError, EmulatedCluster  # noqa: PLC0415
+        from shoal.testing.cluster import run_in_cluster  # noqa: PLC0415
 
-        try:
-            with EmulatedCluster(nodes=nodes, ranks_per_node=per_node, rate=args.link) as cluster:
-                run = cluster.run(me, timeout_s=args.timeout_s, console_rank=0)
-        except ClusterError as exc:
-            print(exc, file=sys.stderr)
-            return 2
-        if not run.ok:
-            print(run.describe(), file=sys.stderr)
-            return 1
-        return 0
+        return run_in_cluster(me, nodes=nodes, ranks_per_node=per_node, rate=args.link,
+                              timeout_s=args.timeout_s)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nodes * per_node}",
            *me[1:]]
     env = {**os.environ, "SHOAL_LOCAL_SIZE": str(per_node), "OMP_NUM_THREADS": str(args.threads)}

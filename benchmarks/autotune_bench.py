@@ -458,19 +458,10 @@ def worker(args) -> int:
 
 def relaunch_in_cluster(args, argv: list[str]) -> int:
     """Start this script on ``--nodes`` x ``--ranks-per-node`` ranks joined by a ``--link`` wire."""
-    from shoal.testing.cluster import ClusterError, EmulatedCluster  # noqa: PLC0415
+    from shoal.testing.cluster import run_in_cluster  # noqa: PLC0415
 
-    try:
-        with EmulatedCluster(nodes=args.nodes, ranks_per_node=args.ranks_per_node, rate=args.link) as cluster:
-            run = cluster.run([sys.executable, str(Path(__file__).resolve()), *argv],
-                              timeout_s=args.timeout_s, console_rank=0)
-    except ClusterError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    if not run.ok:
-        print(run.describe(), file=sys.stderr)
-        return 1
-    return 0
+    return run_in_cluster([sys.executable, str(Path(__file__).resolve()), *argv], nodes=args.nodes,
+                          ranks_per_node=args.ranks_per_node, rate=args.link, timeout_s=args.timeout_s)
 
 
 def parse_args(argv: list[str]):

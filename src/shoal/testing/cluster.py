@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
 __all__ = [
+    "run_in_cluster",
     "EmulatedCluster",
     "ClusterRun",
     "RankOutcome",
@@ -637,6 +638,29 @@ def _probe(nbytes: int) -> int:
             while sent < nbytes:
                 conn.sendall(chunk)
                 sent += len(chunk)
+    return 0
+
+
+def run_in_cluster(cmd: Sequence[str], *, nodes: int, ranks_per_node: int, rate: Optional[str],
+                   delay_ms: Optional[float] = None, timeout_s: float = 3600.0,
+                   console_rank: Optional[int] = 0) -> int:
+    """Run ``cmd`` on an emulated cluster and return an exit code: 0 ok, 1 a rank failed (its report is
+    printed), 2 the cluster could not be built (the reason is printed). For scripts that re-launch
+    themselves inside a cluster (the benchmarks' ``--link``).
+
+    Example:
+        >>> sys.exit(run_in_cluster([sys.executable, __file__, *argv], nodes=2, ranks_per_node=1, rate="1gbit"))
+    """
+    try:
+        with EmulatedCluster(nodes=nodes, ranks_per_node=ranks_per_node, rate=rate,
+                             delay_ms=delay_ms) as cluster:
+            run = cluster.run(list(cmd), timeout_s=timeout_s, console_rank=console_rank)
+    except ClusterError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if not run.ok:
+        print(run.describe(), file=sys.stderr)
+        return 1
     return 0
 
 
