@@ -11,7 +11,7 @@ Design constraints:
 4. ``init`` twice is a no-op (Horovod allows it); ``shutdown`` then ``init`` starts over.
 
 What lives elsewhere: collectives (:mod:`shoal.core.collectives`), gradient reduction (the engine),
-network variable choices (:mod:`shoal.core.network`, when present).
+network variable choices and the backend rule (:mod:`shoal.core.network`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from . import env as _env
+from . import network as _network
 from .config import ShoalConfig
 from .errors import NotInitializedError, RankFailureError
 from .topology import Layout, compute_layout
@@ -128,12 +129,6 @@ def _state(what: str) -> _Runtime:
     return _rt
 
 
-def _pick_backend(cfg: ShoalConfig) -> str:
-    if cfg.backend:
-        return cfg.backend
-    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-
-
 def _agree_with_mpi(world: _env.WorldInfo) -> _env.WorldInfo:
     """Under mpirun without MASTER_ADDR: rank 0 picks host and port, mpi4py broadcasts them."""
     try:
@@ -181,8 +176,8 @@ def init(backend: Optional[str] = None, timeout_s: Optional[float] = None, **kno
     if owns:
         if world.source == "mpi" and world.init_method is None:
             world = _agree_with_mpi(world)
-        chosen = _pick_backend(cfg)
-        _configure_network(cfg, world)
+        chosen = _network.expected_backend(cfg)[0]  # the one rule; `shoal doctor` shows its reason
+        _network.configure(cfg, world, backend=chosen)  # interface and NCCL variables, before the group
         if chosen == "nccl":
             count = torch.cuda.device_count()
             torch.cuda.set_device((world.local_rank or 0) % max(count, 1))
@@ -224,15 +219,6 @@ def init(backend: Optional[str] = None, timeout_s: Optional[float] = None, **kno
     # leave (or exit) while a peer is still connecting to it, and the peer sees "closed by peer".
     dist.barrier()
     log.debug("shoal: rank %d/%d up, layout %s, backend %s", me, n, lay.nodes, dist.get_backend())
-
-
-def _configure_network(cfg: ShoalConfig, world: _env.WorldInfo) -> None:
-    """Apply network choices (interface, NCCL variables) before the process group exists."""
-    try:
-        from . import network  # noqa: PLC0415 (added by the network set-up work; optional here)
-    except ImportError:
-        return
-    network.configure(cfg, world)
 
 
 def shutdown() -> None:
