@@ -116,11 +116,10 @@ def bench_model(name: str, args, rank: int, world: int, log) -> dict:
     while True:  # every rank takes the same decisions, so every rank leaves this loop at the same step
         _sgd_step(tuned_model, tuned_opt, x, y)
         settle_steps += 1
-        tuner = tuned_opt._tuner
-        if tuner is None or tuner.state == "settled" or settle_steps >= 200:
+        summary = tuned_opt.autotune_summary or {"state": "off"}
+        if summary["state"] != "tuning" or settle_steps >= 200:
             break
     tuning_s = time.perf_counter() - t0
-    summary = tuner.summary() if tuner is not None else {"state": "off"}
     log(f"{name}: tuner settled after {settle_steps} steps ({tuning_s:.1f} s): {summary.get('choice')}")
 
     sweep_model = build_model(name, args.seed)

@@ -86,6 +86,11 @@ class Mode:
     def reduce(self) -> None:
         """Make gradients global after backward (nothing for modes that reduce during backward)."""
 
+    def settle(self, x, y) -> Optional[dict]:
+        """Untimed steps before the rounds, for modes that adapt during their first steps (the tuner);
+        returns what to record about it, or None."""
+        return None
+
 
 class NoComm(Mode):
     pass
@@ -130,6 +135,30 @@ class Shoal(Mode):
                                                  compression=getattr(sh.Compression, compression))
         sh.broadcast_parameters(model.state_dict(), root_rank=0)
         self.wire_precision = "fp32" if compression == "none" else "fp16"
+
+    def settle(self, x, y) -> Optional[dict]:
+        # The tuner is on by default and explores for up to 50 steps (shoal.core.autotune). Timing those
+        # steps would measure the search, not the setting a run spends its life in; and interleaved
+        # rounds would feed it step times that include the other modes. So it settles here, alone.
+        # Every rank takes the same decisions, so every rank leaves the loop at the same step. The
+        # weights (and the optimizer's state) are put back afterwards, so that this mode stays on the
+        # same trajectory as the others and the final losses can still be compared.
+        import copy  # noqa: PLC0415
+
+        weights = copy.deepcopy(self.model.state_dict())
+        opt_state = copy.deepcopy(self.optimizer.state_dict())
+        steps = 0
+        summary = self.optimizer.autotune_summary
+        while summary is not None and summary["state"] == "tuning" and steps < 200:
+            self.step(x, y)
+            steps += 1
+            summary = self.optimizer.autotune_summary
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(opt_state)
+        if summary is None:
+            return {"state": "off"}
+        return {"state": summary["state"], "choice": summary["choice"], "settled_at": summary["settled_at"],
+                "settle_steps": steps}
 
 
 class Horovod(Mode):
@@ -266,6 +295,9 @@ def bench_model(name: str, args, rank: int, world: int, progress) -> dict:
             # a mode whose engine refuses the configuration (say, a compression not implemented
             # yet) fails here, on every rank alike, and is reported instead of ending the run.
             modes[mode].step(x, y)
+            tuned = modes[mode].settle(x, y)
+            if tuned is not None:
+                info.setdefault("autotune", {})[mode] = tuned
         except Unavailable as exc:
             reason = str(exc)
         except Exception as exc:  # noqa: BLE001 (reported in the table and the JSON)
@@ -443,6 +475,10 @@ def print_table(console, report: dict) -> None:
     for name, info in report["models"].items():
         console.print(f"  {name}: {info['description']}; batch {info['batch_size']} per rank, "
                       f"{info['grad_bytes'] / 1e6:.1f} MB of gradients")
+    for name, info in report["models"].items():
+        for mode, t in info.get("autotune", {}).items():
+            console.print(f"  {name}/{mode}: autotune {t['state']}"
+                          + (f" at step {t['settled_at']}: {t['choice']}" if t.get("choice") else ""))
     for line in missing:
         console.print(f"  [dim]not run: {line}[/]")
     # fp32 modes apply the same averaged gradients: their final losses must agree (1e-4 relative
@@ -519,6 +555,11 @@ def parse_args(argv: list[str]):
     bad = [m for m in args.models if m not in MODELS]
     if bad:
         ap.error(f"unknown model(s) {bad}; choose from {', '.join(MODELS)}")
+    if args.plot:
+        import importlib.util  # noqa: PLC0415
+
+        if importlib.util.find_spec("matplotlib") is None:  # fail now, not after the whole run
+            ap.error("--plot needs matplotlib. HINT: pip install 'shoal[bench]' (or matplotlib)")
     if args.name is None:
         args.name = (f"{args.link}-{args.nodes}x{args.ranks_per_node}" if args.link else "loopback")
     return args

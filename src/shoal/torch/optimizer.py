@@ -399,6 +399,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._synchronized = False
 
     @property
+    def autotune_summary(self) -> Optional[dict]:
+        """What the bucket-size / stream-count tuner did (state ``"tuning"`` or ``"settled"``, the choice,
+        every trial), the same on every rank; None when the tuner is off or the first step has not run."""
+        return self._tuner.summary() if self._tuner is not None else None
+
+    @property
     def nan_report(self):
         """The :class:`~shoal.core.checks.NonFiniteReport` of the last synchronization; None when every
         gradient of every rank was finite (or ``nan_check`` is off)."""
