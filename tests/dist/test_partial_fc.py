@@ -273,10 +273,10 @@ def test_unequal_local_batch_raises_naming_ranks_and_sizes():
 
 
 class _Net(nn.Module):
-    def __init__(self):
+    def __init__(self, num_classes: int = 11):
         super().__init__()
         self.backbone = nn.Linear(IN_DIM, DIM)
-        self.head = PartialFC(DIM, 11, CosFace())
+        self.head = PartialFC(DIM, num_classes, CosFace())
 
     def forward(self, x, y):
         return self.head(self.backbone(x), y)
@@ -450,3 +450,100 @@ def test_bad_labels_and_shapes_raise():
         pfc(torch.randn(2, DIM + 1), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="sample_rate"):
         PartialFC(DIM, 11, CosFace(), sample_rate=0.0)
+
+
+# ------------------------------------------------- broadcast_parameters / broadcast_optimizer_state skip shards
+def _rank_broadcast_keeps_shards(num_classes: int, make_opt: str):
+    """The README recipe on a model with a PartialFC head: backbone from rank 0, every rank its own shard."""
+    import shoal.torch as hvd  # noqa: PLC0415
+
+    me = dist.get_rank()
+    torch.manual_seed(100 + me)  # a different backbone on every rank
+    net = _Net(num_classes)
+    inner = (torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9) if make_opt == "sgd"
+             else torch.optim.Adam(net.parameters(), lr=0.01))
+    g = torch.Generator().manual_seed(me)
+    net(torch.randn(LOCAL_BATCH, IN_DIM, generator=g),
+        torch.randint(0, num_classes, (LOCAL_BATCH,), generator=g)).backward()
+    inner.step()  # local step: momentum / moments differ on every rank, backbone and shard alike
+    shard = net.head.weight.detach().clone()
+    shard_state = {k: v.clone() for k, v in inner.state[net.head.weight].items()}
+    opt = hvd.DistributedOptimizer(inner, named_parameters=net.named_parameters())
+    hvd.broadcast_parameters(net.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    state = {n: {k: v.clone() for k, v in inner.state[p].items()} for n, p in net.named_parameters()}
+    return {"shard": shard, "shard_state": shard_state, "weight_after": net.head.weight.detach().clone(),
+            "backbone": {k: v.clone() for k, v in net.backbone.state_dict().items()}, "state": state}
+
+
+@pytest.mark.parametrize("world,num_classes,make_opt", [(2, 10, "sgd"), (3, 11, "adam")],
+                         ids=["even-shards-sgd", "uneven-shards-adam"])
+def test_broadcast_recipe_keeps_each_ranks_shard_and_its_state(world, num_classes, make_opt):
+    results = run_ranks(_rank_broadcast_keeps_shards, world_size=world, timeout_s=90,
+                        args=(num_classes, make_opt))
+    for r, res in enumerate(results):
+        # The shard and its optimizer state are this rank's own, bit for bit.
+        assert torch.equal(res["weight_after"], res["shard"])
+        assert res["weight_after"].shape[0] == shard_range(num_classes, world, r)[1] - \
+            shard_range(num_classes, world, r)[0]
+        for k, v in res["shard_state"].items():
+            assert torch.equal(res["state"]["head.weight"][k], v), k
+        # The backbone and its state are rank 0's.
+        for k, v in results[0]["backbone"].items():
+            assert torch.equal(res["backbone"][k], v), k
+        for name in ("backbone.weight", "backbone.bias"):
+            for k, v in results[0]["state"][name].items():
+                assert torch.equal(res["state"][name][k], v), (name, k)
+    # Rank 0's momentum / first moment was not copied over the others' (their rows differ).
+    key = "momentum_buffer" if make_opt == "sgd" else "exp_avg"
+    assert not torch.equal(results[0]["shard_state"][key][:3], results[1]["shard_state"][key][:3])
+
+
+def _rank_broadcast_mismatch():
+    import shoal.torch as hvd  # noqa: PLC0415
+    from shoal.core.errors import MismatchError  # noqa: PLC0415
+
+    me = dist.get_rank()
+    messages = []
+    model = nn.Sequential(nn.Linear(IN_DIM, DIM + me), nn.Linear(DIM + me, 2))  # rank 1 is wider
+    try:
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    except MismatchError as exc:
+        messages.append(str(exc))
+    same = nn.Linear(IN_DIM, DIM)
+    groups = [{"params": [same.weight]}, {"params": [same.bias]}] if me else [{"params": same.parameters()}]
+    opt = torch.optim.SGD(groups, lr=0.1)
+    try:
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
+    except MismatchError as exc:
+        messages.append(str(exc))
+    hvd.broadcast_parameters(same.state_dict(), root_rank=0)  # the collectives are still aligned
+    return messages
+
+
+def test_broadcast_of_different_models_names_the_tensor_and_each_ranks_shape():
+    results = run_ranks(_rank_broadcast_mismatch, world_size=2, timeout_s=60)
+    assert results[0] == results[1] and len(results[0]) == 2  # the same message on every rank
+    params_msg, opt_msg = results[0]
+    assert "tensor '0.weight' differs: rank 0: float32 [8, 6] on cpu; rank 1: float32 [9, 6] on cpu" in params_msg
+    assert "HINT" in params_msg and "mark_no_sync" in params_msg
+    assert "broadcast_optimizer_state" in opt_msg and "HINT" in opt_msg
+
+
+def test_no_sync_registry_recognizes_state_dict_copies_by_storage():
+    import gc  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    from shoal.parallel import is_no_sync  # noqa: PLC0415
+
+    net = _Net()
+    sd = net.state_dict()
+    assert not hasattr(sd["head.weight"], "_shoal_no_sync")  # detached: the attribute is gone ...
+    assert is_no_sync(sd["head.weight"]) and not is_no_sync(sd["backbone.weight"])  # ... the storage is not
+    assert not is_no_sync(sd["head.weight"][1:]) and not is_no_sync(sd["head.weight"].clone())
+    net.double()  # new storage, same parameter object: matched where it lives now
+    assert is_no_sync(net.state_dict()["head.weight"]) and not is_no_sync(sd["head.weight"])
+    alive = weakref.ref(net.head)
+    del net, sd
+    gc.collect()
+    assert alive() is None, "the registry must not keep a module alive"

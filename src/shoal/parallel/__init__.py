@@ -12,7 +12,8 @@ Example:
 from __future__ import annotations
 
 from .margins import ArcFace, CombinedMargin, CosFace, MarginLoss
-from .partial_fc import NO_SYNC_ATTR, PartialFC, exclude_from_ddp, load_full_weight, shard_range
+from .no_sync import NO_SYNC_ATTR, is_no_sync, mark_no_sync
+from .partial_fc import PartialFC, exclude_from_ddp, load_full_weight, shard_range
 
 __all__ = [
     "PartialFC",
@@ -24,4 +25,6 @@ __all__ = [
     "exclude_from_ddp",
     "load_full_weight",
     "NO_SYNC_ATTR",
+    "mark_no_sync",
+    "is_no_sync",
 ]

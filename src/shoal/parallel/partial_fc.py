@@ -48,6 +48,7 @@ from shoal.core.errors import ShoalError
 from ._ops import _AllGatherEmbeddings, _all_gather_rows, _normalize_rows, _resolve_shards, _Shards, \
     _ShardedSoftmaxCrossEntropy
 from .margins import MarginLoss
+from .no_sync import NO_SYNC_ATTR, mark_no_sync
 
 __all__ = [
     "PartialFC",
@@ -58,9 +59,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Attribute set to True on parameters that a data-parallel reduction must skip.
-NO_SYNC_ATTR = "_shoal_no_sync"
 
 _FORMAT = "shoal.partial_fc/1"
 _INDEX_FILE = "partial_fc.json"
@@ -263,7 +261,8 @@ class PartialFC(nn.Module):
         dtype = dtype or torch.float32
         rows = _init_rows(self.class_start, self.class_end, self.embedding_size, self.seed, dtype)
         self.weight = nn.Parameter(rows.to(device))
-        setattr(self.weight, NO_SYNC_ATTR, True)
+        # The mark and the registry: broadcast_parameters(model.state_dict()) sees only detached copies.
+        mark_no_sync(self.weight)
         #: Global class ids this rank used in the last training step (None without sampling).
         self.last_sampled_classes: Optional[Tensor] = None
         self._rows_used: Optional[Tensor] = None

@@ -441,24 +441,104 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = False
 
 
+def _no_sync_matcher():
+    """``tensor -> bool`` for parameters marked ``_shoal_no_sync`` (also their ``state_dict()`` copies,
+    matched by storage through the registry of :mod:`shoal.parallel.no_sync`)."""
+    from shoal.parallel.no_sync import no_sync_matcher  # noqa: PLC0415 (the mark's owner)
+
+    return no_sync_matcher()
+
+
+def _layout_digest(layout: list) -> int:
+    """A hash of the layout that is the same in every process (``hash`` of a str is salted per process)."""
+    import hashlib  # noqa: PLC0415
+
+    digest = hashlib.blake2b(repr(layout).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _check_same_layout(what: str, layout: list[tuple], ps: runtime.ProcessSet, owner: str = "models") -> None:
+    """Raise the same MismatchError on every rank unless every rank passes the same ``layout``.
+
+    ``layout`` is ``[(name, description), ...]``. One fixed-size exchange (a digest per rank) on the fast
+    path, whatever the number of tensors: torch.distributed trusts the caller's sizes, so a model built
+    differently on one rank would otherwise broadcast into the wrong tensors, or fail inside gloo with a
+    size error that names neither the tensor nor the rank. The full layouts travel only on a mismatch.
+    Skipped with ``check_collectives`` off, like every other check of the collectives.
+    """
+    from shoal.core import collectives  # noqa: PLC0415
+    from shoal.core.errors import MismatchError  # noqa: PLC0415
+
+    if ps.size() == 1 or not runtime.config().check_collectives:
+        return
+    mine = torch.tensor([[_layout_digest(layout), len(layout)]], dtype=torch.int64, device=runtime.device())
+    rows = collectives.allgather(mine, name=f"{what}.layout", process_set=ps).tolist()
+    if all(row == rows[0] for row in rows):
+        return
+    layouts = collectives.allgather_object(layout, name=f"{what}.layout_details", process_set=ps)
+    maps = [dict(entries) for entries in layouts]
+    names = list(dict.fromkeys(name for entries in layouts for name, _ in entries))
+    differing = [n for n in names if len({m.get(n, "missing") for m in maps}) > 1]
+    if differing:
+        first = differing[0]
+        per_rank = "; ".join(f"rank {r}: {m.get(first, 'missing')}" for r, m in zip(ps.ranks, maps))
+        head = f"tensor '{first}' differs: {per_rank}"
+        if len(differing) > 1:
+            head += f" ({len(differing)} tensors differ; the next: {', '.join(repr(n) for n in differing[1:4])})"
+    else:
+        orders = "; ".join(f"rank {r}: {[n for n, _ in entries][:4]}..." for r, entries in zip(ps.ranks, layouts))
+        head = f"the same tensors in a different order: {orders}"
+    raise MismatchError(
+        f"shoal: {what} on process set {list(ps.ranks)}: the ranks' {owner} differ, {head}. HINT: build the "
+        "same model (same layers, sizes and dtypes) on every rank before broadcasting. A parameter that is "
+        "sharded on purpose (different on every rank) must carry the no-sync mark "
+        "(shoal.parallel.mark_no_sync(param); PartialFC marks its weight itself) and is then skipped.")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} on {t.device.type}"
+
+
 def broadcast_parameters(params, root_rank: int = 0,
                          process_set: Optional[runtime.ProcessSet] = None) -> None:
     """Copy parameters (a ``state_dict()`` or ``named_parameters()``) from ``root_rank`` to every rank,
     in place, one collective per dtype.
 
+    Parameters marked ``_shoal_no_sync`` (a class-sharded classifier's weight, :mod:`shoal.parallel`) are
+    skipped, also when given as the detached copies of ``state_dict()``: every rank keeps its own shard.
+    Before any data moves, the ranks check in one exchange that they pass the same names, dtypes and
+    shapes (sharded parameters: the same names); a difference raises :class:`~shoal.core.errors.MismatchError`
+    on every rank, naming the first differing tensor and each rank's shape.
+
+    Raises:
+        MismatchError: the ranks' tensors differ (name, dtype, shape or device).
+
     Example:
         >>> hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     """
+    from shoal.core import collectives  # noqa: PLC0415
+
     ps = runtime.get_process_set(process_set)
     items = list(params.items()) if hasattr(params, "items") else list(params)
-    tensors = [t for _, t in items if isinstance(t, torch.Tensor)]
+    no_sync = _no_sync_matcher()
+    layout, tensors = [], []
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if no_sync(t):
+            layout.append((str(name), "sharded (not broadcast)"))
+        else:
+            layout.append((str(name), _describe(t)))
+            tensors.append(t)
+    _check_same_layout("broadcast_parameters", layout, ps)
     by_dtype: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault((t.dtype, t.device), []).append(t)
     for (dtype, device), ts in by_dtype.items():
         with torch.no_grad():
-            flat = torch.cat([t.detach().reshape(-1) for t in ts]) if ts else torch.empty(0)
-            dist.broadcast(flat, src=root_rank, group=ps.group)
+            flat = torch.cat([t.detach().reshape(-1) for t in ts])
+            collectives.broadcast_(flat, root_rank, name=f"broadcast_parameters.{dtype}.{device.type}",
+                                   process_set=ps)
             off = 0
             for t in ts:
                 t.detach().copy_(flat[off:off + t.numel()].view_as(t))
@@ -469,12 +549,47 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
                               process_set: Optional[runtime.ProcessSet] = None) -> None:
     """Copy the optimizer's state (and hyper-parameters) from ``root_rank`` to every rank.
 
+    The state of parameters marked ``_shoal_no_sync`` (a sharded classifier's momentum, Adam moments and
+    step) stays each rank's own and is not sent: a shard's state belongs to that shard (with uneven shards
+    it does not even have the same shape). Before the state moves, the ranks check in one exchange that
+    their optimizers hold the same parameters (groups, dtypes, shapes).
+
+    Raises:
+        MismatchError: the ranks' optimizers hold different parameters.
+
     Example:
         >>> hvd.broadcast_optimizer_state(opt, root_rank=0)
     """
+    from shoal.core import collectives  # noqa: PLC0415
+
     ps = runtime.get_process_set(process_set)
     inner = optimizer._inner if isinstance(optimizer, DistributedOptimizer) else optimizer
-    box = [inner.state_dict() if runtime.rank() == root_rank else None]
-    dist.broadcast_object_list(box, src=root_rank, group=ps.group)
-    if runtime.rank() != root_rank:
-        inner.load_state_dict(box[0])
+    named = {}
+    if isinstance(optimizer, DistributedOptimizer):
+        named = {id(p): n for p, n in zip(optimizer._params, optimizer._names)}
+    no_sync = _no_sync_matcher()
+    params = [p for g in inner.param_groups for p in g["params"]]
+    # state_dict() numbers the parameters 0, 1, ... across the groups in this order.
+    local = {i for i, p in enumerate(params) if no_sync(p)}
+    layout = []
+    i = 0
+    for gi, group in enumerate(inner.param_groups):
+        for p in group["params"]:
+            label = f"{named[id(p)]} (optimizer parameter {i})" if id(p) in named else f"optimizer parameter {i}"
+            layout.append((label, f"group {gi}, " + ("sharded (state kept)" if i in local else _describe(p))))
+            i += 1
+    _check_same_layout("broadcast_optimizer_state", layout, ps, owner="optimizers")
+    sent = None
+    if runtime.rank() == root_rank:
+        sd = inner.state_dict()
+        sent = {"state": {k: v for k, v in sd["state"].items() if k not in local},
+                "param_groups": sd["param_groups"]}
+    received = collectives.broadcast_object(sent, root_rank, name="broadcast_optimizer_state", process_set=ps)
+    if runtime.rank() == root_rank:
+        return
+    kept = {i: inner.state[params[i]] for i in local if params[i] in inner.state}
+    inner.load_state_dict(received)
+    for i in local:
+        inner.state.pop(params[i], None)
+        if i in kept:
+            inner.state[params[i]] = kept[i]
