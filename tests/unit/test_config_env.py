@@ -4,11 +4,13 @@ plain dict as the environment (nothing here reads or writes os.environ)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 
 from shoal.core.config import ShoalConfig, env_name, flag_name, knobs
-from shoal.core.env import WorldInfo, detect_world, get_env, parse_slurm_first_node, read_config
+from shoal.core.env import (SLURM_BATCH_SOURCE, WorldInfo, detect_world, get_env, parse_slurm_first_node,
+                            read_config)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -120,7 +122,7 @@ def test_mpirun_inside_a_slurm_allocation_is_mpi():
 
 
 def test_slurm_srun():
-    w = detect_world({"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3",
+    w = detect_world({"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "SLURM_STEP_ID": "0",
                       "SLURM_JOB_NODELIST": "gpu[03-05,9],cpu1", "SLURM_JOB_ID": "123456"})
     assert (w.rank, w.size, w.local_rank, w.source) == (7, 8, 3, "slurm")
     assert w.init_method == "env://" and w.master_addr == "gpu03"
@@ -128,11 +130,38 @@ def test_slurm_srun():
 
 
 def test_slurm_respects_explicit_master_and_older_nodelist_name():
-    w = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "a[1-2]",
+    w = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "a[1-2]", "SLURM_STEP_ID": "1",
                       "MASTER_ADDR": "login1", "MASTER_PORT": "4000"})
     assert (w.master_addr, w.master_port) == ("login1", 4000)
-    w = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "a[1-2]"})
-    assert w.master_addr == "a1"
+    # SLURM_STEPID is the older spelling of the step id; SLURM_NODELIST the older node list.
+    w = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "a[1-2]", "SLURM_STEPID": "0"})
+    assert w.master_addr == "a1" and w.source == "slurm"
+
+
+# What slurmstepd exports to a batch script's own process (sbatch -N2 -n8 job.sh, no srun):
+# SLURM_PROCID=0 and the job's SLURM_NTASKS, but no SLURM_STEP_ID / SLURM_STEPID.
+BATCH_STEP = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0",
+              "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2"}
+
+
+def test_slurm_batch_step_is_a_world_of_one_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="shoal.core.env"):
+        w = detect_world(BATCH_STEP)
+    assert w == WorldInfo(0, 1, 0, 1, None, None, None, SLURM_BATCH_SOURCE)
+    [record] = [r for r in caplog.records if "SLURM batch script" in r.getMessage()]
+    msg = record.getMessage()
+    assert "SLURM_NTASKS=8" in msg and "HINT" in msg and "srun python train.py" in msg
+
+
+def test_slurm_batch_step_quiet_and_single_task(caplog):
+    with caplog.at_level(logging.WARNING, logger="shoal.core.env"):
+        assert detect_world(BATCH_STEP, quiet=True).source == SLURM_BATCH_SOURCE
+        one = detect_world({**BATCH_STEP, "SLURM_NTASKS": "1"})
+    assert (one.size, one.source) == (1, SLURM_BATCH_SOURCE)
+    assert not caplog.records  # quiet; and one task lost nothing, so nothing to warn about
+    # The same job's srun tasks carry a step id: a real multi-rank world.
+    w = detect_world({**BATCH_STEP, "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0"})
+    assert (w.rank, w.size, w.source, w.master_addr) == (5, 8, "slurm", "gpu01")
 
 
 def test_plain_python_is_a_world_of_one():
@@ -141,18 +170,25 @@ def test_plain_python_is_a_world_of_one():
 
 
 @pytest.mark.parametrize("nodelist, first", [
-    ("node1", "node1"),
+    ("node1", "node1"),                            # single host
     ("n[1-4]", "n1"),
-    ("gpu[03-05,9],cpu1", "gpu03"),
+    ("gpu[03-05,9],cpu1", "gpu03"),                # zero padding kept; commas inside brackets
     ("a[07,09]", "a07"),
     ("rack-2-host[010-012]", "rack-2-host010"),
-    ("solo,other[1-2]", "solo"),
+    ("solo,other[1-2]", "solo"),                   # comma list
+    ("n1,n2,n3", "n1"),
     (" n5 ", "n5"),
+    ("node[1-2]-ib", "node1-ib"),                  # text after the brackets
+    ("rack[1-2]-n[01-04]", "rack1-n01"),           # several brackets in one entry
+    ("rack[3,1-2]-n[04-07]-ib,login[1-2]", "rack3-n04-ib"),
+    ("node[001-128]", "node001"),
 ])
 def test_slurm_node_list_first_host(nodelist, first):
     assert parse_slurm_first_node(nodelist) == first
 
 
-def test_bad_slurm_node_list_is_named():
-    with pytest.raises(ValueError, match="SLURM node list"):
-        parse_slurm_first_node("[1-2]")
+@pytest.mark.parametrize("nodelist", ["[1-2]", "", "n[1-2", "n]1", "n[[1]]", ",n1", "n[a-b]"])
+def test_bad_slurm_node_list_is_named(nodelist):
+    with pytest.raises(ValueError, match="SLURM node list") as info:
+        parse_slurm_first_node(nodelist)
+    assert "HINT" in str(info.value)

@@ -12,7 +12,9 @@ Two things come from the environment:
    shoal.testing harness     SHOAL_INIT_FILE (a FileStore path) with RANK, WORLD_SIZE
    Open MPI                  OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK / _LOCAL_SIZE
    MPICH, Intel MPI (PMI)    PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS
-   SLURM (srun)              SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST
+   SLURM (srun)              SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST, with
+                             SLURM_STEP_ID (a batch script's own process has no step id: it is
+                             a world of one, with a warning)
    plain ``python``          nothing: a world of one
    ========================  =========================================================
 
@@ -39,6 +41,7 @@ __all__ = [
     "TIMELINE_ALIAS",
     "detect_world",
     "parse_slurm_first_node",
+    "SLURM_BATCH_SOURCE",
     "get_env",
     "set_default_env",
     "export_env",
@@ -127,20 +130,53 @@ class WorldInfo:
     init_method: Optional[str]
     master_addr: Optional[str]
     master_port: Optional[int]
-    #: Which launcher was detected: torchrun, file, mpi, slurm, single.
+    #: Which launcher was detected: torchrun, file, mpi, slurm, slurm-batch (a batch script's own
+    #: process: a world of one), single.
     source: str
 
 
+def _first_of_ranges(ranges: str, nodelist: str) -> str:
+    """``"03-05,9"`` -> ``"03"``: the first value of a bracket's range list, zero padding kept."""
+    first = ranges.split(",")[0].strip()
+    start = first.split("-")[0].strip()
+    if not start.isdigit():
+        raise ValueError(f"shoal: cannot parse SLURM node list {nodelist!r}: range [{ranges}] does not "
+                         "start with a number. HINT: set MASTER_ADDR to the first host of the job.")
+    return start
+
+
 def parse_slurm_first_node(nodelist: str) -> str:
-    """First host of a SLURM node list: ``"gpu[03-05,9],cpu1"`` -> ``"gpu03"``."""
-    m = re.match(r"([^\[,]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise ValueError(f"shoal: cannot parse SLURM node list {nodelist!r}")
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    """First host of a SLURM node list (SLURM's hostlist syntax, as in ``SLURM_JOB_NODELIST``).
+
+    The list is comma-separated at the top level (commas inside brackets separate ranges); each entry
+    is text with any number of bracketed range lists, and the first host takes the first value of
+    every bracket, zero padding included:
+
+    =========================  ===============
+    node list                  first host
+    =========================  ===============
+    ``gpu[03-05,9],cpu1``      ``gpu03``
+    ``node[1-2]-ib``           ``node1-ib``
+    ``rack[1-2]-n[01-04]``     ``rack1-n01``
+    ``solo,other[1-2]``        ``solo``
+    =========================  ===============
+
+    Raises:
+        ValueError: the list is empty, its brackets do not balance, or it starts with a bracket.
+    """
+    bad = ValueError(f"shoal: cannot parse SLURM node list {nodelist!r}. HINT: set MASTER_ADDR to the "
+                     "first host of the job.")
+    entry, depth = nodelist.strip(), 0
+    for i, ch in enumerate(entry):
+        depth += (ch == "[") - (ch == "]")
+        if depth not in (0, 1):  # nested or stray brackets: not SLURM's syntax
+            raise bad
+        if ch == "," and depth == 0:
+            entry = entry[:i]
+            break
+    if depth != 0 or not entry or entry.startswith("["):
+        raise bad
+    return re.sub(r"\[([^\]]*)\]", lambda m: _first_of_ranges(m.group(1), nodelist), entry)
 
 
 def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
@@ -150,8 +186,47 @@ def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
     return None
 
 
-def detect_world(environ: Optional[Mapping[str, str]] = None) -> WorldInfo:
-    """Find rank and world size from the launcher's variables (see the module docstring)."""
+#: SLURM variables set for the tasks of a job step started by ``srun``, and only for those (see
+#: :func:`_is_srun_step`).
+_SLURM_STEP_VARS = ("SLURM_STEP_ID", "SLURM_STEPID")
+
+#: ``source`` of the world of one that a SLURM batch script's own process gets.
+SLURM_BATCH_SOURCE = "slurm-batch"
+
+
+def _is_srun_step(env: Mapping[str, str]) -> bool:
+    """True for a task of an ``srun`` step; False for the batch script's process (``sbatch``).
+
+    SLURM sets SLURM_PROCID (0) and SLURM_NTASKS (the job's task count) in the batch step too, so
+    they alone would make a plain ``python train.py`` in a batch script wait for ``SLURM_NTASKS``
+    ranks that never come. What tells the two apart: slurmstepd exports SLURM_STEP_ID (and the old
+    SLURM_STEPID) only when the step id is non-negative (``setup_env`` in SLURM's src/common/env.c:
+    ``if (env->stepid >= 0)``, ``stepid`` an ``int``), and the batch step's id, SLURM_BATCH_SCRIPT =
+    0xfffffffb, is negative as an ``int`` (so is the interactive step's, 0xfffffffa). srun steps are
+    numbered 0, 1, 2, ...
+    """
+    return any(env.get(name, "") != "" for name in _SLURM_STEP_VARS)
+
+
+def _slurm_batch_step(env: Mapping[str, str], quiet: bool) -> WorldInfo:
+    """The batch script's process: a world of one, with a warning when the job has more tasks."""
+    ntasks = env.get("SLURM_NTASKS", "")
+    if not quiet and ntasks.strip() not in ("", "0", "1"):
+        log.warning(
+            "shoal: this process is a SLURM batch script, not an srun task (SLURM_NTASKS=%s but no "
+            "SLURM_STEP_ID), so it runs as a world of one and the job's other tasks stay idle. "
+            "HINT: start one rank per task with `srun python train.py` in the batch script "
+            "(or `shoal run -np N python train.py` on one node).", ntasks)
+    return WorldInfo(0, 1, 0, 1, None, None, None, SLURM_BATCH_SOURCE)
+
+
+def detect_world(environ: Optional[Mapping[str, str]] = None, *, quiet: bool = False) -> WorldInfo:
+    """Find rank and world size from the launcher's variables (see the module docstring).
+
+    Args:
+        environ: the variables (default ``os.environ``).
+        quiet: do not log the warning about a SLURM batch step (``shoal doctor`` reports it itself).
+    """
     env = _environ(environ)
     addr = env.get("MASTER_ADDR") or None
     port = _int(env, "MASTER_PORT")
@@ -170,6 +245,8 @@ def detect_world(environ: Optional[Mapping[str, str]] = None) -> WorldInfo:
         return WorldInfo(rank, size, local_rank, local_size,
                          "env://" if addr else None, addr, port, "mpi")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if not _is_srun_step(env):
+            return _slurm_batch_step(env, quiet)
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if addr is None and nodelist:
             addr = parse_slurm_first_node(nodelist)
