@@ -296,7 +296,7 @@ def test_configure_on_one_host_touches_nothing_and_is_cheap(restore_environ):
     assert per_call_ms < 5, per_call_ms
 
 
-def test_configure_multi_host_sets_defaults_but_keeps_the_users(restore_environ):
+def test_configure_multi_host_sets_defaults_but_keeps_the_users(restore_environ, caplog):
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_IB_GID_INDEX",
                  "NCCL_IB_DISABLE", "NCCL_IB_ADDR_FAMILY", "NCCL_IB_ADDR_RANGE",
                  "NCCL_IB_ROCE_VERSION_NUM"):
@@ -310,8 +310,11 @@ def test_configure_multi_host_sets_defaults_but_keeps_the_users(restore_environ)
     assert os.environ["NCCL_IB_HCA"] == "=mlx5_0:1"
     assert os.environ["NCCL_SOCKET_IFNAME"] == "=ib0"          # the user's, untouched
     os.environ["NCCL_SOCKET_IFNAME"] = "eth0"
-    configure(ShoalConfig(backend="nccl"), world, interfaces=interfaces, rdma_ports=ports)
-    assert os.environ["NCCL_SOCKET_IFNAME"] == "eth0"          # never overridden
+    with caplog.at_level(logging.INFO, logger="shoal.core.env"):
+        configure(ShoalConfig(backend="nccl"), world, interfaces=interfaces, rdma_ports=ports)
+    assert os.environ["NCCL_SOCKET_IFNAME"] == "eth0"          # never overridden...
+    kept = [r.getMessage() for r in caplog.records if "keeping your NCCL_SOCKET_IFNAME=eth0" in r.getMessage()]
+    assert len(kept) == 1 and "shoal would pick =ib0" in kept[0], kept   # ...and never silently
 
 
 def test_configure_logs_warnings_once_per_host(restore_environ, caplog):
@@ -337,3 +340,69 @@ def test_importing_network_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------ the user's NCCL_IB_HCA
+
+def test_user_hca_decides_the_gid_index_on_the_roce_tree():
+    # Both ports of the roce tree hold their RoCE v2 IPv4 GID at index 3; the reason names the
+    # address of the port the user chose (mlx5_1: 192.168.11.6), not of the one Shoal would pick.
+    plan = _plan("roce", route_source_ip="10.1.0.6", environ={"NCCL_IB_HCA": "=mlx5_1:1"})
+    assert _values(plan)["NCCL_IB_GID_INDEX"] == "3"
+    reason = plan.env["NCCL_IB_GID_INDEX"][1]
+    assert "192.168.11.6" in reason and "mlx5_1:1" in reason and "mlx5_0" not in reason
+    assert "your NCCL_IB_HCA==mlx5_1:1" in reason
+    assert any("your NCCL_IB_HCA==mlx5_1:1 selects mlx5_1:1" in n for n in plan.notes)
+    assert plan.transport == "RoCE" and plan.warnings == []
+
+
+@pytest.mark.parametrize("spec, index", [("mlx5_1", "5"), ("=mlx5_1:1", "5"), ("^mlx5_0", "5"),
+                                         ("^=mlx5_1", "3"), ("mlx5_0:1", "3")])
+def test_user_hca_on_ports_that_disagree_pins_the_index_of_the_users_port(spec, index):
+    # Without NCCL_IB_HCA the two indices disagree and Shoal leaves the variable to NCCL (see
+    # test_roce_ports_that_disagree_on_gid_index_leave_it_to_nccl); with it, only the chosen port counts.
+    eth0 = Interface("eth0", ("10.1.0.9",))
+    plan = plan_network(world=MULTI, interfaces=[eth0], backend="nccl", nccl_version=(2, 20, 5),
+                        rdma_ports=[_roce_port("mlx5_0", 3), _roce_port("mlx5_1", 5)],
+                        environ={"NCCL_IB_HCA": spec})
+    assert _values(plan)["NCCL_IB_GID_INDEX"] == index
+    assert plan.warnings == []
+
+
+def test_user_hca_picking_roce_on_a_mixed_host_gets_the_roce_gid_index():
+    # Shoal alone would prefer InfiniBand and set no GID index; the user chose the RoCE port, so
+    # NCCL will use RoCE there and needs the RoCE v2 IPv4 entry.
+    ib = RdmaPort("mlx5_0", 1, "ACTIVE", "InfiniBand", "400 Gb/sec", (Gid(0, "fe80::2"),))
+    plan = plan_network(world=MULTI, interfaces=[Interface("eth0", ("10.1.0.9",))], backend="nccl",
+                        environ={"NCCL_IB_HCA": "=mlx5_1"}, rdma_ports=[ib, _roce_port("mlx5_1", 3)])
+    assert _values(plan)["NCCL_IB_HCA"] == "=mlx5_0:1"        # what Shoal would pick (kept: the user's wins)
+    assert _values(plan)["NCCL_IB_GID_INDEX"] == "3" and plan.transport == "RoCE"
+
+
+def test_user_hca_without_an_ipv4_gid_or_an_active_port_warns():
+    eth0 = Interface("eth0", ("10.1.0.9",))
+    ports = [_roce_port("mlx5_0", 3), _roce_port("mlx5_1", None, "ens9")]
+    lacking = plan_network(world=MULTI, interfaces=[eth0], backend="nccl", rdma_ports=ports,
+                           environ={"NCCL_IB_HCA": "mlx5_1"})
+    assert "NCCL_IB_GID_INDEX" not in lacking.env
+    assert any("mlx5_1:1" in w and "ens9" in w and "NCCL_IB_HCA=mlx5_1" in w and "HINT" in w
+               for w in lacking.warnings)
+    nothing = _plan("ib", environ={"NCCL_IB_HCA": "=mlx5_1"})       # mlx5_1:1 is DOWN in the ib tree
+    assert nothing.transport == "sockets" and "NCCL_IB_GID_INDEX" not in nothing.env
+    [w] = nothing.warnings
+    assert "selects no ACTIVE RDMA port" in w and "mlx5_1:1 DOWN" in w and "'=mlx5_0:1'" in w
+
+
+def test_configure_keeps_the_users_hca_and_logs_it(restore_environ, caplog):
+    for name in ("NCCL_IB_GID_INDEX", "NCCL_IB_DISABLE", "NCCL_IB_ADDR_FAMILY", "NCCL_IB_ADDR_RANGE",
+                 "NCCL_IB_ROCE_VERSION_NUM", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+        os.environ.pop(name, None)
+    os.environ["NCCL_IB_HCA"] = "=mlx5_1"
+    ports = [_roce_port("mlx5_0", 3), _roce_port("mlx5_1", 5), _roce_port("mlx5_2", None)]
+    with caplog.at_level(logging.INFO, logger="shoal.core.env"):
+        configure(ShoalConfig(backend="nccl"), MULTI, interfaces=[Interface("eth0", ("10.1.0.9",))],
+                  rdma_ports=ports, environ=None)
+    assert os.environ["NCCL_IB_HCA"] == "=mlx5_1"              # the user's, untouched
+    assert os.environ["NCCL_IB_GID_INDEX"] == "5"              # the index of the user's port
+    kept = [r.getMessage() for r in caplog.records if "keeping your NCCL_IB_HCA==mlx5_1" in r.getMessage()]
+    assert len(kept) == 1 and "=mlx5_0:1,mlx5_1:1" in kept[0], kept

@@ -565,36 +565,86 @@ def _plan_rdma(plan: NetworkPlan, ports: Sequence[RdmaPort], environ: Optional[M
         # InfiniBand: NCCL picks the GID itself (index 0 / LID routing unless a routable FLID
         # exists); NCCL_IB_GID_INDEX is documented for RoCE only. Prefer IB over RoCE ports when
         # a host has both, so that every host uses the same fabric.
-        chosen = ib
-        plan.transport = "InfiniBand"
+        ours = ib
         excluded += [f"{p.name} (RoCE; InfiniBand preferred)" for p in roce]
     else:
-        plan.transport = "RoCE"
         usable = [p for p in roce if p.roce_v2_ipv4_gid() is not None]
-        lacking = [p for p in roce if p.roce_v2_ipv4_gid() is None]
-        if lacking and usable:
-            excluded += [f"{p.name} (no RoCE v2 IPv4 GID)" for p in lacking]
-        elif lacking:
-            netdevs = sorted({g.netdev for p in lacking for g in p.gids if g.netdev}) or ["?"]
-            plan.warnings.append(
-                f"RoCE port(s) {', '.join(p.name for p in lacking)} have no RoCE v2 GID with an IPv4 "
-                "address, so NCCL can only use a RoCE v1 or link-local GID, which does not route "
-                f"across subnets. HINT: give their interface ({', '.join(netdevs)}) an IP address, "
-                "or check the RoCE mode (`show_gids`).")
-        chosen = usable or roce
-        _plan_gid_index(plan, usable, environ, nccl_version)
+        if usable:
+            excluded += [f"{p.name} (no RoCE v2 IPv4 GID)" for p in roce if p not in usable]
+        ours = usable or roce
     if excluded:
         # NCCL_IB_HCA: a list of device[:port]; "=" makes the match exact, so mlx5_1 does not also
         # select mlx5_10..mlx5_19 (env docs, NCCL_IB_HCA). Set only when it narrows NCCL's own
         # choice; with every port usable NCCL's default is already right.
         plan.env["NCCL_IB_HCA"] = (
-            "=" + ",".join(p.name for p in chosen),
-            f"use only {', '.join(p.name for p in chosen)}; leaves out {', '.join(excluded)}")
+            "=" + ",".join(p.name for p in ours),
+            f"use only {', '.join(p.name for p in ours)}; leaves out {', '.join(excluded)}")
+
+    # The ports NCCL will really use: the user's NCCL_IB_HCA wins over ours (set_default_env keeps
+    # it), so the transport and the GID index must follow the user's ports, not the ones Shoal
+    # would have picked: a GID index read off another port can name a RoCE v1 or empty entry there.
+    used = ours
+    user_hca = (get_env("NCCL_IB_HCA", environ=environ) or "").strip()
+    if user_hca:
+        used = [p for p in active if _hca_selects(user_hca, p)]
+        if not used:
+            plan.transport = "sockets"
+            plan.warnings.append(
+                f"your NCCL_IB_HCA={user_hca} selects no ACTIVE RDMA port of this host (it has "
+                f"{_port_states(ports)}): NCCL finds no IB device and falls back to TCP sockets, much "
+                "slower between hosts. HINT: name ACTIVE ports (`shoal doctor` lists them), e.g. "
+                f"NCCL_IB_HCA='={','.join(p.name for p in ours)}', or unset it.")
+            return
+        plan.notes.append(f"your NCCL_IB_HCA={user_hca} selects {', '.join(p.name for p in used)}: "
+                          "the transport and GID index follow your ports")
+    used_ib = [p for p in used if not p.is_roce]
+    used_roce = [p for p in used if p.is_roce]
+    plan.transport = ("InfiniBand and RoCE" if used_ib and used_roce
+                      else "InfiniBand" if used_ib else "RoCE")
+    if not used_roce:
+        return
+    usable_used = [p for p in used_roce if p.roce_v2_ipv4_gid() is not None]
+    lacking = [p for p in used_roce if p.roce_v2_ipv4_gid() is None]
+    if lacking:
+        netdevs = sorted({g.netdev for p in lacking for g in p.gids if g.netdev}) or ["?"]
+        plan.warnings.append(
+            f"RoCE port(s) {', '.join(p.name for p in lacking)} have no RoCE v2 GID with an IPv4 "
+            "address, so NCCL can only use a RoCE v1 or link-local GID, which does not route "
+            f"across subnets. HINT: give their interface ({', '.join(netdevs)}) an IP address, "
+            "or check the RoCE mode (`show_gids`)"
+            + (f"; or leave them out of your NCCL_IB_HCA={user_hca}." if user_hca else "."))
+    _plan_gid_index(plan, usable_used, environ, nccl_version,
+                    whose=f" (your NCCL_IB_HCA={user_hca})" if user_hca else "")
+
+
+def _hca_selects(spec: str, port: RdmaPort) -> bool:
+    """Whether NCCL_IB_HCA=``spec`` lets NCCL use ``port`` (env docs, NCCL_IB_HCA).
+
+    ``spec`` is a comma list of ``device[:port]``; a bare device name matches every device whose
+    name starts with it (``mlx5`` selects mlx5_0, mlx5_1, ...), a leading ``=`` makes names exact,
+    a leading ``^`` turns the list into the ports *not* to use (``^=mlx5_1``).
+    """
+    text = spec.strip()
+    exclude = text.startswith("^")
+    text = text[1:] if exclude else text
+    exact = text.startswith("=")
+    text = text[1:] if exact else text
+    hit = False
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        device, _, number = token.partition(":")
+        name_ok = port.device == device if exact else port.device.startswith(device)
+        port_ok = not number or (number.strip().isdigit() and int(number) == port.port)
+        if name_ok and port_ok:
+            hit = True
+            break
+    return hit != exclude
 
 
 def _plan_gid_index(plan: NetworkPlan, usable: Sequence[RdmaPort],
                     environ: Optional[Mapping[str, str]],
-                    nccl_version: Optional[tuple[int, ...]]) -> None:
+                    nccl_version: Optional[tuple[int, ...]], whose: str = "") -> None:
     """NCCL_IB_GID_INDEX for RoCE: the RoCE v2 entry with an IPv4-mapped address.
 
     NCCL's docs define the variable as "the Global ID index used in RoCE mode". NCCL before 2.21
@@ -616,7 +666,7 @@ def _plan_gid_index(plan: NetworkPlan, usable: Sequence[RdmaPort],
         assert gid is not None
         plan.env["NCCL_IB_GID_INDEX"] = (
             str(indices[0]), f"RoCE v2 GID with an IPv4 address ({gid.ipv4}) on "
-                             f"{', '.join(p.name for p in usable)}; routable across subnets")
+                             f"{', '.join(p.name for p in usable)}{whose}; routable across subnets")
         return
     old = nccl_version is not None and tuple(nccl_version[:2]) < (2, 21)
     plan.warnings.append(
