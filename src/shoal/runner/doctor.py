@@ -313,11 +313,16 @@ def collect(probe_timeout_s: float = 3.0) -> dict[str, Any]:
         warnings.append(f"{exc}. HINT: fix or unset that variable; the report uses the defaults.")
         cfg = ShoalConfig()
     try:
-        world = _env.detect_world()
+        world = _env.detect_world(quiet=True)  # its SLURM batch warning goes into the report instead
     except ValueError as exc:  # e.g. RANK=abc: init would fail the same way
         warnings.append(f"the launcher's variables do not parse ({exc}); init will fail. HINT: check "
                         "RANK, WORLD_SIZE, LOCAL_WORLD_SIZE; the report assumes a world of one.")
         world = _env.WorldInfo(0, 1, 0, 1, None, None, None, "single")
+    ntasks = (_env.get_env("SLURM_NTASKS") or "").strip()
+    if world.source == _env.SLURM_BATCH_SOURCE and ntasks not in ("", "0", "1"):
+        warnings.append(f"this is a SLURM batch script's own process (SLURM_NTASKS={ntasks}, no "
+                        "SLURM_STEP_ID): shoal.init() here runs a world of one. HINT: start the ranks "
+                        "with `srun python train.py` inside the batch script.")
     backend, backend_reason = network.expected_backend(cfg)
     plan = network.plan_for_this_host(cfg, world, interfaces=interfaces, rdma_ports=rdma,
                                       backend=backend)
