@@ -57,6 +57,20 @@ def test_max_cuda_is_monotonic_in_the_driver():
     assert max_cuda_for_driver(None) is None and max_cuda_for_driver("junk") is None
     assert max_cuda_for_driver("535.104.05") == (12, 2)
     assert max_cuda_for_driver("580.65.06") == (13, 0)
+    assert max_cuda_for_driver("590.44.01") == (13, 1) and max_cuda_for_driver("595.58.03") == (13, 2)
+
+
+def test_table_knows_the_pinned_torch():
+    """The wheel lines of the torch the project pins (constraints.txt) are all current in the table."""
+    import pathlib
+
+    pins = (pathlib.Path(__file__).resolve().parents[2] / "constraints.txt").read_text()
+    pinned = parse_version(re.search(r"^torch==(\S+)", pins, re.M).group(1))[:2]
+    lines = {line.torch_tag: line for line in CUDA_LINES if line.torch_tag}
+    for tag in ("cu126", "cu130", "cu132"):   # torch 2.12-2.14 (pytorch/pytorch RELEASE.md)
+        line = lines[tag]
+        assert line.torch_first <= pinned and (line.torch_last is None or line.torch_last >= pinned), line
+    assert lines["cu128"].torch_last == (2, 11)
 
 
 @pytest.mark.parametrize("driver", [None] + _sweep())
@@ -80,6 +94,11 @@ def test_known_cases():
     assert h.command.endswith("/whl/cu126") and "cu124" in h.note and "minor-version" in h.note
     assert torch_hint("560.35.03").command.endswith("/whl/cu126")
     assert torch_hint("580.65.06").command.endswith("/whl/cu130")
+    assert torch_hint("590.48.01").command.endswith("/whl/cu130")   # CUDA 13.1 has no torch wheel line
+    assert torch_hint("595.45.04").command.endswith("/whl/cu132")   # torch >= 2.12
+    # cu128 ended with torch 2.11: a 570 driver gets the still-published cu126 line (current torch).
+    h = torch_hint("570.124.06")
+    assert h.command.endswith("/whl/cu126") and "current" in h.note
     assert torch_hint("470.82.01").command.endswith("/whl/cu118")   # CUDA 11 minor compatibility
     old = torch_hint("440.33")
     assert old.command.endswith("/whl/cpu") and "upgrade" in old.note

@@ -13,7 +13,13 @@ Sources:
     * minor-version compatibility floors (a CUDA 12.x build runs on any driver >= 525.60.13,
       13.x on >= 580.65.06, except features that JIT-compile PTX): NVIDIA "CUDA Compatibility"
       guide and the data-center driver support matrix;
-    * torch wheel lines: download.pytorch.org/whl/<tag>, per the PyTorch release matrix;
+    * torch wheel lines: download.pytorch.org/whl/<tag>, per the "Release Compatibility Matrix" of
+      pytorch/pytorch RELEASE.md (stable and experimental CUDA per release): 2.10 cu126/cu128/cu130,
+      2.11 cu126/cu128/cu130, 2.12 and 2.13 cu126/cu130/cu132 (cu128 dropped in 2.12, cu132 added
+      as experimental; pytorch/pytorch#178665 and #182849), and the announced 2.14 matrix keeps
+      cu126/cu130/cu132 with cu132 the PyPI default (pytorch/pytorch#190355);
+    * CUDA 13.1 GA needs Linux driver >= 590.44.01 and 13.2 GA >= 595.45.04 (the release notes'
+      driver table, as several public projects quote it; cross-checked, not read off NVIDIA's page);
     * TensorFlow: ``tensorflow[and-cuda]`` pulls CUDA 12 libraries from pip (TF >= 2.15, Linux);
     * JAX: ``jax[cuda12]`` / ``jax[cuda13]`` (JAX installation guide).
 """
@@ -53,7 +59,8 @@ class CudaLine:
     #: torch wheel line (``cu126``), or None when torch published no wheels for this release.
     torch_tag: Optional[str] = None
     #: First and last torch (major, minor) published on that line; last None: still published
-    #: by the newest torch release this table knows (2.10: cu126, cu128, cu130).
+    #: by the newest torch release this table knows (2.13, the version the project pins: cu126,
+    #: cu130, cu132; the announced 2.14 keeps the same three).
     torch_first: Optional[tuple[int, int]] = None
     torch_last: Optional[tuple[int, int]] = None
 
@@ -72,9 +79,11 @@ CUDA_LINES: tuple[CudaLine, ...] = (
     CudaLine((12, 4), "550.54.14", "cu124", (2, 4), (2, 6)),
     CudaLine((12, 5), "555.42.02"),
     CudaLine((12, 6), "560.28.03", "cu126", (2, 6), None),
-    CudaLine((12, 8), "570.26", "cu128", (2, 7), None),
+    CudaLine((12, 8), "570.26", "cu128", (2, 7), (2, 11)),
     CudaLine((12, 9), "575.51.03", "cu129", (2, 8), (2, 8)),
     CudaLine((13, 0), "580.65.06", "cu130", (2, 9), None),
+    CudaLine((13, 1), "590.44.01"),
+    CudaLine((13, 2), "595.45.04", "cu132", (2, 12), None),
 )
 
 #: Oldest driver that runs any build of a CUDA major version (minor-version compatibility).
