@@ -547,3 +547,134 @@ def test_no_sync_registry_recognizes_state_dict_copies_by_storage():
     del net, sd
     gc.collect()
     assert alive() is None, "the registry must not keep a module alive"
+
+
+# ------------------------------------------------------------------ 16-bit weights: sums in float32
+FP16_CLASSES = 100_000  # > 65504 (the largest float16) terms of about exp(0) each
+
+
+def _fp16_many_classes():
+    me, world = _me_and_world()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(world * LOCAL_BATCH, DIM, generator=g)
+    labels = torch.randint(0, FP16_CLASSES, (world * LOCAL_BATCH,), generator=g)
+    # s = 0.1: every logit within 0.2 of the row maximum, so each row sums ~90k terms near 1.
+    pfc = PartialFC(DIM, FP16_CLASSES, CosFace(s=0.1, m=0.0), dtype=torch.float16)
+    e = x[me * LOCAL_BATCH:(me + 1) * LOCAL_BATCH].half().requires_grad_()
+    loss = pfc(e, labels[me * LOCAL_BATCH:(me + 1) * LOCAL_BATCH])
+    loss.backward()
+    return loss.detach(), e.grad, pfc.weight.detach(), x, labels
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_fp16_weights_with_more_classes_than_float16_can_count(world):
+    """float16 weights: the loss equals a float64 softmax of the same (16-bit) values, finite.
+
+    Tolerance: atol 2e-3 on a loss of log(1e5) ~ 11.5; float16 rounding of the logits (|z| <= 0.1, half-ulp
+    ~3e-5) and of each exp (relative 5e-4, unbiased) moves log(sum) by < 1e-4 observed. Summed in float16
+    the row sums overflow to inf (65504 is the largest float16).
+    """
+    results = [_fp16_many_classes()] if world == 1 else run_ranks(_fp16_many_classes, world_size=world,
+                                                                   timeout_s=90)
+    weight = torch.cat([res[2] for res in results]).double()
+    x, labels = results[0][3], results[0][4]
+    cos = F.linear(F.normalize(x.half().double()), F.normalize(weight))
+    ref = F.cross_entropy(cos * 0.1, labels)
+    for loss, emb_grad, *_ in results:
+        assert loss.dtype == torch.float16 and torch.isfinite(loss)
+        torch.testing.assert_close(loss.double(), ref, rtol=0, atol=2e-3)
+        assert torch.isfinite(emb_grad).all()
+
+
+# ------------------------------------------------------------------ skipped steps, foreign optimizer state
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_rows_of_a_skipped_step_are_not_stepped_later(set_to_none):
+    """nan_check="skip" and a GradScaler inf step both skip the inner step (no step hook runs): the rows
+    sampled for it must not be stepped with the next batch, whose gradient no longer holds them."""
+    torch.manual_seed(3)
+    pfc = PartialFC(DIM, 40, CosFace(), sample_rate=0.25, dtype=torch.float64)
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    pfc.bind_optimizer(opt)
+    _sampled_step(pfc, opt, torch.tensor([0, 1]))  # a real step: momentum everywhere it was used
+    opt.zero_grad()
+    pfc(torch.randn(2, DIM, dtype=torch.float64), torch.tensor([2, 3])).backward()
+    skipped = pfc._rows_used.clone()  # ... and this step is skipped: no opt.step()
+    opt.zero_grad(set_to_none=set_to_none)
+    before = pfc.weight.detach().clone()
+    used = _sampled_step(pfc, opt, torch.tensor([20, 21]))
+    only_skipped = skipped & ~used
+    assert only_skipped.any()
+    assert torch.equal(pfc.weight.detach()[only_skipped], before[only_skipped])
+    assert torch.equal(pfc.weight.detach()[~used], before[~used])
+
+
+def test_gradient_accumulation_still_unions_the_rows():
+    torch.manual_seed(4)
+    pfc = PartialFC(DIM, 40, CosFace(), sample_rate=0.25, dtype=torch.float64)
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.1)
+    pfc.bind_optimizer(opt)
+    opt.zero_grad(set_to_none=False)
+    for labels in (torch.tensor([1, 2]), torch.tensor([30, 31])):
+        pfc(torch.randn(2, DIM, dtype=torch.float64), labels).backward()
+    assert pfc._rows_used[[1, 2, 30, 31]].all() and pfc._rows_used.sum() > 10
+
+
+def test_optimizer_state_of_another_shard_shape_is_refused(tmp_path):
+    pfc = PartialFC(DIM, 40, CosFace(), sample_rate=0.25, dtype=torch.float64)
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9)
+    pfc.bind_optimizer(opt)
+    _sampled_step(pfc, opt, torch.tensor([0, 1]))
+    # What opt.load_state_dict() of a checkpoint saved by a rank with 30 classes leaves behind.
+    opt.state[pfc.weight]["momentum_buffer"] = torch.zeros(30, DIM, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"'momentum_buffer'.*\[30, 8\].*\[40, 8\](.|\n)*HINT: .*load_sharded"):
+        _sampled_step(pfc, opt, torch.tensor([2, 3]))
+    with pytest.raises(RuntimeError, match="save_sharded on rank 0"):
+        pfc.save_sharded(tmp_path / "ckpt", optimizer=opt)
+
+
+def _rank_save_adam(directory: str, num_classes: int):
+    """Two Adam steps (weight decay: every row's state moves), then the shards, optimizer included."""
+    pfc = PartialFC(DIM, num_classes, ArcFace(), seed=1)
+    opt = torch.optim.Adam(pfc.parameters(), lr=0.01, weight_decay=1e-2)
+    for step in range(2):
+        g = torch.Generator().manual_seed(10 * step + dist.get_rank())
+        opt.zero_grad()
+        pfc(torch.randn(LOCAL_BATCH, DIM, generator=g),
+            torch.randint(0, num_classes, (LOCAL_BATCH,), generator=g)).backward()
+        opt.step()
+    pfc.save_sharded(directory, optimizer=opt)
+    return pfc.weight.detach().clone(), {k: v.clone() for k, v in opt.state[pfc.weight].items()}, \
+        opt.state_dict()
+
+
+def _rank_load_adam(directory: str, num_classes: int, stale_state_dict: dict):
+    pfc = PartialFC(DIM, num_classes, ArcFace(), seed=2)
+    opt = torch.optim.Adam(pfc.parameters(), lr=0.01, weight_decay=1e-2)
+    # The documented order: the optimizer's own state_dict first (here: one saved with another shard
+    # shape), then load_sharded, which replaces the weight's state with its re-sharded rows.
+    opt.load_state_dict(stale_state_dict)
+    pfc.load_sharded(directory, optimizer=opt)
+    state = {k: v.clone() for k, v in opt.state[pfc.weight].items()}
+    g = torch.Generator().manual_seed(99 + dist.get_rank())
+    opt.zero_grad()
+    pfc(torch.randn(LOCAL_BATCH, DIM, generator=g), torch.randint(0, num_classes, (LOCAL_BATCH,), generator=g)
+        ).backward()
+    opt.step()  # resumes: the step count continues from the checkpoint
+    return pfc.weight.detach().clone(), state, opt.state[pfc.weight]["step"].clone()
+
+
+def test_adam_checkpoint_saved_on_2_ranks_loads_on_3(tmp_path):
+    num_classes = 20
+    directory = os.fspath(tmp_path / "ckpt")
+    saved = run_ranks(_rank_save_adam, world_size=2, timeout_s=60, args=(directory, num_classes))
+    stale = saved[0][2]  # rank 0's opt.state_dict(): a 10-row shard, loaded by ranks of 7, 7 and 6 rows
+    loaded = run_ranks(_rank_load_adam, world_size=3, timeout_s=60, args=(directory, num_classes, stale))
+    for key in ("exp_avg", "exp_avg_sq"):
+        full = torch.cat([s[key] for _, s, _ in saved])
+        assert full.abs().sum() > 0
+        assert torch.equal(torch.cat([s[key] for _, s, _ in loaded]), full), key
+    for r, (_, state, step_after) in enumerate(loaded):
+        lo, hi = shard_range(num_classes, 3, r)
+        assert state["exp_avg"].shape == (hi - lo, DIM)
+        assert torch.is_tensor(state["step"]) and state["step"].dim() == 0 and float(state["step"]) == 2.0
+        assert float(step_after) == 3.0

@@ -168,14 +168,19 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         rows = torch.nonzero(targets >= 0).squeeze(1)
         cols = targets[rows]
         # One allreduce carries both sums: [sum_j exp(z_ij - max_i) | z_i,target - max_i (0 off-shard)].
-        packed = logits.new_zeros((2, n_rows))
-        torch.sum(probs, dim=1, out=packed[0])
-        packed[1].index_put_((rows,), logits[rows, cols] - row_max[rows])
+        # The sums are float32 for 16-bit logits: each term is <= 1, but a row's sum reaches the number of
+        # classes, and float16 ends at 65504 (a 100k-class softmax at small logits gave inf without this;
+        # tests/dist/test_partial_fc.py::test_fp16_weights_with_more_classes_than_float16_can_count).
+        acc = torch.float32 if logits.element_size() < 4 else logits.dtype
+        packed = logits.new_zeros((2, n_rows), dtype=acc)
+        torch.sum(probs, dim=1, dtype=acc, out=packed[0])
+        packed[1].index_put_((rows,), (logits[rows, cols] - row_max[rows]).to(acc))
         if shards.distributed:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=shards.group)
         sum_exp, target_shifted = packed[0], packed[1]
         # log-softmax of the target, computed from sums rather than from an exp that may underflow.
-        loss = (torch.log(sum_exp) - target_shifted).mean()
+        loss = (torch.log(sum_exp) - target_shifted).mean().to(logits.dtype)
+        # exp / sum <= 1: the quotient fits the logits' dtype even where the sum did not.
         probs.div_(sum_exp.unsqueeze(1))
         ctx.save_for_backward(probs, rows, cols)
         ctx.consumed = False

@@ -112,18 +112,52 @@ def _init_rows(start: int, end: int, dim: int, seed: int, dtype: torch.dtype) ->
     return out
 
 
+def _check_row_state(state: dict, weight: Tensor, rank: int, where: str) -> None:
+    """Refuse optimizer state of the sharded weight that is neither per row (the weight's shape) nor scalar.
+
+    Such state cannot be restricted to the sampled rows nor re-sharded; left alone it fails later inside
+    the optimizer with a size error that names neither the tensor nor the cause, or (in a checkpoint) would
+    be copied whole onto every rank.
+    """
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.dim() > 0 and v.shape != weight.shape:
+            raise ShoalError(
+                f"shoal: PartialFC {where} on rank {rank}: the optimizer state '{k}' of the sharded weight has "
+                f"shape {list(v.shape)}, but this rank's shard of the weight is {list(weight.shape)}. PartialFC "
+                "handles state shaped like the weight (momentum, Adam's moments) and scalars (Adam's step). "
+                "HINT: after opt.load_state_dict() of a checkpoint saved by another rank or another number of "
+                "ranks, call pfc.load_sharded(directory, optimizer=opt), which replaces the weight's state "
+                "with its re-sharded rows; optimizers with factored state (e.g. Adafactor) are not supported "
+                "for the sharded weight (give it its own SGD/Adam).")
+
+
 class _LazyRowsUpdate:
     """Optimizer step hooks: step only the rows used since the last step (constraint 4).
 
     Before the step the weight, its gradient and every per-element state tensor are swapped for their used
     rows; after it the rows are written back. Nested step calls (an optimizer subclass whose ``step`` calls
     ``super().step()`` fires the hooks at both levels) swap once, at the outermost level.
+
+    A step that never runs (``nan_check="skip"``, a GradScaler step skipped for inf) fires no hook, so the
+    rows used are also forgotten when the gradient they belong to is gone: ``after_backward`` records the
+    gradient (object and version counter) that the last backward left, and a forward that finds another
+    one (``zero_grad()`` set it to None, or zeroed it in place) starts a new set of rows.
     """
 
     def __init__(self, owner: "PartialFC"):
         self.owner = owner
         self.depth = 0
         self.swapped: Optional[tuple] = None
+        self.grad_seen: Optional[tuple[int, int]] = None
+
+    def after_backward(self, param: Tensor) -> None:
+        grad = param.grad
+        self.grad_seen = None if grad is None else (id(grad), grad._version)
+
+    def rows_pending(self) -> bool:
+        """Is the gradient the rows used so far were accumulated into still there, unchanged?"""
+        grad = self.owner.weight.grad
+        return grad is not None and self.grad_seen == (id(grad), grad._version)
 
     def before_step(self, optimizer, args, kwargs) -> None:
         self.depth += 1
@@ -136,6 +170,7 @@ class _LazyRowsUpdate:
             return
         index = torch.nonzero(used).squeeze(1)
         state = optimizer.state.get(w, {})
+        _check_row_state(state, w, self.owner.rank, "optimizer step")
         full_state = {k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == w.shape}
         for k, v in full_state.items():
             state[k] = v.index_select(0, index)
@@ -202,6 +237,7 @@ class _Binding:
         for h in self._handles:
             h.remove()
         self._owner._lazy = None
+        self._owner._rows_used = None
 
 
 class PartialFC(nn.Module):
@@ -349,7 +385,10 @@ class PartialFC(nn.Module):
         remapped = torch.where(targets >= 0, torch.searchsorted(index, targets.clamp_min(0)), targets)
         self.last_sampled_classes = index + self.class_start
         if self._lazy is not None:
-            # Union over the forwards since the last step (gradient accumulation samples several times).
+            # Union over the forwards since the last step (gradient accumulation samples several times),
+            # unless that step never ran and its gradient was zeroed since (see _LazyRowsUpdate).
+            if self._rows_used is not None and not self._lazy.rows_pending():
+                self._rows_used = None
             used = torch.zeros(self.num_local, dtype=torch.bool, device=index.device)
             used[index] = True
             self._rows_used = used if self._rows_used is None else self._rows_used | used
@@ -443,7 +482,8 @@ class PartialFC(nn.Module):
         stepping = _stepping_optimizer(optimizer)
         lazy = _LazyRowsUpdate(self)
         handles = (stepping.register_step_pre_hook(lazy.before_step),
-                   stepping.register_step_post_hook(lazy.after_step))
+                   stepping.register_step_post_hook(lazy.after_step),
+                   self.weight.register_post_accumulate_grad_hook(lazy.after_backward))
         self._lazy = lazy
         return _Binding(self, handles)
 
@@ -482,6 +522,7 @@ class PartialFC(nn.Module):
         payload["weight"] = self.weight.detach().cpu()
         rows, scalars = {}, {}
         state = optimizer.state.get(self.weight, {}) if optimizer is not None else {}
+        _check_row_state(state, self.weight, self.rank, "save_sharded")
         for k, v in state.items():
             if torch.is_tensor(v) and v.shape == self.weight.shape:
                 rows[k] = v.detach().cpu()
