@@ -40,7 +40,7 @@ def load_mnist(cache_dir: Optional[str] = None) -> dict[str, np.ndarray]:
     """Return ``{"x_train", "y_train", "x_test", "y_test"}``: uint8 images (N, 28, 28) and int64 labels.
 
     Args:
-        cache_dir: where to keep the parsed arrays; default ``$XDG_CACHE_HOME/shoal`` or ``~/.cache/shoal``.
+        cache_dir: where to keep the parsed arrays; default ``~/.cache/shoal``.
 
     Example:
         >>> d = load_mnist(); d["x_train"].shape
