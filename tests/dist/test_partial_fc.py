@@ -678,3 +678,98 @@ def test_adam_checkpoint_saved_on_2_ranks_loads_on_3(tmp_path):
         assert state["exp_avg"].shape == (hi - lo, DIM)
         assert torch.is_tensor(state["step"]) and state["step"].dim() == 0 and float(state["step"]) == 2.0
         assert float(step_after) == 3.0
+
+
+# ------------------------------------------------------------------ global decisions: clipping, GradScaler
+CLIP_NORMS = (2.0, 1.0, float("inf"))
+
+
+def _rank_clip(num_classes: int, max_norm: float):
+    """Backbone + PartialFC through DistributedOptimizer; the gradients after shoal's global clipping."""
+    import shoal.torch as hvd  # noqa: PLC0415
+    from shoal.parallel import clip_grad_norm_  # noqa: PLC0415
+
+    me, world = _me_and_world()
+    x, labels, backbone_w, weight = _data(world, num_classes)
+    mine = slice(me * LOCAL_BATCH, (me + 1) * LOCAL_BATCH)
+    backbone = nn.Linear(IN_DIM, DIM, bias=False, dtype=torch.float64)
+    pfc = PartialFC(DIM, num_classes, CosFace(s=16.0, m=0.35), dtype=torch.float64)
+    with torch.no_grad():
+        backbone.weight.copy_(backbone_w)
+        pfc.weight.copy_(weight[pfc.class_start:pfc.class_end])
+    params = [*backbone.parameters(), *pfc.parameters()]
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(params, lr=0.1),
+                                   named_parameters=[*backbone.named_parameters(prefix="backbone"),
+                                                     *pfc.named_parameters(prefix="pfc")]) if world > 1 else None
+    out = {}
+    for norm_type in CLIP_NORMS:
+        for p in params:
+            p.grad = None
+        pfc(backbone(x[mine]), labels[mine]).backward()
+        if opt is not None:
+            opt.synchronize()  # the backbone's gradient, averaged: the documented order
+        total = clip_grad_norm_(params, max_norm, norm_type=norm_type)
+        out[norm_type] = (total, backbone.weight.grad.clone(), pfc.weight.grad.clone(), pfc.class_start,
+                          pfc.class_end)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_clip_grad_norm_equals_torch_on_the_full_single_process_model(world):
+    """Reference: torch.nn.utils.clip_grad_norm_ on one process holding the backbone and the whole weight.
+
+    Tolerance (float64): rtol=1e-9, atol=1e-11, as the other references in this file.
+    """
+    num_classes, max_norm = FULL_CLASSES, 0.05
+    results = [_rank_clip(num_classes, max_norm)] if world == 1 else \
+        run_ranks(_rank_clip, world_size=world, timeout_s=60, args=(num_classes, max_norm))
+    x, labels, backbone_w, weight = _data(world, num_classes)
+    margin = CosFace(s=16.0, m=0.35)
+    for norm_type in CLIP_NORMS:
+        _, _, ref_bb, ref_w = _reference(margin, x, labels, backbone_w, weight)
+        # clip_grad_norm_ clips parameters' .grad: attach the reference gradients and clip them.
+        ref_bb_p, ref_w_p = nn.Parameter(backbone_w.clone()), nn.Parameter(weight.clone())
+        ref_bb_p.grad, ref_w_p.grad = ref_bb.clone(), ref_w.clone()
+        ref_total = torch.nn.utils.clip_grad_norm_([ref_bb_p, ref_w_p], max_norm, norm_type=norm_type)
+        assert ref_total > 2 * max_norm, "the reference must actually clip"
+        for res in results:
+            total, bb_grad, w_grad, lo, hi = res[norm_type]
+            torch.testing.assert_close(total, ref_total, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(bb_grad, ref_bb_p.grad, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(w_grad, ref_w_p.grad[lo:hi], rtol=RTOL, atol=ATOL)
+
+
+def _rank_grad_scaler(sync: bool):
+    """Rank 1's shard overflows; with sync_grad_scaler_ every rank skips the step, without it only rank 1."""
+    import shoal.torch as hvd  # noqa: PLC0415
+    from shoal.parallel import sync_grad_scaler_  # noqa: PLC0415
+
+    me = dist.get_rank()
+    torch.manual_seed(0)
+    net = _Net(10)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1),
+                                   named_parameters=net.named_parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    g = torch.Generator().manual_seed(me)
+    before = net.backbone.weight.detach().clone()
+    scaler.scale(net(torch.randn(LOCAL_BATCH, IN_DIM, generator=g),
+                     torch.randint(0, 10, (LOCAL_BATCH,), generator=g))).backward()
+    opt.synchronize()
+    if me == 1:
+        net.head.weight.grad[0, 0] = float("inf")  # a local overflow: this gradient is never averaged
+    scaler.unscale_(opt)
+    skipped = sync_grad_scaler_(scaler, opt) if sync else None
+    with opt.skip_synchronize():
+        scaler.step(opt)
+    scaler.update()
+    return skipped, scaler.get_scale(), torch.equal(net.backbone.weight.detach(), before)
+
+
+def test_sync_grad_scaler_skips_the_step_on_every_rank():
+    results = run_ranks(_rank_grad_scaler, world_size=2, timeout_s=60, args=(True,))
+    assert [r[0] for r in results] == [True, True]
+    assert [r[1] for r in results] == [512.0, 512.0]  # the scale backs off alike
+    assert [r[2] for r in results] == [True, True]  # the backbone did not move anywhere
+    # Without it, rank 0 steps and rank 1 does not: the replicated backbone drifts apart.
+    unsynced = run_ranks(_rank_grad_scaler, world_size=2, timeout_s=60, args=(False,))
+    assert [r[2] for r in unsynced] == [False, True] and unsynced[0][1] != unsynced[1][1]
