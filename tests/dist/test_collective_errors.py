@@ -1,8 +1,9 @@
 """Negative tests: collectives fail loudly, never hang, never return garbage.
 
-Mismatches raise MismatchError on every rank with the same message; a rank that never arrives makes its
-peer fail within the process-group timeout, and the harness report shows the stuck rank's stack; a rank
-killed mid-run is named as the root cause; a call before init says how to fix it.
+Mismatches raise MismatchError on every rank with the same message; a rank that never arrives (or waits in
+another collective) is named, with what it is doing, by every member that waits for it, within the
+process-group timeout, and the harness report shows the stuck rank's stack; a rank killed mid-run is named
+as the root cause; a call before init says how to fix it.
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ def test_mismatches_name_the_tensor_and_every_rank():
 
 
 # --------------------------------------------------------------------------------------------------------
-# A rank that never calls the collective: the peer times out within pg_timeout_s; the report shows the
-# stuck rank's stack.
+# A rank that never calls the collective, or calls another one: every waiting member names it, and what it
+# is doing, within the deadline (the stall inspector behind every gloo wait, through the c10d store); the
+# harness report shows the stuck rank's stack.
 # --------------------------------------------------------------------------------------------------------
 
 def _stuck_elsewhere():
@@ -133,24 +135,64 @@ def _skips_the_collective():
     from shoal.core import collectives as C
     from shoal.core import runtime as rt
 
-    if rt.rank() == 1:
+    if rt.rank() == 2:
         _stuck_elsewhere()
-    C.allreduce(torch.ones(3), name="grad.skipped")
+    C.allreduce(torch.ones(3), name="x")
 
 
-def test_rank_that_never_arrives_times_out_with_stacks():
+@pytest.mark.parametrize("first", ["stall", "backend"])
+def test_rank_that_never_arrives_is_named_by_every_other_rank(first):
+    # stall: the inspector fails at stall_timeout_s (0.9 x the 3 s timeout). backend: the inspector's own
+    # limit is far away, so gloo's timeout comes first; its error gets the same names.
+    env = {} if first == "stall" else {"SHOAL_STALL_TIMEOUT_S": "100"}
     start = time.monotonic()
     with pytest.raises(RanksFailed) as info:
-        run_ranks(_skips_the_collective, world_size=2, timeout_s=30, pg_timeout_s=3, grace_s=2)
+        run_ranks(_skips_the_collective, world_size=3, timeout_s=40, pg_timeout_s=3, grace_s=4, env=env)
     elapsed = time.monotonic() - start
-    assert elapsed < 25, f"took {elapsed:.1f} s"
-    r0 = info.value.by_rank(0)
-    assert r0.status == "error" and r0.error.startswith("RankFailureError"), r0.describe()
-    assert "allreduce of 'grad.skipped'" in r0.error and "timed out" in r0.error and "HINT" in r0.error
-    assert info.value.by_rank(1).status == "killed"
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+    expected = "StallError" if first == "stall" else "RankFailureError"
+    for r in (0, 1):
+        res = info.value.by_rank(r)
+        assert res.status == "error" and res.error.startswith(expected), res.describe()
+        msg = _message(res.error)
+        assert "allreduce of 'x'" in msg and "HINT" in msg, msg
+        assert "rank 2 never reached a collective (busy or hung outside Shoal)" in msg, msg
+        assert "rank 1 never" not in msg and "rank 0 never" not in msg, msg  # members that came are not
+    assert info.value.by_rank(2).status == "killed"
     report = str(info.value)
-    assert report.index("rank 0: raised") < report.index("rank 1: killed")
+    assert report.index("rank 0: raised") < report.index("rank 2: killed")
     assert "_stuck_elsewhere" in report  # faulthandler's dump of the stuck rank
+
+
+def _calls_another_collective():
+    from shoal.core import collectives as C
+    from shoal.core import runtime as rt
+
+    pair = rt.add_process_set([1, 2])
+    try:
+        if rt.rank() == 2:  # waits for rank 1 in 'y'; rank 1 waits for rank 2 in 'x'
+            C.allreduce(torch.ones(3), name="y", process_set=pair)
+        else:
+            C.allreduce(torch.ones(3), name="x")
+    except Exception as exc:  # noqa: BLE001 (every rank reports what it was told)
+        time.sleep(3)  # stay alive until every peer has failed too: a rank that exits is named dead
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def test_rank_in_another_collective_is_named_with_both_names():
+    start = time.monotonic()
+    results = run_ranks(_calls_another_collective, world_size=3, timeout_s=40, pg_timeout_s=3, grace_s=4)
+    assert time.monotonic() - start < 30
+    for r in (0, 1):
+        msg = results[r]
+        assert msg is not None and msg.startswith("StallError"), msg
+        assert "in allreduce of 'x' (call 0 on process set [0, 1, 2])" in msg, msg
+        assert "rank 2 is waiting in allreduce of 'y' (call 0 on process set [1, 2])" in msg, msg
+    msg = results[2]
+    assert msg is not None and msg.startswith("StallError"), msg
+    assert "in allreduce of 'y' (call 0 on process set [1, 2])" in msg, msg
+    assert "rank 1 is waiting in allreduce of 'x' (call 0 on process set [0, 1, 2])" in msg, msg
 
 
 # --------------------------------------------------------------------------------------------------------

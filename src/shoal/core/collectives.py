@@ -31,6 +31,15 @@ Design constraints:
    (averaging, postscale, slicing, cast back) that :func:`synchronize` runs once.
 6. Backend errors (peer died, timeout, connection closed) are converted by
    :func:`shoal.core.runtime.explain_failure` and raised from the original.
+7. A member that never arrives is named, with what it is doing instead, and the normal path pays nothing
+   for it. Every wait on gloo (the signature exchange, the data movement) is one ``Work.wait(timeout)``
+   (the same C++ wait as a plain ``wait()``); only past 1 s does the engine's stall inspector take over
+   (:func:`shoal.core.negotiation.wait_work`): the rank writes where it waits ("allreduce of 'x' (call 7 on
+   process set [0, 1])") to the c10d store of the default group, and after ``stall_timeout_s`` (default
+   90% of ``timeout_s``) every waiting member raises ``StallError`` naming each missing member and what it
+   is in: another collective (by its name), a training step, or none ("never reached a collective (busy or
+   hung outside Shoal)"). A backend timeout that comes first gets the same names. On CUDA tensors the
+   waits stay plain ``wait()`` (under NCCL it does not block the host, so there is nothing to time).
 
 Numerics:
 
@@ -62,7 +71,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from . import runtime
+from . import negotiation, runtime
 from .algorithms import start_allreduce
 from .errors import MismatchError, NotInitializedError, RankFailureError, ShoalError
 from .runtime import ProcessSet
@@ -197,10 +206,17 @@ class _Call:
     device: str = ""
     #: A local argument error, raised after the exchange (constraint 3).
     error: Optional[BaseException] = None
+    #: The call's number on its process set (constraint 4): where the stall inspector places it.
+    seq: int = 0
 
     @property
     def label(self) -> str:
         return f"{self.kind} of '{self.name}'"
+
+    @property
+    def where(self) -> str:
+        """The call as other ranks' messages name it (constraint 7)."""
+        return f"{self.label} (call {self.seq} on process set {list(self.ps.ranks)})"
 
     def signature(self) -> list[int]:
         sig = [0] * _SIG_LEN
@@ -266,7 +282,7 @@ def _begin(kind: str, name: Optional[str], process_set: _ProcessSetArg) -> _Call
             "`if process_set.included():`.")
     # Counted whether or not a name is given, so that generated names stay aligned across ranks.
     _counters[key] = count + 1
-    return _Call(kind=kind, name=name if name is not None else f"{kind}.{count}", ps=ps)
+    return _Call(kind=kind, name=name if name is not None else f"{kind}.{count}", ps=ps, seq=count)
 
 
 @contextlib.contextmanager
@@ -280,7 +296,16 @@ def _deferred(call: _Call) -> Iterator[None]:
 
 
 def _explain(call: _Call, exc: BaseException) -> RankFailureError:
-    return runtime.explain_failure(exc, what=call.label, ranks=call.ps.ranks)
+    err = runtime.explain_failure(exc, what=call.label, ranks=call.ps.ranks)
+    return negotiation.name_missing_members(err, call.ps, call.seq)  # a timeout: who never came (constraint 7)
+
+
+def _wait(call: _Call, work: Any) -> None:
+    """Wait for ``work`` of ``call`` (constraint 7): timed on gloo with CPU tensors, plain otherwise."""
+    if call.device not in ("", "cpu") or _ctl_device().type != "cpu" or not hasattr(work, "get_future"):
+        work.wait()
+        return
+    negotiation.wait_work(work, call.ps, call.seq, call.where)
 
 
 @contextlib.contextmanager
@@ -311,7 +336,7 @@ def _negotiate(call: _Call) -> Optional[list[list[int]]]:
     mine = torch.tensor(call.signature(), dtype=torch.int64, device=_ctl_device())
     gathered = torch.empty(n * _SIG_LEN, dtype=torch.int64, device=_ctl_device())
     with _converting(call):
-        _all_gather_single(gathered, mine, group=ps.group)
+        _wait(call, _all_gather_single(gathered, mine, group=ps.group, async_op=True))
     # One host copy, then plain Python: comparing columns with torch ops cost ~0.2 ms per call (profiled).
     rows = gathered.view(n, _SIG_LEN).tolist()
     first = rows[0]
@@ -427,7 +452,7 @@ class Handle:
         if not self._done:
             with _converting(self._call):
                 for w in self._works:
-                    w.wait()
+                    _wait(self._call, w)
             self._result = self._finish()
             self._done = True
             self._works = []
@@ -1020,7 +1045,7 @@ def barrier(process_set: _ProcessSetArg = None) -> None:
         _negotiate(call)
         return
     with _converting(call):
-        dist.barrier(group=call.ps.group)
+        _wait(call, dist.barrier(group=call.ps.group, async_op=True))
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: Optional[str] = None,

@@ -11,14 +11,15 @@ This module owns, for the gradient engine:
 * **static-model detection**: after a few identical steps, the per-step collective is replaced by one flag
   element riding in the last gradient bucket, plus a full check every 100 steps;
 * the **stall inspector** (:class:`StallInspector`): a rank that waits too long logs, then fails, naming
-  the ranks that never arrived (seen through the rendezvous store, a side channel that works while a
-  collective hangs) and the ranks that died;
+  the ranks that never arrived, what each of them is waiting in instead (seen through the rendezvous
+  store, a side channel that works while a collective hangs) and the ranks that died; the gradient steps
+  and the user collectives (:func:`wait_work`) share it;
 * **join** (:func:`join`): a rank out of data shadows the others' steps with zeros until every rank joined.
 
 What lives elsewhere: the buckets and their collectives (:mod:`shoal.core.reducer`), when hooks fire and
 what ``param.grad`` becomes (the frontends: ``shoal.torch.optimizer``, ``shoal.torch.join``), the checks of
-user collectives (:mod:`shoal.core.collectives` exchanges a signature before each call), pid liveness
-(:func:`shoal.core.runtime.explain_failure`).
+user collectives (:mod:`shoal.core.collectives` exchanges a signature before each call and waits through
+:func:`wait_work`), pid liveness (:func:`shoal.core.runtime.explain_failure`).
 
 Design constraints:
 
@@ -50,9 +51,13 @@ Design constraints:
    after the bucket went on the wire cannot be repaired (autograd adds into the buffer in flight) and is
    reported on every rank.
 6. No busy loop and no thread of ours. Waiting is ``threading.Event.wait(timeout)`` on an event set by the
-   futures' completion callbacks; the store is touched only after a rank has waited ``_ARRIVE_AFTER_S``,
-   so a healthy step costs no store round trip (a store write per step and rank would be the coordinator
-   traffic constraint 1 avoids).
+   futures' completion callbacks (user collectives: one ``Work.wait(timeout)``, see :func:`wait_work`); the
+   store is touched only after a rank has waited ``_ARRIVE_AFTER_S``, so a healthy step costs no store
+   round trip (a store write per step and rank would be the coordinator traffic constraint 1 avoids).
+   What a rank then writes (where it waits) is read by its peers only on their failure path.
+7. Ranks agree on the settings that decide which collectives a step runs (``negotiation``, ``nan_check``):
+   they are part of the registration digest, so ranks configured differently fail at registration, naming
+   the setting, instead of hanging in a collective only some of them start.
 
 Glossary:
     produced   a gradient whose accumulation hook fired on this rank in this step
@@ -87,6 +92,8 @@ __all__ = [
     "registration_digest",
     "control_nbytes",
     "join",
+    "wait_work",
+    "name_missing_members",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,6 +109,9 @@ _STATIC_AFTER_STEPS = 5
 _CHECK_EVERY_STEPS = 100
 #: After this long waiting, a rank writes "arrived at step k" to the store (constraint 6).
 _ARRIVE_AFTER_S = 1.0
+#: On the failure path, how long to wait for a missing peer's ``doing`` record: a peer writes it after
+#: waiting ``_ARRIVE_AFTER_S`` itself, so one that entered its own collective just now has not yet.
+_SETTLE_S = _ARRIVE_AFTER_S + 0.5
 #: A peer that closed its connection is usually exiting: how long to wait for it to be seen dead.
 _EXIT_GRACE_S = 2.0
 #: Elements appended to the last bucket for the static-mode flag (one alignment unit, see buckets.py).
@@ -204,6 +214,11 @@ def _control_group(ps: runtime.ProcessSet) -> dist.ProcessGroup:
     return group
 
 
+def _doing_key(rank: int) -> str:
+    """Store key of what ``rank`` is waiting in (see :class:`StallInspector`)."""
+    return f"shoal/doing/{rank}"
+
+
 def _store() -> Optional[dist.Store]:
     try:
         return dist.distributed_c10d._get_default_store()
@@ -218,30 +233,44 @@ def _store() -> Optional[dist.Store]:
 Entry = tuple[str, tuple[int, ...], Any]
 
 
-def registration_digest(entries: Sequence[Entry]) -> int:
-    """64-bit digest of ``[(name, shape, dtype), ...]`` in order (the same in every process)."""
-    return _hash64(repr([(str(n), tuple(int(d) for d in s), str(t)) for n, s, t in entries]))
+def registration_digest(entries: Sequence[Entry], settings: Optional[dict[str, str]] = None) -> int:
+    """64-bit digest of ``[(name, shape, dtype), ...]`` in order, and of ``settings`` when given (the same
+    in every process)."""
+    listed = repr([(str(n), tuple(int(d) for d in s), str(t)) for n, s, t in entries])
+    if settings:
+        listed += repr(sorted((str(k), str(v)) for k, v in settings.items()))
+    return _hash64(listed)
 
 
 def check_registration(entries: Sequence[Entry], process_set: Optional[runtime.ProcessSet] = None,
-                       what: str = "DistributedOptimizer") -> int:
-    """Check that every member of ``process_set`` registered the same ``(name, shape, dtype)`` list.
+                       what: str = "DistributedOptimizer", settings: Optional[dict[str, str]] = None) -> int:
+    """Check that every member of ``process_set`` registered the same ``(name, shape, dtype)`` list, with
+    the same ``settings`` (constraint 7).
 
     One 16-byte ``BAND`` allreduce of ``[digest, ~digest]``; only on a mismatch, one ``all_gather_object``
     of the lists to say what differs. Call it on every member, at the same point.
 
+    Args:
+        entries: ``(name, shape, dtype)`` of every tensor, in order.
+        process_set: the ranks that must agree (default: all).
+        what: names the owner in messages.
+        settings: knobs that decide which collectives run (e.g. ``{"negotiation": "auto", "nan_check":
+            "raise"}``): ranks that differ would hang in a collective only some of them start.
+
     Returns:
         The digest.
     Raises:
-        MismatchError: on every member, the same message: each differing tensor with what each rank holds
-            (or "missing"), or the first position where the order differs.
+        MismatchError: on every member, the same message: each differing setting and tensor with what each
+            rank holds (or "missing"), or the first position where the order differs.
 
     Example:
-        >>> check_registration([(n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()])
+        >>> check_registration([(n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()],
+        ...                    settings={"nan_check": "raise"})
     """
     ps = runtime.get_process_set(process_set)
     entries = [(str(n), tuple(int(d) for d in s), str(t).replace("torch.", "")) for n, s, t in entries]
-    digest = registration_digest(entries)
+    settings = {str(k): str(v) for k, v in (settings or {}).items()}
+    digest = registration_digest(entries, settings)
     if ps.size() == 1:
         return digest
     group = _control_group(ps)
@@ -251,13 +280,24 @@ def check_registration(entries: Sequence[Entry], process_set: Optional[runtime.P
         if (int(pair[0]) | int(pair[1])) == -1:
             return digest
         lists: list[Any] = [None] * ps.size()
-        dist.all_gather_object(lists, entries, group=group)
+        dist.all_gather_object(lists, (entries, settings), group=group)
     except RuntimeError as exc:
         raise runtime.explain_failure(exc, f"registration check of {what}", ps.ranks) from exc
     raise MismatchError(_registration_message(ps.ranks, lists, what))
 
 
-def _registration_message(ranks: Sequence[int], lists: list, what: str) -> str:
+def _registration_message(ranks: Sequence[int], gathered: list, what: str) -> str:
+    lists = [entries for entries, _ in gathered]
+    settings = [conf for _, conf in gathered]
+    setting_lines = []
+    for key in dict.fromkeys(k for conf in settings for k in conf):
+        per_rank = [conf.get(key, "unset") for conf in settings]
+        if len(set(per_rank)) > 1:
+            groups: dict[str, list[int]] = {}
+            for r, value in zip(ranks, per_rank):
+                groups.setdefault(value, []).append(r)
+            setting_lines.append(f"  {key}: " + "; ".join(f"{_format_ranks(rs)}: {value}"
+                                                         for value, rs in groups.items()))
     described: list[dict[str, str]] = [{n: f"{t} {list(s)}" for n, s, t in lst} for lst in lists]
     names = list(dict.fromkeys(n for lst in lists for n, _, _ in lst))
     lines = []
@@ -265,24 +305,39 @@ def _registration_message(ranks: Sequence[int], lists: list, what: str) -> str:
         per_rank = [d.get(name, "missing") for d in described]
         if len(set(per_rank)) == 1:
             continue
-        groups: dict[str, list[int]] = {}
+        groups = {}
         for r, text in zip(ranks, per_rank):
             groups.setdefault(text, []).append(r)
         held = "; ".join(f"{_format_ranks(rs)}: {text}" for text, rs in groups.items())
         lines.append(f"  '{name}': {held}")
     head = f"shoal: ranks registered different parameters for {what} (process set {list(ranks)})"
+    body: list[str] = []
+    if setting_lines:
+        shown = _shown([n for n, _, _ in lists[0]]) if lists[0] else "no named tensors"
+        body.append(f"shoal: ranks configured {what} differently (process set {list(ranks)}; its tensors: "
+                    f"{shown}); ranks that differ here would hang in a collective only some of them "
+                    "start:")
+        body += setting_lines
+    tensors_differ = bool(lines) or any(lst != lists[0] for lst in lists)
     if lines:
-        shown = lines[:8] + ([f"  ... and {len(lines) - 8} more"] if len(lines) > 8 else [])
-        body = [f"{head}: {len(lines)} tensor{'s' if len(lines) > 1 else ''} differ:"] + shown
-    else:  # same tensors, another order: the bucket plans would pair different gradients
+        shown_lines = lines[:8] + ([f"  ... and {len(lines) - 8} more"] if len(lines) > 8 else [])
+        body += [f"{head}: {len(lines)} tensor{'s' if len(lines) > 1 else ''} differ:"] + shown_lines
+    elif tensors_differ:  # the same tensors in another order: the bucket plans would pair others
         i = next(i for i in range(max(len(lst) for lst in lists))
                  if len({lst[i][0] if i < len(lst) else None for lst in lists}) > 1)
         at = "; ".join(f"rank {r}: '{lst[i][0]}'" if i < len(lst) else f"rank {r}: none"
                        for r, lst in zip(ranks, lists))
-        body = [f"{head}: the same tensors in a different order; first difference at position {i}: {at}"]
-    body.append("HINT: build the same model on every rank and pass the same named_parameters in the same "
-                "order; a part that only some ranks train must exist (and be registered) on every rank, it "
-                "may simply go unused (its gradient then averages with zeros).")
+        body.append(f"{head}: the same tensors in a different order; first difference at position {i}: {at}")
+    hints = []
+    if setting_lines:
+        hints.append("set these knobs the same on every rank (SHOAL_NEGOTIATION, SHOAL_NAN_CHECK or the "
+                     "nan_check= argument, shoal.init(...) keywords): they decide which collectives a step "
+                     "runs.")
+    if tensors_differ:
+        hints.append("build the same model on every rank and pass the same named_parameters in the same "
+                     "order; a part that only some ranks train must exist (and be registered) on every "
+                     "rank, it may simply go unused (its gradient then averages with zeros).")
+    body.append("HINT: " + " ".join(hints))
     return "\n".join(body)
 
 
@@ -304,21 +359,29 @@ def _peer_closed(exc: BaseException) -> bool:
 
 class StallInspector:
     """Waits on futures without busy-looping; warns after ``stall_warning_s`` and fails after
-    ``stall_timeout_s``, naming the ranks that never arrived (or died).
+    ``stall_timeout_s``, naming the ranks that never arrived, what each of them is doing, or that it died.
 
-    Ranks that have waited ``_ARRIVE_AFTER_S`` write ``arrived/<rank> = step`` to the rendezvous store, so a
-    waiting rank can tell who has not reached the step while the collective itself hangs.
+    A rank that has waited ``_ARRIVE_AFTER_S`` writes two records to the rendezvous store (the c10d store of
+    the default group: a side channel that still answers while a collective hangs): ``arrived/<tag>/<rank>
+    = position`` (the step, or the call's number), from which a waiting peer tells who has not reached this
+    point, and ``doing/<rank> = where`` (one key per rank, shared by every inspector: the steps of every
+    optimizer and the user collectives of every process set), from which it tells what a missing rank is
+    doing instead. The second is emptied when the wait ends well; a rank that wrote neither is named as
+    being outside every Shoal collective.
 
     Args:
         process_set: the ranks that take part in the waited-for collectives.
-        tag: names this waiter's keys in the store (unique per process set, the same on every rank).
+        tag: names this waiter's ``arrived`` keys (unique per process set, the same on every rank).
         what: for messages, e.g. ``"DistributedOptimizer"``.
+        kind: ``"step"`` (a gradient step: the missing ranks "have not reached synchronize()") or
+            ``"collective"`` (a user collective of :mod:`shoal.core.collectives`).
     """
 
-    def __init__(self, process_set: runtime.ProcessSet, tag: str, what: str):
+    def __init__(self, process_set: runtime.ProcessSet, tag: str, what: str, *, kind: str = "step"):
         self.process_set = process_set
         self.tag = tag
         self.what = what
+        self.kind = kind
 
     def _key(self, rank: int) -> str:
         return f"shoal/arrived/{self.tag}/{rank}"
@@ -329,12 +392,27 @@ class StallInspector:
         timeout_s = float(getattr(cfg, "stall_timeout_s", 0.0) or 0.0) or 0.9 * cfg.timeout_s
         return min(cfg.stall_warning_s, timeout_s), timeout_s
 
+    def first_wait_s(self) -> float:
+        """How long a wait stays silent (no store access) before this rank announces where it waits."""
+        return min(_ARRIVE_AFTER_S, self._timeouts()[0] / 2)
+
     def wait(self, futures: Sequence[Optional[torch.futures.Future]], step: int,
-             names_of: Optional[Callable[[int], list[str]]] = None, label: str = "bucket") -> None:
+             names_of: Optional[Callable[[int], list[str]]] = None, label: str = "bucket", *,
+             where: Optional[str] = None, awaited: Optional[str] = None, waited_s: float = 0.0) -> None:
         """Return when every future is done or one failed (the caller's ``wait()`` raises its error).
 
+        Args:
+            futures: the awaited futures (None entries are skipped).
+            step: this rank's position: the step (``kind="step"``) or the call's number on the process set.
+            names_of: future index -> tensor names, for messages (``label`` names one future: "bucket").
+            where: what this rank is waiting in, for messages and the ``doing`` record (default: "step k of
+                <what>").
+            awaited: overrides the "for bucket 0 ('a', 'b')" part of messages ("": left out).
+            waited_s: seconds the caller already waited (its own first, silent wait).
+
         Raises:
-            StallError: past ``stall_timeout_s``; names the missing ranks and the awaited tensors.
+            StallError: past ``stall_timeout_s``; names the missing ranks, what they are doing and the
+                awaited tensors.
             RankFailureError: past ``stall_timeout_s`` with a missing rank found dead.
         """
         pending = [k for k, f in enumerate(futures) if f is not None and not f.done()]
@@ -360,31 +438,51 @@ class StallInspector:
         for k in pending:
             futures[k].add_done_callback(done)
         warn_s, timeout_s = self._timeouts()
-        start = time.monotonic()
-        if event.wait(min(_ARRIVE_AFTER_S, warn_s / 2)):
+        start = time.monotonic() - waited_s
+        if event.wait(max(0.0, self.first_wait_s() - waited_s)):
             self._await_exit([futures[k] for k in pending])
             return
-        store = _store()
-        me = runtime.rank()
-        if store is not None:
-            try:
-                store.set(self._key(me), str(step))
-            except RuntimeError:
-                store = None
+        where = where or f"step {step} of {self.what}"
+        store = self._announce(step, where)
         warned = False
         while True:
             mark = timeout_s if warned else warn_s
             if event.wait(max(0.0, mark - (time.monotonic() - start))):
+                if not any(_failed(futures[k]) for k in pending):  # a failed wait keeps its record
+                    self._retire(store)
                 self._await_exit([futures[k] for k in pending])
                 return
             waiting = [k for k in pending if not futures[k].done()]
-            text, missing = self._describe(store, step, time.monotonic() - start, waiting, names_of, label)
+            text, missing = self._describe(store, step, time.monotonic() - start, waiting, names_of, label,
+                                           where, awaited)
             if not warned and warn_s < timeout_s:
                 log.warning("%s", text)
                 warned = True
                 continue
-            err = self.failure(StallError(text), missing)
-            raise err
+            # The doing record stays: peers failing a moment later still see where this rank is stuck.
+            raise self.failure(StallError(text), missing, where)
+
+    def _announce(self, position: int, where: str) -> Optional[dist.Store]:
+        """Write ``arrived`` and ``doing`` for this rank (slow path only: after ``first_wait_s``)."""
+        store = _store()
+        if store is None:
+            return None
+        me = runtime.rank()
+        try:
+            store.set(self._key(me), str(position))
+            store.set(_doing_key(me), where)
+        except RuntimeError:
+            return None
+        return store
+
+    @staticmethod
+    def _retire(store: Optional[dist.Store]) -> None:
+        if store is None:
+            return
+        try:
+            store.set(_doing_key(runtime.rank()), "")
+        except RuntimeError:
+            pass
 
     def _await_exit(self, futures: Sequence[torch.futures.Future]) -> None:
         """A peer that closed its connection is usually exiting (that is what closed it): give it up to
@@ -407,31 +505,59 @@ class StallInspector:
             return
 
     def _describe(self, store, step: int, waited_s: float, waiting: list[int],
-                  names_of: Optional[Callable[[int], list[str]]], label: str) -> tuple[str, list[int]]:
+                  names_of: Optional[Callable[[int], list[str]]], label: str, where: str,
+                  awaited: Optional[str]) -> tuple[str, list[int]]:
         me = runtime.rank()
-        if waiting and names_of is not None:
-            names = [n for k in waiting for n in names_of(k)]
-            plural = "s" if len(waiting) > 1 else ""
-            first = ", ".join(str(k) for k in waiting[:4]) + (", ..." if len(waiting) > 4 else "")
-            awaited = f"{label}{plural} {first} ({_shown(names)})"
+        if awaited is None:
+            if waiting and names_of is not None:
+                names = [n for k in waiting for n in names_of(k)]
+                plural = "s" if len(waiting) > 1 else ""
+                first = ", ".join(str(k) for k in waiting[:4]) + (", ..." if len(waiting) > 4 else "")
+                awaited = f"{label}{plural} {first} ({_shown(names)})"
+            else:
+                awaited = label
+        who, missing = self.who(store, step)
+        if self.kind == "collective":
+            hint = ("every member of a process set must call the same collectives in the same order; a rank "
+                    "blocked elsewhere (a collective only it called, data loading, a deadlock) shows it in "
+                    "its Python stack (py-spy dump --pid <pid>); raise SHOAL_STALL_TIMEOUT_S if a rank is "
+                    "merely slow.")
         else:
-            awaited = label
-        missing, seen = self.missing_ranks(store, step)
-        if store is None:
-            who = "the rendezvous store is not reachable, so the missing ranks cannot be named"
-        elif missing:
-            last = [f"rank {r} last arrived in step {seen[r]}" for r in missing if r in seen]
-            who = (f"{_format_ranks(missing)} {'has' if len(missing) == 1 else 'have'} not reached "
-                   f"synchronize() of this step" + (f" ({'; '.join(last)})" if last else ""))
-        else:
-            who = ("every rank reached this step: the collective itself is stuck or slow "
-                   "(network, an overloaded host)")
-        text = (f"shoal: rank {me} has waited {waited_s:.0f} s in step {step} of {self.what} for {awaited}: "
-                f"{who}. HINT: a rank that ends its loop early (fewer batches) must call "
-                "shoal.torch.join() after the loop, on every rank; a rank blocked elsewhere (a collective "
-                "only it called, data loading, a deadlock) shows it in its Python stack (py-spy dump --pid "
-                "<pid>); raise SHOAL_STALL_TIMEOUT_S if a rank is merely slow.")
+            hint = ("a rank that ends its loop early (fewer batches) must call shoal.torch.join() after the "
+                    "loop, on every rank; a rank blocked elsewhere (a collective only it called, data "
+                    "loading, a deadlock) shows it in its Python stack (py-spy dump --pid <pid>); raise "
+                    "SHOAL_STALL_TIMEOUT_S if a rank is merely slow.")
+        text = (f"shoal: rank {me} has waited {waited_s:.0f} s in {where}"
+                + (f" for {awaited}" if awaited else "") + f": {who}. HINT: {hint}")
         return text, missing
+
+    def who(self, store, step: int) -> tuple[str, list[int]]:
+        """Who has not arrived at position ``step`` and what each of them is doing; and those ranks.
+
+        Reads the store only (the failure path). A missing rank that has written no ``doing`` record yet
+        gets a short, bounded wait (``_SETTLE_S``): it may have entered its own collective just now.
+        """
+        if store is None:
+            return "the rendezvous store is not reachable, so the missing ranks cannot be named", []
+        deadline = time.monotonic() + _SETTLE_S
+        while True:
+            missing, seen = self.missing_ranks(store, step)
+            doing = {r: d for r in missing if (d := _doing_of(store, r))}
+            if len(doing) == len(missing) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        if not missing:
+            where = "this step" if self.kind == "step" else "this collective"
+            return (f"every rank reached {where}: the collective itself is stuck or slow "
+                    "(network, an overloaded host)"), []
+        status = "; ".join(f"rank {r} is waiting in {doing[r]}" if r in doing else
+                           f"rank {r} never reached a collective (busy or hung outside Shoal)" for r in missing)
+        if self.kind == "collective":
+            return status, missing
+        last = [f"rank {r} last arrived in step {seen[r]}" for r in missing if r in seen]
+        lead = (f"{_format_ranks(missing)} {'has' if len(missing) == 1 else 'have'} not reached "
+                f"synchronize() of this step" + (f" ({'; '.join(last)})" if last else ""))
+        return f"{lead}: {status}", missing
 
     def missing_ranks(self, store, step: int) -> tuple[list[int], dict[int, int]]:
         """Ranks (other than this one) that have not written ``arrived >= step``; and the steps seen."""
@@ -451,12 +577,85 @@ class StallInspector:
                 missing.append(r)
         return missing, seen
 
-    def failure(self, err: ShoalError, missing: Sequence[int]) -> ShoalError:
+    def name_missing(self, err: RankFailureError, step: int) -> RankFailureError:
+        """``err`` (a backend timeout, as the runtime explained it) with the missing ranks named and what
+        each is doing, read from the store; ``err`` itself when it names a dead rank or no rank is missing."""
+        if "timed out" not in str(err) or _names_dead_rank(err):
+            return err
+        who, missing = self.who(_store(), step)
+        if not missing:
+            return err
+        text = str(err)
+        vague = "some rank never joined it (a rank that skipped the call, or diverged)"  # runtime's wording
+        return RankFailureError(text.replace(vague, who) if vague in text else f"{text} -- {who}")
+
+    def failure(self, err: ShoalError, missing: Sequence[int], where: Optional[str] = None) -> ShoalError:
         """``err``, unless a missing rank is dead: then the runtime's error naming it, with ``err``'s text."""
         if not missing:
             return err
-        dead = runtime.explain_failure(err, f"step of {self.what}", list(missing))
+        dead = runtime.explain_failure(err, where or f"step of {self.what}", list(missing))
         return dead if _names_dead_rank(dead) else err  # its "backend said" quotes err's text
+
+
+def _failed(fut: torch.futures.Future) -> bool:
+    if not fut.done():
+        return False
+    try:
+        fut.value()
+    except Exception:  # noqa: BLE001 (only noticing it; the caller's wait() raises it)
+        return True
+    return False
+
+
+def _doing_of(store, rank: int) -> str:
+    """What ``rank`` said it is waiting in ("" when it is in none, or never said)."""
+    try:
+        if store.check([_doing_key(rank)]):
+            return store.get(_doing_key(rank)).decode()
+    except (RuntimeError, ValueError, UnicodeDecodeError):
+        pass
+    return ""
+
+
+def _collective_inspector(process_set: runtime.ProcessSet) -> StallInspector:
+    return StallInspector(process_set, f"coll/ps{process_set.process_set_id}", "collective", kind="collective")
+
+
+def wait_work(work: Any, process_set: runtime.ProcessSet, position: int, where: str) -> None:
+    """Wait for the torch ``Work`` of a user collective (:mod:`shoal.core.collectives`, gloo on CPU
+    tensors), with the stall inspector behind it.
+
+    The healthy path is one ``work.wait(timeout)``: the same C++ wait as a plain ``wait()``, no Python
+    callback, no store access. Only when it times out (``first_wait_s``, 1 s) does the inspector take over:
+    this rank announces ``where`` (its ``doing`` record) and its position (``arrived``), and after
+    ``stall_timeout_s`` it fails naming the members that never arrived and what each of them is doing.
+
+    Args:
+        work: a torch ``Work`` (with ``get_future``).
+        process_set: the collective's process set.
+        position: the call's number on that process set (the same on every member).
+        where: the call as messages name it, e.g. ``"allreduce of 'x' (call 3 on process set [0, 1])"``.
+
+    Raises:
+        StallError / RankFailureError: as :meth:`StallInspector.wait`; the backend's own error otherwise.
+    """
+    inspector = _collective_inspector(process_set)
+    first_s = inspector.first_wait_s()
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=first_s))
+        return
+    except RuntimeError:
+        if work.is_completed():  # a real failure, not the timed wait: the caller explains it
+            raise
+    inspector.wait([work.get_future()], position, where=where, awaited="", waited_s=first_s)
+    work.wait()
+
+
+def name_missing_members(err: RankFailureError, process_set: runtime.ProcessSet,
+                         position: int) -> RankFailureError:
+    """A user collective's backend timeout (``err``), with the members that never arrived named (see
+    :meth:`StallInspector.name_missing`)."""
+    return _collective_inspector(process_set).name_missing(err, position)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -492,9 +691,14 @@ class Negotiator:
         what: names the owner in messages.
         owner: the frontend object; :func:`join` calls its ``zero_grad()`` and ``synchronize()`` to shadow
             a step (held weakly).
+        nan_check: the owner's NaN/Inf policy (default: the ``nan_check`` knob); it and ``mode`` are part of
+            the registration digest (constraint 7).
+        check_every_steps: in static mode, run the full negotiation every this many steps anyway
+            (constraint 4; default ``_CHECK_EVERY_STEPS``).
 
     Raises:
-        MismatchError: the registration check failed (see :func:`check_registration`).
+        MismatchError: the registration check failed (see :func:`check_registration`), or ranks have
+            different ``negotiation`` / ``nan_check`` settings.
 
     Example (what a frontend does)::
 
@@ -506,7 +710,8 @@ class Negotiator:
     """
 
     def __init__(self, entries: Sequence[Entry], process_set: Optional[runtime.ProcessSet] = None, *,
-                 mode: Optional[str] = None, what: str = "DistributedOptimizer", owner: Any = None):
+                 mode: Optional[str] = None, what: str = "DistributedOptimizer", owner: Any = None,
+                 nan_check: Optional[str] = None, check_every_steps: int = _CHECK_EVERY_STEPS):
         cfg = runtime.config()
         self.process_set = runtime.get_process_set(process_set)
         self.mode = mode or getattr(cfg, "negotiation", "auto")
@@ -517,7 +722,12 @@ class Negotiator:
         self.names = [str(e[0]) for e in entries]
         self.num_tensors = len(self.names)
         self.world = self.process_set.size()
-        self.digest = check_registration(entries, self.process_set, what)
+        if check_every_steps < 1:
+            raise ValueError(f"shoal: check_every_steps must be >= 1, got {check_every_steps}")
+        #: Static mode: the full negotiation runs in every step whose number is a multiple of this.
+        self.check_every_steps = int(check_every_steps)
+        settings = {"negotiation": self.mode, "nan_check": nan_check or getattr(cfg, "nan_check", "off")}
+        self.digest = check_registration(entries, self.process_set, what, settings=settings)
         #: Whether any collective is needed at all (a world of one has nothing to agree on).
         self.active = self.world > 1
         self._owner = weakref.ref(owner) if owner is not None else None
@@ -544,6 +754,9 @@ class Negotiator:
         self.all_joined = False
         #: Full negotiations run (for tests and benchmarks).
         self.negotiations = 0
+        #: The reducer's futures of this step and their tensor names (see :meth:`wait`), for messages.
+        self._buckets: tuple[Sequence[Optional[torch.futures.Future]], Optional[Callable[[int], list[str]]]] \
+            = ((), None)
         entry_list = _registry.setdefault(self.process_set.ranks, [])
         index = sum(1 for tok, _ in entry_list if tok is _world_token()) if self.active else 0
         self.stall = StallInspector(self.process_set, f"ps{self.process_set.process_set_id}/n{index}", what)
@@ -585,7 +798,8 @@ class Negotiator:
              names_of: Optional[Callable[[int], list[str]]] = None) -> None:
         """Called by the reducer before it waits for its buckets: the stall inspector."""
         if self.active:
-            self.stall.wait(futures, self.step, names_of)
+            self._buckets = (futures, names_of)  # for messages, should the negotiation fail meanwhile
+            self.stall.wait(futures, self.step, names_of, where=self._where())
 
     def finish(self, reducer, counts: Sequence[int], sparse: Sequence[int] = ()) -> list[int]:
         """Finish the step: ``reducer.finish()`` plus the negotiation (constraints 1-4).
@@ -623,7 +837,7 @@ class Negotiator:
             self._slot_value = 1.0 if flags & (_CHANGED | _ERROR | _JOINED | _EMPTY) else 0.0
             self._finish_reducer(reducer)
             raised = self._take_slot()
-            periodic = (self.step + 1) % _CHECK_EVERY_STEPS == 0
+            periodic = (self.step + 1) % self.check_every_steps == 0
             if not raised and not periodic:
                 if self._errors:  # found after the slot had left: only this rank can say it
                     raise ShoalError(f"shoal: {self._errors[0]}. HINT: see docs/robustness.md (gradients "
@@ -652,6 +866,14 @@ class Negotiator:
         owner.synchronize()
 
     # ------------------------------------------------------------------------------------ internals
+    def _where(self) -> str:
+        """What this rank is in, for messages and its peers (the stall inspector's ``doing`` record)."""
+        return f"step {self.step} of {self.what}" + (" (inside join())" if self.joined else "")
+
+    def _covered(self) -> str:
+        """The tensors the negotiation vector covers, for messages."""
+        return f"{self.num_tensors} tensor{'s' if self.num_tensors != 1 else ''}: {_shown(self.names)}"
+
     def _vector(self, produced: int, flags: int) -> torch.Tensor:
         v = _words(produced, self._words) + [flags, self.step, self.digest]
         return torch.tensor(v + [~w for w in v], dtype=torch.int64)
@@ -662,17 +884,18 @@ class Negotiator:
             work = dist.all_reduce(vector, op=dist.ReduceOp.BAND, group=_control_group(self.process_set),
                                    async_op=True)
         except RuntimeError as exc:
-            raise self._explain(exc, "negotiation") from exc
+            raise self._explain(exc, "negotiation bit-vector allreduce") from exc
         return work.get_future(), vector
 
     def _wait_exchange(self, pending) -> list[int]:
         fut, vector = pending
         with _timeline.span("negotiation", "bit-vector exchange", "main", {"step": self.step + 1}):
-            self.stall.wait([fut], self.step, lambda _: ["the negotiation bit vector"], label="allreduce")
+            self.stall.wait([fut], self.step, where=self._where(),
+                            awaited=f"the negotiation bit vector ({self._covered()})")
             try:
                 fut.wait()
             except RuntimeError as exc:
-                raise self._explain(exc, "negotiation") from exc
+                raise self._explain(exc, "negotiation bit-vector allreduce") from exc
         return vector.tolist()
 
     def _finish_reducer(self, reducer) -> None:
@@ -735,18 +958,24 @@ class Negotiator:
                 "count": bin(produced).count("1"),
                 "names": [self.names[i] for i in _indices(produced)[:3]],
                 "missing": [self.names[i] for i in _indices(self._full & ~produced)[:3]],
+                "registered": self.names[:3], "num_tensors": self.num_tensors,
                 "errors": list(self._errors)}
         details: list[Any] = [None] * self.world
         try:
             dist.all_gather_object(details, mine, group=_control_group(self.process_set))
         except RuntimeError as exc:
-            raise self._explain(exc, "negotiation") from exc
+            raise self._explain(exc, "negotiation details exchange") from exc
         raise MismatchError(_divergence_message(details, self.what, self.num_tensors))
 
     def _explain(self, exc: BaseException, what: str) -> RankFailureError:
         """The runtime's explanation, waiting briefly for a peer that closed its connection to be seen
         dead (it usually is exiting: that is what closed the connection), plus the join hint."""
-        label = f"{what} of {self.what} (step {self.step})"
+        futures, names_of = self._buckets
+        flying = [b for b, f in enumerate(futures) if f is not None and not f.done()]
+        in_flight = ""
+        if flying and names_of is not None:
+            in_flight = "; buckets in flight: " + ", ".join(f"{b} ({_shown(names_of(b))})" for b in flying[:3])
+        label = f"{what} of {self.what} (step {self.step}; it covers {self._covered()}{in_flight})"
         err = runtime.explain_failure(exc, label, self.process_set.ranks)
         if _peer_closed(exc):
             deadline = time.monotonic() + _EXIT_GRACE_S
@@ -758,11 +987,7 @@ class Negotiator:
     def _with_context(self, err: RankFailureError) -> RankFailureError:
         """Add who never arrived (a timeout) or the join hint (a peer gone)."""
         if "timed out" in str(err) and not _names_dead_rank(err):
-            missing, _ = self.stall.missing_ranks(_store(), self.step)
-            if missing:
-                return RankFailureError(f"{err} -- {_format_ranks(missing)} never reached step {self.step} "
-                                        f"of {self.what}")
-            return err
+            return self.stall.name_missing(err, self.step)
         if not _names_dead_rank(err) or "join()" in str(err):
             return err
         return RankFailureError(
@@ -777,16 +1002,21 @@ def _divergence_message(details: list[dict], what: str, num_tensors: int) -> str
     steps = {d["step"] for d in details}
     digests = {d["digest"] for d in details}
     if len(digests) > 1:
-        groups: dict[int, list[int]] = {}
+        groups: dict[int, list[dict]] = {}
         for d in details:
-            groups.setdefault(d["digest"], []).append(d["rank"])
+            groups.setdefault(d["digest"], []).append(d)
+        held = "; ".join(f"{_format_ranks([d['rank'] for d in ds])}: a {what} of {ds[0]['num_tensors']} "
+                         f"tensors ({_shown(ds[0]['registered'])}) at step {ds[0]['step']}"
+                         for ds in groups.values())
         lines.append(f"shoal: ranks are synchronizing different {what}s at this point (registration digests "
-                     f"differ: " + "; ".join(_format_ranks(rs) for rs in groups.values()) + ")")
+                     f"differ): {held}")
         hint = ("every rank must step the same optimizers in the same order; inside join(), the joined ranks "
                 "shadow every optimizer that stepped since the last join.")
     elif len(steps) > 1:
-        lines.append(f"shoal: ranks are at different steps of {what}: " +
-                     "; ".join(f"rank {d['rank']}: step {d['step']}" for d in details))
+        lines.append(f"shoal: ranks are at different steps of {what}: " + "; ".join(
+            f"rank {d['rank']}: step {d['step']}, " + (f"{d['count']} of {num_tensors} gradients produced "
+                                                       f"({_shown(d['names'])})" if d["count"] else
+                                                       "no gradient produced") for d in details))
         hint = "every rank must call optimizer.step() (or synchronize()) the same number of times."
     else:
         hint = ""
