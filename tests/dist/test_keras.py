@@ -20,8 +20,12 @@ What each case proves:
 - ``fp16``: fp16 wire compression, 2 steps per compiled call (TF/JAX): identical across ranks, close to
   the reference.
 - ``nan_skip`` / ``nan_raise``: the engine's NaN check; rank 1's first batch has an Inf target: ``skip``
-  skips that step on both ranks (equal to the reference without that batch), ``raise`` raises on both
-  ranks, naming rank 1.
+  skips that step on both ranks (equal to the reference without that batch; ``skipped_steps`` is 1),
+  ``raise`` raises on both ranks, naming rank 1, step 1 and the gradients by their variable paths.
+- ``freeze`` (TF, torch): one optimizer through three epochs, the first layer frozen in the second: equal
+  to the reference; torch's backward hooks follow the new set of variables (and back).
+- ``wrong_lso``: LossScaleOptimizer(DistributedOptimizer(SGD)) without any Shoal callback: the first
+  apply raises on both ranks with the right order in the HINT.
 - callbacks: MetricAverageCallback averages the epoch logs; LearningRateWarmupCallback sets Horovod's rates.
 - collectives on backend tensors, eager and inside the backend's compiled function.
 
@@ -186,17 +190,39 @@ def _rank_checks() -> dict:
     if backend == "tensorflow":
         out.update(_tf_jit_checks(keras, hvd, xl, yl))
 
+    # freeze: fit an epoch, freeze the first layer, fit, unfreeze, fit (one optimizer throughout). Keras'
+    # JAX optimizer refuses a trainable set other than the one it was built with (stateless_apply checks
+    # the length), so under JAX a changed set means a new optimizer, hence a new exchange: nothing to test.
+    if backend != "jax":
+        fopt = hvd.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9))
+        out["freeze"] = _flat(_fit_freeze_unfreeze(keras, fopt, xl, yl, _LOCAL))
+        out["freeze_stats"] = hvd.exchange_stats(fopt)
+
+    # wrong way round: a LossScaleOptimizer around a DistributedOptimizer, no Shoal callback to catch it
+    # at the start of fit: the first apply must raise, on every rank, before any collective.
+    wrong = keras.optimizers.LossScaleOptimizer(hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)))
+    try:
+        _fit(keras, wrong, xl, yl, _LOCAL)
+        out["wrong_lso"] = ""
+    except Exception as exc:  # noqa: BLE001 (the message is what we check)
+        out["wrong_lso"] = f"{type(exc).__name__}: {exc}"
+
     # NaN check: rank 1's first batch has an Inf target. skip: that step is skipped on both ranks.
     yi = y.copy()
     yi[_LOCAL] = np.inf
     yil = _local(yi, r, n)
-    model, _ = _fit(keras, hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), nan_check="skip"), xl, yil, _LOCAL)
+    skip_opt = hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), nan_check="skip")
+    model, _ = _fit(keras, skip_opt, xl, yil, _LOCAL)
     out["nan_skip"] = _flat(model)
+    out["nan_skip_stats"] = hvd.exchange_stats(skip_opt)
 
-    # raise: every rank raises, naming the rank (before the references, so that rank 1 does not wait
-    # in this collective while rank 0 fits them).
+    # raise: every rank raises, naming the rank, the step and the gradients (before the references, so
+    # that rank 1 does not wait in this collective while rank 0 fits them).
+    model = _model(keras, seed=0)
+    model.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), nan_check="raise"), loss="mse")
+    out["nan_raise_paths"] = [v.path for v in model.trainable_variables]
     try:
-        _fit(keras, hvd.DistributedOptimizer(keras.optimizers.SGD(0.1), nan_check="raise"), xl, yil, _LOCAL)
+        model.fit(xl, yil, batch_size=_LOCAL, epochs=1, shuffle=False, verbose=0)
         out["nan_raise"] = ""
     except Exception as exc:  # noqa: BLE001 (the message is what we check)
         out["nan_raise"] = f"{type(exc).__name__}: {exc}"
@@ -216,8 +242,22 @@ def _rank_checks() -> dict:
         out["ref_lso_accum"] = _flat(model)
         model, _ = _fit(keras, keras.optimizers.SGD(0.1), x[n * _LOCAL:], y[n * _LOCAL:], n * _LOCAL)
         out["ref_nan_skip"] = _flat(model)  # the poisoned first batch left out
+        if backend != "jax":
+            out["ref_freeze"] = _flat(_fit_freeze_unfreeze(keras, keras.optimizers.SGD(0.1, momentum=0.9),
+                                                           x, y, n * _LOCAL))
 
     return out
+
+
+def _fit_freeze_unfreeze(keras, opt, x, y, batch: int):
+    """Three epochs: all layers, the first layer frozen (recompiled, as Keras asks after changing
+    ``trainable``), unfrozen again; the same optimizer object throughout."""
+    model = _model(keras, seed=0)
+    for trainable in (True, False, True):
+        model.layers[0].trainable = trainable
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    return model
 
 
 def _compiled_allreduce(backend: str, hvd, t):
@@ -263,9 +303,10 @@ def test_keras_fit_matches_single_process(backend):
     assert r0["backend"] == r1["backend"] == backend
 
     # identical across ranks, bitwise, and equal to the single-process reference
-    for case in ("plain", "lso", "accum", "lso_accum", "fp16", "nan_skip"):
+    fitted = ("plain", "lso", "accum", "lso_accum", "nan_skip") + (("freeze",) if backend != "jax" else ())
+    for case in fitted + ("fp16",):
         np.testing.assert_array_equal(r0[case], r1[case], err_msg=f"{case}: ranks differ")
-    for case in ("plain", "lso", "accum", "lso_accum", "nan_skip"):
+    for case in fitted:
         np.testing.assert_allclose(r0[case], r0[f"ref_{case}"], rtol=0, atol=_ATOL, err_msg=case)
     np.testing.assert_allclose(r0["fp16"], r0["ref_plain"], rtol=0, atol=_ATOL_FP16)
     assert np.abs(r0["plain"] - _weights_flat(0)).max() > 100 * _ATOL, "plain: the weights did not move"
@@ -295,9 +336,28 @@ def test_keras_fit_matches_single_process(backend):
     assert r0["broadcast"] == r1["broadcast"] == [2.0] * 3
     assert r0["compiled_allreduce"] == r1["compiled_allreduce"] == [6.0] * 3
 
-    # NaN check: raise names the rank whose gradients were not finite, on both ranks
+    # freezing: a second reducer for the smaller set, hooks re-registered for it (torch), and the first
+    # reducer reused, clean, after unfreezing. Hooked gradients (torch): every step but the first of each
+    # epoch, 4 tensors, then 2 (the first layer frozen), then 4; the old hooks' marks on the step where
+    # the set changes are discarded, not counted.
+    if backend != "jax":
+        assert r0["freeze_stats"]["reducers"] == 2 and r0["freeze_stats"]["reductions"] == 3 * _STEPS
+    if backend == "torch":
+        assert r0["freeze_stats"]["hooked"] == (_STEPS - 1) * (4 + 2 + 4)
+
+    # the wrong way round: raised at the first apply, with the right order in the HINT
     for res in (r0, r1):
-        assert "non-finite gradients" in res["nan_raise"] and "on rank 1" in res["nan_raise"], res["nan_raise"]
+        assert "inside a LossScaleOptimizer" in res["wrong_lso"] and "HINT" in res["wrong_lso"] and \
+            "DistributedOptimizer(keras.optimizers.LossScaleOptimizer(opt))" in res["wrong_lso"], res["wrong_lso"]
+
+    # NaN check: skip counted once on both ranks; raise names the rank, the step (the first, as the
+    # engine counts reductions of this optimizer) and the gradients, identically on both ranks
+    assert r0["nan_skip_stats"]["skipped_steps"] == r1["nan_skip_stats"]["skipped_steps"] == 1
+    assert r0["plain_stats"]["skipped_steps"] == 0
+    for res in (r0, r1):
+        msg = res["nan_raise"]
+        assert "non-finite gradients" in msg and "at step 1," in msg and "on rank 1:" in msg, msg
+        assert any(f"'{path}'" in msg for path in res["nan_raise_paths"]), (msg, res["nan_raise_paths"])
 
     if backend == "tensorflow":
         np.testing.assert_array_equal(r0["jit_weights"], r1["jit_weights"])

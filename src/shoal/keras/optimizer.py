@@ -6,7 +6,9 @@ Design constraints:
 1. One path into the engine. Every backend ends in the reducer's ``views`` / ``mark_ready`` / ``finish``;
    what differs is only how gradients reach it (:mod:`shoal.keras._bridge`): TF and JAX hand them over in
    one host call per step (``tf.py_function`` / ``io_callback(ordered=True)``), torch marks them ready from
-   autograd hooks while backward runs (the engine's overlap), as ``shoal.torch`` does.
+   autograd hooks while backward runs (the engine's overlap), as ``shoal.torch`` does. One reducer per set
+   of variables that get gradients; when that set changes (layers frozen or unfrozen between epochs), the
+   torch hooks are removed and registered again for the new set (:meth:`_Exchange._disarm`).
 2. Patch the user's optimizer instance; build no class. ``DistributedOptimizer(opt)`` replaces two bound
    methods of ``opt`` (``apply`` and ``stateless_apply``) and returns ``opt``. Why not a wrapper class:
    Keras' optimizer surface is large and backend-specific (variables, iterations, learning rate, build,
@@ -25,7 +27,8 @@ Design constraints:
    accumulation. Every rank then sees the same values and takes the same branch (apply or skip, loss
    scale up or down). Hence wrap the ``LossScaleOptimizer``, not its inner optimizer;
    ``compile(auto_scale_loss=True)`` under ``mixed_float16`` wraps ours the wrong way round, which the
-   callbacks of :mod:`shoal.keras.callbacks` detect before the first step.
+   first apply detects (:meth:`_Exchange.check_caller`) and the callbacks of :mod:`shoal.keras.callbacks`
+   already at the start of ``fit``.
 5. Gradient accumulation (Keras' ``gradient_accumulation_steps``; ``backward_passes_per_step`` sets it):
    ``apply`` runs on every micro-batch. Reduce once per real step: on the update micro-step only, reduce
    ``g + s * acc`` (the rank's whole window; ``s`` the optimizer's fixed ``loss_scale_factor``, 1 without),
@@ -50,6 +53,7 @@ Glossary:
 from __future__ import annotations
 
 import logging
+import sys
 import types
 from typing import Any, Optional, Sequence
 
@@ -60,6 +64,7 @@ from shoal.core.buckets import TensorSpec
 from shoal.core.checks import apply_nan_policy
 from shoal.core.collectives import ReduceOp as _HvdOp
 from shoal.core.compression import Compression, resolve_compression
+from shoal.core.errors import ShoalError
 from shoal.core.reducer import GradientReducer, ReduceOp
 
 from . import _bridge
@@ -152,12 +157,28 @@ def is_distributed(optimizer) -> bool:
 
 
 def exchange_stats(optimizer) -> dict[str, int]:
-    """Counters of a distributed optimizer: ``reductions`` (steps whose gradients were reduced) and
-    ``hooked`` (torch backend: gradients marked ready from backward hooks, i.e. overlapped)."""
+    """Counters of a distributed optimizer.
+
+    Returns:
+        ``reductions``: steps whose gradients were reduced; ``skipped_steps``: updates skipped on every
+        rank by ``nan_check="skip"`` (``shoal.torch``'s ``optimizer.skipped_steps``; steps a
+        LossScaleOptimizer skips are its own); ``hooked``: torch backend, gradients marked ready from
+        backward hooks (put on the wire during backward); ``reducers``: engine reducers built, one per
+        set of variables that got gradients (a second one after layers were frozen or unfrozen).
+
+    Raises:
+        ValueError: ``optimizer`` did not go through :func:`DistributedOptimizer`.
+
+    Example:
+        >>> hvd.exchange_stats(model.optimizer)["skipped_steps"]
+        0
+    """
     ex = getattr(optimizer, _ATTR, None)
     if ex is None:
-        raise ValueError("shoal: exchange_stats() needs an optimizer wrapped by DistributedOptimizer")
-    return {"reductions": ex.reductions, "hooked": ex.hooked}
+        raise ValueError("shoal: exchange_stats() needs an optimizer wrapped by DistributedOptimizer. "
+                         "HINT: pass the optimizer that hvd.DistributedOptimizer(...) returned.")
+    return {"reductions": ex.reductions, "skipped_steps": ex.skipped_steps, "hooked": ex.hooked,
+            "reducers": len(ex.reducers)}
 
 
 def _set_accumulation(opt, steps: int) -> None:
@@ -207,7 +228,10 @@ class _Stateless:
 
 def _patched_apply(self, grads, trainable_variables=None):
     ex: _Exchange = getattr(self, _ATTR)
-    if ex.bypass or not ex.active:
+    if ex.bypass:
+        return ex.original_apply(grads, trainable_variables)
+    ex.check_caller()
+    if not ex.active:
         return ex.original_apply(grads, trainable_variables)
     if not self.built and trainable_variables is not None:
         # Built here rather than in the original apply: the accumulators must exist before we read them.
@@ -231,6 +255,7 @@ def _patched_apply(self, grads, trainable_variables=None):
 
 def _patched_stateless_apply(self, optimizer_variables, grads, trainable_variables):
     ex: _Exchange = getattr(self, _ATTR)
+    ex.check_caller()
     if not ex.active:
         return ex.original_stateless_apply(optimizer_variables, grads, trainable_variables)
     state = _Stateless(self, optimizer_variables)
@@ -278,7 +303,9 @@ class _Exchange:
         self.bypass = 0
         self.reducers: dict[tuple[int, ...], GradientReducer] = {}
         self.reductions = 0
+        self.skipped_steps = 0
         self.hooked = 0
+        self._caller_checked = False
         # torch backend (constraint 1): hooks feed the reducer of `_armed`; `_marked` this step's slots.
         self._armed: Optional[tuple[int, ...]] = None
         self._hooks: list = []
@@ -286,11 +313,33 @@ class _Exchange:
         self._hook_accs: list = []
         self._hook_scale = 1.0
         self._next_is_update = True
-        self._rebucketed = False
+        self._rebucketed: set[tuple[int, ...]] = set()
         if backend == "torch":
             # jit_compile=True (torch.compile): dynamo must not trace collectives and Python bookkeeping;
             # it breaks the graph here and runs this eagerly (it failed inside broadcast_object_list).
             self._reduce_torch = torch.compiler.disable(self._reduce_torch)
+
+    # ------------------------------------------------------------------ the caller
+    def check_caller(self) -> None:
+        """Constraint 4, at the first apply on every backend: raise when a LossScaleOptimizer that is not
+        itself distributed wraps this optimizer (``compile(auto_scale_loss=True)`` under a
+        ``mixed_float16`` policy does so). Its finite check would run on each rank's local gradients,
+        before the reduction: a rank whose gradients overflow skips the inner apply, and with it the
+        collective its peers are waiting in. Checked until it passes once (TF and JAX: at trace time,
+        where both branches of the loss-scale optimizer's ``cond`` are traced, so every rank raises)."""
+        if self._caller_checked:
+            return
+        outer = _outer_loss_scaler(self.opt)
+        if outer is not None:
+            raise ShoalError(
+                f"shoal: optimizer {self.opt.name!r} is a DistributedOptimizer inside a LossScaleOptimizer "
+                f"({outer.name!r}) on rank {runtime.rank()}: its finite check sees each rank's own "
+                "gradients before they are averaged, so ranks can disagree on skipping a step, and the "
+                "rank that skips leaves its peers waiting in the allreduce. HINT: wrap the other way round, "
+                "hvd.DistributedOptimizer(keras.optimizers.LossScaleOptimizer(opt)), and pass that to "
+                "compile() (compile() then adds no second one under mixed_float16), or compile(..., "
+                "auto_scale_loss=False).")
+        self._caller_checked = True
 
     # ------------------------------------------------------------------ selection and accumulation
     def reduce(self, grads: list, tvars: list, state) -> tuple[list, Any]:
@@ -383,6 +432,7 @@ class _Exchange:
         red.finish()
         self.reductions += 1
         skip = apply_nan_policy(red.nan_report)  # the same report, hence the same verdict, on every rank
+        self.skipped_steps += int(skip)
         return list(red.views) + [torch.tensor(int(skip), dtype=torch.int32)]
 
     # ------------------------------------------------------------------ torch backend: hooks
@@ -394,6 +444,8 @@ class _Exchange:
         if self.accumulation:
             # What the hooks of the next micro-step must do (apply increments iterations by one).
             self._next_is_update = (it + 2) % self.accumulation == 0
+        if self._armed and self._armed != key:
+            self._disarm()
         if not is_update:
             return g_sel, torch.tensor(0, dtype=torch.int32)
         accs, scale = self._accumulators(variables) if self.accumulation else ([], 1.0)
@@ -410,9 +462,9 @@ class _Exchange:
                 red.mark_ready(j)
             self._marked = set()
             outs = self._finish(red)
-            if hooked and not self._rebucketed:
+            if hooked and key not in self._rebucketed:
                 # After the first step with hooks: plan buckets in the order gradients really arrived.
-                self._rebucketed = True
+                self._rebucketed.add(key)
                 red.rebucket(red.agreed_order())
             for a in accs:
                 a.value.zero_()
@@ -432,6 +484,25 @@ class _Exchange:
         for j, p in enumerate(params):
             self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(key, j)))
 
+    def _disarm(self) -> None:
+        """The set of variables that get gradients changed (layers frozen or unfrozen, e.g. fine-tuning
+        after some epochs): the hooks of the old set must go, or they keep marking the old reducer, which
+        then fails the next step with "became ready twice" (or, with hooks on a frozen layer, never
+        completes a bucket). In this step's backward the old hooks have already marked, and maybe put on
+        the wire, the gradients still in the set: every rank did the same (the set is the same on every
+        rank), so finishing the old reducer here completes those collectives in the same order everywhere
+        and leaves it clean for a later return to that set. Its result is discarded: the new set's reducer
+        reduces this step from the gradients themselves, and the new hooks are armed after it."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        old = self.reducers.get(self._armed)
+        if self._marked and old is not None:
+            old.finish()
+            self.hooked -= len(self._marked)  # counted as overlapped, but their result is discarded
+        self._marked = set()
+        self._armed = None
+
     def _make_hook(self, key, j: int):
         def hook(param: torch.Tensor) -> None:
             if self._armed != key or not self._next_is_update or param.grad is None:
@@ -446,6 +517,33 @@ class _Exchange:
             self.hooked += 1
             red.mark_ready(j)
         return hook
+
+
+#: How far up the stack check_caller looks for a LossScaleOptimizer method. Measured with Keras 3.15 on
+#: all three backends: the direct caller of our patched method is the loss-scale optimizer's
+#: ``_stateful_handle_finite_grads`` / ``_stateless_handle_finite_grads``; 16 frames leave room for a
+#: subclass or another Keras version that adds a level or two.
+_MAX_CALLER_FRAMES = 16
+
+
+def _outer_loss_scaler(opt):
+    """The LossScaleOptimizer, not itself distributed, whose method called ``opt``'s patched method, or None.
+
+    Why the stack: the inner optimizer holds no reference to whoever wraps it, and the wrapping can come
+    after DistributedOptimizer (``compile(auto_scale_loss=True)``). Looked at until the first apply passes.
+    """
+    lso_type = _bridge.import_keras().optimizers.LossScaleOptimizer
+    frame = sys._getframe(3)  # 0: here, 1: check_caller, 2: the patched method, 3: whoever called it
+    for _ in range(_MAX_CALLER_FRAMES):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if "self" in code.co_varnames or "self" in code.co_freevars:
+            caller = frame.f_locals.get("self")
+            if isinstance(caller, lso_type) and caller.inner_optimizer is opt and not is_distributed(caller):
+                return caller
+        frame = frame.f_back
+    return None
 
 
 def _unique_names(variables: list) -> list[str]:
