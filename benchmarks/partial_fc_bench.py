@@ -2,24 +2,29 @@
 
 Two measurements, each in real gloo ranks started by ``shoal.testing.run_ranks`` (so one command runs all):
 
-1. Memory per rank of the classifier (weight + gradient + SGD-momentum state), at 1 and at 2 ranks: the
-   sharded classifier shrinks as 1/N, the data-parallel one stays whole on every rank.
+1. Memory per rank of the classifier (weight + gradient + SGD-momentum state), at 1, 2 and 3 ranks,
+   computed from the tensors' sizes: the sharded classifier shrinks as 1/N, the data-parallel one stays
+   whole on every rank.
 2. Step time at ``--classes`` x ``--dim`` (default 1M x 128) on 2 ranks, modes interleaved round by round
    (a noisy neighbour hurts them alike), median after warm-up of the slowest rank's step time:
 
-       dp_full      every rank holds the whole weight, computes the margin softmax of its local batch and
-                    allreduces (averages) the weight gradient: plain data parallelism of the classifier
-       pfc          PartialFC, sample_rate 1.0: the same loss and gradients, weight sharded
-       pfc_s0.1     PartialFC, sample_rate 0.1, optimizer bound (only used rows stepped)
+       dp_full        every rank holds the whole weight, computes the margin softmax of its local batch with
+                      plain torch ops (F.normalize, F.cross_entropy) and allreduces (averages) the weight
+                      gradient: plain data parallelism of the classifier
+       dp_full_fused  the same, with PartialFC's kernels (fused normalize backward, in-place softmax
+                      backward) on the whole weight: pfc vs this one is the gain of sharding alone
+       pfc            PartialFC, sample_rate 1.0: the same loss and gradients, weight sharded
+       pfc_s0.1       PartialFC, sample_rate 0.1, optimizer bound (only used rows stepped)
 
-   The first-step losses of dp_full and pfc are printed side by side: the numerics are the same.
+   The first-step losses of dp_full, dp_full_fused and pfc are printed side by side: the numerics are the
+   same.
 
 Each step: margin softmax forward and backward from fixed embeddings (the backbone is not timed), the
 classifier's communication, an SGD(momentum=0.9) step. Each rank uses one thread (2 ranks on 2 cores).
 
 Run::
 
-    python benchmarks/partial_fc_bench.py              # ~2 minutes on 2 cores, ~6 GB of RAM
+    python benchmarks/partial_fc_bench.py              # ~10 minutes on 2 cores, ~10 GB of RAM
     python benchmarks/partial_fc_bench.py --classes 100000 --steps 3 --warmup 1   # a quick look
 
 Results: a table on the console, JSON and Markdown under ``benchmarks/results/partial_fc_<date>.*``.
@@ -33,6 +38,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -41,11 +47,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from shoal.parallel import ArcFace, PartialFC
+from shoal.parallel._ops import _normalize_rows, _Shards, _ShardedSoftmaxCrossEntropy
 from shoal.parallel.partial_fc import _init_rows
 from shoal.testing import run_ranks
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIB = 1 << 20
+# The weight is initialized with generator seeds 0, 1, 2, ... (one per block of rows, _init_rows); batches
+# seeded from 0 drew the very same normals, so rank 0's step-0 embeddings were weight rows 0-63 (cosine 1).
+# Batch seeds start far above any block seed.
+_BATCH_SEED_BASE = 1 << 40
+# One process, no collectives: the softmax over a whole (unsharded) logits matrix.
+_LOCAL = _Shards(None, 0, 1, torch.device("cpu"))
 
 
 def _margin() -> ArcFace:
@@ -53,7 +66,7 @@ def _margin() -> ArcFace:
 
 
 def _batch(step: int, rank: int, batch: int, dim: int, classes: int):
-    g = torch.Generator().manual_seed(10_000 * step + rank)
+    g = torch.Generator().manual_seed(_BATCH_SEED_BASE + 10_000 * step + rank)
     return torch.randn(batch, dim, generator=g), torch.randint(0, classes, (batch,), generator=g)
 
 
@@ -65,18 +78,26 @@ def _classifier_nbytes(weight: torch.Tensor, opt: torch.optim.Optimizer) -> dict
 
 
 class _DataParallelFull:
-    """The baseline: the whole weight on every rank, its gradient averaged by one allreduce."""
+    """The baseline: the whole weight on every rank, its gradient averaged by one allreduce.
 
-    def __init__(self, classes: int, dim: int):
+    ``fused``: PartialFC's kernels (the margin is the same module in both variants, already fused).
+    """
+
+    def __init__(self, classes: int, dim: int, fused: bool = False):
         self.weight = torch.nn.Parameter(_init_rows(0, classes, dim, 0, torch.float32))
         self.opt = torch.optim.SGD([self.weight], lr=0.1, momentum=0.9)
         self.margin = _margin()
+        self.fused = fused
 
     def step(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
         e = emb.clone().requires_grad_()
-        logits = self.margin(F.linear(F.normalize(e), F.normalize(self.weight)), labels)
-        loss = F.cross_entropy(logits, labels)
+        if self.fused:
+            cos = F.linear(F.normalize(e), _normalize_rows(self.weight))
+            loss = _ShardedSoftmaxCrossEntropy.apply(self.margin(cos, labels), labels, _LOCAL)
+        else:
+            logits = self.margin(F.linear(F.normalize(e), F.normalize(self.weight)), labels)
+            loss = F.cross_entropy(logits, labels)
         loss.backward()
         dist.all_reduce(self.weight.grad)
         self.weight.grad /= dist.get_world_size()
@@ -117,12 +138,15 @@ def _rank_memory(classes: int, dim: int, batch: int) -> dict:
 def _rank_timing(classes: int, dim: int, batch: int, warmup: int, steps: int, modes: list[str]) -> dict:
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    makers = {"dp_full": lambda: _DataParallelFull(classes, dim), "pfc": lambda: _Sharded(classes, dim, 1.0),
-              "pfc_s0.1": lambda: _Sharded(classes, dim, 0.1)}
+    makers = {"dp_full": lambda: _DataParallelFull(classes, dim),
+              "dp_full_fused": lambda: _DataParallelFull(classes, dim, fused=True),
+              "pfc": lambda: _Sharded(classes, dim, 1.0), "pfc_s0.1": lambda: _Sharded(classes, dim, 0.1)}
     runners = {m: makers[m]() for m in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
     first_loss = {}
+    load_avg = []
     for step in range(warmup + steps):
+        load_avg.append(os.getloadavg()[0])
         emb, labels = _batch(step, rank, batch, dim, classes)
         for m in modes:
             dist.barrier()
@@ -134,12 +158,12 @@ def _rank_timing(classes: int, dim: int, batch: int, warmup: int, steps: int, mo
             if step >= warmup:
                 times[m].append(float(dt))
             if step == 0:
-                if m == "dp_full":  # local-batch mean -> global-batch mean, for comparison
+                if m.startswith("dp_full"):  # local-batch mean -> global-batch mean, for comparison
                     dist.all_reduce(loss)
                     loss /= world
                 first_loss[m] = float(loss)
     memory = {m: _classifier_nbytes(runners[m].weight, runners[m].opt) for m in modes}
-    return {"times_s": times, "first_loss": first_loss, "memory": memory}
+    return {"times_s": times, "first_loss": first_loss, "memory": memory, "load_avg_1min_per_round": load_avg}
 
 
 def _hardware() -> dict:
@@ -159,8 +183,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--modes", default="dp_full,pfc,pfc_s0.1")
+    parser.add_argument("--steps", type=int, default=15, help="timed rounds (the median is reported)")
+    parser.add_argument("--modes", default="dp_full,dp_full_fused,pfc,pfc_s0.1")
+    parser.add_argument("--memory-worlds", default="1,2,3", help="world sizes of the memory measurement")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON/Markdown results")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     args = parser.parse_args()
@@ -172,38 +197,48 @@ def main() -> None:
           f"SGD momentum 0.9")
 
     memory = {}
-    for world in (1, 2):
+    worlds = [int(w) for w in args.memory_worlds.split(",")]
+    for world in worlds:
         res = run_ranks(_rank_memory, world_size=world, timeout_s=600, args=(args.classes, args.dim, args.batch))
         memory[world] = res[0]
     print("\nmemory per rank (MiB): weight + optimizer state [+ gradient]")
     for world, res in memory.items():
         for name, m in res.items():
             print(f"  {world} rank(s) {name:8s} {m['weight_plus_state_mib']:9.1f}  [+ {m['grad_mib']:.1f}]")
-    shrink = memory[1]["pfc"]["weight_plus_state_mib"] / memory[2]["pfc"]["weight_plus_state_mib"]
-    print(f"  sharded 1 -> 2 ranks: x{1 / shrink:.3f} (ideal 1/2)")
+    one = memory[worlds[0]]["pfc"]["weight_plus_state_mib"] * worlds[0]
+    shrink = {w: memory[w]["pfc"]["weight_plus_state_mib"] / one for w in worlds}
+    for w in worlds:
+        print(f"  sharded, {w} rank(s): x{shrink[w]:.3f} of the whole classifier (ideal 1/{w} = {1 / w:.3f})")
 
     world = 2
     res = run_ranks(_rank_timing, world_size=world, timeout_s=600,
                     args=(args.classes, args.dim, args.batch, args.warmup, args.steps, modes))[0]
     med = {m: statistics.median(ts) for m, ts in res["times_s"].items()}
-    print(f"\nstep time on {world} ranks (median of {args.steps} after {args.warmup} warm-up, slowest rank)")
+    print(f"\nstep time on {world} ranks (median of {args.steps} after {args.warmup} warm-up, slowest rank); "
+          f"load average per round {min(res['load_avg_1min_per_round']):.1f}-"
+          f"{max(res['load_avg_1min_per_round']):.1f}")
     rows = []
     for m in modes:
         vs_dp = med["dp_full"] / med[m] if "dp_full" in med else float("nan")
+        vs_fused = med["dp_full_fused"] / med[m] if "dp_full_fused" in med else float("nan")
         rows.append({"mode": m, "median_s": med[m], "min_s": min(res["times_s"][m]),
                      "max_s": max(res["times_s"][m]), "speedup_vs_dp_full": vs_dp,
+                     "speedup_vs_dp_full_fused": vs_fused,
                      "first_loss": res["first_loss"][m],
                      "weight_plus_state_mib_per_rank": res["memory"][m]["weight_plus_state_mib"]})
-        print(f"  {m:9s} {med[m]:7.3f} s   x{vs_dp:5.2f} vs dp_full   first loss {res['first_loss'][m]:.6f}   "
+        print(f"  {m:13s} {med[m]:7.3f} s   x{vs_dp:5.2f} vs dp_full   x{vs_fused:5.2f} vs dp_full_fused   "
+              f"first loss {res['first_loss'][m]:.6f}   "
               f"{res['memory'][m]['weight_plus_state_mib']:.0f} MiB/rank")
     if "pfc" in med and "pfc_s0.1" in med:
         print(f"  sample_rate 0.1 vs 1.0: x{med['pfc'] / med['pfc_s0.1']:.2f}")
 
     hw["load_avg_1min_at_end"] = os.getloadavg()[0]
     result = {"benchmark": "partial_fc", "date": args.date, "hardware": hw, "world_size_timing": world,
+              "command": " ".join(["python", "benchmarks/partial_fc_bench.py", *sys.argv[1:]]),
               "classes": args.classes, "dim": args.dim, "batch_per_rank": args.batch, "warmup": args.warmup,
               "steps": args.steps, "memory_per_rank": {str(k): v for k, v in memory.items()},
-              "memory_shrink_1_to_2": 1 / shrink, "timing": rows,
+              "memory_fraction_of_whole_per_rank": {str(k): v for k, v in shrink.items()}, "timing": rows,
+              "times_s": res["times_s"], "load_avg_1min_per_round": res["load_avg_1min_per_round"],
               "speedup_sample_rate_0.1": med["pfc"] / med["pfc_s0.1"] if {"pfc", "pfc_s0.1"} <= med.keys()
               else None}
     out = Path(args.out)
@@ -222,24 +257,29 @@ def _markdown(r: dict) -> str:
              "ArcFace(s=64, m=0.5), SGD momentum 0.9. Load average (1 min) "
              f"{hw['load_avg_1min_at_start']:.1f} at start, {hw['load_avg_1min_at_end']:.1f} at end: a load above "
              "the core count inflates every absolute time; the modes run interleaved, so ratios suffer less.", "",
-             "Command: `python benchmarks/partial_fc_bench.py`", "",
+             f"Command: `{r['command']}`", "",
              "## Classifier memory per rank (weight + optimizer state)", "",
              "| ranks | mode | weight + state (MiB) | gradient (MiB) |", "|---|---|---|---|"]
     for world, res in r["memory_per_rank"].items():
         for name, m in res.items():
             lines.append(f"| {world} | {name} | {m['weight_plus_state_mib']:.1f} | {m['grad_mib']:.1f} |")
-    lines += ["", f"Sharded, 1 -> 2 ranks: x{r['memory_shrink_1_to_2']:.3f} (ideal 0.5).", "",
-              f"## Step time, {r['world_size_timing']} ranks (median of {r['steps']} after {r['warmup']} warm-up)",
-              "", "| mode | median (s) | min (s) | max (s) | speed-up vs dp_full | first-step loss | MiB/rank |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [""] + [f"Sharded, {w} rank(s): x{f:.3f} of the whole classifier per rank (ideal {1 / int(w):.3f})."
+                     for w, f in r["memory_fraction_of_whole_per_rank"].items()]
+    loads = r["load_avg_1min_per_round"]
+    lines += ["", f"## Step time, {r['world_size_timing']} ranks (median of {r['steps']} after {r['warmup']} warm-up)",
+              "", f"Load average (1 min) per round: {min(loads):.1f} to {max(loads):.1f}, median "
+              f"{statistics.median(loads):.1f}.", "",
+              "| mode | median (s) | min (s) | max (s) | speed-up vs dp_full | vs dp_full_fused | first-step loss "
+              "| MiB/rank |", "|---|---|---|---|---|---|---|---|"]
     for row in r["timing"]:
         lines.append(f"| {row['mode']} | {row['median_s']:.3f} | {row['min_s']:.3f} | {row['max_s']:.3f} | "
-                     f"{row['speedup_vs_dp_full']:.2f} | {row['first_loss']:.6f} | "
-                     f"{row['weight_plus_state_mib_per_rank']:.0f} |")
+                     f"{row['speedup_vs_dp_full']:.2f} | {row['speedup_vs_dp_full_fused']:.2f} | "
+                     f"{row['first_loss']:.6f} | {row['weight_plus_state_mib_per_rank']:.0f} |")
     if r["speedup_sample_rate_0.1"]:
         lines += ["", f"sample_rate 0.1 vs 1.0: x{r['speedup_sample_rate_0.1']:.2f}."]
-    lines += ["", "dp_full and pfc compute the same loss (float32 rounding apart); pfc_s0.1's loss is the softmax "
-              "over the sampled classes only, lower by design."]
+    lines += ["", "dp_full, dp_full_fused and pfc compute the same loss (float32 rounding apart); pfc_s0.1's loss "
+              "is the softmax over the sampled classes only, lower by design. dp_full_fused runs PartialFC's "
+              "kernels on the whole weight: pfc vs dp_full_fused is the gain of sharding alone."]
     return "\n".join(lines) + "\n"
 
 
