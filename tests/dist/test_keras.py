@@ -4,7 +4,8 @@ One ``run_ranks`` launch per backend does every check (importing TensorFlow cost
 machine): each rank fits small models with ``model.fit`` and returns the final weights; rank 0 also fits
 the single-process reference on the concatenated batches. Each backend is skipped, with the reason, when
 Keras or the backend is not installed (``pip install 'shoal[tensorflow]'`` / ``'shoal[jax]'`` /
-``'shoal[keras]'``).
+``'shoal[keras]'``); the errors of an environment without them are tested in
+tests/unit/test_keras_imports.py.
 
 What each case proves:
 - ``plain``: SGD with momentum; rank 1 starts from other weights, BroadcastGlobalVariablesCallback fixes
@@ -368,10 +369,3 @@ def test_keras_fit_matches_single_process(backend):
 def _weights_flat(seed: int) -> np.ndarray:
     return np.concatenate([w.reshape(-1) for w in _weights(seed)])
 
-
-def test_import_without_keras_names_the_extra():
-    """In an environment without keras, importing shoal.keras fails with the install line."""
-    if importlib.util.find_spec("keras") is not None:
-        pytest.skip("keras is installed here; this checks the error of an environment without it")
-    with pytest.raises(ImportError, match=r"pip install 'shoal\[keras\]'"):
-        import shoal.keras  # noqa: F401

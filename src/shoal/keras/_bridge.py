@@ -76,7 +76,9 @@ def import_keras():
     try:
         import keras  # noqa: PLC0415 (optional dependency)
     except ModuleNotFoundError as exc:
-        missing = exc.name or "keras"
+        # The top-level package names what to install: Keras' TF backend first imports tensorflow.python,
+        # and a broken or half-removed install reports that submodule.
+        missing = (exc.name or "keras").split(".")[0]
         extra = _EXTRA.get(wanted, "keras") if missing != "keras" else "keras"
         raise ImportError(
             f"shoal.keras needs Keras 3 and its backend; `import keras` failed: no module named {missing!r} "
