@@ -368,4 +368,3 @@ def test_keras_fit_matches_single_process(backend):
 
 def _weights_flat(seed: int) -> np.ndarray:
     return np.concatenate([w.reshape(-1) for w in _weights(seed)])
-

@@ -99,4 +99,3 @@ def test_a_missing_submodule_names_the_package(tmp_path):
     assert out["type"] == "ImportError", out
     assert "pip install 'shoal[tensorflow]'" in out["message"], out
     assert "no module named 'tensorflow'" in out["message"], out
-
