@@ -142,7 +142,8 @@ def _check_comm(comm: Any) -> None:
 
 def init(comm: Optional[Union[Sequence[int], Any]] = None,
          process_sets: Optional[Union[Sequence[Union[ProcessSet, Sequence[int]]], str]] = None, *,
-         backend: Optional[str] = None, timeout_s: Optional[float] = None, **knobs: Any) -> None:
+         backend: Optional[str] = None, timeout_s: Optional[float] = None,
+         **knobs: Any) -> list[ProcessSet]:
     """Start Shoal on this process (Horovod's ``hvd.init``): join the world, build the process groups.
 
     Args:
@@ -154,6 +155,10 @@ def init(comm: Optional[Union[Sequence[int], Any]] = None,
             opt-in for :func:`add_process_set` later) is accepted and changes nothing, since Shoal
             always allows it.
         backend, timeout_s, **knobs: as :func:`shoal.core.runtime.init` (keyword only).
+
+    Returns:
+        The registered sets of ``process_sets``, in order (Horovod returns None; the list lets
+        rank lists be used: ``evens, odds = hvd.init(process_sets=[[0, 2], [1, 3]])``).
 
     Raises:
         ValueError: ``comm`` covers less than the world; a process set is invalid or a duplicate
@@ -172,15 +177,18 @@ def init(comm: Optional[Union[Sequence[int], Any]] = None,
                              "is 'dynamic'. HINT: pass a list of hvd.ProcessSet or of rank lists.")
         process_sets = None
     _runtime.init(backend=backend, timeout_s=timeout_s, **knobs)
+    registered: list[ProcessSet] = []
     for i, entry in enumerate(process_sets or ()):
         if isinstance(entry, ProcessSet) and entry.process_set_id is not None:
-            continue  # registered by an earlier init() (a second init is a no-op, as in Horovod)
+            registered.append(entry)  # by an earlier init() (a second init is a no-op, as in Horovod)
+            continue
         try:
-            add_process_set(entry)
+            registered.append(add_process_set(entry))
         except ValueError as exc:
             ranks = list(entry.ranks) if isinstance(entry, ProcessSet) else list(entry)
             raise ValueError(f"shoal: init(process_sets=...) entry {i} {ranks}: {exc}. HINT: give each set "
                              "once, with ranks in 0..size()-1, the same list on every rank.") from None
+    return registered
 
 
 # --------------------------------------------------------------------------------------------------------
