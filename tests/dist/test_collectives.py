@@ -529,6 +529,15 @@ def _horovod_surface() -> dict:
     (weights[me] * out).sum().backward()
     assert torch.allclose(x.grad, expected, rtol=0, atol=1e-12), (x.grad, expected)
 
+    # Ops without a gradient are refused when the input requires grad, before any collective starts.
+    for fn in (lambda t: hvd.allreduce(t, op=hvd.Max, name="nograd"),
+               lambda t: hvd.reducescatter(t, op=hvd.Min, name="nograd")):
+        try:
+            fn(torch.ones(n, 2, requires_grad=True))
+            raise AssertionError("Min/Max with requires_grad should raise")
+        except ValueError as exc:
+            assert "'nograd'" in str(exc) and "no gradient" in str(exc) and "HINT" in str(exc)
+
     # Process sets registered by init work; removing one makes its next collective a clear error.
     if me in (1, 2):
         _close(hvd.allreduce(torch.tensor([float(me)]), op=hvd.Sum, process_set=pair_set),

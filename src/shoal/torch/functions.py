@@ -158,6 +158,10 @@ def reducescatter(tensor: torch.Tensor, name: Optional[str] = None, op: Any = _c
                   prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> torch.Tensor:
     """:func:`shoal.core.collectives.reducescatter`, differentiable (Sum/Average) when ``tensor`` requires grad."""
     if tensor.requires_grad and torch.is_grad_enabled():
+        if op not in (_c.Average, _c.Sum):
+            # The backward below (an allgather times the forward's scale) is the adjoint of a sum only.
+            raise ValueError(f"shoal: reducescatter of '{name or 'tensor'}' with op={op!r} has no gradient. "
+                             "HINT: use Average or Sum, or detach() the input.")
         return _Reducescatter.apply(tensor, op, prescale_factor, postscale_factor, process_set, name)
     return _c.reducescatter(tensor, name=name, op=op, process_set=process_set,
                             prescale_factor=prescale_factor, postscale_factor=postscale_factor)
