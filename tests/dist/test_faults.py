@@ -160,8 +160,11 @@ def test_rank_killed_mid_step_is_named_dead_by_its_peer():
     assert peer.status == "ok", peer.describe()
     r = peer.value
     assert r["type"] == "RankFailureError" and r["step"] == 3, r
-    assert "rank 1 (pid" in r["error"] and "died" in r["error"], r["error"]
-    assert "bucket 0 (2.bias" in r["error"] or "negotiation" in r["error"], r["error"]  # what it waited on
+    err = r["error"]
+    assert "rank 1 (pid" in err and "died" in err, err
+    # What it waited on, by name: the bucket and its first tensors, or the negotiation and its tensors.
+    assert ("gradient allreduce of bucket 0 (2.bias, 2.weight" in err
+            or ("negotiation bit-vector allreduce of DistributedOptimizer (step 3" in err and "'0.weight'" in err)), err
 
 
 # --------------------------------------------------------------------------------- uneven batch counts
@@ -194,15 +197,20 @@ def test_uneven_batch_counts_without_join_name_the_rank_that_left(variant):
     assert time.monotonic() - start < 60
     assert r1["type"] is None
     assert r0["step"] == 3, r0
+    err = r0["error"]
     if variant == "shutdown":
         assert r0["type"] == "RankFailureError", r0
-        assert "rank 1 (pid" in r0["error"] and "join()" in r0["error"], r0["error"]
+        assert "rank 1 (pid" in err and "died" in err and "join()" in err, err
+        # What rank 1 did not send: the bucket and its first tensors, or the negotiation and its tensors.
+        assert ("gradient allreduce of bucket 0 (2.bias, 2.weight" in err
+                or ("negotiation bit-vector allreduce of DistributedOptimizer (step 3" in err
+                    and "'0.weight'" in err)), err
     else:
         assert r0["type"] == "StallError", r0
-        assert "rank 1 has not reached synchronize() of this step" in r0["error"], r0["error"]
-        assert "rank 1 last arrived in step 2" in r0["error"] or "step 3" in r0["error"], r0["error"]
-        assert "bucket 0 ('2.bias'" in r0["error"] or "negotiation" in r0["error"], r0["error"]
-        assert "join()" in r0["error"]
+        assert "in step 3 of DistributedOptimizer for bucket 0 ('2.bias', '2.weight'" in err, err
+        assert "rank 1 has not reached synchronize() of this step" in err, err  # "(last arrived...)" if seen
+        assert "rank 1 never reached a collective (busy or hung outside Shoal)" in err, err
+        assert "join()" in err
 
 
 def _rank_uneven_with_join(batches: tuple[int, int]):
@@ -235,6 +243,40 @@ def test_uneven_batch_counts_with_join_complete_with_correct_results(batches):
     for r in results:
         assert r["last"] == 0  # rank 0 had more batches: it joined last
         assert r["diff"] <= _ATOL, r
+
+
+def _rank_collective_while_joined():
+    hvd, rank, _ = _setup()
+    model = _mlp()
+    opt = hvd.DistributedOptimizer(_sgd(model.parameters()), named_parameters=model.named_parameters())
+    from shoal.torch.join import join  # noqa: PLC0415 (hvd.join once the package exports it)
+
+    try:
+        for step in range(3 if rank == 0 else 2):
+            if step == 2:  # rank 1 has joined: nobody answers this collective
+                hvd.allreduce(torch.ones(1), name="metrics.loss")
+            opt.zero_grad()
+            _mse(model, *_batch(step, rank)).backward()
+            opt.step()
+        join()
+    except hvd.ShoalError as exc:
+        time.sleep(3)  # stay alive until the peer has failed too: a rank that exits is named dead
+        return _error(exc)
+    return {"type": None}
+
+
+def test_user_collective_while_a_rank_is_joined_names_both_sides():
+    # join() shadows only the optimizer's steps: the joined rank waits in a shadow step, the other in the
+    # user collective; both fail at the stall timeout, each naming the other and where it is.
+    env = {"SHOAL_STALL_WARNING_S": "1", "SHOAL_STALL_TIMEOUT_S": "3"}
+    start = time.monotonic()
+    r0, r1 = run_ranks(_rank_collective_while_joined, world_size=2, timeout_s=60, pg_timeout_s=30, env=env)
+    assert time.monotonic() - start < 60
+    assert r0["type"] == "StallError" and r1["type"] == "StallError", (r0, r1)
+    assert "in allreduce of 'metrics.loss' (call " in r0["error"], r0["error"]
+    assert "rank 1 is waiting in step 2 of DistributedOptimizer (inside join())" in r0["error"], r0["error"]
+    assert "in step 2 of DistributedOptimizer (inside join()) for bucket 0 ('2.bias'" in r1["error"], r1["error"]
+    assert "rank 0 is waiting in allreduce of 'metrics.loss' (call " in r1["error"], r1["error"]
 
 
 # --------------------------------------------------------------------------------- unused on one rank

@@ -247,6 +247,97 @@ def test_stall_warning_names_the_missing_rank_then_the_step_completes():
     assert named and "step 2" in named[0], warnings0
 
 
+# --------------------------------------------------------------------------------- periodic check (static)
+def _twin(prefix: str):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    return model, [(f"{prefix}.{n}", p) for n, p in model.named_parameters()]
+
+
+def _rank_swapped_optimizers(period: int, swap_at: int, steps: int):
+    hvd, rank, _ = _setup()
+    (ma, na), (mb, nb) = _twin("a"), _twin("b")
+    opts = {"a": hvd.DistributedOptimizer(_sgd(ma.parameters()), named_parameters=na),
+            "b": hvd.DistributedOptimizer(_sgd(mb.parameters()), named_parameters=nb)}
+    models = {"a": ma, "b": mb}
+    for opt in opts.values():
+        opt._negotiator.check_every_steps = period
+    trace = []
+    step = 0
+    try:
+        for step in range(steps):
+            # From `swap_at` on rank 1 steps b before a: the two optimizers have the same bucket layout, so
+            # their buckets pair silently; only the full negotiation (registration digests) can see it.
+            order = "ba" if rank == 1 and step >= swap_at else "ab"
+            for key in order:
+                opts[key].zero_grad()
+                torch.nn.functional.mse_loss(models[key](_batch(step, rank)[0]), _batch(step, rank)[1]).backward()
+                opts[key].step()
+            trace.append(opts["a"]._negotiator.static)
+    except hvd.MismatchError as exc:
+        return {"step": step, "error": str(exc), "trace": trace}
+    return {"step": step, "error": None, "trace": trace}
+
+
+def test_static_mode_periodic_check_finds_a_deviation_the_slot_cannot_see():
+    # Static from step 6 (0-based; 5 stable negotiated steps first). Period 4: the full negotiation runs in
+    # steps 3, 7, 11 (0-based); the swap starts at step 8, so step 11 is the first that can see it.
+    results = run_ranks(_rank_swapped_optimizers, world_size=2, timeout_s=90, pg_timeout_s=30, args=(4, 8, 14))
+    for r in results:
+        assert r["error"] is not None and r["step"] == 11, r
+        assert r["trace"][6:8] == [True, True], r["trace"]  # static before the swap, through step 7's check
+        text = r["error"]
+        assert "synchronizing different DistributedOptimizers" in text, text
+        assert "'a.0.weight'" in text and "'b.0.weight'" in text and "rank 0" in text and "rank 1" in text
+        assert "HINT" in text
+    assert results[0]["error"] == results[1]["error"]
+
+
+# --------------------------------------------------------------------------------- settings agree
+def _rank_settings_differ() -> dict:
+    from shoal.core import runtime
+    from shoal.core.negotiation import Negotiator
+
+    rank = int(__import__("os").environ["RANK"])
+    runtime.init(nan_check="raise" if rank == 0 else "off")  # as if SHOAL_NAN_CHECK reached rank 0 only
+    import shoal.torch as hvd  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    out = {}
+    model = _Branchy()
+    try:
+        hvd.DistributedOptimizer(_sgd(model.parameters()), named_parameters=model.named_parameters())
+        out["optimizer"] = None
+    except hvd.MismatchError as exc:
+        out["optimizer"] = str(exc)
+    entries = [(n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()]
+    try:
+        Negotiator(entries, mode="always" if rank == 0 else "auto", nan_check="off")
+        out["mode"] = None
+    except hvd.MismatchError as exc:
+        out["mode"] = str(exc)
+    try:  # the DDP hook checks its policy even without named_parameters
+        hvd.comm_hook(nan_check="skip" if rank == 0 else "raise")
+        out["hook"] = None
+    except hvd.MismatchError as exc:
+        out["hook"] = str(exc)
+    hvd.comm_hook(nan_check="warn")  # the same everywhere: no error, and the ranks are still aligned
+    out["after"] = hvd.allreduce(torch.ones(1), op=hvd.Sum).item()
+    return out
+
+
+def test_ranks_with_different_nan_check_or_negotiation_fail_at_registration():
+    results = run_ranks(_rank_settings_differ, world_size=2, timeout_s=60, pg_timeout_s=20, init=False)
+    for r in results:
+        assert r["optimizer"] is not None and "nan_check: rank 0: raise; rank 1: off" in r["optimizer"], r
+        assert "'trunk.weight'" in r["optimizer"] and "HINT" in r["optimizer"]
+        assert r["mode"] is not None and "negotiation: rank 0: always; rank 1: auto" in r["mode"], r
+        assert r["hook"] is not None and "nan_check: rank 0: skip; rank 1: raise" in r["hook"], r
+        assert "DDP comm hook" in r["hook"] and "HINT" in r["hook"]
+        assert r["after"] == 2.0
+    assert results[0] == results[1]
+
+
 # --------------------------------------------------------------------------------- pure functions
 def test_control_bytes_do_not_grow_with_the_world():
     # Two bits per tensor (all-have, none-have) plus three control words, each with its complement.
@@ -257,5 +348,7 @@ def test_control_bytes_do_not_grow_with_the_world():
 def test_registration_digest_is_stable_and_sensitive():
     entries = [("a", (2, 3), torch.float32), ("b", (4,), torch.float16)]
     assert registration_digest(entries) == registration_digest(list(entries))
+    assert registration_digest(entries, {"nan_check": "raise"}) != registration_digest(entries, {"nan_check": "off"})
+    assert registration_digest(entries, {"a": "1", "b": "2"}) == registration_digest(entries, {"b": "2", "a": "1"})
     assert registration_digest(entries) != registration_digest(entries[::-1])
     assert registration_digest(entries) != registration_digest([("a", (3, 2), torch.float32), entries[1]])

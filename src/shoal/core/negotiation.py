@@ -313,10 +313,9 @@ def _registration_message(ranks: Sequence[int], gathered: list, what: str) -> st
     head = f"shoal: ranks registered different parameters for {what} (process set {list(ranks)})"
     body: list[str] = []
     if setting_lines:
-        shown = _shown([n for n, _, _ in lists[0]]) if lists[0] else "no named tensors"
-        body.append(f"shoal: ranks configured {what} differently (process set {list(ranks)}; its tensors: "
-                    f"{shown}); ranks that differ here would hang in a collective only some of them "
-                    "start:")
+        shown = f"its tensors: {_shown([n for n, _, _ in lists[0]])}" if lists[0] else "no named tensors"
+        body.append(f"shoal: ranks configured {what} differently (process set {list(ranks)}; {shown}); "
+                    "ranks that differ here would hang in a collective only some of them start:")
         body += setting_lines
     tensors_differ = bool(lines) or any(lst != lists[0] for lst in lists)
     if lines:
