@@ -396,9 +396,11 @@ def remove_process_set(process_set: ProcessSet) -> bool:
     return removed
 
 
-def get_process_set(process_set: Optional[ProcessSet]) -> ProcessSet:
-    """Resolve ``None`` to the global set and check that ``process_set`` is registered."""
-    rt = _state("process_set")
+def get_process_set(process_set: Optional[ProcessSet], what: str = "process_set") -> ProcessSet:
+    """Resolve ``None`` to the global set and check that ``process_set`` is registered.
+
+    ``what`` is the caller's public name, for the error when ``init()`` has not run."""
+    rt = _state(what)
     ps = global_process_set if process_set is None else process_set
     if ps.process_set_id is None or ps.process_set_id not in rt.process_sets:
         raise ValueError(f"shoal: {ps!r} is not registered. HINT: call hvd.add_process_set(...) "

@@ -96,7 +96,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._optimizer_state_dict_post_hooks = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._process_set = runtime.get_process_set(process_set)
+        self._process_set = runtime.get_process_set(process_set, "DistributedOptimizer")
         if backward_passes_per_step < 1:
             raise ValueError(f"shoal: backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         self.backward_passes_per_step = int(backward_passes_per_step)
