@@ -143,10 +143,10 @@ def _reference_weights(skip_step: int, steps: int) -> list[torch.Tensor]:
     return [p.detach() for p in model.parameters()]
 
 
-def _skip_rank():
+def _skip_rank(kind: str):
     model, opt = _setup("skip", momentum=0.9)
     at = {"step": 0, "when": 3}
-    _inject(model, "body.bias", at, rank=1, value=float("nan"))
+    _inject(model, "body.bias", at, rank=1, value=float("nan") if kind == "nan" else float("inf"))
     reports = {}
     for step in range(1, 7):
         at["step"] = step
@@ -168,13 +168,15 @@ def _skip_rank():
             "weights": [p.detach().clone() for p in model.parameters()]}
 
 
-def test_skip_keeps_weights_and_state_identical_and_training_goes_on():
-    results = run_ranks(_skip_rank, world_size=2, timeout_s=60)
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_skip_keeps_weights_and_state_identical_and_training_goes_on(kind):
+    results = run_ranks(_skip_rank, world_size=2, timeout_s=60, args=(kind,))
     for r in results:
         assert r["skipped"] == 1
         assert list(r["reports"]) == [3]
         rep = r["reports"][3]
         assert rep["names"] == ["body.bias"] and rep["ranks"] == [1] and rep["policy"] == "skip"
+        assert rep["kinds"] == [kind] and rep["counts"] == ([(1, 0)] if kind == "nan" else [(0, 1)])
     for a, b in zip(results[0]["weights"], results[1]["weights"]):
         assert torch.equal(a, b), "ranks diverged"
         assert torch.isfinite(a).all()
@@ -348,9 +350,10 @@ def test_ddp_comm_hook_reports_skips_and_raises_on_every_rank():
 
 # ------------------------------------------------------------------------------------ GradScaler
 
-def _scaler_rank():
-    """AMP's pattern under nan_check='raise': an Inf from rank 1 is GradScaler's to skip, not ours."""
-    model, opt = _setup("raise")
+def _scaler_rank(policy: str = "raise"):
+    """AMP's pattern under nan_check='raise' or 'skip': an Inf from rank 1 is GradScaler's to skip, not
+    ours (the reduced gradients hold it on every rank, so GradScaler sees it everywhere)."""
+    model, opt = _setup(policy)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     at = {"step": 0, "when": 2}
     _inject(model, "mid.weight", at, rank=1, value=float("inf"))
@@ -371,14 +374,83 @@ def _scaler_rank():
             out["reports"][step] = _summary(opt.nan_report)
     out["skipped_steps"] = opt.skipped_steps
     out["scale"] = scaler.get_scale()
+    out["weights"] = [p.detach().clone() for p in model.parameters()]
     return out
 
 
-def test_grad_scaler_skips_inf_steps_itself_under_raise():
-    results = run_ranks(_scaler_rank, world_size=2, timeout_s=60)
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_grad_scaler_skips_inf_steps_itself(policy):
+    results = run_ranks(_scaler_rank, world_size=2, timeout_s=60, args=(policy,))
     for r in results:
+        assert r["reports"].get(2, {}).get("policy") == policy
         assert r["skipped_by_scaler"] == [False, True, False]
         assert list(r["reports"]) == [2] and r["reports"][2]["names"] == ["mid.weight"]
         assert r["reports"][2]["ranks"] == [1]
         assert r["skipped_steps"] == 0, "a step GradScaler skipped is not counted as ours"
         assert r["scale"] == 2.0 ** 9
+    for a, b in zip(results[0]["weights"], results[1]["weights"]):
+        assert torch.equal(a, b), "ranks diverged"
+
+
+# ------------------------------------------------------------------ a process set that is not the world
+
+def _process_set_rank():
+    """World 3, process set [1, 2]; NaN injected on world rank 2 into the optimizer's and the DDP hook's
+    gradients. Rank 0 is not a member and only takes part in creating the set."""
+    import shoal.torch as hvd
+    from shoal.core.checks import NonFiniteGradientError
+    from shoal.torch.nan_drilldown import drill_down
+    from torch.nn.parallel import DistributedDataParallel
+
+    from shoal.core import runtime
+
+    rank = torch.distributed.get_rank()
+    pair = hvd.add_process_set([1, 2])
+    # Creating groups is collective over the whole world (torch): the set's stream groups, which the
+    # members' reducer and hook use, are made here by every rank, so the non-member can leave.
+    runtime.stream_groups(pair, runtime.config().num_streams)
+    if rank not in pair.ranks:
+        return None
+    out = {}
+    # DistributedOptimizer on the set, raise; then the drill-down on the set (replays on world rank 2).
+    torch.manual_seed(0)
+    model = _Net()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), process_set=pair,
+                                   named_parameters=model.named_parameters(), nan_check="raise", **ENGINE)
+    x, y = _batch(rank, 1)
+    if rank == 2:
+        x[0, 0] = -1.0  # log(-1): a real forward NaN on world rank 2 (rank 1 inside the set)
+    closure = lambda: F.mse_loss(model(x), y)  # noqa: E731
+    closure().backward()
+    try:
+        opt.step()
+    except NonFiniteGradientError as err:
+        found = drill_down(model, closure, err.report, process_set=pair)
+        out["optimizer"] = {**_summary(err.report), "message": str(err),
+                            "drill": {r: (f.forward.module if f.forward else None) for r, f in found.items()}}
+    # The DDP hook on the set, skip: the report names world rank 2 on both members.
+    torch.manual_seed(0)
+    model2 = _Net()
+    ddp = DistributedDataParallel(model2, process_group=pair.group, bucket_cap_mb=0.002)
+    state, hook = hvd.comm_hook(process_set=pair, nan_check="skip", named_parameters=model2.named_parameters())
+    ddp.register_comm_hook(state, hook)
+    at = {"step": 1, "when": 1}
+    _inject(model2, "mid.bias", at, rank=2, value=float("nan"))
+    F.mse_loss(ddp(_batch(rank, 1)[0]), _batch(rank, 1)[1]).backward()
+    out["hook"] = _summary(state.nan_report) if state.nan_report is not None else None
+    return out
+
+
+def test_reports_on_a_process_set_name_world_ranks():
+    results = run_ranks(_process_set_rank, world_size=3, timeout_s=90, pg_timeout_s=40)
+    assert results[0] is None
+    for r in results[1:]:
+        rep = r.get("optimizer")
+        assert rep is not None, "the optimizer on the set did not raise"
+        assert rep["ranks"] == [2] and rep["step"] == 1 and "on rank 2:" in rep["message"], rep
+        assert "rank 1" not in rep["message"], "a rank inside the set was reported as a world rank"
+        assert rep["drill"] == {2: "feat"}, rep["drill"]
+        hook = r["hook"]
+        assert hook is not None and hook["names"] == ["mid.bias"] and hook["ranks"] == [2], hook
+        assert hook["policy"] == "skip" and "rank 2" in hook["text"]
+    assert results[1] == results[2]

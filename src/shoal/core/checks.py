@@ -35,7 +35,10 @@ Design constraints:
    maxima of constraint 1 already say which tensor and NaN vs Inf (no counts).
 4. Every rank takes the same path. The combined flags are identical everywhere, so when anything
    tripped every rank joins one ``all_gather_object`` of the findings, builds the same report and applies
-   the same policy: all raise, all skip, or all warn. No rank can be left waiting in a collective.
+   the same policy: all raise, all skip, or all warn. No rank can be left waiting in a collective. The
+   policy itself is agreed when the frontend registers (``shoal.core.negotiation.check_registration``
+   folds it into the registration digest): a rank without the check would never start the flag
+   allreduce its peers wait in, so different policies are a named error there, not a hang.
 5. Report order is backward order: bucket plans follow the order gradients became ready, so
    (bucket, position) sorts the earliest-reached parameters first.
 
@@ -81,6 +84,7 @@ class NonFiniteTensor:
     """One gradient that held a NaN or an Inf on one rank before communication."""
 
     name: str
+    #: The global (world) rank, also when the check runs on a process set that is not the world.
     rank: int
     #: ``"nan"``, ``"inf"`` or ``"nan+inf"``.
     kind: str
@@ -106,7 +110,8 @@ class NonFiniteReport:
     Attributes:
         step: the 1-based number of the step (synchronization) in which the values appeared.
         tensors: one entry per (gradient, rank), earliest in backward order first, then by rank.
-        ranks: the ranks where a gradient was non-finite before communication.
+        ranks: the global (world) ranks where a gradient was non-finite before communication, also on a
+            process set that is not the world ("rank r" in messages is always a world rank).
         policy: the policy that was in force (``raise``, ``skip`` or ``warn``).
     """
 
@@ -210,7 +215,7 @@ class FiniteCheck:
             acc = buffer.sum(dtype=torch.float32) if buffer.element_size() < 4 else buffer.sum()
             if bool(torch.isfinite(acc)):
                 return
-            found = _scan(tensors(), bucket, self.process_set.rank())
+            found = _scan(tensors(), bucket, runtime.rank())
             if found:
                 self._host_tripped[bucket] = found
             else:
@@ -273,7 +278,7 @@ class FiniteCheck:
     def _findings(self, local: Optional[torch.Tensor]) -> list[NonFiniteTensor]:
         """This rank's non-finite tensors (the rare path: host copies are fine here)."""
         found = [t for b in sorted(self._host_tripped) for t in self._host_tripped[b]]
-        me = self.process_set.rank()
+        me = runtime.rank()  # the world rank, as everywhere in Shoal (apply_nan_policy, drill_down)
         for b, (maxima, tensors) in sorted(self._device.items()):
             if local is None or not int(local[b]):
                 continue

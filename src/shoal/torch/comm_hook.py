@@ -82,20 +82,28 @@ def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None
     Returns:
         ``(state, hook)``: pass both to ``ddp.register_comm_hook``.
 
+    Raises:
+        MismatchError: on every rank, when ranks registered different parameters or ``nan_check`` differs
+            across ranks (it decides whether the hook starts a flag allreduce after the last bucket).
+
     Example:
         >>> ddp.register_comm_hook(*hvd.comm_hook())
     """
     cfg = runtime.config()
     ps = runtime.get_process_set(process_set)
     named = list(named_parameters or ())
-    if named:  # registration check (shoal.core.negotiation): one 16-byte allreduce
-        check_registration([(n, tuple(p.shape), p.dtype) for n, p in named], ps, what="DDP comm hook")
+    policy = nan_check or cfg.nan_check
+    # Registration check (shoal.core.negotiation), one 16-byte allreduce: the names, shapes and dtypes when
+    # given, and always the NaN policy (a rank without the check would leave its peers waiting in the
+    # flag allreduce).
+    check_registration([(n, tuple(p.shape), p.dtype) for n, p in named], ps, what="DDP comm hook",
+                       settings={"nan_check": policy})
     comp = resolve_compression(compression) or cfg.compression
     hier = hierarchical or cfg.hierarchical
     count = int(num_streams or cfg.num_streams)
     streams = runtime.stream_groups(ps, count)
     algorithm = get_algorithm(comp, hier, ps, num_streams=count, error_feedback=error_feedback)
     state = CommHookState(ps, streams, algorithm, comp, hier,
-                          nan_check=make_finite_check(nan_check, ps),
+                          nan_check=make_finite_check(policy, ps),
                           param_names={id(p): n for n, p in named})
     return state, allreduce_hook
