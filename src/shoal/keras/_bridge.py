@@ -16,12 +16,14 @@ Design constraints:
    ``torch.from_dlpack``; torch -> TF is ``tf.experimental.dlpack.from_dlpack``. The tensors handed back
    are views into the engine's bucket buffers, valid until the next reduction overwrites them (a train
    step consumes them before that).
-2. TensorFlow aborts the whole process (``Check failed: IsAligned()``, SIGABRT, no Python exception) when
-   it receives a DLPack buffer that is not 64-byte aligned; measured here with a float32 view at element
-   offset 1 of a torch buffer. The engine pads bucket offsets to ``ALIGN_NUMEL`` = 16 elements (64 bytes for
-   4-byte dtypes) and torch's CPU allocator aligns buffers to 64 bytes, but a 16-bit dtype's offsets are
-   only 32-byte aligned and a foreign allocator may differ: every pointer is checked, and a misaligned
-   tensor is copied once into a fresh (aligned) one instead of crashing.
+2. TensorFlow accepts a DLPack buffer that is not 64-byte aligned and aborts the whole process at the first
+   op that reads it (``Check failed: IsAligned()``, SIGABRT, no Python exception); measured with TF 2.21 on
+   torch views 4 or 32 bytes off (float32 at element offset 1 or 8, bfloat16/float16 at 16, float64 at 4).
+   The engine pads bucket offsets to ``ALIGN_NUMEL`` = 16 elements (64 bytes for 4-byte dtypes) and
+   torch's CPU allocator aligns buffers to 64 bytes, but a 16-bit dtype's offsets are only 32-byte aligned
+   and a foreign allocator may differ: every pointer is checked against ``ALIGN_BYTES`` (bytes, whatever
+   the dtype), and a misaligned tensor is copied once into a fresh aligned one instead of crashing
+   (tests/unit/test_keras_bridge.py, with the abort itself as the control).
 3. One host call per train step, carrying every tensor of the step: ranks then issue their collectives in
    the same order whatever order the backend's scheduler runs independent ops in.
 4. XLA cannot compile a host call in TensorFlow (``tf.py_function`` has no XLA kernel); JAX can
@@ -97,7 +99,15 @@ def keras_backend() -> str:
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its buffer starts on a 64-byte boundary, else an aligned copy (constraint 2)."""
+    """``t`` itself when its buffer starts on a 64-byte boundary (or it is empty), else a copy that does
+    (constraint 2); the same shape, dtype and values either way.
+
+    Example:
+        >>> buf = torch.zeros(32)      # torch's CPU allocator: 64-byte aligned
+        >>> view = buf[16:]             # 64 bytes in
+        >>> aligned(view) is view, aligned(buf[1:]).data_ptr() % 64
+        (True, 0)
+    """
     if t.data_ptr() % ALIGN_BYTES == 0 or t.numel() == 0:
         return t
     out = torch.empty_like(t, memory_format=torch.contiguous_format)
