@@ -11,7 +11,9 @@ Keras lets anyone change how the train step is compiled:
    ShoalError with a HINT instead (:mod:`shoal.keras._bridge`).
 2. ``compile(auto_scale_loss=True)`` under a ``mixed_float16`` policy puts Keras' LossScaleOptimizer
    around an already distributed optimizer: its finite check would then run on local gradients, and
-   ranks could disagree on skipping a step. Raised as an error, with the fix.
+   ranks could disagree on skipping a step. Raised as an error, with the fix (here, before the first
+   step; without any of these callbacks the first ``apply`` raises the same, see
+   :meth:`shoal.keras.optimizer._Exchange.check_caller`).
 
 What lives elsewhere: the collectives (:mod:`shoal.keras.collectives`), gradient averaging
 (:mod:`shoal.keras.optimizer`).
