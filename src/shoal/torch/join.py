@@ -22,6 +22,12 @@ def join(device: int = -1, process_set: Optional[runtime.ProcessSet] = None) -> 
     by the full number of ranks, joined ones included, as in Horovod. A joined rank's parameters stay where
     its last step left them: broadcast from the returned rank afterwards if every rank needs the final model.
 
+    Only the optimizers' gradient reductions are shadowed. A user collective (``hvd.allreduce`` of a metric,
+    say) that the other ranks call while this rank is joined finds no partner: after ``stall_timeout_s``
+    (default 90% of ``timeout_s``) both sides raise ``StallError``, each naming the other and where it
+    waits (here: ``step k of DistributedOptimizer (inside join())``; there: ``allreduce of 'name' (call n
+    on process set [...])``). Keep such collectives out of loops whose length differs across ranks.
+
     Args:
         device: accepted for Horovod compatibility (where Horovod allocates its zero tensors); the zeros
             here are the optimizer's own gradient buffers.
@@ -32,7 +38,8 @@ def join(device: int = -1, process_set: Optional[runtime.ProcessSet] = None) -> 
 
     Raises:
         ShoalError: a ``DistributedOptimizer`` was built with ``negotiation="off"``.
-        MismatchError / RankFailureError / StallError: as in ``optimizer.step()``.
+        MismatchError / RankFailureError / StallError: as in ``optimizer.step()``; StallError also when the
+            other ranks wait in a user collective (see above).
 
     Example:
         >>> for x, y in loader:           # not the same number of batches on every rank
