@@ -37,6 +37,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
+#: Autotuner off in both settings: it would re-plan each copy's buckets on its own schedule (and through
+#: measured step times, differently), and the comparison is about the check only. Set by the bench itself
+#: (environment of the ranks it starts; ``init(autotune=False)`` under a launcher).
+_ENV = {"SHOAL_AUTOTUNE": "0"}
 
 
 def _micro(reps: int = 15) -> dict:
@@ -84,10 +88,13 @@ def _bench_rank(args: dict) -> dict:
     sys.path.insert(0, str(HERE))
     from models import MODELS, build_model, synthetic_batch  # noqa: PLC0415
 
+    from shoal.core import runtime  # noqa: PLC0415
+
     torch.set_num_threads(1)
-    sh.init()
+    sh.init(autotune=False)  # a no-op when run_ranks started this rank (it passed _ENV)
+    assert not runtime.config().autotune, "the autotuner must be off in both settings"
     rank, world = dist.get_rank(), dist.get_world_size()
-    out = {"models": {}}
+    out = {"models": {}, "autotune": runtime.config().autotune}
     for name in args["models"]:
         spec = MODELS[name]
         x, y = synthetic_batch(name, spec.batch_size, seed=1 + rank)
@@ -143,6 +150,7 @@ def _bench_rank(args: dict) -> dict:
         res["step_overhead_pct"] = 100 * (res["raise"]["median_step_ms"] / res["off"]["median_step_ms"] - 1)
         cost = res["raise"]["median_check_ms"] + res["raise"]["median_flags_ms"]
         res["check_pct_of_step"] = 100 * cost / res["raise"]["median_step_ms"]
+        res["loadavg_after_model"] = _load()  # the machine may be shared: the load while this model ran
         out["models"][name] = res
     return out
 
@@ -157,9 +165,9 @@ def _bench_cuda(args: dict) -> dict:
     sys.path.insert(0, str(HERE))
     from models import MODELS, build_model, synthetic_batch  # noqa: PLC0415
 
-    sh.init()
+    sh.init(autotune=False)
     dev = torch.device("cuda")
-    out = {"gpu": torch.cuda.get_device_name(), "models": {}}
+    out = {"gpu": torch.cuda.get_device_name(), "models": {}, "autotune": False}
     for name in args["models"]:
         for batch in (MODELS[name].batch_size, 16 * MODELS[name].batch_size):
             x, y = (t.to(dev) for t in synthetic_batch(name, batch))
@@ -232,7 +240,7 @@ def main(argv=None) -> int:
         world = dist.get_world_size()
     else:
         world = 2
-        result = run_ranks(_bench_rank, world_size=world, timeout_s=args.timeout_s, args=(cfg,))[0]
+        result = run_ranks(_bench_rank, world_size=world, timeout_s=args.timeout_s, args=(cfg,), env=_ENV)[0]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -242,7 +250,8 @@ def main(argv=None) -> int:
               "loadavg_before": load_before, "loadavg_after": _load(),
               "micro_25mb_bucket_ms": micro, **result}
     console.print(f"[bold]NaN check overhead[/]  {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; "
-                  f"world size {world}; load average before {load_before}, after {report['loadavg_after']}")
+                  f"world size {world}; autotune off; load average before {load_before}, after "
+                  f"{report['loadavg_after']}")
     mt = Table(title="one 25 MB fp32 bucket, one thread (median ms)")
     mt.add_column("reduction")
     mt.add_column("ms", justify="right")
