@@ -385,15 +385,14 @@ class StallInspector:
     def _key(self, rank: int) -> str:
         return f"shoal/arrived/{self.tag}/{rank}"
 
-    def _timeouts(self) -> tuple[float, float]:
-        cfg = runtime.config()
-        # Default: fail a little before the process-group timeout, so the named error comes first.
-        timeout_s = float(getattr(cfg, "stall_timeout_s", 0.0) or 0.0) or 0.9 * cfg.timeout_s
-        return min(cfg.stall_warning_s, timeout_s), timeout_s
+    @staticmethod
+    def _timeouts() -> tuple[float, float]:
+        return _stall_timeouts()
 
-    def first_wait_s(self) -> float:
+    @staticmethod
+    def first_wait_s() -> float:
         """How long a wait stays silent (no store access) before this rank announces where it waits."""
-        return min(_ARRIVE_AFTER_S, self._timeouts()[0] / 2)
+        return min(_ARRIVE_AFTER_S, _stall_timeouts()[0] / 2)
 
     def wait(self, futures: Sequence[Optional[torch.futures.Future]], step: int,
              names_of: Optional[Callable[[int], list[str]]] = None, label: str = "bucket", *,
@@ -596,6 +595,14 @@ class StallInspector:
         return dead if _names_dead_rank(dead) else err  # its "backend said" quotes err's text
 
 
+def _stall_timeouts() -> tuple[float, float]:
+    """``(stall_warning_s, stall_timeout_s)`` in force."""
+    cfg = runtime.config()
+    # Default: fail a little before the process-group timeout, so the named error comes first.
+    timeout_s = float(getattr(cfg, "stall_timeout_s", 0.0) or 0.0) or 0.9 * cfg.timeout_s
+    return min(cfg.stall_warning_s, timeout_s), timeout_s
+
+
 def _failed(fut: torch.futures.Future) -> bool:
     if not fut.done():
         return False
@@ -638,14 +645,14 @@ def wait_work(work: Any, process_set: runtime.ProcessSet, position: int, where: 
     Raises:
         StallError / RankFailureError: as :meth:`StallInspector.wait`; the backend's own error otherwise.
     """
-    inspector = _collective_inspector(process_set)
-    first_s = inspector.first_wait_s()
+    first_s = StallInspector.first_wait_s()
     try:
         work.wait(timeout=datetime.timedelta(seconds=first_s))
         return
     except RuntimeError:
         if work.is_completed():  # a real failure, not the timed wait: the caller explains it
             raise
+    inspector = _collective_inspector(process_set)  # the slow path only
     inspector.wait([work.get_future()], position, where=where, awaited="", waited_s=first_s)
     work.wait()
 
