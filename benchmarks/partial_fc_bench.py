@@ -55,8 +55,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIB = 1 << 20
 # The weight is initialized with generator seeds 0, 1, 2, ... (one per block of rows, _init_rows); batches
 # seeded from 0 drew the very same normals, so rank 0's step-0 embeddings were weight rows 0-63 (cosine 1).
-# Batch seeds start far above any block seed.
-_BATCH_SEED_BASE = 1 << 40
+# Batch seeds start far above any block seed (at most 245 blocks here), but below 2**32: torch's CPU
+# generator keeps only a seed's low 32 bits (manual_seed(1 << 40) draws what manual_seed(0) draws).
+_BATCH_SEED_BASE = 2_000_000_000
 # One process, no collectives: the softmax over a whole (unsharded) logits matrix.
 _LOCAL = _Shards(None, 0, 1, torch.device("cpu"))
 

@@ -41,9 +41,11 @@ hvd.init()
 rank, world = hvd.rank(), hvd.size()
 torch.set_num_threads(1)  # one core per rank on a small machine; raise on a bigger one
 
-# The identities: the same centers on every rank (same seed); each rank then draws its own samples.
-centers = torch.randn(args.identities, args.input_dim, generator=torch.Generator().manual_seed(0))
-sampler = torch.Generator().manual_seed(1000 + rank)
+# The identities: the same centers on every rank (same seed); each rank then draws its own samples. Seeds
+# stay clear of PartialFC's weight-init seeds (0, 1, ... per block of 4096 rows at seed=0): with seed 0
+# the centers would be the classifier's initial rows, scaled.
+centers = torch.randn(args.identities, args.input_dim, generator=torch.Generator().manual_seed(10_000))
+sampler = torch.Generator().manual_seed(20_000 + rank)
 
 
 def draw(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +54,7 @@ def draw(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Held-out samples of the same identities, different on each rank.
-test_x, test_y = draw(1024, torch.Generator().manual_seed(2000 + rank))
+test_x, test_y = draw(1024, torch.Generator().manual_seed(30_000 + rank))
 
 torch.manual_seed(0)
 backbone = nn.Sequential(nn.Linear(args.input_dim, 256), nn.BatchNorm1d(256), nn.PReLU(),

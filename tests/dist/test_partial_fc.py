@@ -773,3 +773,13 @@ def test_sync_grad_scaler_skips_the_step_on_every_rank():
     # Without it, rank 0 steps and rank 1 does not: the replicated backbone drifts apart.
     unsynced = run_ranks(_rank_grad_scaler, world_size=2, timeout_s=60, args=(False,))
     assert [r[2] for r in unsynced] == [False, True] and unsynced[0][1] != unsynced[1][1]
+
+
+def test_sampler_seeds_are_apart_from_the_weight_init_seeds():
+    # torch's CPU generator keeps a seed's low 32 bits; init block b of seed s uses s * 1_000_003 + b.
+    from shoal.parallel.partial_fc import _sampling_seed  # noqa: PLC0415
+
+    init_seeds = {(s * 1_000_003 + b) % 2**32 for s in range(4) for b in range(1_000)}
+    samplers = {_sampling_seed(s, r) for s in range(4) for r in range(64)}
+    assert len(samplers) == 4 * 64 and not samplers & init_seeds
+    assert all(0 <= x < 2**32 for x in samplers)

@@ -32,6 +32,7 @@ Design constraints:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -110,6 +111,18 @@ def _init_rows(start: int, end: int, dim: int, seed: int, dtype: torch.dtype) ->
         out[a - start:b - start] = values[a - lo:b - lo].to(dtype)
         block += 1
     return out
+
+
+def _sampling_seed(seed: int, rank: int) -> int:
+    """Seed of a rank's class sampler, apart from every weight-init block seed (``seed * 1_000_003 + block``).
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of a seed (``manual_seed(1 << 40)`` draws what
+    ``manual_seed(0)`` draws), so offsets cannot separate streams; the former ``seed * 1_000_003 + 7919 *
+    rank + 1`` was block 1's init seed on rank 0. A hash of (seed, rank) lands on an init seed with
+    probability ~blocks / 2**32.
+    """
+    digest = hashlib.blake2b(f"shoal.partial_fc.sample/{seed}/{rank}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _check_row_state(state: dict, weight: Tensor, rank: int, where: str) -> None:
@@ -377,7 +390,7 @@ class PartialFC(nn.Module):
         positive = targets[targets >= 0]
         if self._generator is None or self._generator.device != self.weight.device:
             self._generator = torch.Generator(device=self.weight.device)
-            self._generator.manual_seed(self.seed * 1_000_003 + 7919 * self.rank + 1)
+            self._generator.manual_seed(_sampling_seed(self.seed, self.rank))
         score = torch.rand(self.num_local, generator=self._generator, device=self.weight.device)
         score[positive] = 2.0  # above any uniform draw: kept first by topk
         k = max(self.num_sample, int(torch.unique(positive).numel()))
