@@ -268,7 +268,7 @@ def _markdown(r: dict) -> str:
                      for w, f in r["memory_fraction_of_whole_per_rank"].items()]
     loads = r["load_avg_1min_per_round"]
     lines += ["", f"## Step time, {r['world_size_timing']} ranks (median of {r['steps']} after {r['warmup']} warm-up)",
-              "", f"Load average (1 min) per round: {min(loads):.1f} to {max(loads):.1f}, median "
+              "", f"Load average (1 min) per round, warm-up included: {min(loads):.1f} to {max(loads):.1f}, median "
               f"{statistics.median(loads):.1f}.", "",
               "| mode | median (s) | min (s) | max (s) | speed-up vs dp_full | vs dp_full_fused | first-step loss "
               "| MiB/rank |", "|---|---|---|---|---|---|---|---|"]
