@@ -18,8 +18,10 @@ Design constraints:
    the gradient of that loss (never averaged: each rank owns different rows), and the embedding gradient
    is ``size`` times the gradient of that loss, i.e. the gradient of the mean over the rank's own samples,
    which is what a data-parallel backbone expects: averaging over ``size`` ranks gives the exact gradient.
-2. Sharded parameters must never be averaged across ranks. Every parameter carries ``_shoal_no_sync = True``;
-   Shoal's DistributedOptimizer skips such parameters; a forward inside a DDP module that has not excluded
+2. Sharded parameters must never be averaged nor broadcast across ranks. Every parameter carries
+   ``_shoal_no_sync = True`` and is registered (:mod:`shoal.parallel.no_sync`, which also recognizes the
+   detached copies of ``state_dict()``); Shoal's DistributedOptimizer, ``broadcast_parameters`` and
+   ``broadcast_optimizer_state`` skip such parameters; a forward inside a DDP module that has not excluded
    them raises (DDP would broadcast rank 0's shard over the others' and average the shards).
 3. Equal local batch sizes on every rank (the all-gather needs them); checked every step with one
    all-gather of one integer, raising an error that names every rank's size instead of hanging.
