@@ -518,7 +518,7 @@ def broadcast_parameters(params, root_rank: int = 0,
     """
     from shoal.core import collectives  # noqa: PLC0415
 
-    ps = runtime.get_process_set(process_set)
+    ps = runtime.get_process_set(process_set, "broadcast_parameters")
     items = list(params.items()) if hasattr(params, "items") else list(params)
     no_sync = _no_sync_matcher()
     layout, tensors = [], []
@@ -562,7 +562,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
     """
     from shoal.core import collectives  # noqa: PLC0415
 
-    ps = runtime.get_process_set(process_set)
+    ps = runtime.get_process_set(process_set, "broadcast_optimizer_state")
     inner = optimizer._inner if isinstance(optimizer, DistributedOptimizer) else optimizer
     named = {}
     if isinstance(optimizer, DistributedOptimizer):
