@@ -20,13 +20,15 @@ last bucket) and ``always`` (one bit-vector allreduce per step). Per round, each
 rank's; the overhead is the median over rounds of ``t_mode / t_off - 1``, so a busy neighbour hurts all
 three alike.
 
-Part 3, the wait of a user collective (world 2): every gloo wait of ``shoal.core.collectives`` is one
-``Work.wait(timeout)`` so that, past 1 s, the stall inspector can name a member that never came
-(``shoal.core.negotiation.wait_work``). Its cost on the healthy path, against the plain blocking call it
-replaced: a 12-int64 ``all_gather_into_tensor`` (the signature exchange), calls interleaved one by one
-(plain, timed, plain again: the A/A noise floor), ``--wait-calls`` of each; the median per-call time of the
-slower rank. (Blocks of 200 calls per mode were tried first: their per-block ratios spread over -14% to
-+41% on this shared machine, which resolves nothing; per-call interleaving sees the same moments.)
+Part 3, why user collectives keep their plain blocking waits (world 2): a timed ``Work.wait(timeout)``
+would let a waiting rank announce itself after 1 s, so that its peers could name it early; its cost on the
+healthy path against the plain blocking call, on a 12-int64 ``all_gather_into_tensor`` (the size of the
+signature exchange), calls interleaved one by one (plain, timed, plain again: the A/A noise floor),
+``--wait-calls`` of each; the median per-call time of the slower rank. (Blocks of 200 calls per mode were
+tried first: their per-block ratios spread over -14% to +41% on this shared machine, which resolves
+nothing; per-call interleaving sees the same moments.) ``2026-12-04-negotiation-2.json`` measured the
+timed wait inside the helper that then wrapped it (+4.9%, A/A -0.6%): user collectives now write to the
+store only when they time out (``shoal.core.negotiation.name_missing_members``).
 
 Run (about 3-6 minutes on 2 loaded cores)::
 
@@ -145,22 +147,22 @@ def _wait_rank(calls: int) -> dict:
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
-    from shoal.core.negotiation import wait_work  # noqa: PLC0415
-    from shoal.core import runtime  # noqa: PLC0415
-
     torch.set_num_threads(1)
-    ps = runtime.global_process_set
     mine = torch.zeros(12, dtype=torch.int64)
     out = torch.empty(12 * dist.get_world_size(), dtype=torch.int64)
+    first = datetime.timedelta(seconds=1.0)
     modes = ("plain", "timed", "plain_again")
     us = {m: [] for m in modes}
     dist.barrier()
     for i in range(3 * calls):
         mode = modes[i % 3]
         start = time.perf_counter()
-        if mode == "timed":  # what shoal.core.collectives does
-            wait_work(dist.all_gather_into_tensor(out, mine, async_op=True), ps, 0, "bench")
-        else:                # the blocking call it replaced
+        if mode == "timed":  # the rejected design: a timed first wait, then the stall inspector
+            try:
+                dist.all_gather_into_tensor(out, mine, async_op=True).wait(timeout=first)
+            except RuntimeError:
+                pass  # a >1 s call on the loaded machine: the inspector would take over here
+        else:                # what shoal.core.collectives does
             dist.all_gather_into_tensor(out, mine)
         us[mode].append((time.perf_counter() - start) * 1e6)
     return us
@@ -248,6 +250,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="measured steps per mode (bytes)")
     parser.add_argument("--rounds", type=int, default=30, help="measured rounds (step time)")
     parser.add_argument("--warm", type=int, default=8, help="unmeasured rounds first (step time)")
+    parser.add_argument("--skip-bytes", action="store_true")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--wait-calls", type=int, default=6000, help="calls per mode (part 3; 0: skip)")
     parser.add_argument("--out", type=Path, default=None)
@@ -262,7 +265,7 @@ def main(argv=None) -> int:
               "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
               "command": " ".join(sys.argv), "uptime_before": _uptime(), "bytes": [], "time": None}
     print(f"torch {torch.__version__}, {result['cpus']} cpus; {result['uptime_before']}")
-    for world in args.worlds:
+    for world in ([] if args.skip_bytes else args.worlds):
         per_rank = run_ranks(_bytes_rank, world_size=world, timeout_s=900, args=(args.steps,), env=_ENV)
         names, ndims = per_rank[0]["names"], per_rank[0]["ndims"]
         off = statistics.mean(r["modes"]["off"]["sent_nbytes_per_step"] for r in per_rank)

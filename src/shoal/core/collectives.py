@@ -32,14 +32,15 @@ Design constraints:
 6. Backend errors (peer died, timeout, connection closed) are converted by
    :func:`shoal.core.runtime.explain_failure` and raised from the original.
 7. A member that never arrives is named, with what it is doing instead, and the normal path pays nothing
-   for it. Every wait on gloo (the signature exchange, the data movement) is one ``Work.wait(timeout)``
-   (the same C++ wait as a plain ``wait()``); only past 1 s does the engine's stall inspector take over
-   (:func:`shoal.core.negotiation.wait_work`): the rank writes where it waits ("allreduce of 'x' (call 7 on
-   process set [0, 1])") to the c10d store of the default group, and after ``stall_timeout_s`` (default
-   90% of ``timeout_s``) every waiting member raises ``StallError`` naming each missing member and what it
-   is in: another collective (by its name), a training step, or none ("never reached a collective (busy or
-   hung outside Shoal)"). A backend timeout that comes first gets the same names. On CUDA tensors the
-   waits stay plain ``wait()`` (under NCCL it does not block the host, so there is nothing to time).
+   for it: the waits stay the plain blocking calls (a timed ``Work.wait(timeout)``, which would let a rank
+   announce itself after 1 s, measured +4.9% on a 12-int64 all_gather here, A/A -0.6%:
+   ``benchmarks/results/2026-12-04-negotiation-2.json``). Only when a call fails by the backend's timeout
+   does the rank write where it is ("allreduce of 'x' (call 7 on process set [0, 1])") to the c10d store of
+   the default group and read its peers' records, waiting a bounded time for members that time out a
+   moment later (:func:`shoal.core.negotiation.name_missing_members`, the stall inspector's records). The
+   error then names each missing member and what it is in: another collective (by its name), a training
+   step (those write their record after 1 s of waiting), or none ("never reached a collective (busy or
+   hung outside Shoal)").
 
 Numerics:
 
@@ -297,15 +298,8 @@ def _deferred(call: _Call) -> Iterator[None]:
 
 def _explain(call: _Call, exc: BaseException) -> RankFailureError:
     err = runtime.explain_failure(exc, what=call.label, ranks=call.ps.ranks)
-    return negotiation.name_missing_members(err, call.ps, call.seq)  # a timeout: who never came (constraint 7)
-
-
-def _wait(call: _Call, work: Any) -> None:
-    """Wait for ``work`` of ``call`` (constraint 7): timed on gloo with CPU tensors, plain otherwise."""
-    if call.device not in ("", "cpu") or _ctl_device().type != "cpu" or not hasattr(work, "get_future"):
-        work.wait()
-        return
-    negotiation.wait_work(work, call.ps, call.seq, call.where)
+    # A timeout: write where this rank is, name the members that never came (constraint 7).
+    return negotiation.name_missing_members(err, call.ps, call.seq, call.where)
 
 
 @contextlib.contextmanager
@@ -336,7 +330,7 @@ def _negotiate(call: _Call) -> Optional[list[list[int]]]:
     mine = torch.tensor(call.signature(), dtype=torch.int64, device=_ctl_device())
     gathered = torch.empty(n * _SIG_LEN, dtype=torch.int64, device=_ctl_device())
     with _converting(call):
-        _wait(call, _all_gather_single(gathered, mine, group=ps.group, async_op=True))
+        _all_gather_single(gathered, mine, group=ps.group)
     # One host copy, then plain Python: comparing columns with torch ops cost ~0.2 ms per call (profiled).
     rows = gathered.view(n, _SIG_LEN).tolist()
     first = rows[0]
@@ -452,7 +446,7 @@ class Handle:
         if not self._done:
             with _converting(self._call):
                 for w in self._works:
-                    _wait(self._call, w)
+                    w.wait()
             self._result = self._finish()
             self._done = True
             self._works = []
@@ -1045,7 +1039,7 @@ def barrier(process_set: _ProcessSetArg = None) -> None:
         _negotiate(call)
         return
     with _converting(call):
-        _wait(call, dist.barrier(group=call.ps.group, async_op=True))
+        dist.barrier(group=call.ps.group)
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: Optional[str] = None,

@@ -12,14 +12,14 @@ This module owns, for the gradient engine:
   element riding in the last gradient bucket, plus a full check every 100 steps;
 * the **stall inspector** (:class:`StallInspector`): a rank that waits too long logs, then fails, naming
   the ranks that never arrived, what each of them is waiting in instead (seen through the rendezvous
-  store, a side channel that works while a collective hangs) and the ranks that died; the gradient steps
-  and the user collectives (:func:`wait_work`) share it;
+  store, a side channel that works while a collective hangs) and the ranks that died; the user
+  collectives use its records when they time out (:func:`name_missing_members`);
 * **join** (:func:`join`): a rank out of data shadows the others' steps with zeros until every rank joined.
 
 What lives elsewhere: the buckets and their collectives (:mod:`shoal.core.reducer`), when hooks fire and
 what ``param.grad`` becomes (the frontends: ``shoal.torch.optimizer``, ``shoal.torch.join``), the checks of
-user collectives (:mod:`shoal.core.collectives` exchanges a signature before each call and waits through
-:func:`wait_work`), pid liveness (:func:`shoal.core.runtime.explain_failure`).
+user collectives (:mod:`shoal.core.collectives` exchanges a signature before each call and names missing
+members through :func:`name_missing_members`), pid liveness (:func:`shoal.core.runtime.explain_failure`).
 
 Design constraints:
 
@@ -51,10 +51,10 @@ Design constraints:
    after the bucket went on the wire cannot be repaired (autograd adds into the buffer in flight) and is
    reported on every rank.
 6. No busy loop and no thread of ours. Waiting is ``threading.Event.wait(timeout)`` on an event set by the
-   futures' completion callbacks (user collectives: one ``Work.wait(timeout)``, see :func:`wait_work`); the
-   store is touched only after a rank has waited ``_ARRIVE_AFTER_S``, so a healthy step costs no store
-   round trip (a store write per step and rank would be the coordinator traffic constraint 1 avoids).
-   What a rank then writes (where it waits) is read by its peers only on their failure path.
+   futures' completion callbacks; the store is touched only after a rank has waited ``_ARRIVE_AFTER_S``,
+   so a healthy step costs no store round trip (a store write per step and rank would be the coordinator
+   traffic constraint 1 avoids). What a rank then writes (where it waits) is read by its peers only on
+   their failure path. User collectives keep their plain blocking waits and write only when they fail.
 7. Ranks agree on the settings that decide which collectives a step runs (``negotiation``, ``nan_check``):
    they are part of the registration digest, so ranks configured differently fail at registration, naming
    the setting, instead of hanging in a collective only some of them start.
@@ -92,7 +92,6 @@ __all__ = [
     "registration_digest",
     "control_nbytes",
     "join",
-    "wait_work",
     "name_missing_members",
 ]
 
@@ -109,8 +108,8 @@ _STATIC_AFTER_STEPS = 5
 _CHECK_EVERY_STEPS = 100
 #: After this long waiting, a rank writes "arrived at step k" to the store (constraint 6).
 _ARRIVE_AFTER_S = 1.0
-#: On the failure path, how long to wait for a missing peer's ``doing`` record: a peer writes it after
-#: waiting ``_ARRIVE_AFTER_S`` itself, so one that entered its own collective just now has not yet.
+#: On the failure path, how long at least to wait for a missing peer's ``doing`` record: a rank in a step
+#: writes it after waiting ``_ARRIVE_AFTER_S`` itself, so one that entered its step just now has not yet.
 _SETTLE_S = _ARRIVE_AFTER_S + 0.5
 #: A peer that closed its connection is usually exiting: how long to wait for it to be seen dead.
 _EXIT_GRACE_S = 2.0
@@ -366,14 +365,15 @@ class StallInspector:
     point, and ``doing/<rank> = where`` (one key per rank, shared by every inspector: the steps of every
     optimizer and the user collectives of every process set), from which it tells what a missing rank is
     doing instead. The second is emptied when the wait ends well; a rank that wrote neither is named as
-    being outside every Shoal collective.
+    being outside every Shoal collective. User collectives write the same records, when they time out
+    (:func:`name_missing_members`), and read them through :meth:`name_missing`.
 
     Args:
         process_set: the ranks that take part in the waited-for collectives.
         tag: names this waiter's ``arrived`` keys (unique per process set, the same on every rank).
         what: for messages, e.g. ``"DistributedOptimizer"``.
         kind: ``"step"`` (a gradient step: the missing ranks "have not reached synchronize()") or
-            ``"collective"`` (a user collective of :mod:`shoal.core.collectives`).
+            ``"collective"`` (a user collective of :mod:`shoal.core.collectives`: records and names only).
     """
 
     def __init__(self, process_set: runtime.ProcessSet, tag: str, what: str, *, kind: str = "step"):
@@ -396,7 +396,7 @@ class StallInspector:
 
     def wait(self, futures: Sequence[Optional[torch.futures.Future]], step: int,
              names_of: Optional[Callable[[int], list[str]]] = None, label: str = "bucket", *,
-             where: Optional[str] = None, awaited: Optional[str] = None, waited_s: float = 0.0) -> None:
+             where: Optional[str] = None, awaited: Optional[str] = None) -> None:
         """Return when every future is done or one failed (the caller's ``wait()`` raises its error).
 
         Args:
@@ -405,8 +405,7 @@ class StallInspector:
             names_of: future index -> tensor names, for messages (``label`` names one future: "bucket").
             where: what this rank is waiting in, for messages and the ``doing`` record (default: "step k of
                 <what>").
-            awaited: overrides the "for bucket 0 ('a', 'b')" part of messages ("": left out).
-            waited_s: seconds the caller already waited (its own first, silent wait).
+            awaited: overrides the "for bucket 0 ('a', 'b')" part of messages.
 
         Raises:
             StallError: past ``stall_timeout_s``; names the missing ranks, what they are doing and the
@@ -436,8 +435,8 @@ class StallInspector:
         for k in pending:
             futures[k].add_done_callback(done)
         warn_s, timeout_s = self._timeouts()
-        start = time.monotonic() - waited_s
-        if event.wait(max(0.0, self.first_wait_s() - waited_s)):
+        start = time.monotonic()
+        if event.wait(self.first_wait_s()):
             self._await_exit([futures[k] for k in pending])
             return
         where = where or f"step {step} of {self.what}"
@@ -515,29 +514,24 @@ class StallInspector:
             else:
                 awaited = label
         who, missing = self.who(store, step)
-        if self.kind == "collective":
-            hint = ("every member of a process set must call the same collectives in the same order; a rank "
-                    "blocked elsewhere (a collective only it called, data loading, a deadlock) shows it in "
-                    "its Python stack (py-spy dump --pid <pid>); raise SHOAL_STALL_TIMEOUT_S if a rank is "
-                    "merely slow.")
-        else:
-            hint = ("a rank that ends its loop early (fewer batches) must call shoal.torch.join() after the "
-                    "loop, on every rank; a rank blocked elsewhere (a collective only it called, data "
-                    "loading, a deadlock) shows it in its Python stack (py-spy dump --pid <pid>); raise "
-                    "SHOAL_STALL_TIMEOUT_S if a rank is merely slow.")
-        text = (f"shoal: rank {me} has waited {waited_s:.0f} s in {where}"
-                + (f" for {awaited}" if awaited else "") + f": {who}. HINT: {hint}")
+        text = (f"shoal: rank {me} has waited {waited_s:.0f} s in {where} for {awaited}: {who}. HINT: a rank "
+                "that ends its loop early (fewer batches) must call shoal.torch.join() after the loop, on "
+                "every rank; a rank blocked elsewhere (a collective only it called, data loading, a "
+                "deadlock) shows it in its Python stack (py-spy dump --pid <pid>); raise "
+                "SHOAL_STALL_TIMEOUT_S if a rank is merely slow.")
         return text, missing
 
     def who(self, store, step: int) -> tuple[str, list[int]]:
         """Who has not arrived at position ``step`` and what each of them is doing; and those ranks.
 
         Reads the store only (the failure path). A missing rank that has written no ``doing`` record yet
-        gets a short, bounded wait (``_SETTLE_S``): it may have entered its own collective just now.
+        gets a bounded wait: a rank in a step writes it after its own first second (``_SETTLE_S``), a rank
+        in a user collective when that collective times out, which a failing user collective waits for too
+        (:func:`_settle_s`); a failing step does not (it fails before the backend's timeout on purpose).
         """
         if store is None:
             return "the rendezvous store is not reachable, so the missing ranks cannot be named", []
-        deadline = time.monotonic() + _SETTLE_S
+        deadline = time.monotonic() + (_SETTLE_S if self.kind == "step" else _settle_s())
         while True:
             missing, seen = self.missing_ranks(store, step)
             doing = {r: d for r in missing if (d := _doing_of(store, r))}
@@ -548,8 +542,11 @@ class StallInspector:
             where = "this step" if self.kind == "step" else "this collective"
             return (f"every rank reached {where}: the collective itself is stuck or slow "
                     "(network, an overloaded host)"), []
-        status = "; ".join(f"rank {r} is waiting in {doing[r]}" if r in doing else
-                           f"rank {r} never reached a collective (busy or hung outside Shoal)" for r in missing)
+        outside = ("never reached a collective (busy or hung outside Shoal)" if self.kind == "collective" else
+                   "never reached a collective (busy or hung outside Shoal, or in a user collective, which "
+                   "says so only when it times out)")
+        status = "; ".join(f"rank {r} is in {doing[r]}" if r in doing else f"rank {r} {outside}"
+                           for r in missing)
         if self.kind == "collective":
             return status, missing
         last = [f"rank {r} last arrived in step {seen[r]}" for r in missing if r in seen]
@@ -623,45 +620,38 @@ def _doing_of(store, rank: int) -> str:
     return ""
 
 
-def _collective_inspector(process_set: runtime.ProcessSet) -> StallInspector:
-    return StallInspector(process_set, f"coll/ps{process_set.process_set_id}", "collective", kind="collective")
+def name_missing_members(err: RankFailureError, process_set: runtime.ProcessSet, position: int,
+                         where: str) -> RankFailureError:
+    """A user collective failed by the backend's timeout (``err``, as the runtime explained it): write where
+    this rank is to the store, read the other members' records, and return ``err`` with the members that
+    never arrived named and what each of them is in (see :meth:`StallInspector.name_missing`).
 
-
-def wait_work(work: Any, process_set: runtime.ProcessSet, position: int, where: str) -> None:
-    """Wait for the torch ``Work`` of a user collective (:mod:`shoal.core.collectives`, gloo on CPU
-    tensors), with the stall inspector behind it.
-
-    The healthy path is one ``work.wait(timeout)``: the same C++ wait as a plain ``wait()``, no Python
-    callback, no store access. Only when it times out (``first_wait_s``, 1 s) does the inspector take over:
-    this rank announces ``where`` (its ``doing`` record) and its position (``arrived``), and after
-    ``stall_timeout_s`` it fails naming the members that never arrived and what each of them is doing.
+    Only this failure path touches the store: the healthy path of a user collective is the plain blocking
+    wait (:mod:`shoal.core.collectives`, constraint 7). Members that time out in their own collective a
+    moment later are waited for, a bounded time (:func:`_settle_s`).
 
     Args:
-        work: a torch ``Work`` (with ``get_future``).
+        err: the runtime's explanation of the backend error.
         process_set: the collective's process set.
         position: the call's number on that process set (the same on every member).
         where: the call as messages name it, e.g. ``"allreduce of 'x' (call 3 on process set [0, 1])"``.
 
-    Raises:
-        StallError / RankFailureError: as :meth:`StallInspector.wait`; the backend's own error otherwise.
+    Returns:
+        ``err`` itself when it is no timeout, names a dead rank, or no member is missing.
     """
-    first_s = StallInspector.first_wait_s()
-    try:
-        work.wait(timeout=datetime.timedelta(seconds=first_s))
-        return
-    except RuntimeError:
-        if work.is_completed():  # a real failure, not the timed wait: the caller explains it
-            raise
-    inspector = _collective_inspector(process_set)  # the slow path only
-    inspector.wait([work.get_future()], position, where=where, awaited="", waited_s=first_s)
-    work.wait()
+    if "timed out" not in str(err) or _names_dead_rank(err):
+        return err
+    inspector = StallInspector(process_set, f"coll/ps{process_set.process_set_id}", "collective",
+                               kind="collective")
+    inspector._announce(position, where)
+    return inspector.name_missing(err, position)
 
 
-def name_missing_members(err: RankFailureError, process_set: runtime.ProcessSet,
-                         position: int) -> RankFailureError:
-    """A user collective's backend timeout (``err``), with the members that never arrived named (see
-    :meth:`StallInspector.name_missing`)."""
-    return _collective_inspector(process_set).name_missing(err, position)
+def _settle_s() -> float:
+    """How long a failing user collective waits for missing members' records: at least ``_SETTLE_S``; a
+    member in another user collective writes only when its own backend timeout fires, which comes later
+    by the time it entered later: 10% of ``timeout_s`` plus 2 s covers that skew, capped at a minute."""
+    return min(60.0, max(_SETTLE_S, 0.1 * runtime.config().timeout_s + 2.0))
 
 
 # ---------------------------------------------------------------------------------------------------------
