@@ -181,3 +181,12 @@ def test_tensor_spec_sizes():
     t = TensorSpec("w", (3, 5), torch.float16, CPU)
     assert t.numel == 15 and t.nbytes == 30
     assert TensorSpec("s", (), F32, CPU).numel == 1
+
+
+def test_every_view_starts_on_64_bytes_whatever_the_dtype():
+    # TensorFlow aborts on DLPack buffers that are not 64-byte aligned (docs/keras.md): 16-bit views too.
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        specs = [TensorSpec(f"t{i}", (n,), dtype, torch.device("cpu")) for i, n in enumerate((3, 17, 1, 40, 5))]
+        for plan in plan_buckets(specs, bucket_nbytes=1 << 20, first_bucket_nbytes=1 << 20):
+            size = torch.empty((), dtype=dtype).element_size()
+            assert all(off * size % 64 == 0 for off in plan.offsets), (dtype, plan.offsets)

@@ -21,11 +21,19 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["TensorSpec", "BucketPlan", "plan_buckets", "ALIGN_NUMEL"]
+__all__ = ["TensorSpec", "BucketPlan", "plan_buckets", "ALIGN_NUMEL", "ALIGN_BYTES", "align_numel"]
 
-#: Offsets inside a bucket are padded to this many elements, so every view starts 64-byte aligned for
-#: 4-byte dtypes (TensorFlow aborts on DLPack buffers that are not 64-byte aligned; vector loads like it too).
+#: Every view inside a bucket starts on a multiple of this many bytes, whatever its dtype: TensorFlow aborts
+#: at the first op on a DLPack buffer that is not 64-byte aligned (measured with TF 2.21: bfloat16/float16
+#: views 32 bytes off abort, docs/keras.md); vector loads like it too.
+ALIGN_BYTES = 64
+#: The padding unit in elements for 4-byte dtypes (64 bytes); kept for the negotiation's control slot.
 ALIGN_NUMEL = 16
+
+
+def align_numel(dtype: torch.dtype) -> int:
+    """Elements per alignment unit for ``dtype``: 64 bytes' worth, and never fewer than ``ALIGN_NUMEL``."""
+    return max(ALIGN_NUMEL, ALIGN_BYTES // dtype.itemsize)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +73,8 @@ class BucketPlan:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _aligned(n: int) -> int:
-    return (n + ALIGN_NUMEL - 1) // ALIGN_NUMEL * ALIGN_NUMEL
+def _aligned(n: int, unit: int = ALIGN_NUMEL) -> int:
+    return (n + unit - 1) // unit * unit
 
 
 def plan_buckets(specs: Sequence[TensorSpec], order: Optional[Sequence[int]] = None, *,
@@ -119,9 +127,10 @@ def plan_buckets(specs: Sequence[TensorSpec], order: Optional[Sequence[int]] = N
             sizes.pop(key)
             keys_in_order.remove(key)
             offsets, total = [], 0
+            unit = align_numel(specs[ids[0]].dtype)
             for i in ids:
                 offsets.append(total)
-                total += _aligned(specs[i].numel)
+                total += _aligned(specs[i].numel, unit)
             plans.append(BucketPlan(len(plans), tuple(ids), tuple(offsets), total,
                                     specs[ids[0]].dtype, specs[ids[0]].device))
 

@@ -19,9 +19,9 @@ Design constraints:
 2. TensorFlow accepts a DLPack buffer that is not 64-byte aligned and aborts the whole process at the first
    op that reads it (``Check failed: IsAligned()``, SIGABRT, no Python exception); measured with TF 2.21 on
    torch views 4 or 32 bytes off (float32 at element offset 1 or 8, bfloat16/float16 at 16, float64 at 4).
-   The engine pads bucket offsets to ``ALIGN_NUMEL`` = 16 elements (64 bytes for 4-byte dtypes) and
-   torch's CPU allocator aligns buffers to 64 bytes, but a 16-bit dtype's offsets are only 32-byte aligned
-   and a foreign allocator may differ: every pointer is checked against ``ALIGN_BYTES`` (bytes, whatever
+   The engine pads every bucket offset to 64 bytes whatever the dtype (``shoal.core.buckets.align_numel``)
+   and torch's CPU allocator aligns buffers to 64 bytes, but a foreign allocator or a user's view may
+   differ: every pointer is checked against ``ALIGN_BYTES`` (bytes, whatever
    the dtype), and a misaligned tensor is copied once into a fresh aligned one instead of crashing
    (tests/unit/test_keras_bridge.py, with the abort itself as the control).
 3. One host call per train step, carrying every tensor of the step: ranks then issue their collectives in
