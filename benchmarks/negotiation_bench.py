@@ -27,8 +27,9 @@ signature exchange), calls interleaved one by one (plain, timed, plain again: th
 ``--wait-calls`` of each; the median per-call time of the slower rank. (Blocks of 200 calls per mode were
 tried first: their per-block ratios spread over -14% to +41% on this shared machine, which resolves
 nothing; per-call interleaving sees the same moments.) ``2026-12-04-negotiation-2.json`` measured the
-timed wait inside the helper that then wrapped it (+4.9%, A/A -0.6%): user collectives now write to the
-store only when they time out (``shoal.core.negotiation.name_missing_members``).
+timed wait inside the helper that then wrapped it (+4.9%, A/A -0.6%), ``2026-12-04-negotiation-wait.json``
+the bare timed wait below (-0.5%, A/A -0.85%). User collectives keep the plain wait, free by construction,
+and write to the store only when they time out (``shoal.core.negotiation.name_missing_members``).
 
 Run (about 3-6 minutes on 2 loaded cores)::
 

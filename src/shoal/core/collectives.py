@@ -32,9 +32,11 @@ Design constraints:
 6. Backend errors (peer died, timeout, connection closed) are converted by
    :func:`shoal.core.runtime.explain_failure` and raised from the original.
 7. A member that never arrives is named, with what it is doing instead, and the normal path pays nothing
-   for it: the waits stay the plain blocking calls (a timed ``Work.wait(timeout)``, which would let a rank
-   announce itself after 1 s, measured +4.9% on a 12-int64 all_gather here, A/A -0.6%:
-   ``benchmarks/results/2026-12-04-negotiation-2.json``). Only when a call fails by the backend's timeout
+   for it: the waits stay the plain blocking calls, free by construction. (A timed ``Work.wait(timeout)``
+   would let a rank announce itself after 1 s; wrapped in its helper it measured +4.9% on a 12-int64
+   all_gather here, A/A -0.6%, the bare timed wait -0.5%, A/A -0.85%: noise of a shared 2-core machine
+   either way, ``benchmarks/results/2026-12-04-negotiation-2.json`` and ``-wait.json``.) Only when a call
+   fails by the backend's timeout
    does the rank write where it is ("allreduce of 'x' (call 7 on process set [0, 1])") to the c10d store of
    the default group and read its peers' records, waiting a bounded time for members that time out a
    moment later (:func:`shoal.core.negotiation.name_missing_members`, the stall inspector's records). The
