@@ -1054,9 +1054,10 @@ def join(process_set: Optional[runtime.ProcessSet] = None) -> int:
     rank's zeros pull the average toward zero exactly as a rank with a zero gradient would.
 
     Only the optimizer's gradient reduction is shadowed: a user collective that the other ranks call
-    while this one is joined finds no partner. After ``stall_timeout_s`` both sides raise ``StallError``,
-    each naming the other and where it waits (this rank: "step k of DistributedOptimizer (inside
-    join())"; the others: the collective's name and call number), through the stall inspector's records.
+    while this one is joined finds no partner. This rank raises ``StallError`` at ``stall_timeout_s``,
+    the others ``RankFailureError`` at ``timeout_s``, each naming the other and where it is (this rank:
+    "step k of DistributedOptimizer (inside join())"; the others: the collective's name and call number),
+    through the stall inspector's records.
 
     Returns:
         The global rank of the last rank to call ``join`` (by arrival at the rendezvous store).

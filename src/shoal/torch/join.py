@@ -23,10 +23,12 @@ def join(device: int = -1, process_set: Optional[runtime.ProcessSet] = None) -> 
     its last step left them: broadcast from the returned rank afterwards if every rank needs the final model.
 
     Only the optimizers' gradient reductions are shadowed. A user collective (``hvd.allreduce`` of a metric,
-    say) that the other ranks call while this rank is joined finds no partner: after ``stall_timeout_s``
-    (default 90% of ``timeout_s``) both sides raise ``StallError``, each naming the other and where it
-    waits (here: ``step k of DistributedOptimizer (inside join())``; there: ``allreduce of 'name' (call n
-    on process set [...])``). Keep such collectives out of loops whose length differs across ranks.
+    say) that the other ranks call while this rank is joined finds no partner: this rank raises
+    ``StallError`` after ``stall_timeout_s`` (default 90% of ``timeout_s``), the others
+    ``RankFailureError`` after ``timeout_s``, each naming the other and where it is (here: ``step k of
+    DistributedOptimizer (inside join())``; there: ``allreduce of 'name' (call n on process set [...])``,
+    seen when their timeout comes within this rank's last 1.5 s of looking). Keep such collectives out of
+    loops whose length differs across ranks.
 
     Args:
         device: accepted for Horovod compatibility (where Horovod allocates its zero tensors); the zeros
@@ -39,7 +41,7 @@ def join(device: int = -1, process_set: Optional[runtime.ProcessSet] = None) -> 
     Raises:
         ShoalError: a ``DistributedOptimizer`` was built with ``negotiation="off"``.
         MismatchError / RankFailureError / StallError: as in ``optimizer.step()``; StallError also when the
-            other ranks wait in a user collective (see above).
+            other ranks are in a user collective (see above).
 
     Example:
         >>> for x, y in loader:           # not the same number of batches on every rank
