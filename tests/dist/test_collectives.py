@@ -574,9 +574,6 @@ def test_calls_before_init_name_themselves(horovod_surface):
         assert f"{name}() was called before shoal.init()" in msg and "HINT" in msg, (name, msg)
 
 
-@pytest.mark.xfail(strict=True, reason="DistributedOptimizer, broadcast_parameters, broadcast_optimizer_state "
-                   "and join reach runtime.get_process_set first, whose error names 'process_set()' instead of "
-                   "the call (fix: get_process_set takes the caller's name)")
 def test_frontend_calls_before_init_name_themselves(horovod_surface):
     for name in ("DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "join"):
         msg = horovod_surface[0]["before_init"][name]

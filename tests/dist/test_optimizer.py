@@ -709,3 +709,42 @@ def test_broadcast_parameters_and_optimizer_state():
             assert torch.equal(s0[k], s1[k]) if torch.is_tensor(s0[k]) else s0[k] == s1[k]
     assert r0["lr"] == r1["lr"] == 0.01
     assert torch.equal(r0["w"], r1["w"])
+
+
+def _rank_horovod_keywords():
+    import shoal.torch as hvd  # noqa: PLC0415
+
+    rank, world = _setup()
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    # Horovod's older num_groups= is groups=<int>: two buckets, same numbers as the single process.
+    opt = hvd.DistributedOptimizer(_make_opt("sgd", model.parameters()), named_parameters=model.named_parameters(),
+                                   num_groups=2)
+    ref_opt = _make_opt("sgd", ref.parameters())
+    for step in range(_STEPS):
+        x, y = _batch(step)
+        opt.zero_grad()
+        _loss(model, _half(x, rank, world), _half(y, rank, world)).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        _loss(ref, x, y).backward()
+        ref_opt.step()
+    errors = []
+    for kwargs in ({"fusion_treshold_mb": 4}, {"num_groups": 2, "groups": 3}):
+        try:
+            hvd.DistributedOptimizer(_make_opt("sgd", ref.parameters()), named_parameters=ref.named_parameters(),
+                                     **kwargs)
+            errors.append(None)
+        except (TypeError, ValueError) as exc:
+            errors.append(str(exc))
+    return {"diff": _max_diff(model, ref), "scale": _scale(ref), "buckets": len(opt._reducer.plans),
+            "errors": errors}
+
+
+def test_horovod_num_groups_and_unknown_keywords():
+    for r in run_ranks(_rank_horovod_keywords, world_size=2, timeout_s=60):
+        assert r["buckets"] == 2, r
+        assert r["diff"] <= _ATOL * r["scale"], r
+        typo, both = r["errors"]
+        assert typo is not None and "fusion_treshold_mb" in typo and "fusion_threshold_mb" in typo, typo
+        assert both is not None and "num_groups" in both, both

@@ -152,10 +152,11 @@ class NonFiniteGradientError(ShoalError):
     def __init__(self, report: NonFiniteReport):
         self.report = report
         super().__init__(
-            report.describe() + " HINT: call shoal.torch.nan_drilldown.drill_down(model, closure, "
-            "err.report) on every rank to name the first module that produced it; nan_check='skip' skips "
-            "such steps on every rank instead (SHOAL_NAN_CHECK / --nan-check or the optimizer's "
-            "nan_check= argument); fp16 overflow belongs to a GradScaler.")
+            report.describe() + " HINT: with PyTorch, call shoal.torch.nan_drilldown.drill_down(model, "
+            "closure, err.report) on every rank to name the first module that produced it; nan_check='skip' "
+            "skips such steps on every rank instead (SHOAL_NAN_CHECK / --nan-check or the optimizer's "
+            "nan_check= argument); fp16 overflow belongs to a loss scaler (torch's GradScaler, Keras' "
+            "LossScaleOptimizer).")
 
 
 # ------------------------------------------------------------------------------------------- the check

@@ -1070,7 +1070,7 @@ def join(process_set: Optional[runtime.ProcessSet] = None) -> int:
         >>> last = hvd.join()
         >>> hvd.broadcast_parameters(model.state_dict(), root_rank=last)
     """
-    ps = runtime.get_process_set(process_set)
+    ps = runtime.get_process_set(process_set, "join")
     me = runtime.rank()
     if ps.size() == 1:
         return me

@@ -44,6 +44,10 @@ __all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_
 
 log = logging.getLogger(__name__)
 
+#: Keywords a DistributedOptimizer hands to its GradientReducer (per-optimizer overrides of the config).
+_ENGINE_OPTIONS = frozenset({"fusion_threshold_mb", "first_bucket_mb", "num_streams", "hierarchical",
+                             "error_feedback", "nan_check"})
+
 
 def _op_name(op) -> str:
     """Map Horovod-style op constants (objects, enums or strings) to the engine's names."""
@@ -107,6 +111,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._postscale = gradient_predivide_factor
         self._compression = resolve_compression(compression)
         self._sparse_as_dense = sparse_as_dense
+        if "num_groups" in engine_options:  # Horovod's older spelling of groups=<int>
+            num_groups = engine_options.pop("num_groups")
+            if groups is not None and num_groups:
+                raise ValueError("shoal: give groups= or num_groups=, not both (num_groups is Horovod's older "
+                                 "name for groups=<int>)")
+            groups = num_groups or None
+        unknown = sorted(set(engine_options) - _ENGINE_OPTIONS)
+        if unknown:  # fail here, not at the end of the first step where the reducer is built
+            raise TypeError(f"shoal: DistributedOptimizer got unknown keyword(s) {unknown}. HINT: the engine "
+                            f"options are {', '.join(sorted(_ENGINE_OPTIONS))}.")
         self._engine_options = engine_options
         #: Steps skipped on every rank by ``nan_check="skip"`` (steps a GradScaler skipped are its own).
         self.skipped_steps = 0
@@ -129,7 +143,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._active = self._active and self._process_set.included()
         # Registration check (collective: every argument is validated above) and per-step negotiation.
         self._negotiator = Negotiator([(n, tuple(p.shape), p.dtype) for n, p in zip(self._names, self._params)],
-                                      self._process_set, owner=self) if self._active else None
+                                      self._process_set, owner=self,
+                                      nan_check=engine_options.get("nan_check")) if self._active else None
         if self._active:
             for i, p in enumerate(self._params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(i)))
