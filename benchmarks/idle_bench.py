@@ -5,7 +5,8 @@ Part 1, idle CPU (2 ranks on this host by default). Each rank initializes Shoal,
 trains a few steps, so that every thread the engine and gloo will ever start is running; then it sleeps
 ``--idle-s`` seconds while its own CPU time (``time.process_time()``: every thread of the process) is
 measured. Reported: the share of one core the idle rank burned. Horovod's background loop wakes up every
-``HOROVOD_CYCLE_TIME`` (1 ms) and was measured at ~7% of a core on this machine when idle; Shoal has no
+``HOROVOD_CYCLE_TIME`` (1 ms); an idle Horovod rank was measured at ~7% of a core on this class of machine
+(the engine issue's anchor; Horovod no longer builds against the torch pinned here); Shoal has no
 loop of its own, so the number should be noise.
 
 Part 2, a world of one (``--world-of-one``, run without a launcher): the ``many_small`` and ``mlp_big``
@@ -85,7 +86,7 @@ def idle(args) -> int:
                   "cores": os.cpu_count(), "load_avg": [round(v, 2) for v in os.getloadavg()],
                   "idle_s": args.idle_s, "python_threads_rank0": threads,
                   "cpu_share_per_rank": [round(s, 5) for s in shares],
-                  "horovod_reference": "~7% of a core (1 ms cycle), measured on this machine earlier"}
+                  "horovod_reference": "~7% of a core (1 ms cycle): the engine issue's anchor, not measured in this run"}
         path = _save("idle", report)
         print(f"idle rank CPU over {args.idle_s:g} s: " + ", ".join(f"rank {r}: {s * 100:.3f}% of a core"
                                                                    for r, s in enumerate(shares)))

@@ -60,13 +60,15 @@ class ShoalConfig:
     nan_check: str = _knob(
         "off", "What to do when a gradient is NaN/Inf before communication: raise, skip the step on every "
                "rank, warn, or off. Off by default: the check costs one read of the gradients, measured "
-               "above 1% of a step on 2 of the 3 benchmark models (docs/nan_check.md).",
+               "above 1% of a step on the bandwidth-heavy benchmark model on CPU and on all three on a GPU "
+               "(docs/nan_check.md).",
         choices=("raise", "skip", "warn", "off"))
     check_collectives: bool = _knob(
         True, "Compare name, shape, dtype and op across ranks before each user collective, so that a "
               "mismatch raises a named error instead of hanging or returning garbage.")
     stall_warning_s: float = _knob(
-        60.0, "Seconds a rank may wait on a bucket or collective before the stall is logged.")
+        60.0, "Seconds a rank may wait on a gradient bucket before the stall is logged (a user collective "
+              "that hangs is named when it times out, docs/robustness.md).")
     stall_timeout_s: float = _knob(
         0.0, "Seconds a rank may wait on a bucket before it fails, naming the ranks that never arrived; "
              "0: 90% of timeout_s, so that the named error comes before the backend's timeout.")

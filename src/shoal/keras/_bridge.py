@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from shoal.core import buckets as _buckets
 from shoal.core import env as _env
 from shoal.core.errors import ShoalError
 
@@ -61,8 +62,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: TensorFlow's minimum alignment for tensor buffers (EIGEN_MAX_ALIGN_BYTES), see constraint 2.
-ALIGN_BYTES = 64
+#: TensorFlow's minimum alignment for tensor buffers (EIGEN_MAX_ALIGN_BYTES), see constraint 2: the engine's
+#: bucket planner pads views to the same unit.
+ALIGN_BYTES = _buckets.ALIGN_BYTES
 SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 _EXTRA = {"tensorflow": "tensorflow", "jax": "jax", "torch": "keras"}
 

@@ -154,8 +154,9 @@ def sync_grad_scaler_(scaler, optimizer: torch.optim.Optimizer, process_set=None
     if shards.distributed:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=shards.group)
     if flags[1] > 0:
+        me = dist.get_rank() if dist.is_initialized() else 0  # world rank, as in every message of shoal
         raise ShoalError(
-            f"shoal: sync_grad_scaler_ on rank {shards.rank}: some rank has no inf check for this optimizer in "
+            f"shoal: sync_grad_scaler_ on rank {me}: some rank has no inf check for this optimizer in "
             "this step. HINT: call scaler.unscale_(optimizer) on every rank first, with the optimizer that "
             "is passed to scaler.step() (the same object: the DistributedOptimizer if you wrap one).")
     for t in found.values():

@@ -185,7 +185,7 @@ class _LazyRowsUpdate:
             return
         index = torch.nonzero(used).squeeze(1)
         state = optimizer.state.get(w, {})
-        _check_row_state(state, w, self.owner.rank, "optimizer step")
+        _check_row_state(state, w, dist.get_rank() if dist.is_initialized() else 0, "optimizer step")
         full_state = {k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == w.shape}
         for k, v in full_state.items():
             state[k] = v.index_select(0, index)
@@ -537,7 +537,7 @@ class PartialFC(nn.Module):
         payload["weight"] = self.weight.detach().cpu()
         rows, scalars = {}, {}
         state = optimizer.state.get(self.weight, {}) if optimizer is not None else {}
-        _check_row_state(state, self.weight, self.rank, "save_sharded")
+        _check_row_state(state, self.weight, dist.get_rank() if dist.is_initialized() else 0, "save_sharded")
         for k, v in state.items():
             if torch.is_tensor(v) and v.shape == self.weight.shape:
                 rows[k] = v.detach().cpu()

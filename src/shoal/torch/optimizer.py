@@ -113,10 +113,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._sparse_as_dense = sparse_as_dense
         if "num_groups" in engine_options:  # Horovod's older spelling of groups=<int>
             num_groups = engine_options.pop("num_groups")
-            if groups is not None and num_groups:
-                raise ValueError("shoal: give groups= or num_groups=, not both (num_groups is Horovod's older "
-                                 "name for groups=<int>)")
-            groups = num_groups or None
+            if num_groups:  # 0, Horovod's default, means "not given"
+                if groups is not None:
+                    raise ValueError("shoal: give groups= or num_groups=, not both (num_groups is Horovod's "
+                                     "older name for groups=<int>)")
+                groups = num_groups
         unknown = sorted(set(engine_options) - _ENGINE_OPTIONS)
         if unknown:  # fail here, not at the end of the first step where the reducer is built
             raise TypeError(f"shoal: DistributedOptimizer got unknown keyword(s) {unknown}. HINT: the engine "
