@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.parallel import ArcFace, CombinedMargin, CosFace, PartialFC, exclude_from_ddp, load_full_weight, \
-    shard_range
+    mark_no_sync, shard_range
 from shoal.testing import RanksFailed, run_ranks
 
 # The first torch optimizer imports torch._dynamo, which writes TORCHINDUCTOR_CACHE_DIR into os.environ;
@@ -517,17 +517,32 @@ def _rank_broadcast_mismatch():
         hvd.broadcast_optimizer_state(opt, root_rank=0)
     except MismatchError as exc:
         messages.append(str(exc))
+    shard = nn.Parameter(torch.zeros(3 + me, DIM))  # uneven shards, but only rank 0 marks its own
+    if me == 0:
+        mark_no_sync(shard)
+    try:
+        hvd.broadcast_parameters({"head.weight": shard}, root_rank=0)
+    except MismatchError as exc:
+        messages.append(str(exc))
     hvd.broadcast_parameters(same.state_dict(), root_rank=0)  # the collectives are still aligned
     return messages
 
 
 def test_broadcast_of_different_models_names_the_tensor_and_each_ranks_shape():
     results = run_ranks(_rank_broadcast_mismatch, world_size=2, timeout_s=60)
-    assert results[0] == results[1] and len(results[0]) == 2  # the same message on every rank
-    params_msg, opt_msg = results[0]
-    assert "tensor '0.weight' differs: rank 0: float32 [8, 6] on cpu; rank 1: float32 [9, 6] on cpu" in params_msg
-    assert "HINT" in params_msg and "mark_no_sync" in params_msg
+    assert results[0] == results[1] and len(results[0]) == 3  # the same message on every rank
+    params_msg, opt_msg, mark_msg = results[0]
+    # check_registration's wording: every differing tensor, each rank's dtype, device and shape.
+    assert "'0.weight': rank 0: float32 on cpu [8, 6]; rank 1: float32 on cpu [9, 6]" in params_msg
+    assert "'0.bias': rank 0: float32 on cpu [8]; rank 1: float32 on cpu [9]" in params_msg
+    assert "broadcast_parameters" in params_msg and "HINT" in params_msg and "mark_no_sync" in params_msg
+    # Rank 1 put the bias in a second group: the state_dict numbering would pair other parameters.
+    assert ("'optimizer parameter 1': rank 0: group 0, float32 on cpu [8]; rank 1: group 1, float32 on cpu [8]"
+            in opt_msg)
     assert "broadcast_optimizer_state" in opt_msg and "HINT" in opt_msg
+    # A sharded parameter is compared by name only; a mark on some ranks only is named as such.
+    assert "'head.weight': rank 0: sharded (not broadcast) []; rank 1: float32 on cpu [4, 8]" in mark_msg
+    assert "mark_no_sync" in mark_msg
 
 
 def test_no_sync_registry_recognizes_state_dict_copies_by_storage():

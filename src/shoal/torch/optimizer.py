@@ -465,54 +465,35 @@ def _no_sync_matcher():
     return no_sync_matcher()
 
 
-def _layout_digest(layout: list) -> int:
-    """A hash of the layout that is the same in every process (``hash`` of a str is salted per process)."""
-    import hashlib  # noqa: PLC0415
+def _check_same_tensors(what: str, entries: list[tuple], ps: runtime.ProcessSet) -> None:
+    """Raise the same MismatchError on every rank unless every rank passes the same ``entries``.
 
-    digest = hashlib.blake2b(repr(layout).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
-def _check_same_layout(what: str, layout: list[tuple], ps: runtime.ProcessSet, owner: str = "models") -> None:
-    """Raise the same MismatchError on every rank unless every rank passes the same ``layout``.
-
-    ``layout`` is ``[(name, description), ...]``. One fixed-size exchange (a digest per rank) on the fast
-    path, whatever the number of tensors: torch.distributed trusts the caller's sizes, so a model built
-    differently on one rank would otherwise broadcast into the wrong tensors, or fail inside gloo with a
-    size error that names neither the tensor nor the rank. The full layouts travel only on a mismatch.
-    Skipped with ``check_collectives`` off, like every other check of the collectives.
+    ``entries`` are ``(name, shape, description)`` as :func:`shoal.core.negotiation.check_registration`
+    takes them (the description stands where it expects the dtype: dtype, device, group; or "sharded").
+    torch.distributed trusts the caller's sizes, so a model built differently on one rank would otherwise
+    broadcast into the wrong tensors, or fail inside gloo with a size error that names neither the tensor
+    nor the rank. The registration check costs one 16-byte allreduce whatever the number of tensors; the
+    lists travel only on a mismatch. Skipped with ``check_collectives`` off, like every other check of
+    the collectives.
     """
-    from shoal.core import collectives  # noqa: PLC0415
     from shoal.core.errors import MismatchError  # noqa: PLC0415
+    from shoal.core.negotiation import check_registration  # noqa: PLC0415
 
     if ps.size() == 1 or not runtime.config().check_collectives:
         return
-    mine = torch.tensor([[_layout_digest(layout), len(layout)]], dtype=torch.int64, device=runtime.device())
-    rows = collectives.allgather(mine, name=f"{what}.layout", process_set=ps).tolist()
-    if all(row == rows[0] for row in rows):
-        return
-    layouts = collectives.allgather_object(layout, name=f"{what}.layout_details", process_set=ps)
-    maps = [dict(entries) for entries in layouts]
-    names = list(dict.fromkeys(name for entries in layouts for name, _ in entries))
-    differing = [n for n in names if len({m.get(n, "missing") for m in maps}) > 1]
-    if differing:
-        first = differing[0]
-        per_rank = "; ".join(f"rank {r}: {m.get(first, 'missing')}" for r, m in zip(ps.ranks, maps))
-        head = f"tensor '{first}' differs: {per_rank}"
-        if len(differing) > 1:
-            head += f" ({len(differing)} tensors differ; the next: {', '.join(repr(n) for n in differing[1:4])})"
-    else:
-        orders = "; ".join(f"rank {r}: {[n for n, _ in entries][:4]}..." for r, entries in zip(ps.ranks, layouts))
-        head = f"the same tensors in a different order: {orders}"
-    raise MismatchError(
-        f"shoal: {what} on process set {list(ps.ranks)}: the ranks' {owner} differ, {head}. HINT: build the "
-        "same model (same layers, sizes and dtypes) on every rank before broadcasting. A parameter that is "
-        "sharded on purpose (different on every rank) must carry the no-sync mark "
-        "(shoal.parallel.mark_no_sync(param); PartialFC marks its weight itself) and is then skipped.")
+    try:
+        check_registration(entries, ps, what=what)
+    except MismatchError as exc:
+        # The same text on every rank (check_registration's is), plus what only a broadcast needs to say.
+        raise MismatchError(
+            f"{exc} A parameter that is sharded on purpose (different on every rank) must carry the no-sync "
+            "mark on every rank (shoal.parallel.mark_no_sync(param); PartialFC marks its weight itself); "
+            "broadcasts then skip it.") from None
 
 
 def _describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} on {t.device.type}"
+    """What :func:`_check_same_tensors` compares besides the shape (messages print it before the shape)."""
+    return f"{str(t.dtype).replace('torch.', '')} on {t.device.type}"
 
 
 def broadcast_parameters(params, root_rank: int = 0,
@@ -522,9 +503,9 @@ def broadcast_parameters(params, root_rank: int = 0,
 
     Parameters marked ``_shoal_no_sync`` (a class-sharded classifier's weight, :mod:`shoal.parallel`) are
     skipped, also when given as the detached copies of ``state_dict()``: every rank keeps its own shard.
-    Before any data moves, the ranks check in one exchange that they pass the same names, dtypes and
+    Before any data moves, the ranks check in one 16-byte allreduce that they pass the same names, dtypes and
     shapes (sharded parameters: the same names); a difference raises :class:`~shoal.core.errors.MismatchError`
-    on every rank, naming the first differing tensor and each rank's shape.
+    on every rank, naming every differing tensor (up to 8) and what each rank holds.
 
     Raises:
         MismatchError: the ranks' tensors differ (name, dtype, shape or device).
@@ -537,16 +518,16 @@ def broadcast_parameters(params, root_rank: int = 0,
     ps = runtime.get_process_set(process_set, "broadcast_parameters")
     items = list(params.items()) if hasattr(params, "items") else list(params)
     no_sync = _no_sync_matcher()
-    layout, tensors = [], []
+    entries, tensors = [], []
     for name, t in items:
         if not isinstance(t, torch.Tensor):
             continue
         if no_sync(t):
-            layout.append((str(name), "sharded (not broadcast)"))
+            entries.append((str(name), (), "sharded (not broadcast)"))
         else:
-            layout.append((str(name), _describe(t)))
+            entries.append((str(name), tuple(t.shape), _describe(t)))
             tensors.append(t)
-    _check_same_layout("broadcast_parameters", layout, ps)
+    _check_same_tensors("broadcast_parameters", entries, ps)
     by_dtype: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault((t.dtype, t.device), []).append(t)
@@ -567,7 +548,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
 
     The state of parameters marked ``_shoal_no_sync`` (a sharded classifier's momentum, Adam moments and
     step) stays each rank's own and is not sent: a shard's state belongs to that shard (with uneven shards
-    it does not even have the same shape). Before the state moves, the ranks check in one exchange that
+    it does not even have the same shape). Before the state moves, the ranks check in one 16-byte allreduce that
     their optimizers hold the same parameters (groups, dtypes, shapes).
 
     Raises:
@@ -587,14 +568,17 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
     params = [p for g in inner.param_groups for p in g["params"]]
     # state_dict() numbers the parameters 0, 1, ... across the groups in this order.
     local = {i for i, p in enumerate(params) if no_sync(p)}
-    layout = []
+    entries = []
     i = 0
     for gi, group in enumerate(inner.param_groups):
         for p in group["params"]:
             label = f"{named[id(p)]} (optimizer parameter {i})" if id(p) in named else f"optimizer parameter {i}"
-            layout.append((label, f"group {gi}, " + ("sharded (state kept)" if i in local else _describe(p))))
+            if i in local:
+                entries.append((label, (), f"group {gi}, sharded (state kept)"))
+            else:
+                entries.append((label, tuple(p.shape), f"group {gi}, {_describe(p)}"))
             i += 1
-    _check_same_layout("broadcast_optimizer_state", layout, ps, owner="optimizers")
+    _check_same_tensors("broadcast_optimizer_state", entries, ps)
     sent = None
     if runtime.rank() == root_rank:
         sd = inner.state_dict()
