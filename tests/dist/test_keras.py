@@ -28,6 +28,10 @@ What each case proves:
 - ``wrong_lso``: LossScaleOptimizer(DistributedOptimizer(SGD)) without any Shoal callback: the first
   apply raises on both ranks with the right order in the HINT.
 - callbacks: MetricAverageCallback averages the epoch logs; LearningRateWarmupCallback sets Horovod's rates.
+- settings that differ across ranks (``nan_check`` by argument or by a LossScaleOptimizer on one rank,
+  compression): the first apply raises the same MismatchError on both ranks instead of hanging (torch
+  backend only: the check is host code, the same under every backend); variable paths that differ
+  (Keras numbers layers per process) are not a mismatch.
 - collectives on backend tensors, eager and inside the backend's compiled function.
 
 Tolerances. fp32: the distributed gradient is ``(mean(half0) + mean(half1)) / 2``, the reference one
@@ -368,3 +372,68 @@ def test_keras_fit_matches_single_process(backend):
 
 def _weights_flat(seed: int) -> np.ndarray:
     return np.concatenate([w.reshape(-1) for w in _weights(seed)])
+
+
+# ------------------------------------------------------------------- ranks that disagree: a named error
+
+def _rank_settings_differ() -> dict:
+    """SHOAL_NAN_CHECK=raise on both ranks; rank 1 differs in one way per case. Each case's first apply
+    must raise the same MismatchError on both ranks (before this check, rank 0 waited in the NaN-flag
+    allreduce that rank 1 never starts, until the process-group timeout)."""
+    import keras
+    import torch
+
+    import shoal.keras as hvd
+    from shoal.core.errors import MismatchError
+
+    torch.set_num_threads(1)
+    r, n = hvd.rank(), hvd.size()
+    x, y = _data(n)
+    xl, yl = _local(x, r, n), _local(y, r, n)
+    sgd = keras.optimizers.SGD
+    cases = {
+        "argument": lambda: hvd.DistributedOptimizer(sgd(0.1), nan_check="off" if r else None),
+        "lso": lambda: hvd.DistributedOptimizer(keras.optimizers.LossScaleOptimizer(sgd(0.1)) if r else sgd(0.1)),
+        "compression": lambda: hvd.DistributedOptimizer(
+            sgd(0.1), compression=hvd.Compression.fp16 if r else hvd.Compression.none),
+    }
+    out: dict = {}
+    for case, make in cases.items():
+        try:
+            _fit(keras, make(), xl, yl, _LOCAL)
+            out[case] = ""
+        except MismatchError as exc:
+            out[case] = str(exc)
+    # The same settings, but rank 1 built one more layer first: its variable paths differ (dense_3 vs
+    # dense_2). Compared by position, that is no mismatch; and the ranks are still aligned after the errors.
+    if r:
+        keras.layers.Dense(2)
+    opt = hvd.DistributedOptimizer(sgd(0.1))
+    model, _ = _fit(keras, opt, xl, yl, _LOCAL)
+    out["paths"] = [v.path for v in model.trainable_variables]
+    out["after"] = _flat(model)
+    out["after_stats"] = hvd.exchange_stats(opt)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_keras_ranks_with_different_settings_fail_with_a_named_error():
+    """One backend is enough: the check runs on the host, the same code under every backend; torch starts
+    fastest."""
+    _needs("torch")
+    results = run_ranks(_rank_settings_differ, world_size=2, timeout_s=100, pg_timeout_s=30,
+                        env={**_ENV, "KERAS_BACKEND": "torch", "SHOAL_NAN_CHECK": "raise"})
+    for res in results:
+        for case in ("argument", "lso"):
+            msg = res[case]
+            assert "nan_check: rank 0: raise; rank 1: off" in msg and "HINT" in msg, (case, msg)
+            assert "shoal.keras DistributedOptimizer" in msg and "'variable 0 (kernel)'" in msg, (case, msg)
+        assert "LossScaleOptimizer turns nan_check off" in res["lso"]
+        assert "compression: rank 0: none; rank 1: fp16" in res["compression"], res["compression"]
+        assert "nan_check" not in res["compression"].split("HINT")[0], res["compression"]
+        assert res["after_stats"]["reductions"] == _STEPS
+    # the same message on both ranks, up to the tail where each names its own variable paths
+    for case in ("argument", "lso", "compression"):
+        assert results[0][case].split(" on rank 0: ")[0] == results[1][case].split(" on rank 1: ")[0], case
+    assert results[0]["paths"] != results[1]["paths"]
+    np.testing.assert_array_equal(results[0]["after"], results[1]["after"])

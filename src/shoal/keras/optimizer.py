@@ -43,6 +43,15 @@ Design constraints:
    on every rank alike (constraint 4). ``skip`` skips the update on every rank (with accumulation it also
    counts the micro-step, so that the update steps stay aligned).
 7. World size 1 costs nothing: the patched methods call the originals.
+8. Ranks that disagree fail with a named error, never a hang. A rank whose ``nan_check`` differs (the env
+   var set on some ranks only; a LossScaleOptimizer on one rank, which turns it off there, constraint 6)
+   never starts the flag allreduce its peers wait in; other compression, bucket sizes or stream counts
+   pair different buckets, or create a different number of stream groups (collective over the world).
+   So before a reducer is built, its variables (shape, dtype) and those settings go through
+   :func:`shoal.core.negotiation.check_registration`: one 16-byte allreduce per reducer, not per step.
+   Variables are compared by position in the optimizer, not by path: Keras numbers layer names per
+   process (measured: one extra ``Dense`` built first on a rank turns its ``dense_1/kernel`` into
+   ``dense_2/kernel``), so paths may differ on ranks that train the same model.
 
 Glossary:
     exchange      this module's per-optimizer state: the reducers (one per set of variables that get
@@ -64,7 +73,8 @@ from shoal.core.buckets import TensorSpec
 from shoal.core.checks import apply_nan_policy
 from shoal.core.collectives import ReduceOp as _HvdOp
 from shoal.core.compression import Compression, resolve_compression
-from shoal.core.errors import ShoalError
+from shoal.core.errors import MismatchError, ShoalError
+from shoal.core.negotiation import check_registration
 from shoal.core.reducer import GradientReducer, ReduceOp
 
 from . import _bridge
@@ -408,9 +418,11 @@ class _Exchange:
     def _reducer(self, key, tensors: Sequence[torch.Tensor]) -> GradientReducer:
         red = self.reducers.get(key)
         if red is None:
-            names = _unique_names([self.opt._trainable_variables[i] for i in key])
+            variables = [self.opt._trainable_variables[i] for i in key]
+            names = _unique_names(variables)
             device = runtime.device()
             specs = [TensorSpec(n, tuple(t.shape), t.dtype, device) for n, t in zip(names, tensors)]
+            self._check_registration(key, variables, specs)
             red = GradientReducer(specs, op=self.op, prescale_factor=self.prescale,
                                   postscale_factor=self.postscale, process_set=self.process_set,
                                   compression=self.compression, nan_check=self.nan_policy,
@@ -418,6 +430,39 @@ class _Exchange:
             self.reducers[key] = red
             log.debug("shoal: keras gradient reducer for %d tensors in %d buckets", len(specs), len(red.plans))
         return red
+
+    def registration_settings(self) -> dict[str, str]:
+        """The settings that decide which collectives a step runs, as the reducer will resolve them
+        (constraint 8): the policy in force, wire compression, bucket sizes, streams, and how many
+        micro-batches one reduction covers."""
+        cfg = runtime.config()
+
+        def knob(name: str):
+            return self.engine_options.get(name) or getattr(cfg, name)
+
+        return {"nan_check": str(self.nan_policy),
+                "compression": str(self.compression or cfg.compression),
+                "hierarchical": str(knob("hierarchical")),
+                "num_streams": str(int(knob("num_streams"))),
+                "fusion_threshold_mb": f"{float(knob('fusion_threshold_mb')):g}",
+                "first_bucket_mb": f"{float(knob('first_bucket_mb')):g}",
+                "micro_batches_per_reduction": str(self.accumulation or 1)}
+
+    def _check_registration(self, key, variables: list, specs: list[TensorSpec]) -> None:
+        """Constraint 8, on every member before the reducer exists (building it is collective)."""
+        entries = [(f"variable {i} ({getattr(v, 'name', 'variable')})", s.shape, s.dtype)
+                   for i, v, s in zip(key, variables, specs)]
+        try:
+            check_registration(entries, self.process_set, what="shoal.keras DistributedOptimizer",
+                               settings=self.registration_settings())
+        except MismatchError as exc:
+            here = "; ".join(f"variable {i}: '{s.name}'" for i, s in list(zip(key, specs))[:4])
+            raise MismatchError(
+                f"{exc} Keras: a LossScaleOptimizer turns nan_check off unless nan_check= is given "
+                "(docs/keras.md), so wrapping one on some ranks only shows as a nan_check difference; "
+                "backward_passes_per_step sets micro_batches_per_reduction. Variables are compared by "
+                f"position in the optimizer; on rank {runtime.rank()}: {here}"
+                + (" ..." if len(key) > 4 else "") + ".") from None
 
     def _host_reduce(self, key, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         red = self._reducer(key, tensors)
