@@ -32,6 +32,7 @@ from shoal.core.collectives import (  # noqa: E402
     broadcast_object,
 )
 from shoal.core.compression import Compression  # noqa: E402
+from shoal.core.errors import MismatchError, NotInitializedError, RankFailureError, ShoalError, StallError  # noqa: E402
 from shoal.core.runtime import (  # noqa: E402
     ProcessSet,
     add_process_set,
@@ -59,5 +60,5 @@ __all__ = [
     "barrier", "ReduceOp", "Average", "Sum", "Min", "Max", "Product",
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank",
     "cross_size", "is_homogeneous", "ProcessSet", "global_process_set", "add_process_set",
-    "remove_process_set",
+    "remove_process_set", "ShoalError", "MismatchError", "NotInitializedError", "RankFailureError", "StallError",
 ]
