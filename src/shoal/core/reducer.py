@@ -44,11 +44,24 @@ from .checks import make_finite_check
 from .errors import ShoalError
 from . import timeline as _timeline
 
-__all__ = ["GradientReducer", "ReduceOp"]
+__all__ = ["GradientReducer", "ReduceOp", "ENGINE_OPTIONS", "check_engine_options"]
 
 log = logging.getLogger(__name__)
 
 _MB = 1024 * 1024
+
+#: Keywords a frontend's optimizer wrapper passes through to :class:`GradientReducer` (per-optimizer
+#: overrides of the runtime config); frontends refuse any other keyword when the wrapper is built.
+ENGINE_OPTIONS = frozenset({"fusion_threshold_mb", "first_bucket_mb", "num_streams", "hierarchical",
+                            "error_feedback", "nan_check"})
+
+
+def check_engine_options(options, what: str) -> None:
+    """Raise ``TypeError`` naming any key of ``options`` that is not in :data:`ENGINE_OPTIONS`."""
+    unknown = sorted(set(options) - ENGINE_OPTIONS)
+    if unknown:
+        raise TypeError(f"shoal: {what} got unknown keyword(s) {unknown}. HINT: the engine options are "
+                        f"{', '.join(sorted(ENGINE_OPTIONS))}.")
 
 
 class ReduceOp:

@@ -75,7 +75,7 @@ from shoal.core.collectives import ReduceOp as _HvdOp
 from shoal.core.compression import Compression, resolve_compression
 from shoal.core.errors import MismatchError, ShoalError
 from shoal.core.negotiation import check_registration
-from shoal.core.reducer import GradientReducer, ReduceOp
+from shoal.core.reducer import GradientReducer, ReduceOp, check_engine_options
 
 from . import _bridge
 
@@ -305,6 +305,7 @@ class _Exchange:
         self.op, self.prescale, self.postscale = op, prescale, postscale
         self.compression = compression
         self.nan_policy = nan_check or ("off" if lso else runtime.config().nan_check)
+        check_engine_options(engine_options, "DistributedOptimizer")
         self.engine_options = dict(engine_options)
         self.active = self.process_set.included() and (
             self.process_set.size() > 1 or op == ReduceOp.SUM or prescale * postscale != 1.0)

@@ -36,17 +36,13 @@ from shoal.core.checks import apply_nan_policy
 from shoal.core.compression import Compression, resolve_compression
 from shoal.core.errors import ShoalError
 from shoal.core.negotiation import Negotiator
-from shoal.core.reducer import GradientReducer, ReduceOp
+from shoal.core.reducer import GradientReducer, ReduceOp, check_engine_options
 from shoal.core import autotune as _autotune
 from shoal.core import timeline as _timeline
 
 __all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state"]
 
 log = logging.getLogger(__name__)
-
-#: Keywords a DistributedOptimizer hands to its GradientReducer (per-optimizer overrides of the config).
-_ENGINE_OPTIONS = frozenset({"fusion_threshold_mb", "first_bucket_mb", "num_streams", "hierarchical",
-                             "error_feedback", "nan_check"})
 
 
 def _op_name(op) -> str:
@@ -118,10 +114,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     raise ValueError("shoal: give groups= or num_groups=, not both (num_groups is Horovod's "
                                      "older name for groups=<int>)")
                 groups = num_groups
-        unknown = sorted(set(engine_options) - _ENGINE_OPTIONS)
-        if unknown:  # fail here, not at the end of the first step where the reducer is built
-            raise TypeError(f"shoal: DistributedOptimizer got unknown keyword(s) {unknown}. HINT: the engine "
-                            f"options are {', '.join(sorted(_ENGINE_OPTIONS))}.")
+        check_engine_options(engine_options, "DistributedOptimizer")  # now, not when step 1 builds the reducer
         self._engine_options = engine_options
         #: Steps skipped on every rank by ``nan_check="skip"`` (steps a GradScaler skipped are its own).
         self.skipped_steps = 0
