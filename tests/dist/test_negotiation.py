@@ -338,6 +338,104 @@ def test_ranks_with_different_nan_check_or_negotiation_fail_at_registration():
     assert results[0] == results[1]
 
 
+# --------------------------------------------------------------------------------- stall inspector's store use
+class _CountingStore:
+    """The c10d store, counting the requests made through it."""
+
+    def __init__(self, store):
+        self.store, self.calls = store, []
+
+    def __getattr__(self, name):
+        method = getattr(self.store, name)
+
+        def call(*args):
+            self.calls.append(name)
+            return method(*args)
+        return call
+
+
+def _rank_inspector_store_traffic() -> dict:
+    import time  # noqa: PLC0415
+
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from shoal.core import negotiation, runtime  # noqa: PLC0415
+
+    _setup()
+    rank = runtime.rank()
+    ps = runtime.get_process_set(None)
+    counting = _CountingStore(negotiation._store())
+    negotiation._store = lambda: counting  # what _announce and name_missing use
+    mine = negotiation.StallInspector(ps, "t/a", "Opt")
+    out: dict = {}
+
+    def ask(step: int, settle: bool):
+        counting.calls.clear()
+        start = time.monotonic()
+        who, missing = mine.who(counting, step, settle=settle)
+        return {"who": who, "missing": missing, "s": time.monotonic() - start, "calls": list(counting.calls)}
+
+    # 1. Rank 1 has no record at all (it never waited long anywhere).
+    if rank == 0:
+        out["none_warn"] = ask(3, settle=False)
+    dist.barrier()
+    # 2. Rank 1 waits in step 3 of this inspector's optimizer, announced twice (two long waits of one step).
+    if rank == 1:
+        counting.calls.clear()
+        mine._announce(3, "step 3 of Opt")
+        mine._announce(3, "step 3 of Opt")
+        out["announce_calls"] = list(counting.calls)
+    dist.barrier()
+    if rank == 0:
+        out["arrived"] = ask(3, settle=False)
+        out["stale_warn"] = ask(4, settle=False)   # rank 1's record is of step 3: stale for step 4
+        out["stale_fail"] = ask(4, settle=True)
+    dist.barrier()
+    # 3. Rank 1 is in a user collective that timed out (its record is written then).
+    if rank == 1:
+        negotiation.StallInspector(ps, f"coll/ps{ps.process_set_id}", "collective", kind="collective")._announce(
+            0, "allreduce of 'x' (call 0 on process set [0, 1])")
+    dist.barrier()
+    if rank == 0:
+        out["in_collective"] = ask(4, settle=True)
+        # A healthy wait formats nothing: `where` and `awaited` are called only once it lasted first_wait_s.
+        formatted = []
+        fut = torch.futures.Future()
+        threading = __import__("threading")
+        threading.Timer(0.05, lambda: fut.set_result(None)).start()
+        mine.wait([fut], 5, where=lambda: formatted.append("where") or "w",
+                  awaited=lambda: formatted.append("awaited") or "a")
+        out["formatted"] = formatted
+    dist.barrier()
+    return out
+
+
+def test_stall_inspector_reads_the_store_sparingly_and_tells_stale_records():
+    r0, r1 = run_ranks(_rank_inspector_store_traffic, world_size=2, timeout_s=60, pg_timeout_s=20)
+    # One write for two announcements of the same wait (constraint 6).
+    assert r1["announce_calls"] == ["set"], r1
+    # Warning path: one pass, no settle wait. No record: one check of every key, then one compare_set per
+    # member (reads it, creates it empty so that later polls are one multi_get).
+    none = r0["none_warn"]
+    assert none["missing"] == [1] and none["s"] < 0.5 and none["calls"] == ["check", "compare_set"], none
+    assert "rank 1 never reached a collective" in none["who"], none
+    assert r0["arrived"]["missing"] == [] and r0["arrived"]["calls"] == ["check", "multi_get"], r0["arrived"]
+    stale = r0["stale_warn"]
+    assert stale["missing"] == [1] and stale["s"] < 0.5, stale
+    assert "rank 1 has not reached synchronize() of this step (rank 1 last arrived in step 3)" in stale["who"]
+    assert "rank 1 never reached a collective" in stale["who"], stale
+    # Failure path: waits the settle time (1.5 s) for rank 1's record, polling it 0.1, 0.2, 0.4, 0.8 s
+    # apart (the last sleep cut at the bound): 4 reads after the first pass, each one multi_get. A fixed
+    # 0.1 s poll of check + get made ~15 rounds of 2-4 requests.
+    fail = r0["stale_fail"]
+    assert 1.4 <= fail["s"] < 3.0, fail
+    assert fail["calls"] == ["check", "multi_get"] + ["multi_get"] * 4, fail
+    coll = r0["in_collective"]
+    assert coll["s"] < 0.5 and coll["calls"] == ["check", "multi_get"], coll  # explained at once: no wait
+    assert "rank 1 is in allreduce of 'x' (call 0 on process set [0, 1])" in coll["who"], coll
+    assert r0["formatted"] == [], r0
+
+
 # --------------------------------------------------------------------------------- pure functions
 def test_control_bytes_do_not_grow_with_the_world():
     # Two bits per tensor (all-have, none-have) plus three control words, each with its complement.

@@ -53,11 +53,21 @@ Design constraints:
 6. No busy loop and no thread of ours. Waiting is ``threading.Event.wait(timeout)`` on an event set by the
    futures' completion callbacks; the store is touched only after a rank has waited ``_ARRIVE_AFTER_S``,
    so a healthy step costs no store round trip (a store write per step and rank would be the coordinator
-   traffic constraint 1 avoids). What a rank then writes (where it waits) is read by its peers only on
-   their failure path. User collectives keep their plain blocking waits and write only when they fail.
-7. Ranks agree on the settings that decide which collectives a step runs (``negotiation``, ``nan_check``):
-   they are part of the registration digest, so ranks configured differently fail at registration, naming
-   the setting, instead of hanging in a collective only some of them start.
+   traffic constraint 1 avoids). A rank that waits that long writes ONE record (which wait, its position
+   in it, what it is), at most once per step (a second long wait of the same step finds it written), and
+   never clears it: readers tell a stale record from the position it carries. It is read by the peers only
+   on their failure path, with one ``multi_get`` per poll and a backing-off poll of the ranks still
+   unexplained (constraint 8). User collectives keep their plain blocking waits and write only when they
+   fail.
+7. Ranks agree on the settings that decide which collectives a step runs: ``negotiation``, ``nan_check``,
+   ``check_every_steps`` here, and what the frontend resolves and passes as ``settings=`` (bucket layout,
+   streams, compression, hierarchy, backward passes per step, what the autotuner tunes). They are part of
+   the registration digest (a one-time cost), so ranks configured differently fail at registration,
+   naming the setting and each rank's value, instead of hanging in a collective only some of them start.
+8. The failure path is bounded and light on the store (it is rank 0's TCPStore, and every failing rank
+   reads it): a warning reports the records as they are, with no wait; a failure waits at most
+   ``_SETTLE_S`` (a step) or :func:`_settle_s` (a user collective) for the records of missing ranks,
+   polling only those, 0.1 s doubling to 2 s.
 
 Glossary:
     produced   a gradient whose accumulation hook fired on this rank in this step
@@ -68,13 +78,14 @@ Glossary:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import logging
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -82,6 +93,7 @@ import torch.distributed as dist
 from . import runtime
 from . import timeline as _timeline
 from .buckets import ALIGN_NUMEL
+from .config import ShoalConfig, env_name
 from .errors import MismatchError, RankFailureError, ShoalError, StallError
 
 __all__ = [
@@ -108,9 +120,13 @@ _STATIC_AFTER_STEPS = 5
 _CHECK_EVERY_STEPS = 100
 #: After this long waiting, a rank writes "arrived at step k" to the store (constraint 6).
 _ARRIVE_AFTER_S = 1.0
-#: On the failure path, how long at least to wait for a missing peer's ``doing`` record: a rank in a step
+#: On the failure path, how long at least to wait for a missing peer's record: a rank in a step
 #: writes it after waiting ``_ARRIVE_AFTER_S`` itself, so one that entered its step just now has not yet.
 _SETTLE_S = _ARRIVE_AFTER_S + 0.5
+#: Polling of missing ranks' records on the failure path: first sleep, doubled up to the last (constraint 8).
+#: At the longest settle (60 s) that is 34 polls instead of 600 at a fixed 0.1 s.
+_POLL_FIRST_S = 0.1
+_POLL_MAX_S = 2.0
 #: A peer that closed its connection is usually exiting: how long to wait for it to be seen dead.
 _EXIT_GRACE_S = 2.0
 #: Elements appended to the last bucket for the static-mode flag (one alignment unit, see buckets.py).
@@ -123,6 +139,8 @@ _JOINED = 4    # this rank is inside join(): it shadows the step with zeros
 _ERROR = 8     # this rank has an error to report on every rank (details on the slow path)
 
 _MASK64 = (1 << 64) - 1
+#: Names of the runtime config's knobs (settings with an environment variable, for hints).
+_KNOBS = frozenset(f.name for f in dataclasses.fields(ShoalConfig))
 
 
 def _hash64(text: str) -> int:
@@ -214,8 +232,21 @@ def _control_group(ps: runtime.ProcessSet) -> dist.ProcessGroup:
 
 
 def _doing_key(rank: int) -> str:
-    """Store key of what ``rank`` is waiting in (see :class:`StallInspector`)."""
+    """Store key of ``rank``'s record: which wait it is in and where (see :class:`StallInspector`)."""
     return f"shoal/doing/{rank}"
+
+
+def _record(tag: str, position: int, where: str) -> str:
+    return f"{tag}\t{position}\t{where}"
+
+
+def _parse_record(raw: bytes) -> Optional[tuple[str, int, str]]:
+    """``(tag, position, where)`` of a record; None for no record (``b""``: created empty by a reader)."""
+    try:
+        tag, position, where = raw.decode().split("\t", 2)
+        return tag, int(position), where
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def _store() -> Optional[dist.Store]:
@@ -223,6 +254,34 @@ def _store() -> Optional[dist.Store]:
         return dist.distributed_c10d._get_default_store()
     except (RuntimeError, ValueError, AttributeError):
         return None
+
+
+#: The record this process wrote last, with the default group it was written under (constraint 6: a
+#: second long wait in the same step does not write it again).
+_written: tuple[Any, str] = (None, "")
+
+
+def _read_records(store, ranks: Sequence[int], *, present: bool = False) -> tuple[dict[int, bytes], bool]:
+    """Each rank's record (``b""``: none), in as few store requests as the store allows; and whether every
+    key now exists (pass it back as ``present`` when polling the same ranks again).
+
+    With every key present: one ``multi_get`` (TCPStore answers it in one round trip). Otherwise each key
+    is read with ``compare_set(key, "", "")``, which returns the value and creates an absent key empty
+    (never overwriting a record), so that every later poll is one ``multi_get``; a store without those
+    falls back to ``check`` and ``get`` per key. Nothing read when the store does not answer.
+    """
+    if not ranks:
+        return {}, present
+    keys = [_doing_key(r) for r in ranks]
+    try:
+        try:
+            if present or store.check(keys):
+                return dict(zip(ranks, store.multi_get(keys))), True
+            return {r: store.compare_set(k, "", "") for r, k in zip(ranks, keys)}, True
+        except (NotImplementedError, AttributeError):  # a store of the user's without them
+            return {r: store.get(k) if store.check([k]) else b"" for r, k in zip(ranks, keys)}, False
+    except RuntimeError:
+        return {}, False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,16 +344,33 @@ def check_registration(entries: Sequence[Entry], process_set: Optional[runtime.P
     raise MismatchError(_registration_message(ps.ranks, lists, what))
 
 
+def _abridged(value: str, limit: int = 100) -> str:
+    """A setting's value for messages: a long one (e.g. ``groups``, every index) cut, with a digest of the
+    whole so that two values that differ past the cut still read differently."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit - 40]}... ({len(value)} characters, digest {_hash64(value) & 0xFFFFFFFF:08x})"
+
+
+def _setting_sources(key: str, what: str) -> str:
+    """Where a setting of the registration digest comes from, for the hint."""
+    if key in _KNOBS:
+        return f"{key} ({env_name(key)}, shoal.init({key}=...) or the {what}'s keyword where it has one)"
+    return f"{key} (the {what}'s {key}= argument)"
+
+
 def _registration_message(ranks: Sequence[int], gathered: list, what: str) -> str:
     lists = [entries for entries, _ in gathered]
     settings = [conf for _, conf in gathered]
     setting_lines = []
+    differing = []
     for key in dict.fromkeys(k for conf in settings for k in conf):
         per_rank = [conf.get(key, "unset") for conf in settings]
         if len(set(per_rank)) > 1:
+            differing.append(key)
             groups: dict[str, list[int]] = {}
             for r, value in zip(ranks, per_rank):
-                groups.setdefault(value, []).append(r)
+                groups.setdefault(_abridged(value), []).append(r)
             setting_lines.append(f"  {key}: " + "; ".join(f"{_format_ranks(rs)}: {value}"
                                                          for value, rs in groups.items()))
     described: list[dict[str, str]] = [{n: f"{t} {list(s)}" for n, s, t in lst} for lst in lists]
@@ -328,9 +404,8 @@ def _registration_message(ranks: Sequence[int], gathered: list, what: str) -> st
         body.append(f"{head}: the same tensors in a different order; first difference at position {i}: {at}")
     hints = []
     if setting_lines:
-        hints.append("set these knobs the same on every rank (SHOAL_NEGOTIATION, SHOAL_NAN_CHECK or the "
-                     "nan_check= argument, shoal.init(...) keywords): they decide which collectives a step "
-                     "runs.")
+        hints.append("set these the same on every rank, they decide which collectives a step runs: " +
+                     "; ".join(_setting_sources(key, what) for key in differing) + ".")
     if tensors_differ:
         hints.append("build the same model on every rank and pass the same named_parameters in the same "
                      "order; a part that only some ranks train must exist (and be registered) on every "
@@ -359,18 +434,20 @@ class StallInspector:
     """Waits on futures without busy-looping; warns after ``stall_warning_s`` and fails after
     ``stall_timeout_s``, naming the ranks that never arrived, what each of them is doing, or that it died.
 
-    A rank that has waited ``_ARRIVE_AFTER_S`` writes two records to the rendezvous store (the c10d store of
-    the default group: a side channel that still answers while a collective hangs): ``arrived/<tag>/<rank>
-    = position`` (the step, or the call's number), from which a waiting peer tells who has not reached this
-    point, and ``doing/<rank> = where`` (one key per rank, shared by every inspector: the steps of every
-    optimizer and the user collectives of every process set), from which it tells what a missing rank is
-    doing instead. The second is emptied when the wait ends well; a rank that wrote neither is named as
-    being outside every Shoal collective. User collectives write the same records, when they time out
-    (:func:`name_missing_members`), and read them through :meth:`name_missing`.
+    A rank that has waited ``_ARRIVE_AFTER_S`` writes one record to the rendezvous store (the c10d store of
+    the default group: a side channel that still answers while a collective hangs): ``doing/<rank> =
+    (tag, position, where)``, one key per rank shared by every inspector (the steps of every optimizer and
+    the user collectives of every process set). A waiting peer reads from it both whether the rank reached
+    this point (its tag and a position at least this one) and, if not, what it is in instead. The record is
+    never cleared (constraint 6): one of this tag at an earlier position says where the rank last arrived;
+    one of another optimizer's tag is current while the reader has not finished that step itself, stale
+    once it has. A rank with no current record is named as being outside every Shoal collective. User
+    collectives write the same record when they time out (:func:`name_missing_members`), and read the
+    others through :meth:`name_missing`.
 
     Args:
         process_set: the ranks that take part in the waited-for collectives.
-        tag: names this waiter's ``arrived`` keys (unique per process set, the same on every rank).
+        tag: names this waiter in records (unique per process set, the same on every rank).
         what: for messages, e.g. ``"DistributedOptimizer"``.
         kind: ``"step"`` (a gradient step: the missing ranks "have not reached synchronize()") or
             ``"collective"`` (a user collective of :mod:`shoal.core.collectives`: records and names only).
@@ -382,9 +459,6 @@ class StallInspector:
         self.what = what
         self.kind = kind
 
-    def _key(self, rank: int) -> str:
-        return f"shoal/arrived/{self.tag}/{rank}"
-
     @staticmethod
     def _timeouts() -> tuple[float, float]:
         return _stall_timeouts()
@@ -392,20 +466,22 @@ class StallInspector:
     @staticmethod
     def first_wait_s() -> float:
         """How long a wait stays silent (no store access) before this rank announces where it waits."""
-        return min(_ARRIVE_AFTER_S, _stall_timeouts()[0] / 2)
+        return _first_wait_s(_stall_timeouts()[0])
 
     def wait(self, futures: Sequence[Optional[torch.futures.Future]], step: int,
              names_of: Optional[Callable[[int], list[str]]] = None, label: str = "bucket", *,
-             where: Optional[str] = None, awaited: Optional[str] = None) -> None:
+             where: Union[None, str, Callable[[], str]] = None,
+             awaited: Union[None, str, Callable[[], str]] = None) -> None:
         """Return when every future is done or one failed (the caller's ``wait()`` raises its error).
 
         Args:
             futures: the awaited futures (None entries are skipped).
             step: this rank's position: the step (``kind="step"``) or the call's number on the process set.
             names_of: future index -> tensor names, for messages (``label`` names one future: "bucket").
-            where: what this rank is waiting in, for messages and the ``doing`` record (default: "step k of
-                <what>").
-            awaited: overrides the "for bucket 0 ('a', 'b')" part of messages.
+            where: what this rank is waiting in, for messages and the record (default: "step k of
+                <what>"); a callable is called only once the wait has lasted ``first_wait_s``, so that a
+                healthy step formats nothing.
+            awaited: overrides the "for bucket 0 ('a', 'b')" part of messages (a callable: as ``where``).
 
         Raises:
             StallError: past ``stall_timeout_s``; names the missing ranks, what they are doing and the
@@ -436,50 +512,47 @@ class StallInspector:
             futures[k].add_done_callback(done)
         warn_s, timeout_s = self._timeouts()
         start = time.monotonic()
-        if event.wait(self.first_wait_s()):
+        if event.wait(_first_wait_s(warn_s)):
             self._await_exit([futures[k] for k in pending])
             return
-        where = where or f"step {step} of {self.what}"
+        where = (where() if callable(where) else where) or f"step {step} of {self.what}"
+        if callable(awaited):
+            awaited = awaited()
         store = self._announce(step, where)
         warned = False
         while True:
             mark = timeout_s if warned else warn_s
             if event.wait(max(0.0, mark - (time.monotonic() - start))):
-                if not any(_failed(futures[k]) for k in pending):  # a failed wait keeps its record
-                    self._retire(store)
                 self._await_exit([futures[k] for k in pending])
                 return
+            failing = warned or warn_s >= timeout_s
             waiting = [k for k in pending if not futures[k].done()]
             text, missing = self._describe(store, step, time.monotonic() - start, waiting, names_of, label,
-                                           where, awaited)
-            if not warned and warn_s < timeout_s:
+                                           where, awaited, settle=failing)
+            if not failing:
                 log.warning("%s", text)
                 warned = True
                 continue
-            # The doing record stays: peers failing a moment later still see where this rank is stuck.
+            # The record stays: peers failing a moment later still see where this rank is stuck.
             raise self.failure(StallError(text), missing, where)
 
     def _announce(self, position: int, where: str) -> Optional[dist.Store]:
-        """Write ``arrived`` and ``doing`` for this rank (slow path only: after ``first_wait_s``)."""
+        """Write this rank's record (slow path only: after ``first_wait_s``), unless it is the one this
+        process wrote last (a second long wait in the same step). Returns the store, None if unreachable."""
+        global _written
         store = _store()
         if store is None:
             return None
-        me = runtime.rank()
+        record = _record(self.tag, position, where)
+        token = _world_token()
+        if _written[0] is token and _written[1] == record:
+            return store
         try:
-            store.set(self._key(me), str(position))
-            store.set(_doing_key(me), where)
+            store.set(_doing_key(runtime.rank()), record)
         except RuntimeError:
             return None
+        _written = (token, record)
         return store
-
-    @staticmethod
-    def _retire(store: Optional[dist.Store]) -> None:
-        if store is None:
-            return
-        try:
-            store.set(_doing_key(runtime.rank()), "")
-        except RuntimeError:
-            pass
 
     def _await_exit(self, futures: Sequence[torch.futures.Future]) -> None:
         """A peer that closed its connection is usually exiting (that is what closed it): give it up to
@@ -503,7 +576,7 @@ class StallInspector:
 
     def _describe(self, store, step: int, waited_s: float, waiting: list[int],
                   names_of: Optional[Callable[[int], list[str]]], label: str, where: str,
-                  awaited: Optional[str]) -> tuple[str, list[int]]:
+                  awaited: Optional[str], *, settle: bool) -> tuple[str, list[int]]:
         me = runtime.rank()
         if awaited is None:
             if waiting and names_of is not None:
@@ -513,7 +586,7 @@ class StallInspector:
                 awaited = f"{label}{plural} {first} ({_shown(names)})"
             else:
                 awaited = label
-        who, missing = self.who(store, step)
+        who, missing = self.who(store, step, settle=settle)
         text = (f"shoal: rank {me} has waited {waited_s:.0f} s in {where} for {awaited}: {who}. HINT: a rank "
                 "that ends its loop early (fewer batches) must call shoal.torch.join() after the loop, on "
                 "every rank; a rank blocked elsewhere (a collective only it called, data loading, a "
@@ -521,23 +594,33 @@ class StallInspector:
                 "SHOAL_STALL_TIMEOUT_S if a rank is merely slow.")
         return text, missing
 
-    def who(self, store, step: int) -> tuple[str, list[int]]:
+    def who(self, store, step: int, *, settle: bool = True) -> tuple[str, list[int]]:
         """Who has not arrived at position ``step`` and what each of them is doing; and those ranks.
 
-        Reads the store only (the failure path). A missing rank that has written no ``doing`` record yet
-        gets a bounded wait: a rank in a step writes it after its own first second (``_SETTLE_S``), a rank
-        in a user collective when that collective times out, which a failing user collective waits for too
-        (:func:`_settle_s`); a failing step does not (it fails before the backend's timeout on purpose).
+        Reads the store only (the failure path, constraint 8). With ``settle`` (a failure), a missing rank
+        with no current record yet gets a bounded wait: a rank in a step writes it after its own first
+        second (``_SETTLE_S``), a rank in a user collective when that collective times out, which a failing
+        user collective waits for too (:func:`_settle_s`); a failing step does not (it fails before the
+        backend's timeout on purpose). Only those ranks are polled again, 0.1 s doubling to 2 s. Without
+        ``settle`` (a warning), one read.
         """
         if store is None:
             return "the rendezvous store is not reachable, so the missing ranks cannot be named", []
-        deadline = time.monotonic() + (_SETTLE_S if self.kind == "step" else _settle_s())
+        me = runtime.rank()
+        window = (_SETTLE_S if self.kind == "step" else _settle_s()) if settle else 0.0
+        deadline = time.monotonic() + window
+        records, present = _read_records(store, [r for r in self.process_set.ranks if r != me])
+        delay = _POLL_FIRST_S
         while True:
-            missing, seen = self.missing_ranks(store, step)
-            doing = {r: d for r in missing if (d := _doing_of(store, r))}
-            if len(doing) == len(missing) or time.monotonic() >= deadline:
+            missing, doing, seen = self._classify(records, step)
+            unexplained = [r for r in missing if r not in doing]
+            left = deadline - time.monotonic()
+            if not unexplained or left <= 0:
                 break
-            time.sleep(0.1)
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, _POLL_MAX_S)
+            fresh, present = _read_records(store, unexplained, present=present)
+            records.update(fresh)
         if not missing:
             where = "this step" if self.kind == "step" else "this collective"
             return (f"every rank reached {where}: the collective itself is stuck or slow "
@@ -554,23 +637,28 @@ class StallInspector:
                 f"synchronize() of this step" + (f" ({'; '.join(last)})" if last else ""))
         return f"{lead}: {status}", missing
 
-    def missing_ranks(self, store, step: int) -> tuple[list[int], dict[int, int]]:
-        """Ranks (other than this one) that have not written ``arrived >= step``; and the steps seen."""
+    def _classify(self, records: dict[int, bytes], step: int) -> tuple[list[int], dict[int, str], dict[int, int]]:
+        """From the members' records: the ranks that have not arrived at ``step`` (every member but this
+        one without a record of this tag at ``step`` or later), what those with a current record of
+        another wait are in, and where those with an earlier record of this tag last arrived."""
         me = runtime.rank()
-        if store is None:
-            return [], {}
-        missing, seen = [], {}
+        missing: list[int] = []
+        doing: dict[int, str] = {}
+        seen: dict[int, int] = {}
         for r in self.process_set.ranks:
             if r == me:
                 continue
-            try:
-                if store.check([self._key(r)]):
-                    seen[r] = int(store.get(self._key(r)))
-            except (RuntimeError, ValueError):
-                continue
-            if seen.get(r, -1) < step:
-                missing.append(r)
-        return missing, seen
+            rec = _parse_record(records.get(r, b""))
+            if rec is not None and rec[0] == self.tag:
+                if rec[1] >= step:
+                    continue  # arrived
+                seen[r] = rec[1]  # an earlier wait of this one: stale
+            elif rec is not None:
+                current = _record_is_current(rec[0], rec[1])
+                if current is not False:
+                    doing[r] = rec[2] if current else f"{rec[2]} (as of its last record)"
+            missing.append(r)
+        return missing, doing, seen
 
     def name_missing(self, err: RankFailureError, step: int) -> RankFailureError:
         """``err`` (a backend timeout, as the runtime explained it) with the missing ranks named and what
@@ -592,32 +680,32 @@ class StallInspector:
         return dead if _names_dead_rank(dead) else err  # its "backend said" quotes err's text
 
 
+def _first_wait_s(warn_s: float) -> float:
+    return min(_ARRIVE_AFTER_S, warn_s / 2)
+
+
+def _record_is_current(tag: str, position: int) -> Optional[bool]:
+    """Whether a record of another wait than the reader's still describes the writer: a user collective's
+    (written when it failed) always; an optimizer step's while this rank has not finished that step itself
+    (no rank can leave a step before every member entered its collectives); None when this rank has no
+    such optimizer (it is not in that process set) and cannot tell."""
+    if tag.startswith("coll/"):
+        return True
+    token = _world_token()
+    for entries in _registry.values():
+        for tok, ref in entries:
+            n = ref()
+            if n is not None and tok is token and n.stall.tag == tag:
+                return position >= n.step
+    return None
+
+
 def _stall_timeouts() -> tuple[float, float]:
     """``(stall_warning_s, stall_timeout_s)`` in force."""
     cfg = runtime.config()
     # Default: fail a little before the process-group timeout, so the named error comes first.
     timeout_s = float(getattr(cfg, "stall_timeout_s", 0.0) or 0.0) or 0.9 * cfg.timeout_s
     return min(cfg.stall_warning_s, timeout_s), timeout_s
-
-
-def _failed(fut: torch.futures.Future) -> bool:
-    if not fut.done():
-        return False
-    try:
-        fut.value()
-    except Exception:  # noqa: BLE001 (only noticing it; the caller's wait() raises it)
-        return True
-    return False
-
-
-def _doing_of(store, rank: int) -> str:
-    """What ``rank`` said it is waiting in ("" when it is in none, or never said)."""
-    try:
-        if store.check([_doing_key(rank)]):
-            return store.get(_doing_key(rank)).decode()
-    except (RuntimeError, ValueError, UnicodeDecodeError):
-        pass
-    return ""
 
 
 def name_missing_members(err: RankFailureError, process_set: runtime.ProcessSet, position: int,
@@ -650,7 +738,12 @@ def name_missing_members(err: RankFailureError, process_set: runtime.ProcessSet,
 def _settle_s() -> float:
     """How long a failing user collective waits for missing members' records: at least ``_SETTLE_S``; a
     member in another user collective writes only when its own backend timeout fires, which comes later
-    by the time it entered later: 10% of ``timeout_s`` plus 2 s covers that skew, capped at a minute."""
+    by the time it entered later: 10% of ``timeout_s`` plus 2 s covers that skew, capped at a minute
+    (32 s at the default 300 s). The polls' last sleep ends at this bound, so a failing user collective
+    raises at most this long after its backend timeout, plus the store's round trips; sooner once every
+    missing member has a record. Its peers are polled 0.1 s doubling to 2 s (constraint 8): at 32 s, 21
+    reads (the first pass and 20 polls of the still-missing members), where a fixed 0.1 s made 320 of
+    every member."""
     return min(60.0, max(_SETTLE_S, 0.1 * runtime.config().timeout_s + 2.0))
 
 
@@ -687,14 +780,17 @@ class Negotiator:
         what: names the owner in messages.
         owner: the frontend object; :func:`join` calls its ``zero_grad()`` and ``synchronize()`` to shadow
             a step (held weakly).
-        nan_check: the owner's NaN/Inf policy (default: the ``nan_check`` knob); it and ``mode`` are part of
-            the registration digest (constraint 7).
+        nan_check: the owner's NaN/Inf policy (default: the ``nan_check`` knob); it, ``mode`` and
+            ``check_every_steps`` are part of the registration digest (constraint 7).
         check_every_steps: in static mode, run the full negotiation every this many steps anyway
             (constraint 4; default ``_CHECK_EVERY_STEPS``).
+        settings: the owner's other resolved settings that decide which collectives a step runs (e.g.
+            ``{"fusion_threshold_mb": 25.0, "backward_passes_per_step": 1}``), added to the digest.
 
     Raises:
         MismatchError: the registration check failed (see :func:`check_registration`), or ranks have
-            different ``negotiation`` / ``nan_check`` settings.
+            different values of a setting (``negotiation``, ``nan_check``, ``check_every_steps``, one of
+            ``settings``), named with each rank's value.
 
     Example (what a frontend does)::
 
@@ -707,7 +803,8 @@ class Negotiator:
 
     def __init__(self, entries: Sequence[Entry], process_set: Optional[runtime.ProcessSet] = None, *,
                  mode: Optional[str] = None, what: str = "DistributedOptimizer", owner: Any = None,
-                 nan_check: Optional[str] = None, check_every_steps: int = _CHECK_EVERY_STEPS):
+                 nan_check: Optional[str] = None, check_every_steps: int = _CHECK_EVERY_STEPS,
+                 settings: Optional[dict[str, Any]] = None):
         cfg = runtime.config()
         self.process_set = runtime.get_process_set(process_set)
         self.mode = mode or getattr(cfg, "negotiation", "auto")
@@ -722,8 +819,10 @@ class Negotiator:
             raise ValueError(f"shoal: check_every_steps must be >= 1, got {check_every_steps}")
         #: Static mode: the full negotiation runs in every step whose number is a multiple of this.
         self.check_every_steps = int(check_every_steps)
-        settings = {"negotiation": self.mode, "nan_check": nan_check or getattr(cfg, "nan_check", "off")}
-        self.digest = check_registration(entries, self.process_set, what, settings=settings)
+        agreed = {**(settings or {}), "negotiation": self.mode,
+                  "nan_check": nan_check or getattr(cfg, "nan_check", "off"),
+                  "check_every_steps": self.check_every_steps}
+        self.digest = check_registration(entries, self.process_set, what, settings=agreed)
         #: Whether any collective is needed at all (a world of one has nothing to agree on).
         self.active = self.world > 1
         self._owner = weakref.ref(owner) if owner is not None else None
@@ -795,7 +894,7 @@ class Negotiator:
         """Called by the reducer before it waits for its buckets: the stall inspector."""
         if self.active:
             self._buckets = (futures, names_of)  # for messages, should the negotiation fail meanwhile
-            self.stall.wait(futures, self.step, names_of, where=self._where())
+            self.stall.wait(futures, self.step, names_of, where=self._where)  # formatted only if slow
 
     def finish(self, reducer, counts: Sequence[int], sparse: Sequence[int] = ()) -> list[int]:
         """Finish the step: ``reducer.finish()`` plus the negotiation (constraints 1-4).
@@ -866,6 +965,9 @@ class Negotiator:
         """What this rank is in, for messages and its peers (the stall inspector's ``doing`` record)."""
         return f"step {self.step} of {self.what}" + (" (inside join())" if self.joined else "")
 
+    def _awaited_vector(self) -> str:
+        return f"the negotiation bit vector ({self._covered()})"
+
     def _covered(self) -> str:
         """The tensors the negotiation vector covers, for messages."""
         return f"{self.num_tensors} tensor{'s' if self.num_tensors != 1 else ''}: {_shown(self.names)}"
@@ -886,8 +988,7 @@ class Negotiator:
     def _wait_exchange(self, pending) -> list[int]:
         fut, vector = pending
         with _timeline.span("negotiation", "bit-vector exchange", "main", {"step": self.step + 1}):
-            self.stall.wait([fut], self.step, where=self._where(),
-                            awaited=f"the negotiation bit vector ({self._covered()})")
+            self.stall.wait([fut], self.step, where=self._where, awaited=self._awaited_vector)
             try:
                 fut.wait()
             except RuntimeError as exc:
@@ -913,6 +1014,9 @@ class Negotiator:
         self._extra.clear()
         self._errors.clear()
         self._launched.clear()
+        # The reducer's futures of this step (and what they hold: 16-bit wire copies, the reduced buckets)
+        # would otherwise stay alive through the next forward and backward.
+        self._buckets = ((), None)
         self._last_local = produced
         # An early launch of the last bucket means every tensor was produced (constraint 4).
         self._slot_value = 1.0 if (self.static and produced is not None and produced != self._full) else 0.0
