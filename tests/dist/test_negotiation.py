@@ -321,12 +321,17 @@ def _rank_settings_differ() -> dict:
         out["hook"] = None
     except hvd.MismatchError as exc:
         out["hook"] = str(exc)
+    try:  # the stream groups it creates next (collectively) would hang on different counts
+        hvd.comm_hook(num_streams=3 if rank == 0 else 2)
+        out["hook_streams"] = None
+    except hvd.MismatchError as exc:
+        out["hook_streams"] = str(exc)
     hvd.comm_hook(nan_check="warn")  # the same everywhere: no error, and the ranks are still aligned
     out["after"] = hvd.allreduce(torch.ones(1), op=hvd.Sum).item()
     return out
 
 
-def test_ranks_with_different_nan_check_or_negotiation_fail_at_registration():
+def test_ranks_with_different_nan_check_negotiation_or_streams_fail_at_registration():
     results = run_ranks(_rank_settings_differ, world_size=2, timeout_s=60, pg_timeout_s=20, init=False)
     for r in results:
         assert r["optimizer"] is not None and "nan_check: rank 0: raise; rank 1: off" in r["optimizer"], r
@@ -334,6 +339,51 @@ def test_ranks_with_different_nan_check_or_negotiation_fail_at_registration():
         assert r["mode"] is not None and "negotiation: rank 0: always; rank 1: auto" in r["mode"], r
         assert r["hook"] is not None and "nan_check: rank 0: skip; rank 1: raise" in r["hook"], r
         assert "DDP comm hook" in r["hook"] and "HINT" in r["hook"]
+        assert r["hook_streams"] is not None and "num_streams: rank 0: 3; rank 1: 2" in r["hook_streams"], r
+        assert r["after"] == 2.0
+    assert results[0] == results[1]
+
+
+def _rank_engine_settings_differ() -> dict:
+    # Each rank builds its optimizer with another value of one setting, passed as the optimizer's keyword
+    # (as a script that reads it from per-rank arguments would): the bucket plans would differ, or the
+    # ranks would launch buckets after different numbers of backward passes.
+    hvd, rank, _ = _setup()
+    out = {}
+    cases = {"fusion": {"fusion_threshold_mb": 8} if rank == 0 else {},  # rank 1: the default, 25
+             "passes": {"backward_passes_per_step": 2 if rank == 0 else 1}}
+    for key, kwargs in cases.items():
+        model = _Branchy()
+        try:
+            hvd.DistributedOptimizer(_sgd(model.parameters()), named_parameters=model.named_parameters(), **kwargs)
+            out[key] = None
+        except hvd.MismatchError as exc:
+            out[key] = str(exc)
+    # The same settings everywhere: it builds, steps, and lets go of the step's futures afterwards.
+    model = _Branchy()
+    opt = hvd.DistributedOptimizer(_sgd(model.parameters()), named_parameters=model.named_parameters(),
+                                   fusion_threshold_mb=8)
+    for step in range(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(_batch(step, rank)[0], 0), _batch(step, rank)[1]).backward()
+        opt.step()
+    out["buckets_after_step"] = opt._negotiator._buckets
+    out["after"] = hvd.allreduce(torch.ones(1), op=hvd.Sum).item()
+    return out
+
+
+def test_ranks_with_different_bucket_or_accumulation_settings_fail_at_construction():
+    results = run_ranks(_rank_engine_settings_differ, world_size=2, timeout_s=60, pg_timeout_s=20)
+    for r in results:
+        text = r["fusion"]
+        assert text is not None and "fusion_threshold_mb: rank 0: 8.0; rank 1: 25.0" in text, r
+        # Given on rank 0 only, it is also fixed for the autotuner there alone: its trials would differ.
+        assert "autotune: rank 0: on, fixed: fusion_threshold_mb; rank 1: on" in text, text
+        assert "'trunk.weight'" in text and "HINT" in text and "SHOAL_FUSION_THRESHOLD_MB" in text, text
+        text = r["passes"]
+        assert text is not None and "backward_passes_per_step: rank 0: 2; rank 1: 1" in text, r
+        assert "fusion_threshold_mb" not in text and "HINT" in text, text
+        assert r["buckets_after_step"] == ((), None)
         assert r["after"] == 2.0
     assert results[0] == results[1]
 

@@ -83,8 +83,10 @@ def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None
         ``(state, hook)``: pass both to ``ddp.register_comm_hook``.
 
     Raises:
-        MismatchError: on every rank, when ranks registered different parameters or ``nan_check`` differs
-            across ranks (it decides whether the hook starts a flag allreduce after the last bucket).
+        MismatchError: on every rank, when ranks registered different parameters, or ``nan_check``,
+            ``compression``, ``hierarchical`` or ``num_streams`` differs across ranks (they decide which
+            collectives the hook runs: a flag allreduce after the last bucket, the stream groups, each
+            bucket's algorithm).
 
     Example:
         >>> ddp.register_comm_hook(*hvd.comm_hook())
@@ -93,14 +95,17 @@ def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None
     ps = runtime.get_process_set(process_set)
     named = list(named_parameters or ())
     policy = nan_check or cfg.nan_check
-    # Registration check (shoal.core.negotiation), one 16-byte allreduce: the names, shapes and dtypes when
-    # given, and always the NaN policy (a rank without the check would leave its peers waiting in the
-    # flag allreduce).
-    check_registration([(n, tuple(p.shape), p.dtype) for n, p in named], ps, what="DDP comm hook",
-                       settings={"nan_check": policy})
     comp = resolve_compression(compression) or cfg.compression
     hier = hierarchical or cfg.hierarchical
     count = int(num_streams or cfg.num_streams)
+    # Registration check (shoal.core.negotiation), one 16-byte allreduce: the names, shapes and dtypes when
+    # given, and always the settings that decide which collectives run: the NaN policy (a rank without the
+    # check would leave its peers waiting in the flag allreduce), the stream count (the stream groups are
+    # created next, collectively: ranks asking for different counts would hang there), the wire format
+    # and the hierarchy (which collectives each bucket runs).
+    check_registration([(n, tuple(p.shape), p.dtype) for n, p in named], ps, what="DDP comm hook",
+                       settings={"nan_check": policy, "compression": comp, "hierarchical": hier,
+                                 "num_streams": count})
     streams = runtime.stream_groups(ps, count)
     algorithm = get_algorithm(comp, hier, ps, num_streams=count, error_feedback=error_feedback)
     state = CommHookState(ps, streams, algorithm, comp, hier,

@@ -57,6 +57,25 @@ def _op_name(op) -> str:
     raise ValueError(f"shoal: DistributedOptimizer supports op=Average or Sum, got {op!r}")
 
 
+def _collective_settings(compression: Optional[str], groups: Optional[Sequence[Sequence[int]]],
+                         backward_passes_per_step: int, engine_options: dict) -> dict:
+    """This optimizer's resolved settings that decide which collectives its steps run (bucket layout,
+    streams, wire format, hierarchy, when buckets launch, the autotuner's trials), as the reducer and the
+    autotuner will resolve them: ranks must agree on them (shoal.core.negotiation, constraint 7)."""
+    cfg = runtime.config()
+    given = {k: v for k, v in engine_options.items() if v is not None}
+    # What the autotuner leaves alone (it tunes the rest with allreduces of its own, autotune.py).
+    fixed = sorted(_autotune._fixed_by_user(cfg, given) & {"fusion_threshold_mb", "num_streams"})
+    return {"fusion_threshold_mb": float(given.get("fusion_threshold_mb") or cfg.fusion_threshold_mb),
+            "first_bucket_mb": float(given.get("first_bucket_mb") or cfg.first_bucket_mb),
+            "num_streams": int(given.get("num_streams") or cfg.num_streams),
+            "compression": compression or cfg.compression,
+            "hierarchical": given.get("hierarchical") or cfg.hierarchical,
+            "groups": "none" if groups is None else repr([list(g) for g in groups]),
+            "backward_passes_per_step": int(backward_passes_per_step),
+            "autotune": ("on" + (f", fixed: {', '.join(fixed)}" if fixed else "")) if cfg.autotune else "off"}
+
+
 class DistributedOptimizer(torch.optim.Optimizer):
     """Wrap ``optimizer`` so that ``step()`` applies gradients averaged across ranks.
 
@@ -138,7 +157,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # Registration check (collective: every argument is validated above) and per-step negotiation.
         self._negotiator = Negotiator([(n, tuple(p.shape), p.dtype) for n, p in zip(self._names, self._params)],
                                       self._process_set, owner=self,
-                                      nan_check=engine_options.get("nan_check")) if self._active else None
+                                      nan_check=engine_options.get("nan_check"),
+                                      settings=_collective_settings(self._compression, self._groups,
+                                                                    self.backward_passes_per_step,
+                                                                    engine_options)) if self._active else None
         if self._active:
             for i, p in enumerate(self._params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(i)))
