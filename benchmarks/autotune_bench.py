@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
-RESULTS_DIR = HERE / "results"
 _MB = 1024 * 1024
 
 
@@ -436,12 +435,9 @@ def worker(args) -> int:
         report["models"][name] = bench_model(name, args, rank, world, log)
     report["load_avg_end"] = _load_avg()
     if rank == 0:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        stem = f"{datetime.date.today().isoformat()}-{args.name}"
-        path, n = RESULTS_DIR / f"{stem}.json", 2
-        while path.exists():
-            path, n = RESULTS_DIR / f"{stem}-{n}.json", n + 1
-        path.write_text(json.dumps(report, indent=1) + "\n")
+        from _results import save_report  # noqa: PLC0415
+
+        path = save_report(report, args.name)
         print_table(console, report)
         console.print(f"results: {path}\nplot: {plot(report, path.with_suffix('.png'))}")
         for name, m in report["models"].items():

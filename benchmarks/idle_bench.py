@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -33,18 +32,13 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _save(name: str, report: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-{name}"
-    path, n = RESULTS_DIR / f"{stem}.json", 2
-    while path.exists():
-        path, n = RESULTS_DIR / f"{stem}-{n}.json", n + 1
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    return path
+    from _results import save_report  # noqa: PLC0415
+
+    return save_report(report, name)
 
 
 def _step(model, opt, x, y) -> None:

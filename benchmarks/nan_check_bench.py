@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -36,7 +35,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS_DIR = HERE / "results"
 #: Autotuner off in both settings: it would re-plan each copy's buckets on its own schedule (and through
 #: measured step times, differently), and the comparison is about the check only. Set by the bench itself
 #: (environment of the ranks it starts; ``init(autotune=False)`` under a launcher).
@@ -268,12 +266,9 @@ def main(argv=None) -> int:
                   fmt(r["raise"].get("median_check_ms"), ".2f"), fmt(r["raise"].get("median_flags_ms"), ".2f"),
                   fmt(r.get("check_pct_of_step"), ".2f"))
     console.print(t)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-nan_check{'-cuda' if args.cuda else ''}"
-    path, n = RESULTS_DIR / f"{stem}.json", 2
-    while path.exists():
-        path, n = RESULTS_DIR / f"{stem}-{n}.json", n + 1
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    from _results import save_report  # noqa: PLC0415
+
+    path = save_report(report, f"nan_check{'-cuda' if args.cuda else ''}")
     console.print(f"results: {path}")
     return 0
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import shlex
@@ -49,7 +48,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 # ----------------------------------------------------------------------------------------- modes
@@ -441,13 +439,9 @@ class _Bar:
 
 
 def save(report: dict, args) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-{args.name}"
-    path, n = RESULTS_DIR / f"{stem}.json", 2
-    while path.exists():
-        path, n = RESULTS_DIR / f"{stem}-{n}.json", n + 1
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    return path
+    from _results import save_report  # noqa: PLC0415
+
+    return save_report(report, args.name)
 
 
 def print_table(console, report: dict) -> None:
