@@ -4,6 +4,6 @@
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" test
 if [ "${SHOAL_SKIP_KERAS:-0}" != "1" ]; then
   # CPU builds of the Keras backends, pinned in constraints.txt (~2 GB installed).
-  "${PIP[@]}" -c constraints.txt keras tensorflow-cpu jax jaxlib
+  pip_install -c constraints.txt keras tensorflow-cpu jax jaxlib
 fi
 exec "$VENV/bin/python" -m pytest -q "$@" tests
