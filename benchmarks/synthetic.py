@@ -10,6 +10,8 @@ same numerics must agree). Results: a table on the console, JSON (and ``--plot``
 Modes (``--modes``; unavailable ones are reported as such):
 
     shoal        shoal.torch.DistributedOptimizer (fp32 on the wire)
+    shoal_overlap the same with overlap_step=True: the optimizer steps bucket by bucket while later
+                 buckets are still on the wire, not after the last one
     shoal_fp16   the same with compression=Compression.fp16
     ddp          torch DistributedDataParallel, defaults (25 MB buckets)
     ddp_fp16     DDP + torch's fp16_compress_hook
@@ -56,6 +58,20 @@ class Unavailable(Exception):
     """A mode that cannot run here (a missing package); the reason goes into the table."""
 
 
+#: ``--optimizer``: the torch optimizer every mode trains with (set once by ``main``).
+OPTIMIZER = "sgd"
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def make_optimizer(params, lr: float):
+    """The ``--optimizer`` of this run over ``params``: plain SGD, SGD with momentum 0.9, or Adam."""
+    import torch  # noqa: PLC0415
+
+    if OPTIMIZER == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9 if OPTIMIZER == "momentum" else 0.0)
+
+
 class Mode:
     """One way of training: ``step(x, y)`` runs forward, backward, reduction and the update."""
 
@@ -63,10 +79,8 @@ class Mode:
     wire_precision = "fp32"
 
     def __init__(self, model, lr: float):
-        import torch  # noqa: PLC0415
-
         self.model = model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        self.optimizer = make_optimizer(model.parameters(), lr)
 
     def loss(self, x, y):
         import torch.nn.functional as F  # noqa: PLC0415
@@ -107,7 +121,6 @@ class Naive(Mode):
 
 class DDP(Mode):
     def __init__(self, model, lr: float, fp16: bool = False):
-        import torch  # noqa: PLC0415
         from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
 
         ddp = DistributedDataParallel(model)
@@ -117,11 +130,11 @@ class DDP(Mode):
             ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
             self.wire_precision = "fp16"
         self.model = ddp
-        self.optimizer = torch.optim.SGD(ddp.parameters(), lr=lr)
+        self.optimizer = make_optimizer(ddp.parameters(), lr)
 
 
 class Shoal(Mode):
-    def __init__(self, model, lr: float, compression: str = "none"):
+    def __init__(self, model, lr: float, compression: str = "none", overlap_step: Optional[bool] = None):
         try:
             import shoal.torch as sh  # noqa: PLC0415
             sh.DistributedOptimizer  # noqa: B018 (the engine may not exist yet)
@@ -130,7 +143,8 @@ class Shoal(Mode):
         super().__init__(model, lr)
         sh.init()
         self.optimizer = sh.DistributedOptimizer(self.optimizer, named_parameters=model.named_parameters(),
-                                                 compression=getattr(sh.Compression, compression))
+                                                 compression=getattr(sh.Compression, compression),
+                                                 overlap_step=overlap_step)
         sh.broadcast_parameters(model.state_dict(), root_rank=0)
         self.wire_precision = "fp32" if compression == "none" else "fp16"
 
@@ -195,6 +209,7 @@ class Wire(Mode):
 #: name -> (factory(model, lr) -> Mode, one-line description). Adding a mode is one line here.
 MODES: dict[str, tuple[Callable[..., Mode], str]] = {
     "shoal": (lambda m, lr: Shoal(m, lr), "shoal.torch.DistributedOptimizer"),
+    "shoal_overlap": (lambda m, lr: Shoal(m, lr, overlap_step=True), "... stepping bucket by bucket"),
     "shoal_fp16": (lambda m, lr: Shoal(m, lr, compression="fp16"), "... with Compression.fp16"),
     "ddp": (lambda m, lr: DDP(m, lr), "torch DDP, defaults"),
     "ddp_fp16": (lambda m, lr: DDP(m, lr, fp16=True), "DDP + fp16_compress_hook"),
@@ -370,7 +385,8 @@ def worker(args) -> int:
                      "env://" if world > 1 else "none"),
         "hardware": hardware(), "threads_per_rank": args.threads, "torch": torch.__version__,
         "python": platform.python_version(), "world_size": world, "link": link,
-        "settings": {k: getattr(args, k) for k in ("warmup", "steps", "rounds", "lr", "seed", "batch_size")},
+        "settings": {k: getattr(args, k) for k in ("warmup", "steps", "rounds", "lr", "seed", "batch_size",
+                                                   "optimizer")},
         # Other processes on the machine inflate every mode's compute; recorded so a reader can tell.
         "load_avg_start": [round(v, 2) for v in os.getloadavg()],
     }
@@ -479,7 +495,7 @@ def print_table(console, report: dict) -> None:
     # leaves room for a different summation order).
     for name, info in report["models"].items():
         ref = info["modes"].get("ddp", {}).get("loss")
-        for mode in ("shoal", "naive", "horovod"):
+        for mode in ("shoal", "shoal_overlap", "naive", "horovod"):
             loss = info["modes"].get(mode, {}).get("loss")
             if ref is not None and loss is not None and abs(loss - ref) > 1e-4 * max(1.0, abs(ref)):
                 console.print(f"  [red]{name}/{mode}: final loss {loss:.6f} differs from ddp's {ref:.6f}[/]")
@@ -533,6 +549,8 @@ def parse_args(argv: list[str]):
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all modes")
     ap.add_argument("--batch-size", type=int, default=None, help="per-rank batch (default: per model)")
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                    help="what every mode trains with: plain SGD (default), SGD with momentum, Adam")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--name", default=None, help="results file name (default: the link, e.g. loopback)")
@@ -563,6 +581,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     args = parse_args(argv)
+    global OPTIMIZER
+    OPTIMIZER = args.optimizer
     from shoal.core.env import get_env  # noqa: PLC0415
 
     if args.link and get_env("RANK") is None:

@@ -733,3 +733,68 @@ def test_unknown_keywords_fail_at_construction():
     for typo, both in run_ranks(_rank_bad_keywords, world_size=2, timeout_s=60):
         assert typo is not None and "fusion_treshold_mb" in typo and "fusion_threshold_mb" in typo, typo
         assert both is not None and "num_groups" in both, both
+
+
+# --------------------------------------------------------------------------------- overlapped step
+class _SGDSubclass(torch.optim.SGD):
+    """A subclass may override step with something global: never stepped bucket by bucket."""
+
+
+def _rank_overlap(variant: str):
+    import shoal.torch as hvd  # noqa: PLC0415
+
+    rank, world = _setup()
+    model = _mlp(width=64)
+    unused = torch.nn.Parameter(torch.ones(3))  # in the optimizer, never in the graph: no gradient anywhere
+    params = list(model.parameters())
+    groups = [{"params": params[:4] + [unused], "weight_decay": 0.1}, {"params": params[4:], "lr": 0.02}]
+    if variant == "subclass":
+        inner = _SGDSubclass(groups, lr=0.1, momentum=0.9)
+    else:
+        inner = torch.optim.AdamW(groups, lr=0.01)
+    calls = [0]
+    original = inner.step
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    inner.step = counted  # an instance attribute, not a step hook: it does not turn the overlap off
+    if variant == "hook":
+        inner.register_step_pre_hook(lambda *_: None)
+    named = list(model.named_parameters()) + [("unused", unused)]
+    opt = hvd.DistributedOptimizer(inner, named_parameters=named,
+                                   fusion_threshold_mb=4e-3, first_bucket_mb=2e-3, num_streams=3)
+    per_step = []
+    for step in range(_STEPS):
+        x, y = _batch(step)
+        opt.zero_grad()
+        _loss(model, _half(x, rank, world), _half(y, rank, world)).backward()
+        before = calls[0]
+        opt.step()
+        per_step.append(calls[0] - before)
+    return {"params": _params(model), "unused": unused.detach().clone(), "calls": per_step,
+            "buckets": len(opt._reducer.plans)}
+
+
+@pytest.mark.parametrize("variant", ["adamw", "hook", "subclass"])
+def test_overlapped_step_is_bitwise_one_step_at_the_end(variant):
+    """Stepping each bucket's parameters as soon as it is reduced gives bitwise the parameters of one
+    step after the last bucket (the default), in every step, with two parameter groups of their
+    own hyper-parameters and a parameter that never gets a gradient (AdamW would decay it if stepped).
+    Step hooks or an optimizer subclass turn the overlap off: one inner step per step."""
+    on = run_ranks(_rank_overlap, world_size=2, timeout_s=60, args=(variant,), env={"SHOAL_OVERLAP_STEP": "1"})
+    off = run_ranks(_rank_overlap, world_size=2, timeout_s=60, args=(variant,))  # the default
+    for a, b in zip(on, off):
+        for p, q in zip(a["params"], b["params"]):
+            assert torch.equal(p, q)
+        assert torch.equal(a["unused"], torch.ones(3)) and torch.equal(b["unused"], torch.ones(3))
+        assert b["calls"] == [1] * _STEPS
+        assert a["buckets"] > 2
+        if variant == "adamw":
+            # Step 1 discovers the order (one step); from step 2 on one inner step per bucket at most,
+            # plus none at the end (every managed parameter was stepped with its bucket).
+            assert a["calls"][0] == 1 and all(1 < c <= a["buckets"] for c in a["calls"][1:]), a["calls"]
+        else:
+            assert a["calls"] == [1] * _STEPS, a["calls"]
+    _assert_ranks_equal(on)

@@ -76,6 +76,12 @@ class ShoalConfig:
         "auto", "Per-step agreement on which gradients every rank produced: auto (every step until the model "
                 "looks static, then a flag in the last bucket and a check every 100 steps), always, or off.",
         choices=("auto", "always", "off"))
+    overlap_step: bool = _knob(
+        False, "Step the optimizer on each bucket's parameters as soon as that bucket is reduced, while "
+               "later buckets are still on the wire (element-wise torch.optim optimizers without step hooks, "
+               "nan_check off, step() without a closure); bitwise the same result as one step at the end. "
+               "Off by default: on CPU ranks sharing cores the step then competes with gloo's threads "
+               "(measured slower on loopback, docs/engine.md).")
     autotune: bool = _knob(
         True, "Tune bucket size and stream count online during the first steps.")
     timeline_filename: Optional[str] = _knob(

@@ -135,6 +135,10 @@ class GradientReducer:
         #: shoal.core.negotiation.Negotiator of the frontend (control slot, stall inspector), or None.
         self.negotiator = negotiator
         self._error_feedback = error_feedback  # reconfigure() rebuilds the algorithm for a new stream count
+        #: Called as ``bucket_done(b)`` by :meth:`finish` the moment bucket ``b`` is reduced, while later
+        #: buckets are still on the wire (the frontend steps the optimizer on that bucket's parameters);
+        #: None: :meth:`finish` waits for every bucket first. Set per step by the frontend.
+        self.bucket_done: Optional[Callable[[int], None]] = None
         _timeline.maybe_start_from_config(cfg)  # SHOAL_TIMELINE_FILENAME alone starts the timeline
         self._build(order=None)
 
@@ -318,20 +322,36 @@ class GradientReducer:
             self._pending[b] = 0
         self._launch_ready()
         error: Optional[BaseException] = None
-        if self.negotiator is not None:  # stall inspector: warns, then fails naming the ranks missing
-            self.negotiator.wait(self._futures, lambda b: [self.specs[t].name for t in self.plans[b].tensor_ids])
+        callback_error: Optional[BaseException] = None
+        done_cb, self.bucket_done = self.bucket_done, None
+
+        def names_of(b: int) -> list[str]:
+            return [self.specs[t].name for t in self.plans[b].tensor_ids]
+
+        if self.negotiator is not None and done_cb is None:
+            # Stall inspector: warns, then fails naming the ranks missing.
+            self.negotiator.wait(self._futures, names_of)
         for b, fut in enumerate(self._futures):
             if fut is None:
                 continue
+            if done_cb is not None and error is None and self.negotiator is not None:
+                # One bucket at a time, so that bucket_done(b) runs while later buckets are on the wire.
+                self.negotiator.wait([f if k == b else None for k, f in enumerate(self._futures)], names_of)
             try:
                 fut.wait()
             except Exception as exc:  # noqa: BLE001 (converted and re-raised below)
                 if error is None:
-                    names = [self.specs[t].name for t in self.plans[b].tensor_ids]
+                    names = names_of(b)
                     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
                     error = runtime.explain_failure(exc, f"gradient allreduce of bucket {b} ({shown})",
                                                     self.process_set.ranks)
                     error.__cause__ = exc
+                continue
+            if done_cb is not None and error is None and callback_error is None:
+                try:
+                    done_cb(b)
+                except BaseException as exc:  # noqa: BLE001 (re-raised once every bucket is waited for)
+                    callback_error = exc
         self.last_order = list(self._observed)
         self.step += 1
         if tl is not None:
@@ -341,6 +361,8 @@ class GradientReducer:
         self._reset_step()
         if error is not None:
             raise error
+        if callback_error is not None:
+            raise callback_error
         if self.nan_check is not None:
             self.nan_report = self.nan_check.finish_step(self.step, num_buckets=len(self.plans))
 

@@ -15,6 +15,10 @@ Design constraints:
 4. World size 1 costs nothing: no hooks, ``step`` is the wrapped optimizer's step.
 5. Parameters marked ``_shoal_no_sync = True`` (e.g. a class-sharded classifier, :mod:`shoal.parallel`)
    are never reduced: their gradients are local by design.
+6. The step may overlap the wire (``overlap_step``, opt-in): in ``step()``, each bucket's parameters
+   are stepped the moment that bucket is reduced, while later buckets are still in flight (only for the
+   element-wise ``torch.optim`` classes in :data:`_OVERLAP_SAFE`, with no step hooks, no closure,
+   ``nan_check`` off, so the result is bitwise the same as one step after the last bucket).
 
 What lives elsewhere: bucketing, streams and collectives (:class:`shoal.core.reducer.GradientReducer`).
 """
@@ -43,6 +47,13 @@ from shoal.core import timeline as _timeline
 __all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state"]
 
 log = logging.getLogger(__name__)
+
+#: Optimizers whose update of a parameter reads only that parameter, its gradient and its own state, so
+#: that stepping the parameters bucket by bucket equals one step over all of them (constraint 6).
+#: Exact classes: a subclass may override ``step`` with something global (e.g. a norm over all gradients).
+_OVERLAP_SAFE = tuple(getattr(torch.optim, name) for name in (
+    "SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "ASGD", "Rprop")
+    if hasattr(torch.optim, name))
 
 
 def _op_name(op) -> str:
@@ -93,7 +104,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         sparse_as_dense: reduce sparse gradients as dense tensors (else: allgather of indices and values).
         process_set: ranks to average over (default: all).
         **engine_options: ``fusion_threshold_mb``, ``first_bucket_mb``, ``num_streams``,
-            ``hierarchical``, ``error_feedback``, ``nan_check`` (raise / skip / warn / off, see docs/nan_check.md):
+            ``hierarchical``, ``error_feedback``, ``nan_check`` (raise / skip / warn / off, see docs/nan_check.md),
+            ``overlap_step`` (step each bucket's parameters as soon as it is reduced; see docs/engine.md):
             override the runtime config for this optimizer.
 
     Example:
@@ -133,6 +145,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     raise ValueError("shoal: give groups= or num_groups=, not both (num_groups is Horovod's "
                                      "older name for groups=<int>)")
                 groups = num_groups
+        #: Step bucket by bucket while later buckets are on the wire (constraint 6); None: the config's.
+        self.overlap_step: Optional[bool] = engine_options.pop("overlap_step", None)
         check_engine_options(engine_options, "DistributedOptimizer")  # now, not when step 1 builds the reducer
         self._engine_options = engine_options
         #: Steps skipped on every rank by ``nan_check="skip"`` (steps a GradScaler skipped are its own).
@@ -408,13 +422,24 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._should_synchronize = True
 
     def step(self, closure=None):
-        """Synchronize (unless inside ``skip_synchronize()``), then the wrapped optimizer's step."""
+        """Synchronize (unless inside ``skip_synchronize()``), then the wrapped optimizer's step.
+
+        Where it is exact (constraint 6), the parameters of each bucket are stepped as soon as that
+        bucket is reduced, while the later buckets are still on the wire."""
+        stepped: Optional[set[int]] = None
         if self._should_synchronize:
             if self._synchronized and self._active:
                 warnings.warn("shoal: optimizer.step() after optimizer.synchronize() without "
                               "skip_synchronize(): the gradients are already reduced, nothing is redone.",
                               stacklevel=2)
-            self.synchronize()
+            elif closure is None and self._can_overlap_step():
+                stepped = set()
+                self._reducer.bucket_done = lambda b: self._step_bucket(b, stepped)
+            try:
+                self.synchronize()
+            finally:
+                if self._reducer is not None:
+                    self._reducer.bucket_done = None  # finish() consumed it, unless it never ran
         elif self._active and not self._synchronized:
             raise ShoalError("shoal: step() under skip_synchronize() but synchronize() was not called "
                              "this step: gradients would be applied unreduced. HINT: call "
@@ -425,9 +450,59 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 self.skipped_steps += 1
                 return None
             with _timeline.span("optimizer", "optimizer step"):
+                if stepped is not None:
+                    self._step_subset(lambda p: id(p) not in stepped)  # what no bucket stepped
+                    return None
                 return self._inner.step(closure) if closure is not None else self._inner.step()
         finally:
             self._synchronized = False
+
+    def _can_overlap_step(self) -> bool:
+        """Whether ``step()`` may step bucket by bucket (constraint 6)."""
+        red = self._reducer
+        if red is None or not self._active or red.nan_check is not None:
+            return False
+        if not (self.overlap_step if self.overlap_step is not None else runtime.config().overlap_step):
+            return False
+        if type(self._inner) not in _OVERLAP_SAFE:
+            return False
+        from torch.optim import optimizer as _torch_optimizer
+        hooks = (self._inner._optimizer_step_pre_hooks, self._inner._optimizer_step_post_hooks,
+                 getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None),
+                 getattr(_torch_optimizer, "_global_optimizer_post_hooks", None))
+        return not any(hooks)
+
+    def _step_bucket(self, b: int, stepped: set[int]) -> None:
+        """Bucket ``b`` is reduced: step its parameters that this rank produced a gradient for (a
+        gradient no rank produced is dropped after the last bucket, so those wait for the final step)."""
+        params = []
+        for t in self._reducer.plans[b].tensor_ids:
+            i = self._dense_ids[t]
+            p = self._params[i]
+            if self._counts[i] > 0 and p.grad is not None:
+                params.append(p)
+        if not params:
+            return
+        ids = {id(p) for p in params}
+        with _timeline.span("optimizer", f"optimizer step b{b}", "main", {"bucket": b}):
+            self._step_subset(lambda p: id(p) in ids)
+        stepped.update(ids)
+
+    def _step_subset(self, keep) -> None:
+        """The wrapped optimizer's step over the parameters for which ``keep(p)`` is true (their state,
+        groups and hyper-parameters as they are); nothing runs when none of them has a gradient."""
+        groups = self._inner.param_groups
+        saved = [g["params"] for g in groups]
+        subsets = [[p for p in ps if keep(p)] for ps in saved]
+        if not any(p.grad is not None for ps in subsets for p in ps):
+            return
+        try:
+            for g, ps in zip(groups, subsets):
+                g["params"] = ps
+            self._inner.step()
+        finally:
+            for g, ps in zip(groups, saved):
+                g["params"] = ps
 
     @property
     def autotune_summary(self) -> Optional[dict]:
