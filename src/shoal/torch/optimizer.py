@@ -434,7 +434,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                               stacklevel=2)
             elif closure is None and self._can_overlap_step():
                 stepped = set()
-                self._reducer.bucket_done = lambda b: self._step_bucket(b, stepped)
+                # Parameter -> its group, once per step: each bucket then steps only its own parameters.
+                group_of = {id(p): k for k, g in enumerate(self._inner.param_groups) for p in g["params"]}
+                self._reducer.bucket_done = lambda b: self._step_bucket(b, stepped, group_of)
             try:
                 self.synchronize()
             finally:
@@ -450,8 +452,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 self.skipped_steps += 1
                 return None
             with _timeline.span("optimizer", "optimizer step"):
-                if stepped is not None:
-                    self._step_subset(lambda p: id(p) not in stepped)  # what no bucket stepped
+                if stepped is not None:  # what no bucket stepped
+                    self._step_subset([[p for p in g["params"] if id(p) not in stepped]
+                                       for g in self._inner.param_groups])
                     return None
                 return self._inner.step(closure) if closure is not None else self._inner.step()
         finally:
@@ -472,30 +475,28 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  getattr(_torch_optimizer, "_global_optimizer_post_hooks", None))
         return not any(hooks)
 
-    def _step_bucket(self, b: int, stepped: set[int]) -> None:
+    def _step_bucket(self, b: int, stepped: set[int], group_of: dict[int, int]) -> None:
         """Bucket ``b`` is reduced: step its parameters that this rank produced a gradient for (a
         gradient no rank produced is dropped after the last bucket, so those wait for the final step)."""
-        params = []
+        subsets: list[list[torch.Tensor]] = [[] for _ in self._inner.param_groups]
         for t in self._reducer.plans[b].tensor_ids:
             i = self._dense_ids[t]
             p = self._params[i]
-            if self._counts[i] > 0 and p.grad is not None:
-                params.append(p)
-        if not params:
-            return
-        ids = {id(p) for p in params}
-        with _timeline.span("optimizer", f"optimizer step b{b}", "main", {"bucket": b}):
-            self._step_subset(lambda p: id(p) in ids)
-        stepped.update(ids)
+            k = group_of.get(id(p))
+            if k is not None and self._counts[i] > 0 and p.grad is not None:
+                subsets[k].append(p)
+                stepped.add(id(p))
+        if any(subsets):
+            with _timeline.span("optimizer", f"optimizer step b{b}", "main", {"bucket": b}):
+                self._step_subset(subsets)
 
-    def _step_subset(self, keep) -> None:
-        """The wrapped optimizer's step over the parameters for which ``keep(p)`` is true (their state,
+    def _step_subset(self, subsets: list[list[torch.Tensor]]) -> None:
+        """The wrapped optimizer's step over ``subsets[k]`` of each parameter group ``k`` (their state,
         groups and hyper-parameters as they are); nothing runs when none of them has a gradient."""
-        groups = self._inner.param_groups
-        saved = [g["params"] for g in groups]
-        subsets = [[p for p in ps if keep(p)] for ps in saved]
         if not any(p.grad is not None for ps in subsets for p in ps):
             return
+        groups = self._inner.param_groups
+        saved = [g["params"] for g in groups]
         try:
             for g, ps in zip(groups, subsets):
                 g["params"] = ps
