@@ -13,6 +13,9 @@ Modes (``--modes``; unavailable ones are reported as such):
     shoal_overlap the same with overlap_step=True: the optimizer steps bucket by bucket while later
                  buckets are still on the wire, not after the last one
     shoal_fp16   the same with compression=Compression.fp16
+    shoal_xb     shoal with shoal.torch.cross_barrier: step() returns with the last buckets in flight and
+                 each layer waits for its own parameters in the next forward
+    shoal_fp16_xb  the same with compression=Compression.fp16
     ddp          torch DistributedDataParallel, defaults (25 MB buckets)
     ddp_fp16     DDP + torch's fp16_compress_hook
     naive        one allreduce per gradient tensor after backward
@@ -98,6 +101,9 @@ class Mode:
     def reduce(self) -> None:
         """Make gradients global after backward (nothing for modes that reduce during backward)."""
 
+    def finish_round(self) -> None:
+        """End of a mode's round (timed with its last step): nothing left in flight for the next mode."""
+
     def settle(self, x, y) -> Optional[dict]:
         """Untimed steps before the rounds, for modes that adapt during their first steps (the tuner);
         returns what to record about it, or None."""
@@ -134,7 +140,8 @@ class DDP(Mode):
 
 
 class Shoal(Mode):
-    def __init__(self, model, lr: float, compression: str = "none", overlap_step: Optional[bool] = None):
+    def __init__(self, model, lr: float, compression: str = "none", overlap_step: Optional[bool] = None,
+                 cross_barrier: bool = False):
         try:
             import shoal.torch as sh  # noqa: PLC0415
             sh.DistributedOptimizer  # noqa: B018 (the engine may not exist yet)
@@ -147,6 +154,11 @@ class Shoal(Mode):
                                                  overlap_step=overlap_step)
         sh.broadcast_parameters(model.state_dict(), root_rank=0)
         self.wire_precision = "fp32" if compression == "none" else "fp16"
+        if cross_barrier:
+            sh.cross_barrier(model, self.optimizer)
+
+    def finish_round(self) -> None:
+        self.optimizer.flush()
 
     def settle(self, x, y) -> Optional[dict]:
         # The tuner is on by default and explores for up to 50 steps (shoal.core.autotune). Timing those
@@ -211,6 +223,9 @@ MODES: dict[str, tuple[Callable[..., Mode], str]] = {
     "shoal": (lambda m, lr: Shoal(m, lr), "shoal.torch.DistributedOptimizer"),
     "shoal_overlap": (lambda m, lr: Shoal(m, lr, overlap_step=True), "... stepping bucket by bucket"),
     "shoal_fp16": (lambda m, lr: Shoal(m, lr, compression="fp16"), "... with Compression.fp16"),
+    "shoal_xb": (lambda m, lr: Shoal(m, lr, cross_barrier=True), "... with the cross-barrier"),
+    "shoal_fp16_xb": (lambda m, lr: Shoal(m, lr, compression="fp16", cross_barrier=True),
+                      "... fp16 with the cross-barrier"),
     "ddp": (lambda m, lr: DDP(m, lr), "torch DDP, defaults"),
     "ddp_fp16": (lambda m, lr: DDP(m, lr, fp16=True), "DDP + fp16_compress_hook"),
     "naive": (lambda m, lr: Naive(m, lr), "one allreduce per gradient"),
@@ -333,6 +348,8 @@ def bench_model(name: str, args, rank: int, world: int, progress) -> dict:
             for i in range(warmup + args.steps):
                 t0 = time.perf_counter()
                 loss = runner.step(x, y)
+                if i == warmup + args.steps - 1:
+                    runner.finish_round()
                 dt = time.perf_counter() - t0
                 if i >= warmup:
                     times[mode].append(dt)
@@ -495,7 +512,7 @@ def print_table(console, report: dict) -> None:
     # leaves room for a different summation order).
     for name, info in report["models"].items():
         ref = info["modes"].get("ddp", {}).get("loss")
-        for mode in ("shoal", "shoal_overlap", "naive", "horovod"):
+        for mode in ("shoal", "shoal_overlap", "shoal_xb", "naive", "horovod"):
             loss = info["modes"].get(mode, {}).get("loss")
             if ref is not None and loss is not None and abs(loss - ref) > 1e-4 * max(1.0, abs(ref)):
                 console.print(f"  [red]{name}/{mode}: final loss {loss:.6f} differs from ddp's {ref:.6f}[/]")

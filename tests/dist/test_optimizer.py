@@ -798,3 +798,108 @@ def test_overlapped_step_is_bitwise_one_step_at_the_end(variant):
         else:
             assert a["calls"] == [1] * _STEPS, a["calls"]
     _assert_ranks_equal(on)
+
+
+# --------------------------------------------------------------------------------- cross-barrier
+class _Branchy(torch.nn.Module):
+    """An MLP with a head that rank 0 uses on even steps only (a gradient not every rank produces)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _mlp(width=64)
+        self.extra = torch.nn.Linear(4, 4)
+
+    def forward(self, x, use_extra: bool = False):
+        out = self.body(x)
+        return self.extra(out) if use_extra else out
+
+
+def _rank_cross_barrier(variant: str, on: bool):
+    import shoal.torch as hvd  # noqa: PLC0415
+
+    rank, world = _setup()
+    torch.manual_seed(0)
+    model = _Branchy()
+    unused = torch.nn.Parameter(torch.ones(3))
+    params = list(model.parameters())
+    groups = [{"params": params[:4] + [unused], "weight_decay": 0.1}, {"params": params[4:], "lr": 0.02}]
+    inner = torch.optim.AdamW(groups, lr=0.01) if variant != "sgd" else torch.optim.SGD(groups, lr=0.1,
+                                                                                        momentum=0.9)
+    named = list(model.named_parameters()) + [("unused", unused)]
+    opt = hvd.DistributedOptimizer(inner, named_parameters=named,
+                                   fusion_threshold_mb=4e-3, first_bucket_mb=2e-3, num_streams=2)
+    if on:
+        hvd.cross_barrier(model, opt, defer_fraction=0.3)
+    losses, deferred = [], []
+    for step in range(_STEPS + 1):
+        x, y = _batch(step)
+        use_extra = variant == "branch" and rank == 0 and step % 2 == 0
+        if variant != "zero_after":
+            opt.zero_grad(set_to_none=variant != "zero_false")
+        loss = _loss(lambda t: model(t, use_extra), _half(x, rank, world), _half(y, rank, world))
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        deferred.append(opt._deferred is not None and opt._reducer.units_left)
+        if variant == "zero_after":
+            opt.zero_grad()
+    if variant == "state_dict":
+        state = {k: v.clone() for k, v in model.state_dict().items()}  # flushes
+    else:
+        opt.flush()
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"state": state, "unused": unused.detach().clone(), "losses": losses, "deferred": deferred,
+            "units": len(opt._reducer.units), "buckets": len(opt._reducer.plans)}
+
+
+@pytest.mark.parametrize("variant", ["adamw", "sgd", "zero_after", "zero_false", "branch", "state_dict"])
+def test_cross_barrier_is_bitwise_the_plain_step(variant):
+    """With the cross-barrier, step() returns with buckets in flight and each module waits for its own
+    parameters in the next forward; the losses of every step and the final weights are bitwise those of
+    the plain step, whatever the zero_grad placement, with a rank-dependent branch (its head's update waits
+    for the end of the step) and a parameter that never gets a gradient."""
+    on = run_ranks(_rank_cross_barrier, world_size=2, timeout_s=90, args=(variant, True))
+    off = run_ranks(_rank_cross_barrier, world_size=2, timeout_s=90, args=(variant, False))
+    for a, b in zip(on, off):
+        assert a["losses"] == b["losses"]
+        for k in b["state"]:
+            assert torch.equal(a["state"][k], b["state"][k]), k
+        assert torch.equal(a["unused"], torch.ones(3))
+        assert a["units"] > a["buckets"] == b["buckets"] == b["units"]  # heads were deferred
+        assert not a["deferred"][0] and all(a["deferred"][1:]), a["deferred"]  # step 1 discovers the order
+        assert not any(b["deferred"])
+    for k, v in on[0]["state"].items():
+        assert torch.equal(v, on[1]["state"][k]), k
+
+
+def _rank_cross_barrier_errors():
+    import shoal.torch as hvd  # noqa: PLC0415
+    from shoal.core.errors import ShoalError  # noqa: PLC0415
+
+    _setup()
+    model = _mlp()
+    messages = []
+    opt = hvd.DistributedOptimizer(_SGDSubclass(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters())
+    with pytest.raises(ShoalError) as err:
+        hvd.cross_barrier(model, opt)
+    messages.append(str(err.value))
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters())
+    with pytest.raises(ShoalError) as err:
+        hvd.cross_barrier(_mlp(seed=1), opt)  # another model: no module owns these parameters
+    messages.append(str(err.value))
+    handle = hvd.cross_barrier(model, opt)
+    with pytest.raises(ShoalError) as err:
+        hvd.cross_barrier(model, opt)
+    messages.append(str(err.value))
+    handle.remove()
+    hvd.cross_barrier(model, opt).remove()
+    return messages
+
+
+def test_cross_barrier_refuses_what_it_cannot_do_exactly():
+    for messages in run_ranks(_rank_cross_barrier_errors, world_size=2, timeout_s=60):
+        assert "element-wise" in messages[0] and "_SGDSubclass" in messages[0]
+        assert "none of the model's modules" in messages[1]
+        assert "already on" in messages[2]

@@ -11,10 +11,14 @@ Design constraints:
    views nothing.
 2. Overlap: a bucket is launched (``async_op``) the moment its last tensor is ready, while backward goes on;
    ``finish`` waits only for what is still in flight.
-3. Same collective order on every rank: buckets are launched strictly in plan order (a bucket that fills
+3. Same collective order on every rank: launch units (slices of buckets, :func:`plan_launch_units`; one
+   per bucket unless the cross-barrier defers some) are launched strictly in plan order (a unit that fills
    early waits for its predecessors), so no rank can issue collectives in a different order.
-4. Several buckets in flight: bucket ``b`` goes on stream ``b % num_streams``, each stream its own process
+4. Several buckets in flight: unit ``u`` goes on stream ``u % num_streams``, each stream its own process
    group (on GPU each NCCL communicator has its own CUDA stream; on gloo each group its own threads).
+7. Waiting is in launch order, possibly spread over time: :meth:`GradientReducer.wait_for` waits only up to
+   the unit that completes a given tensor (the cross-barrier calls it from the next forward, layer by layer),
+   :meth:`GradientReducer.finish` waits for the rest and closes the step.
 5. No background loop of ours: completion work (scaling) runs as a future callback on the backend's own
    completion thread, so an idle rank costs nothing (an idle Horovod rank burns ~7% of a core here for its
    1 ms cycle).
@@ -39,7 +43,7 @@ import torch.distributed as dist
 
 from . import runtime
 from .algorithms import ReduceContext, get_algorithm
-from .buckets import BucketPlan, TensorSpec, plan_buckets
+from .buckets import BucketPlan, LaunchUnit, TensorSpec, plan_buckets, plan_launch_units
 from .checks import make_finite_check
 from .errors import ShoalError
 from . import timeline as _timeline
@@ -135,10 +139,13 @@ class GradientReducer:
         #: shoal.core.negotiation.Negotiator of the frontend (control slot, stall inspector), or None.
         self.negotiator = negotiator
         self._error_feedback = error_feedback  # reconfigure() rebuilds the algorithm for a new stream count
-        #: Called as ``bucket_done(b)`` by :meth:`finish` the moment bucket ``b`` is reduced, while later
-        #: buckets are still on the wire (the frontend steps the optimizer on that bucket's parameters);
-        #: None: :meth:`finish` waits for every bucket first. Set per step by the frontend.
-        self.bucket_done: Optional[Callable[[int], None]] = None
+        #: Called as ``tensors_done(ids)`` the moment the tensors ``ids`` are reduced, while later units are
+        #: still on the wire (the frontend steps the optimizer on those parameters); None: :meth:`finish`
+        #: waits for every unit first. Set per step by the frontend; :meth:`finish` clears it.
+        self.tensors_done: Optional[Callable[[list[int]], None]] = None
+        #: Fraction of the gradient bytes whose launch is deferred to the end of the step (constraint 5 of
+        #: :mod:`shoal.core.buckets`); set by the cross-barrier, 0 otherwise. Takes effect at the next plan.
+        self.defer_fraction = 0.0
         _timeline.maybe_start_from_config(cfg)  # SHOAL_TIMELINE_FILENAME alone starts the timeline
         self._build(order=None)
 
@@ -152,7 +159,6 @@ class GradientReducer:
             torch.zeros(p.numel, dtype=p.dtype, device=p.device) for p in self.plans]
         if self.negotiator is not None and self.buffers:  # control slot after the last bucket (negotiation)
             self.buffers[-1] = self.negotiator.extend_last_bucket(self.buffers[-1])
-        self._bucket_state: list[dict] = [{} for _ in self.plans]
         self.views: list[torch.Tensor] = [torch.empty(0)] * len(self.specs)
         self.bucket_of: list[int] = [0] * len(self.specs)
         for p, buf in zip(self.plans, self.buffers):
@@ -160,14 +166,36 @@ class GradientReducer:
                 spec = self.specs[t]
                 self.views[t] = buf[off:off + spec.numel].view(spec.shape)
                 self.bucket_of[t] = p.index
+        self._plan_units()
+
+    def _plan_units(self) -> None:
+        total = sum(p.nbytes for p in self.plans)
+        self.units: list[LaunchUnit] = plan_launch_units(
+            self.plans, [buf.numel() for buf in self.buffers], defer_nbytes=int(self.defer_fraction * total))
+        self._unit_state: list[dict] = [{} for _ in self.units]
+        # Per unit, the tensors that are fully reduced once the units up to it (in launch order) are done.
+        last_unit: dict[int, int] = {}
+        for u, unit in enumerate(self.units):
+            plan = self.plans[unit.bucket]
+            for t, off in zip(plan.tensor_ids, plan.offsets):
+                if off < unit.stop and off + self.specs[t].numel > unit.start:
+                    last_unit[t] = u
+        self.done_at: list[list[int]] = [[] for _ in self.units]
+        for t, u in sorted(last_unit.items()):
+            self.done_at[u].append(t)
+        self._last_unit_of = last_unit
         self._reset_step()
 
     def _reset_step(self) -> None:
         self._pending = [len(p.tensor_ids) for p in self.plans]
         self._ready = [False] * len(self.specs)
-        self._futures: list[Optional[torch.futures.Future]] = [None] * len(self.plans)
-        self._next_launch = 0
-        self._launched_at: list[float] = [0.0] * len(self.plans)
+        self._futures: list[Optional[torch.futures.Future]] = [None] * len(self.units)
+        self._next_launch = 0  # next unit to launch
+        self._waited = 0  # units waited for (in launch order)
+        self._all_launched = False
+        self._wait_error: Optional[BaseException] = None
+        self._bucket_started = [False] * len(self.plans)
+        self._launched_at: list[float] = [0.0] * len(self.units)
         # The timeline recorder, looked up once per step: one attribute test per gradient when off.
         self._tl = _timeline.active()
         self._fill_ns: dict[int, int] = {}  # timeline only: bucket -> first gradient ready
@@ -228,6 +256,16 @@ class GradientReducer:
             new.copy_(old)
         return True
 
+    def set_defer_fraction(self, fraction: float) -> None:
+        """Defer the launch of this fraction of the gradient bytes to the end of each step (the
+        cross-barrier's plan, :func:`~shoal.core.buckets.plan_launch_units`); 0: no deferral. Between steps."""
+        if self.in_flight:
+            raise ShoalError("shoal: set_defer_fraction() while buckets are in flight; call finish() first")
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"shoal: defer_fraction must be in [0, 1), got {fraction}")
+        self.defer_fraction = float(fraction)
+        self._plan_units()
+
     def agreed_order(self) -> list[int]:
         """The ready order observed this step on the process set's first rank, completed with the
         tensors that never became ready (reverse registration order), broadcast to every member."""
@@ -283,37 +321,41 @@ class GradientReducer:
             self._launch_ready()
 
     def _launch_ready(self) -> None:
-        while self._next_launch < len(self.plans) and self._pending[self._next_launch] == 0:
+        units, pending = self.units, self._pending
+        while self._next_launch < len(units) and pending[units[self._next_launch].bucket] == 0:
             self._launch(self._next_launch)
             self._next_launch += 1
 
-    def _launch(self, b: int) -> None:
+    def _launch(self, u: int) -> None:
+        unit = self.units[u]
+        b = unit.bucket
         plan = self.plans[b]
-        ctx = ReduceContext(group=self._streams[b % self.num_streams], process_set=self.process_set,
+        ctx = ReduceContext(group=self._streams[u % self.num_streams], process_set=self.process_set,
                             prescale=1.0, postscale=1.0, bucket_index=b,  # applied on load (constraint 6)
                             names=lambda plan=plan: [self.specs[t].name for t in plan.tensor_ids],
-                            state=self._bucket_state[b])
+                            state=self._unit_state[u])
         tl = self._tl
         t_check_ns = tl.now_ns() if tl is not None else 0
-        if self.nan_check is not None:  # before the bucket leaves the rank (shoal.core.checks)
+        first_of_bucket = not self._bucket_started[b]
+        self._bucket_started[b] = True
+        if first_of_bucket and self.nan_check is not None:  # before the bucket leaves the rank (checks)
             self.nan_check.check_bucket(b, self.buffers[b], lambda plan=plan: [
                 (self.specs[t].name, self.views[t]) for t in plan.tensor_ids], last=b == len(self.plans) - 1)
-        self._launched_at[b] = time.perf_counter()
-        if self.negotiator is not None:  # writes the control slot into the last bucket (negotiation)
+        self._launched_at[u] = time.perf_counter()
+        if first_of_bucket and self.negotiator is not None:  # the control slot of the last bucket
             self.negotiator.on_launch(b, len(self.plans))
-        self._futures[b] = self._algorithm(self.buffers[b], ctx)
+        buf = self.buffers[b]
+        self._futures[u] = self._algorithm(
+            buf if unit.start == 0 and unit.stop == buf.numel() else buf[unit.start:unit.stop], ctx)
         if tl is not None:
-            self._record_launch(tl, b, t_check_ns)
+            self._record_launch(tl, u, t_check_ns)
 
-    def finish(self) -> None:
-        """Launch every bucket not yet launched (tensors never marked ready go as they are: zeros if the
-        frontend zeroed them), wait for all, and leave the reduced values in :attr:`views`.
-
-        Raises:
-            RankFailureError: a peer died or timed out; the message names the bucket's first tensors.
-        """
-        tl = self._tl
-        t_wait_ns = tl.now_ns() if tl is not None else 0
+    def launch_all(self) -> None:
+        """Launch every unit not yet launched; tensors never marked ready go as they are (zeros if the
+        frontend zeroed them). Returns at once; :meth:`wait_for` / :meth:`finish` wait."""
+        if self._all_launched:
+            return
+        self._all_launched = True
         if self.load_scale != 1.0:  # tensors never marked ready travel as they are, scaled like the rest
             for i, ready in enumerate(self._ready):
                 if not ready:
@@ -321,37 +363,81 @@ class GradientReducer:
         for b in range(len(self.plans)):
             self._pending[b] = 0
         self._launch_ready()
-        error: Optional[BaseException] = None
+
+    def _names_of_unit(self, u: int) -> list[str]:
+        return [self.specs[t].name for t in self.plans[self.units[u].bucket].tensor_ids]
+
+    def _wait_units(self, stop: int, done_cb: Optional[Callable[[list[int]], None]]) -> Optional[BaseException]:
+        """Wait for units ``_waited .. stop-1`` in launch order, calling ``done_cb`` with the tensors each
+        completes. Returns the first exception ``done_cb`` raised (the waits go on); a failed collective is
+        kept in ``_wait_error`` (no more callbacks after it)."""
         callback_error: Optional[BaseException] = None
-        done_cb, self.bucket_done = self.bucket_done, None
-
-        def names_of(b: int) -> list[str]:
-            return [self.specs[t].name for t in self.plans[b].tensor_ids]
-
-        if self.negotiator is not None and done_cb is None:
-            # Stall inspector: warns, then fails naming the ranks missing.
-            self.negotiator.wait(self._futures, names_of)
-        for b, fut in enumerate(self._futures):
+        while self._waited < stop:
+            u = self._waited
+            self._waited += 1
+            fut = self._futures[u]
             if fut is None:
                 continue
-            if done_cb is not None and error is None and self.negotiator is not None:
-                # One bucket at a time, so that bucket_done(b) runs while later buckets are on the wire.
-                self.negotiator.wait([f if k == b else None for k, f in enumerate(self._futures)], names_of)
+            if done_cb is not None and self._wait_error is None and self.negotiator is not None:
+                # One unit at a time, so that done_cb runs while later units are on the wire.
+                self.negotiator.wait([f if k == u else None for k, f in enumerate(self._futures)],
+                                     self._names_of_unit)
             try:
                 fut.wait()
-            except Exception as exc:  # noqa: BLE001 (converted and re-raised below)
-                if error is None:
-                    names = names_of(b)
+            except Exception as exc:  # noqa: BLE001 (converted; finish() raises it)
+                if self._wait_error is None:
+                    names = self._names_of_unit(u)
                     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-                    error = runtime.explain_failure(exc, f"gradient allreduce of bucket {b} ({shown})",
-                                                    self.process_set.ranks)
-                    error.__cause__ = exc
+                    err = runtime.explain_failure(exc, f"gradient allreduce of bucket {self.units[u].bucket} "
+                                                       f"({shown})", self.process_set.ranks)
+                    err.__cause__ = exc
+                    self._wait_error = err
                 continue
-            if done_cb is not None and error is None and callback_error is None:
+            if done_cb is not None and self._wait_error is None and callback_error is None and self.done_at[u]:
                 try:
-                    done_cb(b)
-                except BaseException as exc:  # noqa: BLE001 (re-raised once every bucket is waited for)
+                    done_cb(self.done_at[u])
+                except BaseException as exc:  # noqa: BLE001 (re-raised by the caller)
                     callback_error = exc
+        return callback_error
+
+    def wait_for(self, i: int) -> bool:
+        """Wait (in launch order) until tensor ``i`` is reduced, calling :attr:`tensors_done` for every
+        tensor completed on the way; the step stays open (:meth:`finish` closes it).
+
+        Returns:
+            True when ``views[i]`` now holds the reduced value; False when a collective failed (then
+            :meth:`finish` raises the error).
+        """
+        if not self._all_launched:
+            raise ShoalError("shoal: wait_for() before launch_all()")
+        err = self._wait_units(self._last_unit_of[i] + 1, self.tensors_done)
+        if err is not None:
+            self.tensors_done = None
+            raise err
+        return self._wait_error is None
+
+    @property
+    def units_left(self) -> int:
+        """Units of this step not yet waited for."""
+        return len(self.units) - self._waited
+
+    def finish(self) -> None:
+        """Launch every unit not yet launched (:meth:`launch_all`), wait for all, and leave the reduced
+        values in :attr:`views`.
+
+        Raises:
+            RankFailureError: a peer died or timed out; the message names the bucket's first tensors.
+        """
+        tl = self._tl
+        t_wait_ns = tl.now_ns() if tl is not None else 0
+        self.launch_all()
+        done_cb, self.tensors_done = self.tensors_done, None
+        if self.negotiator is not None and done_cb is None:
+            # Stall inspector: warns, then fails naming the ranks missing.
+            self.negotiator.wait(self._futures[self._waited:],
+                                 lambda k, base=self._waited: self._names_of_unit(base + k))
+        callback_error = self._wait_units(len(self.units), done_cb)
+        error = self._wait_error
         self.last_order = list(self._observed)
         self.step += 1
         if tl is not None:
@@ -375,19 +461,25 @@ class GradientReducer:
             tl.complete("wait_for_gradients", f"fill b{b}", start, now, "gradients",
                         {"bucket": b, "step": self.step + 1, "tensors": len(self.plans[b].tensor_ids)})
 
-    def _record_launch(self, tl, b: int, t_check_ns: int) -> None:
-        """NaN check (main track), then communication from launch to completion on the bucket's stream;
+    def _record_launch(self, tl, u: int, t_check_ns: int) -> None:
+        """NaN check (main track), then communication from launch to completion on the unit's stream;
         the end is stamped by a callback on the backend's completion thread (the timeline is thread-safe)."""
-        t_launch_ns = int(self._launched_at[b] * 1e9)  # perf_counter and perf_counter_ns share one clock
+        unit = self.units[u]
+        b = unit.bucket
+        t_launch_ns = int(self._launched_at[u] * 1e9)  # perf_counter and perf_counter_ns share one clock
         step = self.step + 1
         if self.nan_check is not None:
             tl.complete("nan_check", f"nan check b{b}", t_check_ns, t_launch_ns, "main", {"bucket": b, "step": step})
-        stream = b % self.num_streams
-        args = {"bucket": b, "step": step, "stream": stream, "nbytes": self.plans[b].nbytes,
+        stream = u % self.num_streams
+        whole = unit.start == 0 and unit.stop == self.buffers[b].numel()
+        nbytes = self.plans[b].nbytes if whole else (unit.stop - unit.start) * self.buffers[b].element_size()
+        args = {"bucket": b, "step": step, "stream": stream, "nbytes": nbytes,
                 "tensors": len(self.plans[b].tensor_ids), "algorithm": self.compression}
-        name = f"allreduce b{b}"
+        if not whole:
+            args["slice"] = [unit.start, unit.stop]
+        name = f"allreduce b{b}" if whole else f"allreduce b{b}[{unit.start}:{unit.stop}]"
 
         def done(_fut) -> None:
             tl.complete("communication", name, t_launch_ns, tl.now_ns(), f"stream {stream}", args)
 
-        self._futures[b].add_done_callback(done)
+        self._futures[u].add_done_callback(done)

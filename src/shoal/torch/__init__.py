@@ -67,10 +67,12 @@ from shoal.torch.join import join
 from shoal.torch.nan_drilldown import NanDrilldown, drill_down
 from shoal.torch.functions import allgather, allreduce, alltoall, broadcast, reducescatter
 from shoal.torch.comm_hook import comm_hook
-from shoal.torch.optimizer import DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters
+from shoal.torch.optimizer import (CrossBarrier, DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters,
+                                   cross_barrier)
 
 __all__ = [
     "DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "Compression", "comm_hook",
+    "cross_barrier", "CrossBarrier",
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank",
     "cross_size", "is_homogeneous", "ProcessSet", "global_process_set", "add_process_set",
     "remove_process_set",

@@ -19,6 +19,13 @@ Design constraints:
    are stepped the moment that bucket is reduced, while later buckets are still in flight (only for the
    element-wise ``torch.optim`` classes in :data:`_OVERLAP_SAFE`, with no step hooks, no closure,
    ``nan_check`` off, so the result is bitwise the same as one step after the last bucket).
+7. The cross-barrier (:func:`cross_barrier`, opt-in) goes one further: ``step()`` returns once every bucket
+   is on the wire, and each module's forward pre-hook waits for (and steps) only that module's parameters,
+   so the next forward's first layers run while the last buckets are still in flight. The engine defers
+   the head of some early buckets (the layers whose forward comes last) to the end of the wire. Same
+   optimizers as constraint 6, bitwise the same result; every other read of the weights goes through
+   :meth:`DistributedOptimizer.flush` (the model's forward end, ``state_dict()``, ``step()``,
+   ``synchronize()``, the next gradient).
 
 What lives elsewhere: bucketing, streams and collectives (:class:`shoal.core.reducer.GradientReducer`).
 """
@@ -44,7 +51,8 @@ from shoal.core.reducer import GradientReducer, ReduceOp, check_engine_options
 from shoal.core import autotune as _autotune
 from shoal.core import timeline as _timeline
 
-__all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state"]
+__all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "cross_barrier",
+           "CrossBarrier"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +173,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = False
         self._should_synchronize = True
         self._hooks = []
+        #: The cross-barrier (constraint 7): its CrossBarrier handle, or None when off.
+        self._cross_barrier: Optional["CrossBarrier"] = None
+        #: A step whose reduction and update are still in flight (constraint 7), or None.
+        self._deferred: Optional[dict] = None
         world = self._process_set.size()
         self._active = world > 1 or self._prescale * self._postscale != 1.0 or self._op == ReduceOp.SUM
         self._active = self._active and self._process_set.included()
@@ -217,9 +229,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return self._inner.register_step_post_hook(hook)
 
     def state_dict(self):
+        self.flush()
         return self._inner.state_dict()
 
     def load_state_dict(self, state_dict):
+        self.flush()
         return self._inner.load_state_dict(state_dict)
 
     def add_param_group(self, param_group):
@@ -293,6 +307,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return hook
 
     def _on_grad_ready(self, i: int, p: torch.Tensor) -> None:
+        if self._deferred is not None:  # a backward without the hooked forward: finish the last step first
+            self.flush()
         if not self._should_synchronize and self._synchronized:
             return
         self._counts[i] += 1
@@ -346,7 +362,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
             negotiator=self._negotiator, **self._engine_options)
         order_slots = [self._slot[i] for i in full_order]
         self._reducer.rebucket(order_slots)
-        self._tuner = _autotune.make_autotuner(self._reducer, self._engine_options)
+        # The tuner's agreement is a collective on the process set's group; under the cross-barrier it would
+        # run inside forward, where ranks may reach it at different modules (constraint 7).
+        self._tuner = None if self._cross_barrier is not None else \
+            _autotune.make_autotuner(self._reducer, self._engine_options)
+        if self._cross_barrier is not None:
+            self._reducer.set_defer_fraction(self._cross_barrier.defer_fraction)
         for j, i in enumerate(self._dense_ids):
             p = self._params[i]
             p.grad = self._reducer.load(j, p.grad)  # None: the (zero) view as it is
@@ -357,6 +378,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         After this, ``param.grad`` holds the averaged gradient on every rank; call ``step()`` inside
         ``with optimizer.skip_synchronize():`` to avoid a second synchronization (e.g. after clipping).
         """
+        if self._deferred is not None:  # the last step's update is still in flight: it is the answer
+            self.flush()
+            return
         if not self._active:
             self._synchronized = True
             return
@@ -365,15 +389,23 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._reducer is None:
             self._build_reducer()
         else:
-            for j, i in enumerate(self._dense_ids):
-                p = self._params[i]
-                view = self._reducer.views[j]
-                if p.grad is None:
-                    view.zero_()
-                    p.grad = view
-                elif p.grad.data_ptr() != view.data_ptr():
-                    view.copy_(p.grad.to_dense() if p.grad.is_sparse else p.grad)
-                    p.grad = view
+            self._prepare_views()
+        self._complete_synchronize()
+
+    def _prepare_views(self) -> None:
+        """Every reduced gradient in its view before the rest of the buckets go on the wire."""
+        for j, i in enumerate(self._dense_ids):
+            p = self._params[i]
+            view = self._reducer.views[j]
+            if p.grad is None:
+                view.zero_()
+                p.grad = view
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad.to_dense() if p.grad.is_sparse else p.grad)
+                p.grad = view
+
+    def _complete_synchronize(self) -> None:
+        """Wait for the buckets (``reducer.tensors_done`` steps them as they come), negotiate, re-plan."""
         # reducer.finish() plus the per-step negotiation: which gradients no rank produced.
         none_have = self._negotiator.finish(self._reducer, self._counts, sorted(self._sparse_ids))
         if self._sparse_ids:
@@ -427,21 +459,25 @@ class DistributedOptimizer(torch.optim.Optimizer):
         Where it is exact (constraint 6), the parameters of each bucket are stepped as soon as that
         bucket is reduced, while the later buckets are still on the wire."""
         stepped: Optional[set[int]] = None
+        if self._deferred is not None:  # two step() calls with no forward between them
+            self.flush()
         if self._should_synchronize:
             if self._synchronized and self._active:
                 warnings.warn("shoal: optimizer.step() after optimizer.synchronize() without "
                               "skip_synchronize(): the gradients are already reduced, nothing is redone.",
                               stacklevel=2)
+            elif closure is None and self._cross_barrier is not None and self._can_step_in_parts():
+                return self._defer_step()
             elif closure is None and self._can_overlap_step():
                 stepped = set()
                 # Parameter -> its group, once per step: each bucket then steps only its own parameters.
                 group_of = {id(p): k for k, g in enumerate(self._inner.param_groups) for p in g["params"]}
-                self._reducer.bucket_done = lambda b: self._step_bucket(b, stepped, group_of)
+                self._reducer.tensors_done = lambda ids: self._step_tensors(ids, stepped, group_of)
             try:
                 self.synchronize()
             finally:
                 if self._reducer is not None:
-                    self._reducer.bucket_done = None  # finish() consumed it, unless it never ran
+                    self._reducer.tensors_done = None  # finish() consumed it, unless it never ran
         elif self._active and not self._synchronized:
             raise ShoalError("shoal: step() under skip_synchronize() but synchronize() was not called "
                              "this step: gradients would be applied unreduced. HINT: call "
@@ -462,10 +498,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _can_overlap_step(self) -> bool:
         """Whether ``step()`` may step bucket by bucket (constraint 6)."""
-        red = self._reducer
-        if red is None or not self._active or red.nan_check is not None:
-            return False
         if not (self.overlap_step if self.overlap_step is not None else runtime.config().overlap_step):
+            return False
+        return self._can_step_in_parts()
+
+    def _can_step_in_parts(self) -> bool:
+        """Whether stepping the parameters in parts equals one step over all (constraints 6 and 7)."""
+        red = self._reducer
+        if red is None or not self._active or red.nan_check is not None or self._synchronized:
             return False
         if type(self._inner) not in _OVERLAP_SAFE:
             return False
@@ -475,11 +515,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  getattr(_torch_optimizer, "_global_optimizer_post_hooks", None))
         return not any(hooks)
 
-    def _step_bucket(self, b: int, stepped: set[int], group_of: dict[int, int]) -> None:
-        """Bucket ``b`` is reduced: step its parameters that this rank produced a gradient for (a
-        gradient no rank produced is dropped after the last bucket, so those wait for the final step)."""
+    def _step_tensors(self, ids: list[int], stepped: set[int], group_of: dict[int, int]) -> None:
+        """The reducer's tensors ``ids`` are reduced: step the parameters among them that this rank produced
+        a gradient for (a gradient no rank produced is dropped after the last bucket, so those wait for the
+        final step)."""
         subsets: list[list[torch.Tensor]] = [[] for _ in self._inner.param_groups]
-        for t in self._reducer.plans[b].tensor_ids:
+        for t in ids:
             i = self._dense_ids[t]
             p = self._params[i]
             k = group_of.get(id(p))
@@ -487,8 +528,63 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 subsets[k].append(p)
                 stepped.add(id(p))
         if any(subsets):
-            with _timeline.span("optimizer", f"optimizer step b{b}", "main", {"bucket": b}):
+            b = self._reducer.bucket_of[ids[0]]
+            with _timeline.span("optimizer", f"optimizer step b{b}", "main", {"bucket": b, "tensors": len(ids)}):
                 self._step_subset(subsets)
+
+    # ------------------------------------------------------------------------- cross-barrier (constraint 7)
+    def _defer_step(self) -> None:
+        """``step()`` under the cross-barrier: put every bucket on the wire and return; the next forward's
+        pre-hooks (or :meth:`flush`) wait and step."""
+        self._prepare_views()
+        stepped: set[int] = set()
+        group_of = {id(p): k for k, g in enumerate(self._inner.param_groups) for p in g["params"]}
+        self._deferred = {"stepped": stepped, "zero": None}
+        self._reducer.tensors_done = lambda ids: self._step_tensors(ids, stepped, group_of)
+        self._reducer.launch_all()
+        return None
+
+    def _before_forward(self, module: torch.nn.Module) -> None:
+        """A module's forward pre-hook: its own parameters are reduced and stepped before it runs."""
+        d = self._deferred
+        if d is None:
+            return
+        red = self._reducer
+        for p in module._parameters.values():
+            if p is None or id(p) in d["stepped"]:
+                continue
+            i = self._index.get(id(p))
+            if i is None:
+                continue
+            j = self._slot.get(i)
+            # Not produced here (or sparse): its update comes with the end of the step.
+            if j is None or self._counts[i] == 0 or not red.wait_for(j) or id(p) not in d["stepped"]:
+                self.flush()
+                return
+        if red.units_left == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Finish a step that the cross-barrier left in flight: wait for the rest of the buckets and step
+        what is not stepped yet. Needed before reading the weights outside the model's forward (e.g.
+        ``p.data``, ``torch.save(model)``); ``state_dict()``, ``step()``, ``synchronize()``, the end of the
+        model's forward and the next backward call it already. Nothing to do otherwise."""
+        d = self._deferred
+        if d is None:
+            return
+        self._deferred = None
+        stepped = d["stepped"]
+        try:
+            self._complete_synchronize()  # reducer.tensors_done still steps what completes now
+            with _timeline.span("optimizer", "optimizer step"):
+                self._step_subset([[p for p in g["params"] if id(p) not in stepped]
+                                   for g in self._inner.param_groups])
+        finally:
+            if self._reducer is not None:
+                self._reducer.tensors_done = None
+            self._synchronized = False
+        if d["zero"] is not None:  # a zero_grad() that came while the step was in flight
+            self.zero_grad(set_to_none=d["zero"])
 
     def _step_subset(self, subsets: list[list[torch.Tensor]]) -> None:
         """The wrapped optimizer's step over ``subsets[k]`` of each parameter group ``k`` (their state,
@@ -524,6 +620,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         gradients, which enter their buckets in one fused copy-and-scale pass. With ``False`` the views
         into the buckets are zeroed in place and autograd accumulates into them (a zeroing pass plus an
         add per step: measured slower)."""
+        if self._deferred is not None:  # the gradients are still being reduced: zero them after (flush)
+            self._deferred["zero"] = set_to_none
+            return
         # _counts, not the reducer's ready flags: they also cover step 1 (no reducer yet) and the first
         # backward passes of backward_passes_per_step > 1 (counted but not yet marked ready).
         if any(self._counts) and not self._synchronized:
@@ -546,6 +645,97 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     p.grad.zero_()
         self._counts = [0] * len(self._params)
         self._synchronized = False
+
+
+class CrossBarrier:
+    """Handle of :func:`cross_barrier`: ``remove()`` finishes any step in flight and takes the hooks off."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: DistributedOptimizer, defer_fraction: float):
+        self.model, self.optimizer, self.defer_fraction = model, optimizer, float(defer_fraction)
+        self._handles: list = []
+
+    def _install(self) -> None:
+        opt = self.optimizer
+        owned = 0
+        for module in self.model.modules():
+            if any(p is not None and id(p) in opt._index for p in module._parameters.values()):
+                self._handles.append(module.register_forward_pre_hook(
+                    lambda mod, _args: opt._before_forward(mod)))
+                owned += 1
+        if not owned:
+            raise ShoalError("shoal: cross_barrier(): none of the model's modules owns a parameter of this "
+                             "optimizer. HINT: pass the model whose parameters the optimizer was built on.")
+        # Whatever no module's pre-hook waited for is done before the backward (and before a checkpoint).
+        self._handles.append(self.model.register_forward_hook(lambda _m, _a, _o: opt.flush()))
+        self._handles.append(self.model.register_state_dict_pre_hook(lambda *_a, **_k: opt.flush()))
+
+    def remove(self) -> None:
+        """Finish the step in flight and restore the plain step (one wait in ``step()``)."""
+        self.optimizer.flush()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.optimizer._cross_barrier = None
+        if self.optimizer._reducer is not None:
+            self.optimizer._reducer.set_defer_fraction(0.0)
+
+
+def cross_barrier(model: torch.nn.Module, optimizer: DistributedOptimizer, *,
+                  defer_fraction: float = 0.1) -> CrossBarrier:
+    """Overlap the end of each step's communication with the next forward (constraint 7; BytePS's idea).
+
+    ``optimizer.step()`` returns as soon as every bucket is on the wire; each module of ``model`` waits,
+    just before its forward, for its own parameters' buckets and steps them. The engine moves the head of
+    some early buckets (``defer_fraction`` of the gradient bytes, from the layers whose forward comes last)
+    to the end of the wire, so the first layers' buckets are in and the wire is still busy while they run.
+    The result is bitwise the same as the plain step.
+
+    Requirements (else a :class:`~shoal.core.errors.ShoalError` now, or that step runs the plain way): an
+    element-wise ``torch.optim`` optimizer (SGD, Adam, AdamW, ... exactly, not a subclass), no step hooks,
+    ``nan_check`` off, ``step()`` without a closure; each parameter is used by the module that owns it (a
+    module reading another module's weight directly, before that module's forward, would see last step's
+    value). The autotuner is off under it (bucket size and streams from the config). Weights read outside
+    the model's forward need :meth:`DistributedOptimizer.flush` first; ``model.state_dict()``,
+    ``optimizer.state_dict()``, the end of the model's forward and the next backward flush already.
+
+    Args:
+        model: the module whose forward runs next (its submodules get the pre-hooks).
+        optimizer: a :class:`DistributedOptimizer` over (some of) ``model``'s parameters.
+        defer_fraction: share of the gradient bytes launched last, in [0, 1). 0.1 (default): enough on
+            the benchmark MLP over 1 Gbit/s to cover the first layers' forward (docs/engine.md).
+
+    Returns:
+        A :class:`CrossBarrier`; ``.remove()`` turns it off.
+
+    Example:
+        >>> opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                                named_parameters=model.named_parameters())
+        >>> hvd.cross_barrier(model, opt)
+        >>> for x, y in batches:
+        ...     opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        >>> opt.flush()   # before reading weights directly
+    """
+    if not isinstance(optimizer, DistributedOptimizer):
+        raise TypeError(f"shoal: cross_barrier() needs a shoal DistributedOptimizer, got {type(optimizer).__name__}")
+    if optimizer._cross_barrier is not None:
+        raise ShoalError("shoal: cross_barrier() is already on for this optimizer. HINT: call .remove() on "
+                         "the handle it returned first.")
+    if type(optimizer.optimizer) not in _OVERLAP_SAFE:
+        raise ShoalError(
+            f"shoal: cross_barrier() steps parameters module by module, which equals one step only for the "
+            f"element-wise torch.optim classes ({', '.join(c.__name__ for c in _OVERLAP_SAFE)}); got "
+            f"{type(optimizer.optimizer).__name__}. HINT: use the plain step (no cross_barrier).")
+    if not 0.0 <= defer_fraction < 1.0:
+        raise ValueError(f"shoal: cross_barrier(defer_fraction=...) must be in [0, 1), got {defer_fraction}")
+    handle = CrossBarrier(model, optimizer, defer_fraction)
+    optimizer.flush()
+    if optimizer._active:
+        handle._install()
+        optimizer._cross_barrier = handle
+        optimizer._tuner = None
+        if optimizer._reducer is not None:
+            optimizer._reducer.set_defer_fraction(defer_fraction)
+    return handle
 
 
 def _no_sync_matcher():
