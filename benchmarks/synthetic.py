@@ -64,6 +64,8 @@ class Unavailable(Exception):
 #: ``--optimizer``: the torch optimizer every mode trains with (set once by ``main``).
 OPTIMIZER = "sgd"
 OPTIMIZERS = ("sgd", "momentum", "adam")
+#: ``--defer-fraction``: the cross-barrier modes' share of gradient bytes launched last (set by ``main``).
+DEFER_FRACTION = 0.1
 
 
 def make_optimizer(params, lr: float):
@@ -155,7 +157,7 @@ class Shoal(Mode):
         sh.broadcast_parameters(model.state_dict(), root_rank=0)
         self.wire_precision = "fp32" if compression == "none" else "fp16"
         if cross_barrier:
-            sh.cross_barrier(model, self.optimizer)
+            sh.cross_barrier(model, self.optimizer, defer_fraction=DEFER_FRACTION)
 
     def finish_round(self) -> None:
         self.optimizer.flush()
@@ -568,6 +570,8 @@ def parse_args(argv: list[str]):
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                     help="what every mode trains with: plain SGD (default), SGD with momentum, Adam")
+    ap.add_argument("--defer-fraction", type=float, default=0.1,
+                    help="the *_xb modes: share of the gradient bytes launched last (cross_barrier)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--name", default=None, help="results file name (default: the link, e.g. loopback)")
@@ -598,8 +602,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     args = parse_args(argv)
-    global OPTIMIZER
-    OPTIMIZER = args.optimizer
+    global OPTIMIZER, DEFER_FRACTION
+    OPTIMIZER, DEFER_FRACTION = args.optimizer, args.defer_fraction
     from shoal.core.env import get_env  # noqa: PLC0415
 
     if args.link and get_env("RANK") is None:

@@ -826,10 +826,12 @@ def _rank_cross_barrier(variant: str, on: bool):
     inner = torch.optim.AdamW(groups, lr=0.01) if variant != "sgd" else torch.optim.SGD(groups, lr=0.1,
                                                                                         momentum=0.9)
     named = list(model.named_parameters()) + [("unused", unused)]
-    opt = hvd.DistributedOptimizer(inner, named_parameters=named,
-                                   fusion_threshold_mb=4e-3, first_bucket_mb=2e-3, num_streams=2)
+    sizes = {} if variant == "autotune" else {"fusion_threshold_mb": 4e-3, "num_streams": 2}
+    opt = hvd.DistributedOptimizer(inner, named_parameters=named, first_bucket_mb=2e-3, **sizes)
     if on:
         hvd.cross_barrier(model, opt, defer_fraction=0.3)
+    if variant == "load":  # a checkpoint restored mid-run, with a step in flight
+        saved = None
     losses, deferred = [], []
     for step in range(_STEPS + 1):
         x, y = _batch(step)
@@ -841,6 +843,16 @@ def _rank_cross_barrier(variant: str, on: bool):
         loss.backward()
         opt.step()
         deferred.append(opt._deferred is not None and opt._reducer.units_left)
+        if variant == "autotune" and step == 0:  # a trial every step, over sizes that re-plan this model
+            from shoal.core import autotune  # noqa: PLC0415
+
+            opt._tuner = autotune.Autotuner(opt._reducer, sizes_mb=(1e-3, 2e-3, 4e-3), streams=(1, 2),
+                                            warmup_steps=0, trial_steps=1)
+        if variant == "load" and step == 1:
+            saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        if variant == "load" and step == 3:
+            model.load_state_dict(saved[0])
+            opt.load_state_dict(saved[1])
         if variant == "zero_after":
             opt.zero_grad()
     if variant == "state_dict":
@@ -849,15 +861,18 @@ def _rank_cross_barrier(variant: str, on: bool):
         opt.flush()
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"state": state, "unused": unused.detach().clone(), "losses": losses, "deferred": deferred,
-            "units": len(opt._reducer.units), "buckets": len(opt._reducer.plans)}
+            "units": len(opt._reducer.units), "buckets": len(opt._reducer.plans),
+            "trials": len(opt.autotune_summary["trials"]) if opt.autotune_summary else 0}
 
 
-@pytest.mark.parametrize("variant", ["adamw", "sgd", "zero_after", "zero_false", "branch", "state_dict"])
+@pytest.mark.parametrize("variant", ["adamw", "sgd", "zero_after", "zero_false", "branch", "state_dict", "load",
+                                     "autotune"])
 def test_cross_barrier_is_bitwise_the_plain_step(variant):
     """With the cross-barrier, step() returns with buckets in flight and each module waits for its own
     parameters in the next forward; the losses of every step and the final weights are bitwise those of
     the plain step, whatever the zero_grad placement, with a rank-dependent branch (its head's update waits
-    for the end of the step) and a parameter that never gets a gradient."""
+    for the end of the step), a parameter that never gets a gradient, a checkpoint loaded with a step in
+    flight, and the autotuner re-planning the buckets between steps."""
     on = run_ranks(_rank_cross_barrier, world_size=2, timeout_s=90, args=(variant, True))
     off = run_ranks(_rank_cross_barrier, world_size=2, timeout_s=90, args=(variant, False))
     for a, b in zip(on, off):
@@ -865,9 +880,10 @@ def test_cross_barrier_is_bitwise_the_plain_step(variant):
         for k in b["state"]:
             assert torch.equal(a["state"][k], b["state"][k]), k
         assert torch.equal(a["unused"], torch.ones(3))
-        assert a["units"] > a["buckets"] == b["buckets"] == b["units"]  # heads were deferred
+        assert a["units"] > a["buckets"] and b["buckets"] == b["units"]  # heads were deferred
         assert not a["deferred"][0] and all(a["deferred"][1:]), a["deferred"]  # step 1 discovers the order
         assert not any(b["deferred"])
+        assert variant != "autotune" or a["trials"] >= 2
     for k, v in on[0]["state"].items():
         assert torch.equal(v, on[1]["state"][k]), k
 

@@ -16,7 +16,9 @@ Design constraints:
    early waits for its predecessors), so no rank can issue collectives in a different order.
 4. Several buckets in flight: unit ``u`` goes on stream ``u % num_streams``, each stream its own process
    group (on GPU each NCCL communicator has its own CUDA stream; on gloo each group its own threads).
-7. Waiting is in launch order, possibly spread over time: :meth:`GradientReducer.wait_for` waits only up to
+7. Deferred heads go on the wire only once every earlier unit is reduced (on several streams they would
+   otherwise share the link with the units the next forward needs first). Waiting is in launch order,
+   possibly spread over time: :meth:`GradientReducer.wait_for` waits only up to
    the unit that completes a given tensor (the cross-barrier calls it from the next forward, layer by layer),
    :meth:`GradientReducer.finish` waits for the rest and closes the step.
 5. No background loop of ours: completion work (scaling) runs as a future callback on the backend's own
@@ -173,6 +175,9 @@ class GradientReducer:
         self.units: list[LaunchUnit] = plan_launch_units(
             self.plans, [buf.numel() for buf in self.buffers], defer_nbytes=int(self.defer_fraction * total))
         self._unit_state: list[dict] = [{} for _ in self.units]
+        #: Units from here on are deferred heads: launched only once every earlier unit is reduced, so
+        #: that they really are last on the wire whatever the stream count (constraint 7).
+        self._first_deferred = len(self.plans) if len(self.units) > len(self.plans) else len(self.units)
         # Per unit, the tensors that are fully reduced once the units up to it (in launch order) are done.
         last_unit: dict[int, int] = {}
         for u, unit in enumerate(self.units):
@@ -193,6 +198,7 @@ class GradientReducer:
         self._next_launch = 0  # next unit to launch
         self._waited = 0  # units waited for (in launch order)
         self._all_launched = False
+        self._deferred_released = False
         self._wait_error: Optional[BaseException] = None
         self._bucket_started = [False] * len(self.plans)
         self._launched_at: list[float] = [0.0] * len(self.units)
@@ -322,7 +328,8 @@ class GradientReducer:
 
     def _launch_ready(self) -> None:
         units, pending = self.units, self._pending
-        while self._next_launch < len(units) and pending[units[self._next_launch].bucket] == 0:
+        limit = len(units) if self._deferred_released else self._first_deferred
+        while self._next_launch < limit and pending[units[self._next_launch].bucket] == 0:
             self._launch(self._next_launch)
             self._next_launch += 1
 
@@ -374,6 +381,9 @@ class GradientReducer:
         callback_error: Optional[BaseException] = None
         while self._waited < stop:
             u = self._waited
+            if u >= self._first_deferred and not self._deferred_released:
+                self._deferred_released = True
+                self._launch_ready()
             self._waited += 1
             fut = self._futures[u]
             if fut is None:
@@ -398,6 +408,9 @@ class GradientReducer:
                     done_cb(self.done_at[u])
                 except BaseException as exc:  # noqa: BLE001 (re-raised by the caller)
                     callback_error = exc
+        if self._waited == self._first_deferred and not self._deferred_released and self._all_launched:
+            self._deferred_released = True  # the rest of the wire runs while the caller goes on
+            self._launch_ready()
         return callback_error
 
     def wait_for(self, i: int) -> bool:

@@ -23,9 +23,9 @@ Design constraints:
    is on the wire, and each module's forward pre-hook waits for (and steps) only that module's parameters,
    so the next forward's first layers run while the last buckets are still in flight. The engine defers
    the head of some early buckets (the layers whose forward comes last) to the end of the wire. Same
-   optimizers as constraint 6, bitwise the same result; every other read of the weights goes through
-   :meth:`DistributedOptimizer.flush` (the model's forward end, ``state_dict()``, ``step()``,
-   ``synchronize()``, the next gradient).
+   optimizers as constraint 6, bitwise the same result; every other read or write of the weights goes
+   through :meth:`DistributedOptimizer.flush` (the model's forward end, ``state_dict()``,
+   ``load_state_dict()``, ``step()``, ``synchronize()``, the next gradient).
 
 What lives elsewhere: bucketing, streams and collectives (:class:`shoal.core.reducer.GradientReducer`).
 """
@@ -362,10 +362,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             negotiator=self._negotiator, **self._engine_options)
         order_slots = [self._slot[i] for i in full_order]
         self._reducer.rebucket(order_slots)
-        # The tuner's agreement is a collective on the process set's group; under the cross-barrier it would
-        # run inside forward, where ranks may reach it at different modules (constraint 7).
-        self._tuner = None if self._cross_barrier is not None else \
-            _autotune.make_autotuner(self._reducer, self._engine_options)
+        self._tuner = _autotune.make_autotuner(self._reducer, self._engine_options)
         if self._cross_barrier is not None:
             self._reducer.set_defer_fraction(self._cross_barrier.defer_fraction)
         for j, i in enumerate(self._dense_ids):
@@ -668,6 +665,8 @@ class CrossBarrier:
         # Whatever no module's pre-hook waited for is done before the backward (and before a checkpoint).
         self._handles.append(self.model.register_forward_hook(lambda _m, _a, _o: opt.flush()))
         self._handles.append(self.model.register_state_dict_pre_hook(lambda *_a, **_k: opt.flush()))
+        # A load would otherwise be overwritten by the update still in flight.
+        self._handles.append(self.model.register_load_state_dict_pre_hook(lambda *_a, **_k: opt.flush()))
 
     def remove(self) -> None:
         """Finish the step in flight and restore the plain step (one wait in ``step()``)."""
@@ -694,9 +693,10 @@ def cross_barrier(model: torch.nn.Module, optimizer: DistributedOptimizer, *,
     element-wise ``torch.optim`` optimizer (SGD, Adam, AdamW, ... exactly, not a subclass), no step hooks,
     ``nan_check`` off, ``step()`` without a closure; each parameter is used by the module that owns it (a
     module reading another module's weight directly, before that module's forward, would see last step's
-    value). The autotuner is off under it (bucket size and streams from the config). Weights read outside
+    value). Weights read outside
     the model's forward need :meth:`DistributedOptimizer.flush` first; ``model.state_dict()``,
-    ``optimizer.state_dict()``, the end of the model's forward and the next backward flush already.
+    ``model.load_state_dict()``, ``optimizer.state_dict()``, the end of the model's forward and the next
+    backward flush already.
 
     Args:
         model: the module whose forward runs next (its submodules get the pre-hooks).
@@ -732,7 +732,6 @@ def cross_barrier(model: torch.nn.Module, optimizer: DistributedOptimizer, *,
     if optimizer._active:
         handle._install()
         optimizer._cross_barrier = handle
-        optimizer._tuner = None
         if optimizer._reducer is not None:
             optimizer._reducer.set_defer_fraction(defer_fraction)
     return handle
