@@ -238,6 +238,10 @@ def _before_init() -> dict:
         "broadcast_async": lambda: C.broadcast_async(t, 0), "broadcast_async_": lambda: C.broadcast_async_(t, 0),
         "alltoall": lambda: C.alltoall(t), "alltoall_async": lambda: C.alltoall_async(t),
         "reducescatter": lambda: C.reducescatter(t), "reducescatter_async": lambda: C.reducescatter_async(t),
+        "grouped_allgather": lambda: C.grouped_allgather([t]),
+        "grouped_allgather_async": lambda: C.grouped_allgather_async([t]),
+        "grouped_reducescatter": lambda: C.grouped_reducescatter([t]),
+        "grouped_reducescatter_async": lambda: C.grouped_reducescatter_async([t]),
         "barrier": lambda: C.barrier(), "broadcast_object": lambda: C.broadcast_object(1),
         "allgather_object": lambda: C.allgather_object(1),
     }

@@ -23,7 +23,7 @@ from shoal.core import env as _env
 from shoal.core.errors import NotInitializedError
 
 #: What a typical Horovod PyTorch script calls (horovod.torch's public surface, minus Horovod-only
-#: machinery such as elastic state, SyncBatchNorm and the grouped allgather/reducescatter).
+#: machinery such as elastic state).
 HOROVOD_NAMES = (
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank",
     "cross_size", "is_homogeneous", "start_timeline", "stop_timeline",
@@ -36,7 +36,8 @@ HOROVOD_NAMES = (
     "allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "alltoall",
     "alltoall_async", "reducescatter", "reducescatter_async", "barrier", "join", "poll", "synchronize",
     "broadcast_object", "allgather_object", "DistributedOptimizer", "broadcast_parameters",
-    "broadcast_optimizer_state",
+    "broadcast_optimizer_state", "SyncBatchNorm", "grouped_allgather", "grouped_allgather_async",
+    "grouped_reducescatter", "grouped_reducescatter_async",
 )
 
 
@@ -183,3 +184,17 @@ def test_plain_python_is_a_world_of_one(tmp_path):
     assert out["sum"] == [2.0, 3.0] and out["after"] is False
     # The global set already holds rank 0: Horovod refuses the duplicate too.
     assert "entry 0 [0]" in out["duplicate"] and "HINT" in out["duplicate"]
+
+
+def test_sync_batch_norm_without_init_is_batch_norm():
+    """Before init (a world of one) SyncBatchNorm is BatchNorm: bitwise the same output and statistics."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4) * 2 + 1
+    ref = torch.nn.BatchNorm2d(3)
+    sbn = hvd.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(ref))[0]
+    ref = torch.nn.BatchNorm2d(3)
+    assert isinstance(sbn, hvd.SyncBatchNorm)
+    assert torch.equal(sbn(x), ref(x))
+    assert torch.equal(sbn.running_var, ref.running_var) and int(sbn.num_batches_tracked) == 1
+    sbn.eval(), ref.eval()
+    assert torch.equal(sbn(x), ref(x))

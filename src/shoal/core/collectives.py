@@ -106,6 +106,10 @@ __all__ = [
     "alltoall_async",
     "reducescatter",
     "reducescatter_async",
+    "grouped_allgather",
+    "grouped_allgather_async",
+    "grouped_reducescatter",
+    "grouped_reducescatter_async",
     "barrier",
     "broadcast_object",
     "allgather_object",
@@ -1024,6 +1028,64 @@ def reducescatter(tensor: torch.Tensor, name: Optional[str] = None, op: Any = Re
         >>> part = hvd.reducescatter(torch.ones(5, 2), op=hvd.Sum)   # 2 ranks: rank 0 [3, 2], rank 1 [2, 2]
     """
     return reducescatter_async(tensor, name, op, process_set, prescale_factor, postscale_factor).wait()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# grouped allgather / reducescatter: one handle over one collective per tensor
+# ---------------------------------------------------------------------------------------------------------
+
+def _grouped(handles: list[Handle], what: str, name: Optional[str], process_set: _ProcessSetArg) -> Handle:
+    """One handle over ``handles``: done when all are; ``wait`` returns their results in order."""
+    if not handles:  # as grouped_allreduce([]): nothing to move, an empty list back
+        return _done_handle(_begin(what, name, process_set), [])
+    return Handle(handles[0]._call, [w for h in handles for w in h._works], lambda: [h.wait() for h in handles])
+
+
+def _member_name(name: Optional[str], i: int) -> Optional[str]:
+    return None if name is None else f"{name}.{i}"
+
+
+def grouped_allgather_async(tensors: Sequence[torch.Tensor], name: Optional[str] = None,
+                            process_set: _ProcessSetArg = None) -> Handle:
+    """Start :func:`allgather` of every tensor of ``tensors``; ``synchronize`` returns the list of results.
+
+    Each tensor is checked and named on its own (``name.0``, ``name.1``, ...), so a mismatch names the
+    tensor. Example:
+        >>> xs, ys = hvd.synchronize(hvd.grouped_allgather_async([x, y], name="batch"))
+    """
+    if not runtime.is_initialized():
+        raise NotInitializedError("grouped_allgather")
+    return _grouped([allgather_async(t, _member_name(name, i), process_set) for i, t in enumerate(tensors)],
+                    "grouped_allgather", name, process_set)
+
+
+def grouped_allgather(tensors: Sequence[torch.Tensor], name: Optional[str] = None,
+                      process_set: _ProcessSetArg = None) -> list[torch.Tensor]:
+    """:func:`allgather` of each tensor of ``tensors`` (Horovod's ``grouped_allgather``), all in flight at once."""
+    return grouped_allgather_async(tensors, name, process_set).wait()
+
+
+def grouped_reducescatter_async(tensors: Sequence[torch.Tensor], name: Optional[str] = None,
+                                op: Any = ReduceOp.Average, process_set: _ProcessSetArg = None,
+                                prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> Handle:
+    """Start :func:`reducescatter` of every tensor of ``tensors``; ``synchronize`` returns the list."""
+    if not runtime.is_initialized():
+        raise NotInitializedError("grouped_reducescatter")
+    return _grouped([reducescatter_async(t, _member_name(name, i), op, process_set, prescale_factor,
+                                         postscale_factor) for i, t in enumerate(tensors)],
+                    "grouped_reducescatter", name, process_set)
+
+
+def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: Optional[str] = None,
+                          op: Any = ReduceOp.Average, process_set: _ProcessSetArg = None,
+                          prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> list[torch.Tensor]:
+    """:func:`reducescatter` of each tensor of ``tensors`` (Horovod's ``grouped_reducescatter``), all in
+    flight at once.
+
+    Example:
+        >>> a, b = hvd.grouped_reducescatter([torch.ones(4, 2), torch.ones(6)], op=hvd.Sum)
+    """
+    return grouped_reducescatter_async(tensors, name, op, process_set, prescale_factor, postscale_factor).wait()
 
 
 # ---------------------------------------------------------------------------------------------------------

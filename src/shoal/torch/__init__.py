@@ -55,6 +55,8 @@ from shoal.core.collectives import (
     grouped_allreduce_,
     grouped_allreduce_async,
     grouped_allreduce_async_,
+    grouped_allgather_async,
+    grouped_reducescatter_async,
     poll,
     reducescatter_async,
     synchronize,
@@ -65,14 +67,17 @@ from shoal.core.timeline import stop_timeline
 from shoal.core.errors import MismatchError, NotInitializedError, RankFailureError, ShoalError, StallError
 from shoal.torch.join import join
 from shoal.torch.nan_drilldown import NanDrilldown, drill_down
-from shoal.torch.functions import allgather, allreduce, alltoall, broadcast, reducescatter
+from shoal.torch.functions import (allgather, allreduce, alltoall, broadcast, grouped_allgather,
+                                   grouped_reducescatter, reducescatter)
 from shoal.torch.comm_hook import comm_hook
+from shoal.torch.sync_batch_norm import SyncBatchNorm
 from shoal.torch.optimizer import (CrossBarrier, DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters,
                                    cross_barrier)
 
 __all__ = [
     "DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "Compression", "comm_hook",
-    "cross_barrier", "CrossBarrier",
+    "cross_barrier", "CrossBarrier", "SyncBatchNorm", "grouped_allgather", "grouped_allgather_async",
+    "grouped_reducescatter", "grouped_reducescatter_async",
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank",
     "cross_size", "is_homogeneous", "ProcessSet", "global_process_set", "add_process_set",
     "remove_process_set",

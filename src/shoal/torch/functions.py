@@ -26,7 +26,8 @@ import torch
 from shoal.core import collectives as _c
 from shoal.core import runtime
 
-__all__ = ["allreduce", "allgather", "broadcast", "alltoall", "reducescatter"]
+__all__ = ["allreduce", "allgather", "broadcast", "alltoall", "reducescatter", "grouped_allgather",
+           "grouped_reducescatter"]
 
 
 def _op_of(average, op):
@@ -165,3 +166,22 @@ def reducescatter(tensor: torch.Tensor, name: Optional[str] = None, op: Any = _c
         return _Reducescatter.apply(tensor, op, prescale_factor, postscale_factor, process_set, name)
     return _c.reducescatter(tensor, name=name, op=op, process_set=process_set,
                             prescale_factor=prescale_factor, postscale_factor=postscale_factor)
+
+
+def grouped_allgather(tensors, name: Optional[str] = None, process_set=None) -> list[torch.Tensor]:
+    """:func:`shoal.core.collectives.grouped_allgather`, differentiable when a tensor requires grad (then
+    one :func:`allgather` per tensor, in order)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return [allgather(t, None if name is None else f"{name}.{i}", process_set) for i, t in enumerate(tensors)]
+    return _c.grouped_allgather(tensors, name=name, process_set=process_set)
+
+
+def grouped_reducescatter(tensors, name: Optional[str] = None, op: Any = _c.Average, process_set=None,
+                          prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> list[torch.Tensor]:
+    """:func:`shoal.core.collectives.grouped_reducescatter`, differentiable (Sum/Average) when a tensor
+    requires grad (then one :func:`reducescatter` per tensor, in order)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return [reducescatter(t, None if name is None else f"{name}.{i}", op, process_set, prescale_factor,
+                              postscale_factor) for i, t in enumerate(tensors)]
+    return _c.grouped_reducescatter(tensors, name=name, op=op, process_set=process_set,
+                                    prescale_factor=prescale_factor, postscale_factor=postscale_factor)
