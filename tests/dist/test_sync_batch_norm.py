@@ -134,6 +134,12 @@ def _rank_errors():
     with pytest.raises(ValueError) as err:
         sbn(torch.randn(0, 3, 2))  # empty on every rank
     messages.append(str(err.value))
+    with pytest.raises(ValueError) as err:
+        sbn(torch.randn(1 - hvd.rank(), 3))  # one value per channel in all
+    messages.append(str(err.value))
+    local = hvd.SyncBatchNorm(3, track_running_stats=False).eval()  # eval: this rank's own statistics
+    x = torch.randn(4, 3) + hvd.rank()
+    messages.append(torch.equal(local(x), torch.nn.BatchNorm1d(3, track_running_stats=False).eval()(x)))
     return messages
 
 
@@ -142,3 +148,5 @@ def test_sync_batch_norm_errors_name_the_problem():
         assert "got 5 channels" in messages[0]
         assert "2 or more dimensions" in messages[1]
         assert "every rank's batch is empty" in messages[2]
+        assert "more than one" in messages[3]
+        assert messages[4] is True

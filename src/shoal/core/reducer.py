@@ -148,6 +148,10 @@ class GradientReducer:
         #: Fraction of the gradient bytes whose launch is deferred to the end of the step (constraint 5 of
         #: :mod:`shoal.core.buckets`); set by the cross-barrier, 0 otherwise. Takes effect at the next plan.
         self.defer_fraction = 0.0
+        self._defer_next: Optional[float] = None  # set_defer_fraction() mid-step
+        #: Set by the frontend before a step's finish(): return once every unit before the deferred heads
+        #: is reduced, the heads still in flight and the step open (the next finish() closes it).
+        self.leave_deferred = False
         _timeline.maybe_start_from_config(cfg)  # SHOAL_TIMELINE_FILENAME alone starts the timeline
         self._build(order=None)
 
@@ -185,6 +189,9 @@ class GradientReducer:
             for t, off in zip(plan.tensor_ids, plan.offsets):
                 if off < unit.stop and off + self.specs[t].numel > unit.start:
                     last_unit[t] = u
+        for p in self.plans:  # empty tensors overlap no slice: done with their bucket's first unit
+            for t in p.tensor_ids:
+                last_unit.setdefault(t, next(u for u, unit in enumerate(self.units) if unit.bucket == p.index))
         self.done_at: list[list[int]] = [[] for _ in self.units]
         for t, u in sorted(last_unit.items()):
             self.done_at[u].append(t)
@@ -265,10 +272,11 @@ class GradientReducer:
     def set_defer_fraction(self, fraction: float) -> None:
         """Defer the launch of this fraction of the gradient bytes to the end of each step (the
         cross-barrier's plan, :func:`~shoal.core.buckets.plan_launch_units`); 0: no deferral. Between steps."""
-        if self.in_flight:
-            raise ShoalError("shoal: set_defer_fraction() while buckets are in flight; call finish() first")
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"shoal: defer_fraction must be in [0, 1), got {fraction}")
+        if self.in_flight or any(self._ready):  # mid-step: from the next step on (finish() applies it)
+            self._defer_next = float(fraction)
+            return
         self.defer_fraction = float(fraction)
         self._plan_units()
 
@@ -384,14 +392,16 @@ class GradientReducer:
             if u >= self._first_deferred and not self._deferred_released:
                 self._deferred_released = True
                 self._launch_ready()
-            self._waited += 1
             fut = self._futures[u]
             if fut is None:
+                self._waited += 1
                 continue
             if done_cb is not None and self._wait_error is None and self.negotiator is not None:
-                # One unit at a time, so that done_cb runs while later units are on the wire.
+                # One unit at a time, so that done_cb runs while later units are on the wire. A stall
+                # error leaves the unit not waited for (the cursor stays).
                 self.negotiator.wait([f if k == u else None for k, f in enumerate(self._futures)],
                                      self._names_of_unit)
+            self._waited += 1
             try:
                 fut.wait()
             except Exception as exc:  # noqa: BLE001 (converted; finish() raises it)
@@ -444,12 +454,21 @@ class GradientReducer:
         tl = self._tl
         t_wait_ns = tl.now_ns() if tl is not None else 0
         self.launch_all()
-        done_cb, self.tensors_done = self.tensors_done, None
+        leave, self.leave_deferred = self.leave_deferred, False
+        leave = leave and self._first_deferred < len(self.units)
+        done_cb = self.tensors_done
+        if not leave:
+            self.tensors_done = None
         if self.negotiator is not None and done_cb is None:
             # Stall inspector: warns, then fails naming the ranks missing.
             self.negotiator.wait(self._futures[self._waited:],
                                  lambda k, base=self._waited: self._names_of_unit(base + k))
-        callback_error = self._wait_units(len(self.units), done_cb)
+        callback_error = self._wait_units(self._first_deferred if leave else len(self.units), done_cb)
+        if leave and callback_error is None and self._wait_error is None:
+            return  # the deferred heads are in flight (released by _wait_units); the next finish() closes
+        if leave:  # an error: close the step as a plain finish() would
+            self.tensors_done = None
+            callback_error = self._wait_units(len(self.units), None) or callback_error
         error = self._wait_error
         self.last_order = list(self._observed)
         self.step += 1
@@ -458,6 +477,9 @@ class GradientReducer:
             tl.mark_step(self.step)
         self._observed = []
         self._reset_step()
+        if self._defer_next is not None:
+            self.defer_fraction, self._defer_next = self._defer_next, None
+            self._plan_units()
         if error is not None:
             raise error
         if callback_error is not None:

@@ -19,13 +19,16 @@ Design constraints:
    are stepped the moment that bucket is reduced, while later buckets are still in flight (only for the
    element-wise ``torch.optim`` classes in :data:`_OVERLAP_SAFE`, with no step hooks, no closure,
    ``nan_check`` off, so the result is bitwise the same as one step after the last bucket).
-7. The cross-barrier (:func:`cross_barrier`, opt-in) goes one further: ``step()`` returns once every bucket
-   is on the wire, and each module's forward pre-hook waits for (and steps) only that module's parameters,
-   so the next forward's first layers run while the last buckets are still in flight. The engine defers
-   the head of some early buckets (the layers whose forward comes last) to the end of the wire. Same
-   optimizers as constraint 6, bitwise the same result; every other read or write of the weights goes
+7. The cross-barrier (:func:`cross_barrier`, opt-in) goes one further: the engine defers the head of
+   some early buckets (the layers whose forward comes last) to the end of the wire; ``step()`` reduces,
+   negotiates and steps everything else and returns with those heads in flight; each module's forward
+   pre-hook then waits for (and steps) its own deferred parameters, so the next forward's first layers run
+   while the wire is still busy. Every collective of a step is issued inside that ``step()`` on every rank,
+   so what is left for the forward is waiting only (no collective there could meet one of the user's).
+   Same optimizers as constraint 6, bitwise the same result (the deferred updates use the hyper-parameters
+   of their own step, and the reduced views as gradients); every other read or write of the weights goes
    through :meth:`DistributedOptimizer.flush` (the model's forward end, ``state_dict()``,
-   ``load_state_dict()``, ``step()``, ``synchronize()``, the next gradient).
+   ``load_state_dict()``, ``step()``, ``synchronize()``, the next gradient). The autotuner is off under it.
 
 What lives elsewhere: bucketing, streams and collectives (:class:`shoal.core.reducer.GradientReducer`).
 """
@@ -362,7 +365,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             negotiator=self._negotiator, **self._engine_options)
         order_slots = [self._slot[i] for i in full_order]
         self._reducer.rebucket(order_slots)
-        self._tuner = _autotune.make_autotuner(self._reducer, self._engine_options)
+        # The tuner re-plans buckets between steps; under the cross-barrier a step ends in the next forward.
+        self._tuner = None if self._cross_barrier is not None else \
+            _autotune.make_autotuner(self._reducer, self._engine_options)
         if self._cross_barrier is not None:
             self._reducer.set_defer_fraction(self._cross_barrier.defer_fraction)
         for j, i in enumerate(self._dense_ids):
@@ -463,7 +468,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 warnings.warn("shoal: optimizer.step() after optimizer.synchronize() without "
                               "skip_synchronize(): the gradients are already reduced, nothing is redone.",
                               stacklevel=2)
-            elif closure is None and self._cross_barrier is not None and self._can_step_in_parts():
+            elif closure is None and self._cross_barrier is not None and self._can_step_in_parts() \
+                    and self._can_defer():
                 return self._defer_step()
             elif closure is None and self._can_overlap_step():
                 stepped = set()
@@ -530,16 +536,78 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 self._step_subset(subsets)
 
     # ------------------------------------------------------------------------- cross-barrier (constraint 7)
+    def _can_defer(self) -> bool:
+        """Whether this step may leave the deferred heads in flight: every collective of the step is then
+        issued inside ``step()`` on every rank alike, and what is left for the next forward is waiting only
+        (no collective there that could meet a user's collective of that forward on another rank)."""
+        red = self._reducer
+        return red is not None and self._tuner is None and red._first_deferred < len(red.units)
+
     def _defer_step(self) -> None:
-        """``step()`` under the cross-barrier: put every bucket on the wire and return; the next forward's
-        pre-hooks (or :meth:`flush`) wait and step."""
-        self._prepare_views()
+        """``step()`` under the cross-barrier: reduce and step everything but the deferred heads (stepping
+        each tensor as its unit lands), negotiate, and return with the heads on the wire; the next forward's
+        pre-hooks (or :meth:`flush`) wait for them and step their parameters."""
+        red = self._reducer
+        groups = self._inner.param_groups
+        group_of = {id(p): k for k, g in enumerate(groups) for p in g["params"]}
+        pending = {t for u in range(red._first_deferred, len(red.units)) for t in red.done_at[u]}
         stepped: set[int] = set()
-        group_of = {id(p): k for k, g in enumerate(self._inner.param_groups) for p in g["params"]}
-        self._deferred = {"stepped": stepped, "zero": None}
-        self._reducer.tensors_done = lambda ids: self._step_tensors(ids, stepped, group_of)
-        self._reducer.launch_all()
-        return None
+        red.tensors_done = lambda ids: self._step_tensors(ids, stepped, group_of)
+        red.leave_deferred = True
+        try:
+            self._prepare_views()
+            self._complete_synchronize()  # waits up to the deferred heads; negotiation, none-have
+        except BaseException:
+            red.tensors_done = None
+            if red.in_flight:  # the negotiation failed after the reducer returned: close its step too
+                with contextlib.suppress(Exception):
+                    red.finish()
+            raise
+        finally:
+            red.leave_deferred = False
+        # A gradient no rank produced was dropped (param.grad None): not stepped, as in the plain step.
+        waiting = {id(p) for p in (self._params[self._dense_ids[t]] for t in pending) if p.grad is not None}
+        with _timeline.span("optimizer", "optimizer step"):
+            self._step_subset([[p for p in g["params"] if id(p) not in stepped and id(p) not in waiting]
+                               for g in groups])
+        # The update of the rest runs later with this step's hyper-parameters (an LR scheduler may step
+        # in between) and with the reduced gradients in the views (zero_grad may drop param.grad).
+        hyper = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in g.items() if k != "params"}
+                 for g in groups]
+        self._deferred = {"waiting": waiting, "stepped": stepped}
+        red.tensors_done = lambda ids: self._step_deferred(ids, stepped, group_of, hyper)
+        self._synchronized = False
+
+    def _step_deferred(self, ids: list[int], stepped: set[int], group_of: dict[int, int],
+                       hyper: list[dict]) -> None:
+        """Deferred tensors ``ids`` are reduced: step their parameters with the hyper-parameters of the
+        step they belong to, their views as gradients, outside any inference mode of the caller."""
+        red = self._reducer
+        subsets: list[list[torch.Tensor]] = [[] for _ in self._inner.param_groups]
+        swapped: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        for t in ids:
+            p = self._params[self._dense_ids[t]]
+            k = group_of.get(id(p))
+            if k is None or id(p) in stepped:
+                continue
+            swapped.append((p, p.grad))
+            p.grad = red.views[t]
+            subsets[k].append(p)
+            stepped.add(id(p))
+        if not swapped:
+            return
+        groups = self._inner.param_groups
+        current = [{k: g[k] for k in h} for g, h in zip(groups, hyper)]
+        try:
+            with torch.inference_mode(False), _timeline.span("optimizer", "optimizer step (deferred)"):
+                for g, h in zip(groups, hyper):
+                    g.update(h)
+                self._step_subset(subsets)
+        finally:
+            for g, c in zip(groups, current):
+                g.update(c)
+            for p, grad in swapped:
+                p.grad = grad
 
     def _before_forward(self, module: torch.nn.Module) -> None:
         """A module's forward pre-hook: its own parameters are reduced and stepped before it runs."""
@@ -548,40 +616,27 @@ class DistributedOptimizer(torch.optim.Optimizer):
             return
         red = self._reducer
         for p in module._parameters.values():
-            if p is None or id(p) in d["stepped"]:
+            if p is None or id(p) not in d["waiting"] or id(p) in d["stepped"]:
                 continue
-            i = self._index.get(id(p))
-            if i is None:
-                continue
-            j = self._slot.get(i)
-            # Not produced here (or sparse): its update comes with the end of the step.
-            if j is None or self._counts[i] == 0 or not red.wait_for(j) or id(p) not in d["stepped"]:
-                self.flush()
+            if not red.wait_for(self._slot[self._index[id(p)]]) or id(p) not in d["stepped"]:
+                self.flush()  # raises the collective's error
                 return
         if red.units_left == 0:
             self.flush()
 
     def flush(self) -> None:
-        """Finish a step that the cross-barrier left in flight: wait for the rest of the buckets and step
-        what is not stepped yet. Needed before reading the weights outside the model's forward (e.g.
-        ``p.data``, ``torch.save(model)``); ``state_dict()``, ``step()``, ``synchronize()``, the end of the
+        """Finish a step that the cross-barrier left in flight: wait for the deferred heads and step their
+        parameters (waiting only: every rank launched them in its ``step()``). Needed before reading those
+        weights outside the model's forward (e.g. ``p.data``, ``torch.save(model)``); ``state_dict()``,
+        ``load_state_dict()``, ``step()``, ``synchronize()``, ``zero_grad(set_to_none=False)``, the end of the
         model's forward and the next backward call it already. Nothing to do otherwise."""
-        d = self._deferred
-        if d is None:
+        if self._deferred is None:
             return
         self._deferred = None
-        stepped = d["stepped"]
         try:
-            self._complete_synchronize()  # reducer.tensors_done still steps what completes now
-            with _timeline.span("optimizer", "optimizer step"):
-                self._step_subset([[p for p in g["params"] if id(p) not in stepped]
-                                   for g in self._inner.param_groups])
+            self._reducer.finish()  # steps what lands now (tensors_done), closes the reducer's step
         finally:
-            if self._reducer is not None:
-                self._reducer.tensors_done = None
-            self._synchronized = False
-        if d["zero"] is not None:  # a zero_grad() that came while the step was in flight
-            self.zero_grad(set_to_none=d["zero"])
+            self._reducer.tensors_done = None
 
     def _step_subset(self, subsets: list[list[torch.Tensor]]) -> None:
         """The wrapped optimizer's step over ``subsets[k]`` of each parameter group ``k`` (their state,
@@ -617,9 +672,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
         gradients, which enter their buckets in one fused copy-and-scale pass. With ``False`` the views
         into the buckets are zeroed in place and autograd accumulates into them (a zeroing pass plus an
         add per step: measured slower)."""
-        if self._deferred is not None:  # the gradients are still being reduced: zero them after (flush)
-            self._deferred["zero"] = set_to_none
-            return
+        if self._deferred is not None:
+            if not set_to_none:  # zeroing the views in place would hit buffers still on the wire
+                self.flush()
+            else:  # the deferred heads' updates read their views, not param.grad
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+                return
         # _counts, not the reducer's ready flags: they also cover step 1 (no reducer yet) and the first
         # backward passes of backward_passes_per_step > 1 (counted but not yet marked ready).
         if any(self._counts) and not self._synchronized:
@@ -683,20 +743,20 @@ def cross_barrier(model: torch.nn.Module, optimizer: DistributedOptimizer, *,
                   defer_fraction: float = 0.1) -> CrossBarrier:
     """Overlap the end of each step's communication with the next forward (constraint 7; BytePS's idea).
 
-    ``optimizer.step()`` returns as soon as every bucket is on the wire; each module of ``model`` waits,
-    just before its forward, for its own parameters' buckets and steps them. The engine moves the head of
-    some early buckets (``defer_fraction`` of the gradient bytes, from the layers whose forward comes last)
-    to the end of the wire, so the first layers' buckets are in and the wire is still busy while they run.
-    The result is bitwise the same as the plain step.
+    The engine moves the head of some early buckets (``defer_fraction`` of the gradient bytes, from the
+    layers whose forward comes last) to the end of the wire. ``optimizer.step()`` returns once everything
+    else is reduced and stepped, with those heads in flight; each module of ``model`` waits, just before its
+    forward, for its own deferred parameters and steps them. The result is bitwise the same as the plain
+    step (an LR scheduler stepping in between does not leak into the deferred update).
 
     Requirements (else a :class:`~shoal.core.errors.ShoalError` now, or that step runs the plain way): an
     element-wise ``torch.optim`` optimizer (SGD, Adam, AdamW, ... exactly, not a subclass), no step hooks,
     ``nan_check`` off, ``step()`` without a closure; each parameter is used by the module that owns it (a
     module reading another module's weight directly, before that module's forward, would see last step's
-    value). Weights read outside
-    the model's forward need :meth:`DistributedOptimizer.flush` first; ``model.state_dict()``,
-    ``model.load_state_dict()``, ``optimizer.state_dict()``, the end of the model's forward and the next
-    backward flush already.
+    value). The autotuner is off under it: bucket size and streams come from the config (``1`` MB buckets
+    suit it, docs/engine.md). Weights read outside the model's forward need
+    :meth:`DistributedOptimizer.flush` first; ``model.state_dict()``, ``model.load_state_dict()``,
+    ``optimizer.state_dict()``, the end of the model's forward and the next backward flush already.
 
     Args:
         model: the module whose forward runs next (its submodules get the pre-hooks).
@@ -732,6 +792,7 @@ def cross_barrier(model: torch.nn.Module, optimizer: DistributedOptimizer, *,
     if optimizer._active:
         handle._install()
         optimizer._cross_barrier = handle
+        optimizer._tuner = None  # constraint 7: bucket size and streams from the config
         if optimizer._reducer is not None:
             optimizer._reducer.set_defer_fraction(defer_fraction)
     return handle

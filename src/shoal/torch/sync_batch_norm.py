@@ -16,7 +16,8 @@ Design constraints:
 3. Gradients: ``weight`` and ``bias`` get this rank's share (the DistributedOptimizer averages them like any
    parameter); the input gradient uses the global sums of ``dy`` and ``dy * x_hat``, as in torch's.
    Together that is the gradient of the mean of the ranks' losses.
-4. Outside training (or with one rank, or before ``init()``) it is ``BatchNorm``: no collective.
+4. Outside training (or with one rank, or before ``init()``) it is ``BatchNorm``: no collective (in eval
+   with ``track_running_stats=False`` the batch statistics are this rank's, as in torch's).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if total == 0:
             raise ValueError(f"shoal: {name}: every rank's batch is empty; batch normalization needs at least "
                              "one sample somewhere. HINT: skip the step, or put the model in eval().")
+        if total == 1:
+            raise ValueError(f"shoal: {name}: one value per channel over all ranks (input {tuple(x.shape)} "
+                             "here); batch normalization in training needs more than one.")
         mean = (counts * means).sum(0) / total
         m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
         var = m2 / total
@@ -134,7 +138,7 @@ class SyncBatchNorm(_BatchNorm):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         ps = None
-        if batch_stats and runtime.is_initialized():
+        if batch_stats and self.training and runtime.is_initialized():  # eval: local, as torch's
             ps = runtime.get_process_set(self.process_set, "SyncBatchNorm")
             if ps.size() < 2 or not ps.included():
                 ps = None
