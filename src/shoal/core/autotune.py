@@ -325,20 +325,12 @@ class Autotuner:
         self._warm_left = self.warmup_steps
         self._apply(setting, why=f"{self._phase}: try")
 
-    def _slowest(self, t: torch.Tensor) -> torch.Tensor:
-        """Element-wise max over the process set, on the negotiation's own gloo group: the frontend may
-        end a step inside the next forward (the cross-barrier), where a collective on the process set's
-        group could meet a user's collective of that forward on another rank."""
-        if self.reducer.world > 1:
-            from .negotiation import control_group  # noqa: PLC0415 (negotiation imports this module's peers)
-
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group(self.reducer.process_set))
-        return t
-
     def _score(self) -> None:
         """Constraint 2: the slowest rank's time per scored step, identical on every rank."""
         setting = self._measuring
-        t = self._slowest(torch.tensor(self._samples, dtype=torch.float64))
+        t = torch.tensor(self._samples, dtype=torch.float64, device=self._device())
+        if self.reducer.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.reducer.process_set.group)
         trial = self.trials.setdefault(setting, Trial(setting))
         trial.samples_s.extend(float(v) for v in t.cpu())
         self._measuring = None
@@ -376,8 +368,10 @@ class Autotuner:
         self._window.append(dt)
         if len(self._window) < self.drift_window_steps:
             return
-        t = self._slowest(torch.tensor([statistics.median(self._window)], dtype=torch.float64))
+        t = torch.tensor([statistics.median(self._window)], dtype=torch.float64, device=self._device())
         self._window = []
+        if self.reducer.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.reducer.process_set.group)
         median = float(t.item())
         if self._reference_s is None:
             # The first full window after settling, not the search's samples: those were taken among
@@ -415,6 +409,9 @@ class Autotuner:
         if tl is not None:
             tl.instant("autotune", text, "autotune", {"step": self.step, **extra})
         log.debug("shoal: autotune step %d: %s", self.step, text)
+
+    def _device(self) -> torch.device:
+        return self.reducer.buffers[0].device if self.reducer.buffers else torch.device("cpu")
 
 
 def _fixed_by_user(config: ShoalConfig, options: Iterable[str]) -> frozenset[str]:

@@ -231,12 +231,6 @@ def _control_group(ps: runtime.ProcessSet) -> dist.ProcessGroup:
     return group
 
 
-def control_group(ps: runtime.ProcessSet) -> dist.ProcessGroup:
-    """The gloo group of ``ps``'s ranks for the engine's own small agreements (negotiation, autotuner):
-    nothing of the user's ever runs on it, so its order cannot interleave with theirs."""
-    return _control_group(ps)
-
-
 def _doing_key(rank: int) -> str:
     """Store key of ``rank``'s record: which wait it is in and where (see :class:`StallInspector`)."""
     return f"shoal/doing/{rank}"
