@@ -16,11 +16,6 @@ Design constraints:
    early waits for its predecessors), so no rank can issue collectives in a different order.
 4. Several buckets in flight: unit ``u`` goes on stream ``u % num_streams``, each stream its own process
    group (on GPU each NCCL communicator has its own CUDA stream; on gloo each group its own threads).
-7. Deferred heads go on the wire only once every earlier unit is reduced (on several streams they would
-   otherwise share the link with the units the next forward needs first). Waiting is in launch order,
-   possibly spread over time: :meth:`GradientReducer.wait_for` waits only up to
-   the unit that completes a given tensor (the cross-barrier calls it from the next forward, layer by layer),
-   :meth:`GradientReducer.finish` waits for the rest and closes the step.
 5. No background loop of ours: completion work (scaling) runs as a future callback on the backend's own
    completion thread, so an idle rank costs nothing (an idle Horovod rank burns ~7% of a core here for its
    1 ms cycle).
@@ -29,6 +24,12 @@ Design constraints:
    (:meth:`GradientReducer.load`, as DDP fuses its division into its bucket copy), in place otherwise. The
    algorithms then only sum. Dividing before the sum is exact for power-of-two world sizes, keeps 16-bit
    wires from overflowing, and saves the pass over every bucket that a post-multiply would cost.
+7. Deferred heads (the cross-barrier's) go on the wire only once every earlier unit is reduced (gloo runs
+   a group's operations on two threads: issue order is not wire order). Waiting is in launch order and may
+   be spread over time: ``finish()`` with :attr:`GradientReducer.leave_deferred` returns once the units
+   before the heads are in (the step stays open), :meth:`GradientReducer.wait_for` waits up to the unit
+   that completes a given tensor (from the next forward, layer by layer), and the next ``finish()`` waits
+   for the rest and closes the step.
 
 What lives elsewhere: the bucket plan (:mod:`shoal.core.buckets`), the per-bucket algorithm (flat or
 hierarchical, with or without compression: :mod:`shoal.core.algorithms`), hooks into autograd (frontends).
