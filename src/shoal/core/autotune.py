@@ -62,6 +62,7 @@ __all__ = [
     "Setting",
     "Trial",
     "make_autotuner",
+    "fixed_by_user",
     "BUCKET_SIZES_MB",
     "STREAM_COUNTS",
     "MAX_TUNING_STEPS",
@@ -414,9 +415,10 @@ class Autotuner:
         return self.reducer.buffers[0].device if self.reducer.buffers else torch.device("cpu")
 
 
-def _fixed_by_user(config: ShoalConfig, options: Iterable[str]) -> frozenset[str]:
-    """Constraint 6: knobs set by environment / flag, by ``init()`` keyword (differs from the default),
-    or by the optimizer's keyword arguments."""
+def fixed_by_user(config: ShoalConfig, options: Iterable[str]) -> frozenset[str]:
+    """Constraint 6: the knobs the tuner leaves alone, because the user set them: by environment / flag,
+    by ``init()`` keyword (differs from the default), or by the optimizer's keyword arguments ``options``.
+    Frontends use it to tell ranks' settings apart from what the tuner would change."""
     default = ShoalConfig()
     names = set(_env.explicit_knobs()) | {k for k in options}
     for name in ("fusion_threshold_mb", "num_streams"):
@@ -444,7 +446,7 @@ def make_autotuner(reducer, options: Optional[dict] = None, **kwargs) -> Optiona
     cfg = runtime.config()
     if not cfg.autotune or reducer.world < 2:
         return None
-    fixed = _fixed_by_user(cfg, {k for k, v in (options or {}).items() if v is not None})
+    fixed = fixed_by_user(cfg, {k for k, v in (options or {}).items() if v is not None})
     tune_bucket = "fusion_threshold_mb" not in fixed and getattr(reducer, "_groups_override", None) is None
     whole_world = reducer.process_set.ranks == tuple(range(runtime.size()))
     tune_streams = "num_streams" not in fixed and whole_world

@@ -87,7 +87,7 @@ def _collective_settings(compression: Optional[str], groups: Optional[Sequence[S
     cfg = runtime.config()
     given = {k: v for k, v in engine_options.items() if v is not None}
     # What the autotuner leaves alone (it tunes the rest with allreduces of its own, autotune.py).
-    fixed = sorted(_autotune._fixed_by_user(cfg, given) & {"fusion_threshold_mb", "num_streams"})
+    fixed = sorted(_autotune.fixed_by_user(cfg, given) & {"fusion_threshold_mb", "num_streams"})
     return {"fusion_threshold_mb": float(given.get("fusion_threshold_mb") or cfg.fusion_threshold_mb),
             "first_bucket_mb": float(given.get("first_bucket_mb") or cfg.first_bucket_mb),
             "num_streams": int(given.get("num_streams") or cfg.num_streams),
