@@ -809,9 +809,11 @@ class _Branchy(torch.nn.Module):
         self.body = _mlp(width=64)
         self.extra = torch.nn.Linear(4, 4)
         self.empty = torch.nn.Parameter(torch.zeros(0))  # a zero-size tensor in some bucket
+        self.local = torch.nn.Parameter(torch.ones(4))  # never reduced (as a class-sharded classifier's)
+        self.local._shoal_no_sync = True
 
     def forward(self, x, use_extra: bool = False):
-        out = self.body(x) + self.empty.sum()
+        out = self.body(x) * self.local + self.empty.sum()
         return self.extra(out) if use_extra else out
 
 
@@ -829,7 +831,7 @@ def _rank_cross_barrier(variant: str, on: bool):
     named = list(model.named_parameters()) + [("unused", unused)]
     sizes = {} if variant == "autotune" else {"fusion_threshold_mb": 4e-3, "num_streams": 2}
     opt = hvd.DistributedOptimizer(inner, named_parameters=named, first_bucket_mb=2e-3, **sizes)
-    if on:
+    if on and variant != "late_enable":
         hvd.cross_barrier(model, opt, defer_fraction=0.3)
     if variant == "load":  # a checkpoint restored mid-run, with a step in flight
         saved = None
@@ -844,6 +846,8 @@ def _rank_cross_barrier(variant: str, on: bool):
         loss = _loss(lambda t: model(t, use_extra), _half(x, rank, world), _half(y, rank, world))
         losses.append(loss.item())
         loss.backward()
+        if on and variant == "late_enable" and step == 2:  # between backward and step(): from the next step
+            hvd.cross_barrier(model, opt, defer_fraction=0.3)
         opt.step()
         deferred.append(opt._deferred is not None and opt._reducer.units_left)
         if sched is not None:  # between step() and the forward that applies the deferred update
@@ -874,15 +878,16 @@ def _rank_cross_barrier(variant: str, on: bool):
 
 
 @pytest.mark.parametrize("variant", ["adamw", "sgd", "zero_after", "zero_false", "branch", "late_branch",
-                                     "state_dict", "load", "sched", "eval", "autotune"])
+                                     "state_dict", "load", "sched", "eval", "late_enable", "autotune"])
 def test_cross_barrier_is_bitwise_the_plain_step(variant):
     """With the cross-barrier, step() returns with buckets in flight and each module waits for its own
     parameters in the next forward; the losses of every step and the final weights are bitwise those of
     the plain step, whatever the zero_grad placement, with a rank-dependent branch (its head's update waits
     for the end of the step), a parameter that never gets a gradient, a checkpoint loaded with a step in
     flight, an LR scheduler stepping between step() and the next forward, an evaluation under
-    inference_mode in between, a head first used after the negotiation turned static, and (plain steps
-    then) an autotuner re-planning the buckets."""
+    inference_mode in between, a head first used after the negotiation turned static, a parameter the
+    engine never reduces (``_shoal_no_sync``), the cross-barrier turned on between a backward and its
+    step (it starts with the next step), and (plain steps then) an autotuner re-planning the buckets."""
     on = run_ranks(_rank_cross_barrier, world_size=2, timeout_s=90, args=(variant, True))
     off = run_ranks(_rank_cross_barrier, world_size=2, timeout_s=90, args=(variant, False))
     for a, b in zip(on, off):
@@ -893,11 +898,13 @@ def test_cross_barrier_is_bitwise_the_plain_step(variant):
         assert (a["units"] > a["buckets"] or variant == "autotune") and b["buckets"] == b["units"]
         if variant == "autotune":  # a tuner re-plans between steps: every step the plain way
             assert a["trials"] >= 2 and not any(a["deferred"])
+        elif variant == "late_enable":
+            assert not any(a["deferred"][:3]) and all(a["deferred"][3:]), a["deferred"]
         else:
             assert not a["deferred"][0] and all(a["deferred"][1:]), a["deferred"]  # step 1 finds the order
         assert not any(b["deferred"])
     for k, v in on[0]["state"].items():
-        assert torch.equal(v, on[1]["state"][k]), k
+        assert k == "local" or torch.equal(v, on[1]["state"][k]), k  # local: never reduced, by design
 
 
 def _rank_cross_barrier_errors():
