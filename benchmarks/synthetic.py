@@ -388,24 +388,28 @@ def worker(args) -> int:
     import torch.distributed as dist  # noqa: PLC0415
     from rich.console import Console  # noqa: PLC0415
 
-    from shoal.core.env import get_env  # noqa: PLC0415
+    from shoal.core.env import env_name, explicit_knobs, get_env  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
     rank, world = init_world(args.timeout_s)
+    knobs = {env_name(k): get_env(env_name(k)) for k in sorted(explicit_knobs())}
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)  # a log file: keep the table on one line per row
     link = get_env("SHOAL_CLUSTER_LINK") or ("one host, loopback" if world > 1 else "none (world of one)")
     meta = {
         "name": args.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": shlex.join(["python", _repo_relative(sys.argv[0]), *sys.argv[1:]]),
+        # SHOAL_* knobs set for the run (e.g. SHOAL_FUSION_THRESHOLD_MB=1) are part of what reproduces it.
+        "command": shlex.join([f"{k}={v}" for k, v in knobs.items()]
+                              + ["python", _repo_relative(sys.argv[0]), *sys.argv[1:]]),
+        "shoal_env": knobs,
         "launcher": ("shoal.testing.cluster" if get_env("SHOAL_CLUSTER_LINK")
                      else "torchrun / shoal run" if get_env("TORCHELASTIC_RUN_ID") else
                      "env://" if world > 1 else "none"),
         "hardware": hardware(), "threads_per_rank": args.threads, "torch": torch.__version__,
         "python": platform.python_version(), "world_size": world, "link": link,
         "settings": {k: getattr(args, k) for k in ("warmup", "steps", "rounds", "lr", "seed", "batch_size",
-                                                   "optimizer")},
+                                                   "optimizer", "defer_fraction")},
         # Other processes on the machine inflate every mode's compute; recorded so a reader can tell.
         "load_avg_start": [round(v, 2) for v in os.getloadavg()],
     }

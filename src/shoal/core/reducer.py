@@ -190,9 +190,13 @@ class GradientReducer:
             for t, off in zip(plan.tensor_ids, plan.offsets):
                 if off < unit.stop and off + self.specs[t].numel > unit.start:
                     last_unit[t] = u
+        first_unit: dict[int, int] = {}
+        for u, unit in enumerate(self.units):
+            first_unit.setdefault(unit.bucket, u)
         for p in self.plans:  # empty tensors overlap no slice: done with their bucket's first unit
             for t in p.tensor_ids:
-                last_unit.setdefault(t, next(u for u, unit in enumerate(self.units) if unit.bucket == p.index))
+                if t not in last_unit:
+                    last_unit[t] = first_unit[p.index]
         self.done_at: list[list[int]] = [[] for _ in self.units]
         for t, u in sorted(last_unit.items()):
             self.done_at[u].append(t)

@@ -672,14 +672,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         gradients, which enter their buckets in one fused copy-and-scale pass. With ``False`` the views
         into the buckets are zeroed in place and autograd accumulates into them (a zeroing pass plus an
         add per step: measured slower)."""
-        if self._deferred is not None:
-            if not set_to_none:  # zeroing the views in place would hit buffers still on the wire
-                self.flush()
-            else:  # the deferred heads' updates read their views, not param.grad
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        p.grad = None
-                return
+        if self._deferred is not None and not set_to_none:  # in place would hit buffers still on the wire
+            self.flush()  # (set_to_none is fine: the deferred updates read their views, not param.grad)
         # _counts, not the reducer's ready flags: they also cover step 1 (no reducer yet) and the first
         # backward passes of backward_passes_per_step > 1 (counted but not yet marked ready).
         if any(self._counts) and not self._synchronized:
