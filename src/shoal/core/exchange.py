@@ -1,0 +1,112 @@
+"""Exchanging small structured values between ranks as JSON in tensors, never as pickle.
+
+Shoal's internal exchanges (host names at ``init``, the ready order a bucket plan follows, the details of a
+mismatch or a NaN report) used ``all_gather_object`` / ``broadcast_object_list``, which unpickle what the
+peers send: any process that can reach a group's sockets could run code in every rank. What travels here is
+UTF-8 JSON in a ``uint8`` tensor, decoded with ``json.loads``: a peer can at worst send wrong data, which
+the caller checks like any other input.
+
+Design constraints:
+
+1. Two collectives per exchange, whatever the world size: the byte lengths (one int64 per rank), then the
+   payloads padded to the longest. No pickle anywhere, also not for the lengths.
+2. Only JSON's types: dicts with string keys, lists, strings, numbers, booleans, None. Tuples come back as
+   lists; callers convert what they need. A value JSON cannot encode is a ``TypeError`` on the sending
+   rank before anything moves (raised inside the exchange would leave the peers waiting).
+3. The same group semantics as torch's object collectives: every member calls, in the same order.
+
+What lives elsewhere: the user API's object collectives (``broadcast_object`` / ``allgather_object`` in
+:mod:`shoal.core.collectives`), which keep Horovod's pickle semantics for users who trust every rank.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["encode", "decode", "allgather_json", "broadcast_json"]
+
+
+def encode(value: Any) -> bytes:
+    """``value`` as compact UTF-8 JSON (``TypeError`` for what JSON cannot hold; NaN and Inf refused)."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:  # NaN/Inf floats: not JSON
+        raise TypeError(f"shoal: cannot send {value!r} to other ranks as JSON: {exc}") from None
+
+
+def decode(data: bytes) -> Any:
+    """The value of :func:`encode`'s bytes (``ValueError`` naming the problem when they are not JSON)."""
+    try:
+        return json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"shoal: a peer sent data that is not JSON ({exc})") from None
+
+
+def _device(group: Optional[dist.ProcessGroup], device: Optional[torch.device]) -> torch.device:
+    if device is not None:
+        return device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def allgather_json(value: Any, group: Optional[dist.ProcessGroup] = None,
+                   device: Optional[torch.device] = None) -> list[Any]:
+    """Every member's ``value``, in the group's rank order (constraint 1).
+
+    Args:
+        value: JSON-encodable (constraint 2).
+        group: the process group (default: the world).
+        device: where the tensors live (default: the group's device: CUDA under NCCL, else CPU).
+
+    Raises:
+        TypeError: ``value`` is not JSON-encodable (raised before any collective).
+        ValueError: a peer's bytes are not JSON.
+
+    Example:
+        >>> hosts = allgather_json(socket.gethostname())
+    """
+    data = encode(value)
+    dev = _device(group, device)
+    n = dist.get_world_size(group)
+    sizes = torch.zeros(n, dtype=torch.int64, device=dev)
+    dist.all_gather_into_tensor(sizes, torch.tensor([len(data)], dtype=torch.int64, device=dev), group=group)
+    lengths = sizes.tolist()
+    width = max(lengths) if lengths else 0
+    mine = torch.zeros(max(width, 1), dtype=torch.uint8)
+    if data:
+        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    out = torch.empty(n * max(width, 1), dtype=torch.uint8, device=dev)
+    dist.all_gather_into_tensor(out, mine.to(dev), group=group)
+    rows = out.view(n, max(width, 1)).cpu()
+    return [decode(rows[i, :lengths[i]].numpy().tobytes()) for i in range(n)]
+
+
+def broadcast_json(value: Any, src: int, group: Optional[dist.ProcessGroup] = None,
+                   device: Optional[torch.device] = None) -> Any:
+    """``src``'s ``value`` on every member (``src`` a global rank, as in ``dist.broadcast``).
+
+    Args:
+        value: JSON-encodable on ``src``; ignored elsewhere.
+        src: the global rank that sends.
+        group: the process group (default: the world).
+        device: as :func:`allgather_json`.
+
+    Example:
+        >>> order = broadcast_json(order if rank == 0 else None, src=0)
+    """
+    dev = _device(group, device)
+    data = encode(value) if dist.get_rank() == src else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    dist.broadcast(size, src=src, group=group)
+    length = int(size.item())
+    buf = torch.zeros(max(length, 1), dtype=torch.uint8)
+    if data:
+        buf[:length] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = buf.to(dev)
+    dist.broadcast(buf, src=src, group=group)
+    return decode(buf[:length].cpu().numpy().tobytes())
