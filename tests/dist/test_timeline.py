@@ -151,3 +151,30 @@ def test_a_file_cut_short_still_loads(tmp_path):
     doc = timeline.load_timeline(str(tmp_path / "t.json"))
     assert [e["name"] for e in doc["traceEvents"] if e.get("cat") == "communication"] == ["allreduce b0"]
     assert os.path.getsize(tmp_path / "t.json") > 0
+
+
+def test_planted_symlinks_are_replaced_and_their_targets_left_alone(tmp_path):
+    """Per-rank names are predictable: in a shared directory another user can plant ``trace.rank<r>.json``
+    as a link to a file of the user who records (before the fix, ``open(path, "w")`` overwrote it)."""
+    victim = tmp_path / "outside" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for name in ("trace.rank0.json", "trace.rank1.json", "merged.json"):
+        (shared / name).symlink_to(victim)
+    (shared / "trace.rank1.json").unlink()
+    (shared / "trace.rank1.json").symlink_to(tmp_path / "outside" / "not-there-yet")  # dangling
+    paths = []
+    for rank in (0, 1):
+        timeline.start_timeline(str(shared / "trace.json"), rank=rank)
+        timeline.active().instant("step", "mark")
+        paths.append(timeline.stop_timeline())
+    merged = timeline.merge_timelines(paths, str(shared / "merged.json"))
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "outside" / "not-there-yet").exists()
+    for rank, path in enumerate(paths):
+        assert not os.path.islink(path)
+        assert timeline.load_timeline(path)["otherData"]["rank"] == rank
+    assert not os.path.islink(merged) and len(timeline.load_timeline(merged)["traceEvents"]) > 2
+    assert sorted(os.listdir(shared)) == ["merged.json", "trace.rank0.json", "trace.rank1.json"]

@@ -25,7 +25,9 @@ Design constraints:
    stream's worker, so events go into a ``collections.deque`` (``append`` and ``popleft`` are atomic in
    CPython) and only the thread that writes the file drains it. No lock on the hot path.
 3. One file per rank, ``<stem>.rank<r><suffix>``. Writing needs no collective, so a crashed peer cannot
-   keep a rank from writing its file, and a file opens on its own. :func:`merge_timelines` joins
+   keep a rank from writing its file, and a file opens on its own. The names are predictable, so files
+   are created without following links (:mod:`shoal.core.files`): a planted ``trace.rank0.json`` symlink
+   is replaced, its target left alone. :func:`merge_timelines` joins
    per-rank files into one (``python -m shoal.core.timeline merge ...``).
 4. One clock. Timestamps are ``time.perf_counter_ns()`` (monotonic) relative to the recorder's start;
    each file also records the wall-clock time of that start, so merged files line up on one axis
@@ -57,6 +59,8 @@ import sys
 import threading
 import time
 from typing import Any, Iterable, Iterator, Optional, Sequence
+
+from .files import atomic_write, open_replacing
 
 __all__ = [
     "Timeline",
@@ -116,7 +120,9 @@ class Timeline:
         self._count = 0  # events written so far
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        self._file = open(path, "w", encoding="utf-8")
+        # A new file renamed over the name, never open(path, "w"): the name is predictable, and in a shared
+        # directory a planted link there would have its target overwritten (shoal.core.files, constraint 1).
+        self._file = open_replacing(path, "w", encoding="utf-8")
         self._file.write('{"displayTimeUnit": "ms", "otherData": ' + json.dumps({
             "rank": self.rank, "start_wall_ns": self._wall0_ns, "clock": "perf_counter_ns",
             "pid_is": "rank", "writer": "shoal.core.timeline"}) + ', "traceEvents": [\n')
@@ -356,7 +362,7 @@ def merge_timelines(paths: Sequence[str], out_path: str) -> str:
             if "ts" in ev:
                 ev = dict(ev, ts=ev["ts"] + shift_us)
             events.append(ev)
-    with open(out_path, "w", encoding="utf-8") as f:
+    with atomic_write(out_path, "w", encoding="utf-8", durable=False) as f:
         json.dump({"displayTimeUnit": "ms", "otherData": {"merged_from": list(paths), "start_wall_ns": origin},
                    "traceEvents": events}, f)
     return out_path
