@@ -30,14 +30,26 @@ Design constraints:
    their state stay bit-identical (a "lazy" update, as SparseAdam does).
 5. Checkpoints are per-rank shard files plus a JSON index of the class ranges, loadable into any world size:
    each rank reads only the slices that overlap its new range (memory-mapped).
+6. A checkpoint is one save, never a mix. A save interrupted by a dying rank used to leave shards of two
+   saves under the same names, and loading took the mix without a word. Now every save has an id (rank 0's
+   random 63 bits) in its shard file names, in each shard and in the index; shards are written and fsynced
+   first, then, once every rank has reported its shard on disk, rank 0 renames the index into place (temp
+   file, fsync, ``os.replace``, directory fsync: :mod:`shoal.core.files`). That rename is the single commit
+   point: before it the previous index still names the previous save's shards, which nothing has touched;
+   after it the new one names the new shards. Loading checks every shard's save id, class range and size
+   against the index and names the shard, the rank that wrote it and both saves when they differ. Files
+   of other saves are removed only after the commit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import warnings
 from typing import Optional
 
@@ -47,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shoal.core.errors import ShoalError
+from shoal.core.files import atomic_write
 
 from ._ops import _AllGatherEmbeddings, _all_gather_rows, _normalize_rows, _resolve_shards, _Shards, \
     _ShardedSoftmaxCrossEntropy
@@ -63,8 +76,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FORMAT = "shoal.partial_fc/1"
+_FORMAT = "shoal.partial_fc/2"
+#: Format 1 (no save id, shards overwritten in place) still loads, with a warning.
+_FORMAT_1 = "shoal.partial_fc/1"
 _INDEX_FILE = "partial_fc.json"
+#: ``partial_fc.<save id>.shardRRRRR-of-NNNNN.pt``, its temporary files (``.<name>.<random>.tmp``, see
+#: :mod:`shoal.core.files`) and format 1's ``partial_fc.shardRRRRR-of-NNNNN.pt``.
+_SHARD_RE = re.compile(r"^(?P<tmp>\.)?partial_fc\.(?:(?P<save>[0-9a-f]{16})\.)?"
+                       r"shard(?P<shard>\d{5})-of-(?P<of>\d{5})\.pt(?(tmp)\.[0-9a-f]+\.tmp)$")
+_INDEX_TMP_RE = re.compile(r"^\.partial_fc\.json\.[0-9a-f]+\.tmp$")
 # Rows are initialized in blocks with a seed per block, so that the full weight is the same whatever the
 # number of ranks (a run on 2 ranks starts where a run on 3 would) without any rank materializing it.
 _INIT_BLOCK_ROWS = 4096
@@ -517,22 +537,75 @@ class PartialFC(nn.Module):
                 f"{theirs[2]} but this rank owns [{mine[0]}, {mine[1]}) of {mine[2]}. HINT: a state_dict is one "
                 "rank's shard; to change the number of ranks use save_sharded()/load_sharded().")
 
-    def _shard_file(self, rank: int, size: int) -> str:
-        return f"partial_fc.shard{rank:05d}-of-{size:05d}.pt"
-
-    def save_sharded(self, directory: str | os.PathLike, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    def save_sharded(self, directory: str | os.PathLike,
+                     optimizer: Optional[torch.optim.Optimizer] = None) -> str:
         """Write this rank's shard (and its optimizer rows) under ``directory``; a collective.
 
-        Every rank writes ``partial_fc.shardRRRRR-of-NNNNN.pt``; rank 0 then writes ``partial_fc.json``, the
-        index of class ranges. ``directory`` must be visible to every rank that loads it later.
+        A save is committed all at once (constraint 6): the ranks agree on a save id, every rank writes and
+        fsyncs ``partial_fc.<save id>.shardRRRRR-of-NNNNN.pt``, and once all have, rank 0 renames the index
+        ``partial_fc.json`` (the save id, every shard's class range, writer and size) into place. That rename
+        is the commit: a save interrupted before it (a rank dies, a disk fills) leaves the previous save in
+        ``directory`` loadable and whole; after it, each rank removes a share of the previous save's files.
+        One PartialFC per directory; ``directory`` must be visible to every rank that loads it later.
 
         Args:
             directory: created if missing.
             optimizer: also store this optimizer's per-row state of the weight (momentum, Adam moments).
+
+        Returns:
+            The save id (16 hex digits), the same on every rank, also in the index and in every shard.
+
+        Raises:
+            ShoalError: a rank could not write its shard, or a rank failed during the save; the message says
+                whether the save was committed. Raised on every rank.
+
+        Example:
+            >>> save_id = pfc.save_sharded("ckpt/pfc", optimizer=opt)
         """
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
+        save_id = self._agree_save_id(directory)
+        nbytes, error = -1, None
+        try:
+            payload = self._shard_payload(save_id, optimizer)
+            with atomic_write(os.path.join(directory, _shard_file(save_id, self.rank, self.world_size)),
+                              "wb") as f:
+                torch.save(payload, f)
+                nbytes = f.tell()
+        except Exception as exc:  # noqa: BLE001 (re-raised below, after the others learn of it)
+            error, nbytes = exc, -1
+        # Every rank reports, so that one rank's failure is an error on all, not a hang in the next barrier.
+        sizes = self._gather_save_status(nbytes, save_id, directory, before_commit=True)
+        if error is not None:
+            raise error
+        failed = [r for r, n in enumerate(sizes) if n < 0]
+        if failed:
+            raise ShoalError(
+                f"shoal: PartialFC.save_sharded on rank {self.rank}: rank(s) {failed} could not write their "
+                f"shard of save {save_id} to {directory!r} (their own error says why). Nothing was committed: "
+                "the directory still holds the previous save. HINT: fix the cause on those ranks (disk space, "
+                "permissions, a directory every rank can write) and save again.")
+        committed, error = 0, None
+        if self.rank == 0:
+            try:
+                _write_index(directory, save_id, self.num_classes, self.embedding_size, self.world_size, sizes)
+                committed = 1
+            except Exception as exc:  # noqa: BLE001 (re-raised below)
+                error = exc
+        status = self._gather_save_status(committed, save_id, directory, before_commit=False)
+        if error is not None:
+            raise error
+        if status[0] != 1:
+            raise ShoalError(
+                f"shoal: PartialFC.save_sharded on rank {self.rank}: rank 0 could not write the index of save "
+                f"{save_id} to {directory!r} (its own error says why). Nothing was committed: the directory "
+                "still holds the previous save. HINT: fix the cause on rank 0 and save again.")
+        _remove_stale_files(directory, save_id, self.rank, self.world_size)
+        return save_id
+
+    def _shard_payload(self, save_id: str, optimizer: Optional[torch.optim.Optimizer]) -> dict:
         payload = dict(self.get_extra_state())
+        payload["save_id"] = save_id
         payload["rank"] = self.rank
         payload["weight"] = self.weight.detach().cpu()
         rows, scalars = {}, {}
@@ -544,36 +617,63 @@ class PartialFC(nn.Module):
             else:
                 scalars[k] = v.detach().cpu() if torch.is_tensor(v) else v
         payload["optimizer_rows"], payload["optimizer_scalars"] = rows, scalars
-        path = os.path.join(directory, self._shard_file(self.rank, self.world_size))
-        torch.save(payload, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        self._barrier()
-        if self.rank == 0:
-            index = {"format": _FORMAT, "num_classes": self.num_classes, "embedding_size": self.embedding_size,
-                     "world_size": self.world_size,
-                     "shards": [{"file": self._shard_file(r, self.world_size),
-                                 "class_start": shard_range(self.num_classes, self.world_size, r)[0],
-                                 "class_end": shard_range(self.num_classes, self.world_size, r)[1]}
-                                for r in range(self.world_size)]}
-            with open(os.path.join(directory, _INDEX_FILE + ".tmp"), "w") as f:
-                json.dump(index, f, indent=1)
-            os.replace(os.path.join(directory, _INDEX_FILE + ".tmp"), os.path.join(directory, _INDEX_FILE))
-        self._barrier()
+        return payload
+
+    def _agree_save_id(self, directory: str) -> str:
+        """Rank 0's random 63 bits, as 16 hex digits, on every rank (one all-gather of one integer)."""
+        mine = secrets.randbits(63)
+        if self._shards.distributed:
+            try:
+                mine = int(_all_gather_rows(torch.tensor([mine], dtype=torch.long, device=self._shards.device),
+                                            self._shards)[0])
+            except Exception as exc:
+                raise ShoalError(
+                    f"shoal: PartialFC.save_sharded on rank {self.rank}: the ranks could not start a save to "
+                    f"{directory!r} ({type(exc).__name__}: {exc}). No file was written. HINT: every rank of "
+                    "the classifier must call save_sharded; see the other ranks' errors for the root "
+                    "cause.") from exc
+        return f"{mine:016x}"
+
+    def _gather_save_status(self, value: int, save_id: str, directory: str, before_commit: bool) -> list[int]:
+        """Every rank's ``value`` (an all-gather, so also a barrier); a failed peer becomes a ShoalError
+        saying where the save stands: before the commit point, or not known (rank 0 may have committed)."""
+        if not self._shards.distributed:
+            return [value]
+        try:
+            return _all_gather_rows(torch.tensor([value], dtype=torch.long, device=self._shards.device),
+                                    self._shards).tolist()
+        except Exception as exc:
+            where = ("Nothing was committed: the directory still holds the previous save" if before_commit
+                     else "Rank 0 may or may not have committed it: load_sharded() loads whichever save "
+                     "the index names, whole")
+            raise ShoalError(
+                f"shoal: PartialFC.save_sharded on rank {self.rank}: a rank failed during save {save_id} to "
+                f"{directory!r} ({type(exc).__name__}: {exc}). {where}. HINT: see the other ranks' errors "
+                "for the root cause; save again once every rank is back.") from exc
 
     def load_sharded(self, directory: str | os.PathLike,
-                     optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+                     optimizer: Optional[torch.optim.Optimizer] = None) -> str:
         """Load the rows of this rank's class range from a checkpoint saved with any number of ranks.
 
-        No collective: each rank memory-maps only the shard files that overlap its range.
+        No collective: each rank memory-maps only the shard files that overlap its range, and checks that
+        each belongs to the save the index names (its save id, class range and size), so shards of two
+        saves are never mixed.
 
         Args:
             directory: what :meth:`save_sharded` wrote.
             optimizer: restore the weight's optimizer state too (it must hold ``self.weight``); rows are
                 re-sharded like the weight, scalar state (e.g. Adam's ``step``) is taken from the first shard.
 
+        Returns:
+            The id of the save loaded (what :meth:`save_sharded` returned).
+
         Raises:
-            ShoalError: the checkpoint is for another number of classes or embedding size, or a shard is
-                missing.
+            ShoalError: the checkpoint is for another number of classes or embedding size; it has no index
+                (never saved, or its only save was interrupted); a shard is missing, damaged or belongs to
+                another save (the message names the shard, the rank that wrote it and both save ids).
+
+        Example:
+            >>> pfc.load_sharded("ckpt/pfc", optimizer=opt)
         """
         index = _read_index(directory)
         if (index["num_classes"], index["embedding_size"]) != (self.num_classes, self.embedding_size):
@@ -605,42 +705,174 @@ class PartialFC(nn.Module):
                      for k, v in scalars.items()}
             state.update(rows)
             optimizer.state[self.weight] = state
+        return index.get("save_id", "")
 
-    def _barrier(self) -> None:
-        if self._shards.distributed:
-            dist.barrier(group=self._shards.group)
+def _shard_file(save_id: str, rank: int, size: int) -> str:
+    return f"partial_fc.{save_id}.shard{rank:05d}-of-{size:05d}.pt"
+
+
+def _write_index(directory: str, save_id: str, num_classes: int, embedding_size: int, size: int,
+                 nbytes: list[int]) -> None:
+    """The commit point of a save (constraint 6): one atomic, durable rename of the index."""
+    shards = []
+    for r in range(size):
+        start, end = shard_range(num_classes, size, r)
+        shards.append({"file": _shard_file(save_id, r, size), "rank": r, "class_start": start, "class_end": end,
+                       "nbytes": nbytes[r]})
+    index = {"format": _FORMAT, "save_id": save_id, "num_classes": num_classes,
+             "embedding_size": embedding_size, "world_size": size, "shards": shards}
+    with atomic_write(os.path.join(directory, _INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=1)
+
+
+def _shard_files(directory: str) -> list[tuple[str, re.Match]]:
+    """``(name, match)`` of every shard-like file in ``directory`` (shards, their temporary files, format 1)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [(n, m) for n in sorted(names) if (m := _SHARD_RE.match(n)) is not None]
+
+
+def _saves_not_indexed(directory: str, save_id: Optional[str]) -> str:
+    """``save 1a2b... (ranks [0] of 2)`` for each save id other than ``save_id`` with shards here."""
+    found: dict[tuple[str, int], list[int]] = {}
+    for _, m in _shard_files(directory):
+        if not m["tmp"] and m["save"] and m["save"] != save_id:
+            found.setdefault((m["save"], int(m["of"])), []).append(int(m["shard"]))
+    return "; ".join(f"save {sid} (shards of ranks {ranks} of {of})" for (sid, of), ranks in sorted(found.items()))
+
+
+def _remove_stale_files(directory: str, save_id: str, rank: int, size: int) -> None:
+    """After the commit: files of every other save (earlier, or interrupted) and temporary files.
+
+    Rank ``r`` removes the files of shard numbers ``r mod size`` (rank 0 also the index's temporary files), so
+    on a shared file system each file has one remover instead of ``size`` racing ones.
+    """
+    removed = 0
+    for name, m in _shard_files(directory):
+        if (m["save"] == save_id and not m["tmp"]) or int(m["shard"]) % size != rank:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+            removed += 1
+    if rank == 0:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            names = []
+        for name in names:
+            if _INDEX_TMP_RE.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+                    removed += 1
+    log.debug("shoal: PartialFC rank %d removed %d stale files of %s after committing save %s", rank, removed,
+              directory, save_id)
 
 
 def _read_index(directory) -> dict:
-    path = os.path.join(os.fspath(directory), _INDEX_FILE)
+    directory = os.fspath(directory)
+    path = os.path.join(directory, _INDEX_FILE)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             index = json.load(f)
     except FileNotFoundError:
+        unfinished = _saves_not_indexed(directory, None)
+        if unfinished:
+            raise ShoalError(
+                f"shoal: no PartialFC checkpoint index at {path!r}; the directory holds shards of {unfinished}, "
+                "a save interrupted before its commit (the index is written last, once every rank's shard is "
+                "on disk), so no complete save is there. HINT: save again from the training job (with every "
+                "rank); shards of an unfinished save cannot be loaded.") from None
         raise ShoalError(f"shoal: no PartialFC checkpoint index at {path!r}. HINT: save with "
                          "PartialFC.save_sharded(directory) on every rank first.") from None
-    if index.get("format") != _FORMAT:
-        raise ShoalError(f"shoal: {path!r} has format {index.get('format')!r}, expected {_FORMAT!r}.")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShoalError(f"shoal: {path!r} is not a PartialFC checkpoint index ({exc}). HINT: the index is "
+                         "written whole or not at all by save_sharded; restore the directory from a complete "
+                         "copy.") from None
+    fmt = index.get("format") if isinstance(index, dict) else None
+    if fmt == _FORMAT_1:
+        warnings.warn(f"shoal: PartialFC checkpoint {directory!r} has format {_FORMAT_1!r}, which carries no "
+                      "save id: its shards cannot be checked to belong to one save. HINT: load it once and "
+                      "save it again (save_sharded writes the current format).", stacklevel=3)
+    elif fmt != _FORMAT:
+        raise ShoalError(f"shoal: {path!r} has format {fmt!r}, expected {_FORMAT!r}.")
+    for shard in index["shards"]:
+        m = _SHARD_RE.match(str(shard.get("file")))
+        if m is None or m["tmp"]:
+            raise ShoalError(f"shoal: {path!r} names the shard file {shard.get('file')!r}, which is not a "
+                             "PartialFC shard name in that directory. HINT: restore the index from the save.")
     return index
+
+
+def _load_shard(directory: str, index: dict, position: int) -> dict:
+    """One shard of the save ``index`` names, checked to be that save's (constraint 6)."""
+    shard = index["shards"][position]
+    save_id = index.get("save_id")  # None: format 1
+    rank = shard.get("rank", position)
+    path = os.path.join(directory, shard["file"])
+    who = (f"shard {shard['file']!r} (rank {rank} of {index['world_size']}, classes [{shard['class_start']}, "
+           f"{shard['class_end']}))")
+    where = f"shoal: PartialFC checkpoint {directory!r}"
+    if not os.path.exists(path):
+        others = _saves_not_indexed(directory, save_id)
+        raise ShoalError(
+            f"{where}: {who} of save {save_id} is missing" + (f"; other files there: {others}" if others else "")
+            + ". HINT: copy a checkpoint as a whole (partial_fc.json and every shard file it names) to a file "
+            "system every loading rank can read, or save again.")
+    try:
+        data, load_error = torch.load(path, map_location="cpu", mmap=True, weights_only=True), None
+    except Exception as exc:  # noqa: BLE001 (reported below, with what the index expected)
+        data, load_error = None, exc
+    if data is not None and not isinstance(data, dict):
+        data, load_error = None, TypeError(f"holds a {type(data).__name__}, not a shard")
+    if save_id is not None:
+        theirs = data.get("save_id") if data is not None else None
+        if data is not None and theirs != save_id:
+            raise ShoalError(
+                f"{where}: {who} holds the shard that rank {data.get('rank')} of {data.get('world_size')} wrote "
+                f"in save {theirs}, but the index {_INDEX_FILE} is of save {save_id}: shards of two saves are "
+                f"mixed in this directory. HINT: copy a checkpoint as a whole directory ({_INDEX_FILE} with "
+                f"the partial_fc.{save_id}.shard* files it names); never combine files of two saves. Load an "
+                "intact copy, or save again.")
+        size = os.path.getsize(path)
+        if load_error is not None or size != shard.get("nbytes"):
+            raise ShoalError(
+                f"{where}: {who} of save {save_id} is damaged: {size} bytes where the index recorded "
+                f"{shard.get('nbytes')}" + (f" ({type(load_error).__name__}: {load_error})" if load_error else "")
+                + ". HINT: restore the file from a complete copy of the same save, or save again.")
+    elif load_error is not None:
+        raise ShoalError(f"{where}: {who} cannot be read ({type(load_error).__name__}: {load_error}). HINT: "
+                         "restore it from a complete copy of the checkpoint.") from load_error
+    held = (data.get("class_start"), data.get("class_end"), data.get("num_classes"))
+    if held != (shard["class_start"], shard["class_end"], index["num_classes"]):
+        raise ShoalError(
+            f"{where}: {who} holds classes [{held[0]}, {held[1]}) of {held[2]}, written by rank "
+            f"{data.get('rank')}, where the index expects [{shard['class_start']}, {shard['class_end']}) of "
+            f"{index['num_classes']}: the file was renamed or copied from another rank. HINT: copy the "
+            "checkpoint as a whole directory, or save again.")
+    return data
 
 
 def _overlapping_shards(directory, index: dict, start: int, end: int):
     """Yield ``(shard entry, loaded shard)`` for the saved shards overlapping ``[start, end)``."""
-    for shard in index["shards"]:
+    directory = os.fspath(directory)
+    for position, shard in enumerate(index["shards"]):
         if shard["class_end"] <= start or shard["class_start"] >= end:
             continue
-        path = os.path.join(os.fspath(directory), shard["file"])
-        if not os.path.exists(path):
-            raise ShoalError(f"shoal: PartialFC checkpoint shard {path!r} (classes [{shard['class_start']}, "
-                             f"{shard['class_end']})) is missing. HINT: every rank's shard must be on a file "
-                             "system that the loading ranks can read.")
-        yield shard, torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        yield shard, _load_shard(directory, index, position)
 
 
 def load_full_weight(directory: str | os.PathLike) -> Tensor:
     """The whole ``(num_classes, embedding_size)`` weight of a sharded checkpoint, on the CPU (no collective).
 
     For export and evaluation on one process.
+
+    Raises:
+        ShoalError: as :meth:`PartialFC.load_sharded`: no index, or a shard missing, damaged or of another save.
+
+    Example:
+        >>> w = load_full_weight("ckpt/pfc")   # (num_classes, embedding_size)
     """
     index = _read_index(directory)
     parts = [data["weight"][: shard["class_end"] - shard["class_start"]].clone()
