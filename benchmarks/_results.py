@@ -10,17 +10,36 @@ import datetime
 import json
 from pathlib import Path
 
-__all__ = ["RESULTS_DIR", "save_report"]
+from shoal.core.files import atomic_write, create_new
+
+__all__ = ["RESULTS_DIR", "save_report", "write_result"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def save_report(report: dict, name: str) -> Path:
-    """Write ``report`` to ``results/<today>-<name>.json`` (``-2``, ``-3``, ... when taken) and return the path."""
+    """Write ``report`` to ``results/<today>-<name>.json`` (``-2``, ``-3``, ... when taken) and return the path.
+
+    Each name is created exclusively (``shoal.core.files.create_new``): a name taken meanwhile, or a link
+    planted there, moves on to the next number instead of being written through.
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-{name}"
     path, n = RESULTS_DIR / f"{stem}.json", 2
-    while path.exists():
-        path, n = RESULTS_DIR / f"{stem}-{n}.json", n + 1
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    while True:
+        try:
+            f = create_new(path, "w")
+            break
+        except FileExistsError:
+            path, n = RESULTS_DIR / f"{stem}-{n}.json", n + 1
+    with f:
+        f.write(json.dumps(report, indent=1) + "\n")
+    return path
+
+
+def write_result(path: Path, data: str | bytes) -> Path:
+    """Write a result file whole (text or bytes), replacing a file or link at ``path``, never writing through a
+    link (``shoal.core.files.atomic_write``): output folders may be shared, e.g. under ``/tmp``."""
+    with atomic_write(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
     return path

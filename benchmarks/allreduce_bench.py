@@ -176,7 +176,9 @@ def worker(args) -> int:
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             path = RESULTS_DIR / f"{stamp}-allreduce-hierarchical-compression-{args.layout}-{args.name}.json"
-            path.write_text(json.dumps(report, indent=2) + "\n")
+            from _results import write_result  # noqa: PLC0415 (this folder is on sys.path: the script's own)
+
+            write_result(path, json.dumps(report, indent=2) + "\n")
             print(f"results: {path}")
     dist.barrier()
     rt.shutdown()

@@ -41,6 +41,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -307,7 +308,7 @@ def plot(report: dict, path: Path) -> Path:
                  f"ratios from the confirmation; load average {report['load_avg_start']} at start, "
                  f"{report.get('load_avg_end')} at end", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -315,6 +316,17 @@ def plot(report: dict, path: Path) -> Path:
 _COLORS = {"wait_for_gradients": "tab:green", "communication": "tab:blue", "compression": "tab:purple",
            "decompression": "tab:pink", "nan_check": "tab:red", "negotiation": "tab:brown",
            "optimizer": "tab:olive", "synchronize": "tab:gray", "step": "lightgray"}
+
+
+def _save_figure(fig, path: Path) -> None:
+    """A PNG written whole, never through a link at ``path`` (``_results.write_result``)."""
+    import io  # noqa: PLC0415
+
+    from _results import write_result  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_result(path, buf.getvalue())
 
 
 def plot_timeline(merged_path: str, out: Path, title: str = "") -> Path:
@@ -347,7 +359,7 @@ def plot_timeline(merged_path: str, out: Path, title: str = "") -> Path:
               loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 8 else -0.15), ncol=5)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    _save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -384,11 +396,13 @@ def timeline_micro(model: str = "many_small", steps: int = 200, rounds: int = 5)
         return (time.perf_counter() - t) / steps * 1e3
 
     off, on = [], []
-    for _ in range(rounds):
-        off.append(run())
-        timeline.start_timeline("/tmp/shoal-timeline-micro.json")
-        on.append(run())
-        timeline.stop_timeline()
+    # A private folder, not a fixed name in /tmp that anyone could plant a link at.
+    with tempfile.TemporaryDirectory(prefix="shoal-timeline-micro-") as scratch:
+        for _ in range(rounds):
+            off.append(run())
+            timeline.start_timeline(os.path.join(scratch, "trace.json"))
+            on.append(run())
+            timeline.stop_timeline()
     # When off, each recording site costs one attribute test: per step one per gradient, two per bucket, one
     # in finish(). Timed alone, since it is far below the run-to-run noise of the engine's time.
     check_ns = min(timeit.repeat("tl = red._tl\nif tl is not None: pass", globals={"red": red},
@@ -420,7 +434,9 @@ def worker(args) -> int:
     link = get_env("SHOAL_CLUSTER_LINK") or ("one host, loopback" if world > 1 else "none (world of one)")
     log = (lambda msg: console.print(f"[dim]{datetime.datetime.now():%H:%M:%S}[/] {msg}")) if rank == 0 \
         else (lambda msg: None)
-    args.scratch = args.timeline or "/tmp"
+    # Overhead timelines go to a private folder per rank, not to fixed names in /tmp.
+    scratch = None if args.timeline else tempfile.TemporaryDirectory(prefix="shoal-autotune-")
+    args.scratch = args.timeline or scratch.name
     report = {
         "name": args.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": shlex.join(["python", "benchmarks/autotune_bench.py", *sys.argv[1:]]),
@@ -448,6 +464,8 @@ def worker(args) -> int:
                 console.print(f"timeline: {m['timeline_files']['merged']} (plot {png})")
     dist.barrier()
     hvd.shutdown()
+    if scratch is not None:
+        scratch.cleanup()
     return 0
 
 

@@ -339,7 +339,9 @@ def main(argv=None) -> int:
     print(result["uptime_after"])
     out = args.out or RESULTS_DIR / f"{datetime.date.today().isoformat()}-negotiation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    from _results import write_result  # noqa: PLC0415
+
+    write_result(out, json.dumps(result, indent=1))
     print(f"wrote {out}")
     return 0
 

@@ -245,8 +245,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"partial_fc_{args.date}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(result))
+    from _results import write_result  # noqa: PLC0415 (this folder is on sys.path: the script's own)
+
+    write_result(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    write_result(stem.with_suffix(".md"), _markdown(result))
     print(f"\nsaved {stem}.json and .md")
 
 

@@ -545,8 +545,13 @@ def plot(report: dict, path: Path) -> Path:
         ax.tick_params(axis="x", rotation=45)
     fig.suptitle(f"{report['world_size']} ranks, link: {report['link']}, torch {report['torch']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    import io  # noqa: PLC0415
+
+    from _results import write_result  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)  # written whole, never through a link at the name
+    return write_result(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------ launching
