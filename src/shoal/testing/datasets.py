@@ -14,6 +14,8 @@ from typing import Optional
 
 import numpy as np
 
+from shoal.core.files import atomic_write
+
 __all__ = ["load_mnist"]
 
 
@@ -58,7 +60,8 @@ def load_mnist(cache_dir: Optional[str] = None) -> dict[str, np.ndarray]:
     x_test, y_test = _parse(test)
     out = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     base.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, cached)
+    # Written whole under a random temporary name, then renamed: never through a link planted at a
+    # predictable name when cache_dir is shared (shoal.core.files).
+    with atomic_write(cached, "wb", durable=False) as f:
+        np.savez(f, **out)
     return out
