@@ -48,10 +48,10 @@ def _tuned_vs_fixed():
                                      fusion_threshold_mb=25.0, num_streams=2)
     _train(opt_t, tuned, _STEPS, rank)
     _train(opt_f, fixed, _STEPS, rank)
-    assert opt_f._tuner is None
-    summary = opt_t._tuner.summary()
+    assert opt_f.engine.autotune is None
+    summary = opt_t.engine.autotune
     same = all(torch.equal(p, q) for p, q in zip(tuned.parameters(), fixed.parameters()))
-    views = all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(tuned.parameters(), opt_t._reducer.views))
+    views = all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(tuned.parameters(), opt_t.engine.views))
     return same, views, summary
 
 
@@ -79,8 +79,8 @@ def _which_dims(kwargs: dict):
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                    named_parameters=model.named_parameters(), **kwargs)
     _train(opt, model, 2, hvd.rank())
-    t = opt._tuner
-    return None if t is None else (t.tune_bucket, t.tune_streams)
+    t = opt.engine.autotune
+    return None if t is None else (t["tune_bucket"], t["tune_streams"])
 
 
 @pytest.mark.timeout(120)
@@ -111,17 +111,15 @@ class _FakeClock:
 
 def _drift():
     import shoal.torch as hvd  # noqa: PLC0415
-    from shoal.core.autotune import make_autotuner  # noqa: PLC0415
-
     torch.set_num_threads(1)
     model = _model()
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                    named_parameters=model.named_parameters())
     _train(opt, model, 1, hvd.rank())  # builds the reducer (and the default tuner)
-    opt._tuner = make_autotuner(opt._reducer, {}, sizes_mb=(1.0, 4.0), streams=(1, 2), drift_window_steps=2,
-                                drift_windows=2, retune_cooldown_steps=0, clock=_FakeClock(slow_from=60))
+    opt.engine.start_autotune(sizes_mb=(1.0, 4.0), streams=(1, 2), drift_window_steps=2, drift_windows=2,
+                              retune_cooldown_steps=0, clock=_FakeClock(slow_from=60))
     _train(opt, model, 100, hvd.rank())
-    s = opt._tuner.summary()
+    s = opt.engine.autotune
     return s["searches"], [h["kind"] for h in s["history"]].count("drift"), s["state"]
 
 

@@ -72,7 +72,7 @@ def _rank_skip_backward(skip_step: int):
                 _mse(model, *_batch(step, rank)).backward()
             opt.step()
     except hvd.ShoalError as exc:
-        return {**_error(exc), "step": step, "static": opt._negotiator.static}
+        return {**_error(exc), "step": step, "static": opt.engine.negotiation["static"]}
     return {"type": None, "step": step}
 
 
@@ -164,7 +164,7 @@ def test_rank_killed_mid_step_is_named_dead_by_its_peer():
     assert "rank 1 (pid" in err and "died" in err, err
     # What it waited on, by name: the bucket and its first tensors, or the negotiation and its tensors.
     assert ("gradient allreduce of bucket 0 (2.bias, 2.weight" in err
-            or ("negotiation bit-vector allreduce of DistributedOptimizer (step 3" in err and "'0.weight'" in err)), err
+            or ("negotiation bit-vector allreduce of DistributedOptimizer (step 4" in err and "'0.weight'" in err)), err
 
 
 # --------------------------------------------------------------------------------- uneven batch counts
@@ -203,11 +203,11 @@ def test_uneven_batch_counts_without_join_name_the_rank_that_left(variant):
         assert "rank 1 (pid" in err and "died" in err and "join()" in err, err
         # What rank 1 did not send: the bucket and its first tensors, or the negotiation and its tensors.
         assert ("gradient allreduce of bucket 0 (2.bias, 2.weight" in err
-                or ("negotiation bit-vector allreduce of DistributedOptimizer (step 3" in err
+                or ("negotiation bit-vector allreduce of DistributedOptimizer (step 4" in err
                     and "'0.weight'" in err)), err
     else:
         assert r0["type"] == "StallError", r0
-        assert "in step 3 of DistributedOptimizer for bucket 0 ('2.bias', '2.weight'" in err, err
+        assert "in step 4 of DistributedOptimizer for bucket 0 ('2.bias', '2.weight'" in err, err  # 1-based
         assert "rank 1 has not reached synchronize() of this step" in err, err  # "(last arrived...)" if seen
         assert "rank 1 never reached a collective (busy or hung outside Shoal" in err, err
         assert "join()" in err
@@ -233,8 +233,8 @@ def _rank_uneven_with_join(batches: tuple[int, int]):
         ref_opt.zero_grad()
         sum(_mse(ref, *_batch(step, r)) for r in range(world) if step < batches[r]).div(world).backward()
         ref_opt.step()
-    return {"last": last, "diff": _max_diff(model, ref), "static": opt._negotiator.static,
-            "negotiations": opt._negotiator.negotiations}
+    return {"last": last, "diff": _max_diff(model, ref), "static": opt.engine.negotiation["static"],
+            "negotiations": opt.engine.negotiation["negotiations"]}
 
 
 @pytest.mark.parametrize("batches", [(10, 7), (3, 0)], ids=["joins-while-static", "joins-before-step-1"])
@@ -275,8 +275,8 @@ def test_user_collective_while_a_rank_is_joined_names_both_sides():
     assert time.monotonic() - start < 60
     assert r0["type"] == "RankFailureError" and r1["type"] == "StallError", (r0, r1)
     assert "allreduce of 'metrics.loss' timed out on rank 0" in r0["error"], r0["error"]
-    assert "rank 1 is in step 2 of DistributedOptimizer (inside join())" in r0["error"], r0["error"]
-    assert "in step 2 of DistributedOptimizer (inside join()) for bucket 0 ('2.bias'" in r1["error"], r1["error"]
+    assert "rank 1 is in step 3 of DistributedOptimizer (inside join())" in r0["error"], r0["error"]
+    assert "in step 3 of DistributedOptimizer (inside join()) for bucket 0 ('2.bias'" in r1["error"], r1["error"]
     assert "rank 0 is in allreduce of 'metrics.loss' (call " in r1["error"], r1["error"]
 
 
@@ -312,7 +312,7 @@ def _rank_unused_on_one_rank(steps: int):
         ref_opt.zero_grad()
         sum(loss(ref, step, r) for r in range(world)).div(world).backward()  # b's grad from rank 1: zero
         ref_opt.step()
-    return {"diff": _max_diff(model, ref), "static": opt._negotiator.static,
+    return {"diff": _max_diff(model, ref), "static": opt.engine.negotiation["static"],
             "b_moved": not torch.equal(model.b.weight, _TwoHeads().b.weight)}
 
 

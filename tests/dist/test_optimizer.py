@@ -102,7 +102,7 @@ def _rank_train(kind: str, engine_options: dict):
         _loss(ref, x, y).backward()
         ref_opt.step()
     return {"diff": _max_diff(model, ref), "scale": _scale(ref), "params": _params(model),
-            "buckets": len(opt._reducer.plans), "moved": _max_diff(model, _mlp())}
+            "buckets": opt.engine.num_buckets, "moved": _max_diff(model, _mlp())}
 
 
 _ENGINES = {
@@ -156,8 +156,7 @@ def _rank_ready_order():
         opt.zero_grad()
         _loss(model, _half(x, rank, world), _half(y, rank, world)).backward()
         opt.step()
-    red = opt._reducer
-    return [red.specs[p.tensor_ids[0]].name for p in red.plans]
+    return [names[0] for names in opt.engine.buckets]
 
 
 def test_bucket_plan_follows_the_real_ready_order():
@@ -433,7 +432,7 @@ def test_no_sync_parameters_keep_their_own_gradient():
 # --------------------------------------------------------------------------------- ops and scaling
 def _rank_ops():
     import shoal.torch as hvd  # noqa: PLC0415
-    from shoal.core.reducer import ReduceOp  # noqa: PLC0415
+    from shoal.core.ops import ReduceOp  # noqa: PLC0415
 
     rank, world = _setup()
     x, y = _batch(0)
@@ -441,7 +440,7 @@ def _rank_ops():
     _loss(ref, x, y).backward()
     ref_grads = [p.grad.clone() for p in ref.parameters()]
     out = {}
-    for label, kwargs, factor in [("sum", {"op": ReduceOp.SUM}, 2.0),
+    for label, kwargs, factor in [("sum", {"op": ReduceOp.Sum}, 2.0),
                                   ("sum_name", {"op": "Sum"}, 2.0),
                                   ("predivide", {"gradient_predivide_factor": 2.0}, 1.0),
                                   ("predivide_4", {"gradient_predivide_factor": 4.0}, 1.0)]:
@@ -557,9 +556,9 @@ def _rank_model_zero_grad_set_to_none():
         assert all(p.grad is None for p in model.parameters())
         _loss(model, _half(x, rank, world), _half(y, rank, world)).backward()
         opt.step()
-        if opt._reducer is not None:
+        if opt.engine.built:
             # constraint 2 of the optimizer: gradients are views into the engine's buffers again
-            ptrs = {b.untyped_storage().data_ptr() for b in opt._reducer.buffers}
+            ptrs = {b.untyped_storage().data_ptr() for b in opt.engine.buffers}
             in_buffers.append(all(p.grad.untyped_storage().data_ptr() in ptrs for p in model.parameters()))
         ref_opt.zero_grad()
         _loss(ref, x, y).backward()
@@ -656,7 +655,7 @@ def _rank_world_one():
         ref_opt.zero_grad()
         _loss(ref, x, y).backward()
         ref_opt.step()
-    return {"hooks": [h for h in hooks if h], "opt_hooks": len(opt._hooks), "reducer": opt._reducer,
+    return {"hooks": [h for h in hooks if h], "built": opt.engine.built,
             "equal": all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters())),
             "size": hvd.size()}
 
@@ -664,7 +663,7 @@ def _rank_world_one():
 def test_world_size_one_is_the_bare_optimizer():
     (r,) = run_ranks(_rank_world_one, world_size=1, timeout_s=30)
     assert r["size"] == 1
-    assert r["hooks"] == [] and r["opt_hooks"] == 0 and r["reducer"] is None
+    assert r["hooks"] == [] and not r["built"]
     assert r["equal"]  # bitwise: nothing touched the gradients
 
 
@@ -774,7 +773,7 @@ def _rank_overlap(variant: str):
         opt.step()
         per_step.append(calls[0] - before)
     return {"params": _params(model), "unused": unused.detach().clone(), "calls": per_step,
-            "buckets": len(opt._reducer.plans)}
+            "buckets": opt.engine.num_buckets}
 
 
 @pytest.mark.parametrize("variant", ["adamw", "hook", "subclass"])
@@ -798,143 +797,3 @@ def test_overlapped_step_is_bitwise_one_step_at_the_end(variant):
         else:
             assert a["calls"] == [1] * _STEPS, a["calls"]
     _assert_ranks_equal(on)
-
-
-# --------------------------------------------------------------------------------- cross-barrier
-class _Branchy(torch.nn.Module):
-    """An MLP with a head that rank 0 uses on even steps only (a gradient not every rank produces)."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = _mlp(width=64)
-        self.extra = torch.nn.Linear(4, 4)
-        self.empty = torch.nn.Parameter(torch.zeros(0))  # a zero-size tensor in some bucket
-        self.local = torch.nn.Parameter(torch.ones(4))  # never reduced (as a class-sharded classifier's)
-        self.local._shoal_no_sync = True
-
-    def forward(self, x, use_extra: bool = False):
-        out = self.body(x) * self.local + self.empty.sum()
-        return self.extra(out) if use_extra else out
-
-
-def _rank_cross_barrier(variant: str, on: bool):
-    import shoal.torch as hvd  # noqa: PLC0415
-
-    rank, world = _setup()
-    torch.manual_seed(0)
-    model = _Branchy()
-    unused = torch.nn.Parameter(torch.ones(3))
-    params = list(model.parameters())
-    groups = [{"params": params[:4] + [unused], "weight_decay": 0.1}, {"params": params[4:], "lr": 0.02}]
-    inner = torch.optim.AdamW(groups, lr=0.01) if variant != "sgd" else torch.optim.SGD(groups, lr=0.1,
-                                                                                        momentum=0.9)
-    named = list(model.named_parameters()) + [("unused", unused)]
-    sizes = {} if variant == "autotune" else {"fusion_threshold_mb": 4e-3, "num_streams": 2}
-    opt = hvd.DistributedOptimizer(inner, named_parameters=named, first_bucket_mb=2e-3, **sizes)
-    if on and variant != "late_enable":
-        hvd.cross_barrier(model, opt, defer_fraction=0.3)
-    if variant == "load":  # a checkpoint restored mid-run, with a step in flight
-        saved = None
-    sched = torch.optim.lr_scheduler.StepLR(inner, step_size=1, gamma=0.7) if variant == "sched" else None
-    losses, deferred = [], []
-    for step in range(9):  # the negotiation turns static after a few steps
-        x, y = _batch(step)
-        use_extra = (variant == "branch" and rank == 0 and step % 2 == 0) or \
-            (variant == "late_branch" and rank == 0 and step == 7)
-        if variant != "zero_after":
-            opt.zero_grad(set_to_none=variant != "zero_false")
-        loss = _loss(lambda t: model(t, use_extra), _half(x, rank, world), _half(y, rank, world))
-        losses.append(loss.item())
-        loss.backward()
-        if on and variant == "late_enable" and step == 2:  # between backward and step(): from the next step
-            hvd.cross_barrier(model, opt, defer_fraction=0.3)
-        opt.step()
-        deferred.append(opt._deferred is not None and opt._reducer.units_left)
-        if sched is not None:  # between step() and the forward that applies the deferred update
-            sched.step()
-        if variant == "eval":
-            with torch.inference_mode():
-                losses.append(_loss(model, x, y).item())
-        if variant == "autotune" and step == 0:  # a trial every step, over sizes that re-plan this model
-            from shoal.core import autotune  # noqa: PLC0415
-
-            opt._tuner = autotune.Autotuner(opt._reducer, sizes_mb=(1e-3, 2e-3, 4e-3), streams=(1, 2),
-                                            warmup_steps=0, trial_steps=1)
-        if variant == "load" and step == 1:
-            saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
-        if variant == "load" and step == 3:
-            model.load_state_dict(saved[0])
-            opt.load_state_dict(saved[1])
-        if variant == "zero_after":
-            opt.zero_grad()
-    if variant == "state_dict":
-        state = {k: v.clone() for k, v in model.state_dict().items()}  # flushes
-    else:
-        opt.flush()
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"state": state, "unused": unused.detach().clone(), "losses": losses, "deferred": deferred,
-            "units": len(opt._reducer.units), "buckets": len(opt._reducer.plans),
-            "trials": len(opt.autotune_summary["trials"]) if opt.autotune_summary else 0}
-
-
-@pytest.mark.parametrize("variant", ["adamw", "sgd", "zero_after", "zero_false", "branch", "late_branch",
-                                     "state_dict", "load", "sched", "eval", "late_enable", "autotune"])
-def test_cross_barrier_is_bitwise_the_plain_step(variant):
-    """With the cross-barrier, step() returns with buckets in flight and each module waits for its own
-    parameters in the next forward; the losses of every step and the final weights are bitwise those of
-    the plain step, whatever the zero_grad placement, with a rank-dependent branch (its head's update waits
-    for the end of the step), a parameter that never gets a gradient, a checkpoint loaded with a step in
-    flight, an LR scheduler stepping between step() and the next forward, an evaluation under
-    inference_mode in between, a head first used after the negotiation turned static, a parameter the
-    engine never reduces (``_shoal_no_sync``), the cross-barrier turned on between a backward and its
-    step (it starts with the next step), and (plain steps then) an autotuner re-planning the buckets."""
-    on = run_ranks(_rank_cross_barrier, world_size=2, timeout_s=90, args=(variant, True))
-    off = run_ranks(_rank_cross_barrier, world_size=2, timeout_s=90, args=(variant, False))
-    for a, b in zip(on, off):
-        assert a["losses"] == b["losses"]
-        for k in b["state"]:
-            assert torch.equal(a["state"][k], b["state"][k]), k
-        assert torch.equal(a["unused"], torch.ones(3))
-        assert (a["units"] > a["buckets"] or variant == "autotune") and b["buckets"] == b["units"]
-        if variant == "autotune":  # a tuner re-plans between steps: every step the plain way
-            assert a["trials"] >= 2 and not any(a["deferred"])
-        elif variant == "late_enable":
-            assert not any(a["deferred"][:3]) and all(a["deferred"][3:]), a["deferred"]
-        else:
-            assert not a["deferred"][0] and all(a["deferred"][1:]), a["deferred"]  # step 1 finds the order
-        assert not any(b["deferred"])
-    for k, v in on[0]["state"].items():
-        assert k == "local" or torch.equal(v, on[1]["state"][k]), k  # local: never reduced, by design
-
-
-def _rank_cross_barrier_errors():
-    import shoal.torch as hvd  # noqa: PLC0415
-    from shoal.core.errors import ShoalError  # noqa: PLC0415
-
-    _setup()
-    model = _mlp()
-    messages = []
-    opt = hvd.DistributedOptimizer(_SGDSubclass(model.parameters(), lr=0.1),
-                                   named_parameters=model.named_parameters())
-    with pytest.raises(ShoalError) as err:
-        hvd.cross_barrier(model, opt)
-    messages.append(str(err.value))
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                   named_parameters=model.named_parameters())
-    with pytest.raises(ShoalError) as err:
-        hvd.cross_barrier(_mlp(seed=1), opt)  # another model: no module owns these parameters
-    messages.append(str(err.value))
-    handle = hvd.cross_barrier(model, opt)
-    with pytest.raises(ShoalError) as err:
-        hvd.cross_barrier(model, opt)
-    messages.append(str(err.value))
-    handle.remove()
-    hvd.cross_barrier(model, opt).remove()
-    return messages
-
-
-def test_cross_barrier_refuses_what_it_cannot_do_exactly():
-    for messages in run_ranks(_rank_cross_barrier_errors, world_size=2, timeout_s=60):
-        assert "element-wise" in messages[0] and "_SGDSubclass" in messages[0]
-        assert "none of the model's modules" in messages[1]
-        assert "already on" in messages[2]

@@ -40,7 +40,7 @@ def _from_knob():
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                    named_parameters=model.named_parameters(), nan_check="warn")
     _train(opt, model, _STEPS, hvd.rank())
-    return len(opt._reducer.plans), opt._reducer.num_streams, timeline.stop_timeline()
+    return opt.engine.num_buckets, opt.engine.num_streams, timeline.stop_timeline()
 
 
 def _events(path: str, rank: int) -> dict:

@@ -36,7 +36,7 @@ class _Reducer:
         self.process_set = _ProcessSet()
         self.world = 1
         self.buffers = [torch.empty(0)]
-        self._groups_override = None
+        self.groups = None
         self.calls: list[tuple[int, int]] = []
 
     def _plan(self, nbytes: int) -> list:

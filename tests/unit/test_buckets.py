@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from shoal.core.buckets import ALIGN_NUMEL, BucketPlan, TensorSpec, align_numel, plan_buckets, plan_launch_units
+from shoal.core.buckets import ALIGN_NUMEL, BucketPlan, TensorSpec, align_numel, plan_buckets
 
 CPU = torch.device("cpu")
 F32, F16 = torch.float32, torch.float16
@@ -190,51 +190,3 @@ def test_every_view_starts_on_64_bytes_whatever_the_dtype():
         for plan in plan_buckets(specs, bucket_nbytes=1 << 20, first_bucket_nbytes=1 << 20):
             size = torch.empty((), dtype=dtype).element_size()
             assert all(off * size % 64 == 0 for off in plan.offsets), (dtype, plan.offsets)
-
-
-# ------------------------------------------------------------------------------- launch units (cross-barrier)
-def _units(plans, numels, defer):
-    return [(u.bucket, u.start, u.stop) for u in plan_launch_units(plans, numels, defer_nbytes=defer)]
-
-
-def test_no_deferral_is_one_unit_per_bucket():
-    specs = [_spec(i, 100 * (i + 1)) for i in range(5)]
-    plans = plan_buckets(specs, bucket_nbytes=800)
-    numels = [p.numel for p in plans]
-    assert _units(plans, numels, 0) == [(b, 0, n) for b, n in enumerate(numels)]
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_deferred_heads_cover_every_element_once_and_go_last(seed):
-    """Random plans and budgets: every element in exactly one unit; never the first or the last bucket;
-    at most half a bucket, cut on the alignment; the deferred heads last, later buckets first; the
-    deferred total is the budget (rounded to alignment) or all that the rule allows."""
-    rng = random.Random(seed)
-    specs = [_spec(i, rng.randint(1, 5000), rng.choice([F32, F16])) for i in range(rng.randint(1, 12))]
-    plans = plan_buckets(specs, bucket_nbytes=rng.choice([2000, 8000, 30000]), first_bucket_nbytes=1000)
-    numels = [p.numel for p in plans]
-    numels[-1] += 16  # the negotiation's control slot
-    defer = rng.randint(0, 60000)
-    units = plan_launch_units(plans, numels, defer_nbytes=defer)
-    covered = {b: [] for b in range(len(plans))}
-    for u in units:
-        covered[u.bucket].append((u.start, u.stop))
-    for b, spans in covered.items():
-        spans.sort()
-        assert spans[0][0] == 0 and spans[-1][1] == numels[b]
-        assert all(a[1] == c[0] for a, c in zip(spans, spans[1:]))
-    deferred = units[len(plans):]
-    assert [u.bucket for u in units[:len(plans)]] == list(range(len(plans)))
-    assert all(0 < u.bucket < len(plans) - 1 for u in deferred)
-    assert [u.bucket for u in deferred] == sorted((u.bucket for u in deferred), reverse=True)
-    for u in deferred:
-        assert u.start == 0 and u.stop <= numels[u.bucket] // 2
-        assert u.stop % align_numel(plans[u.bucket].dtype) == 0
-    moved = sum(u.stop * torch.empty((), dtype=plans[u.bucket].dtype).element_size() for u in deferred)
-    assert moved <= defer + max(p.nbytes for p in plans)
-
-
-def test_two_buckets_defer_nothing():
-    plans = plan_buckets([_spec(0, 1000), _spec(1, 1000)], bucket_nbytes=4000)
-    assert len(plans) == 2
-    assert len(plan_launch_units(plans, [p.numel for p in plans], defer_nbytes=10 ** 6)) == 2

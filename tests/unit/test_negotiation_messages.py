@@ -3,7 +3,8 @@ names the ranks and tensors, and ends with a HINT."""
 
 from __future__ import annotations
 
-from shoal.core.negotiation import _EMPTY, _divergence_message, _registration_message
+from shoal.core.negotiation import _EMPTY, _divergence_message
+from shoal.core.registration import _registration_message
 
 
 def _detail(rank, step=3, digest=7, flags=0, names=("w", "b", "v"), count=4, registered=("w", "b", "v")):

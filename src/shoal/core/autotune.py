@@ -3,7 +3,7 @@
 This module owns the search: which (bucket size, stream count) settings to try during the first steps,
 how they are scored, when the search settles and when it starts again. Applying a setting is the
 reducer's job (:meth:`shoal.core.reducer.GradientReducer.reconfigure`); calling :meth:`Autotuner.end_step`
-once per step, after the reduction, is the frontend's (``shoal.torch.DistributedOptimizer``).
+once per step, after the reduction, is the step owner's (:class:`shoal.core.step.StepOwner`).
 docs/autotune.md explains the choices with the measurements behind them.
 
 Design constraints:
@@ -152,9 +152,9 @@ class Autotuner:
         drift_window_steps / drift_ratio / drift_windows / retune_cooldown_steps: re-tuning (constraint 7).
         clock: seconds, monotonic (tests may pass a fake one).
 
-    Example (what a frontend does)::
+    Example (what the step owner does, shoal.core.step)::
 
-        tuner = make_autotuner(reducer, optimizer_kwargs)     # None when off or nothing is free
+        tuner = make_autotuner(reducer, fixed={"num_streams"})   # None when off or nothing is free
         ... every step, after reducer.finish():
         if tuner is not None and tuner.end_step():
             repoint_gradients_at(reducer.views)
@@ -166,8 +166,10 @@ class Autotuner:
                  trial_steps: int = _TRIAL_STEPS, runoff: int = _RUNOFF, runoff_steps: int = _RUNOFF_STEPS,
                  drift_window_steps: int = DRIFT_WINDOW_STEPS, drift_ratio: float = DRIFT_RATIO,
                  drift_windows: int = DRIFT_WINDOWS, retune_cooldown_steps: int = RETUNE_COOLDOWN_STEPS,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, steps: Optional[Callable[[], int]] = None):
         self.reducer = reducer
+        self._own_step = 0
+        self._steps = steps
         self.tune_bucket = bool(tune_bucket)
         self.tune_streams = bool(tune_streams)
         self.streams = sorted({int(s) for s in streams} | {reducer.num_streams}) if tune_streams \
@@ -185,8 +187,6 @@ class Autotuner:
         self.initial = Setting(reducer.bucket_nbytes / _MB, reducer.num_streams)
         self.sizes_mb = self._fit_sizes(sorted({float(s) for s in sizes_mb} | {self.initial.bucket_mb})
                                         if tune_bucket else [self.initial.bucket_mb])
-        #: Completed steps (calls of :meth:`end_step`).
-        self.step = 0
         #: "tuning" or "settled".
         self.state = "tuning"
         #: The setting in force.
@@ -216,6 +216,12 @@ class Autotuner:
         self._start_search()
 
     # ------------------------------------------------------------------------------------- public
+    @property
+    def step(self) -> int:
+        """Completed steps: the step owner's count when the tuner runs under one (``steps=``), else the
+        calls of :meth:`end_step`."""
+        return self._steps() if self._steps is not None else self._own_step
+
     def end_step(self) -> bool:
         """Account for the step that just ended; maybe move to another setting.
 
@@ -229,7 +235,7 @@ class Autotuner:
         now = self._clock()
         dt = None if self._last_t is None else now - self._last_t
         self._last_t = now
-        self.step += 1
+        self._own_step += 1
         if self.state == "settled":
             if dt is not None:
                 self._watch_drift(dt)
@@ -248,6 +254,7 @@ class Autotuner:
         """What the tuner did, for logs and benchmarks (the same on every rank)."""
         return {
             "state": self.state, "step": self.step, "settled_at": self.settled_at, "searches": self.searches,
+            "tune_bucket": self.tune_bucket, "tune_streams": self.tune_streams,
             "initial": self.initial.label(), "choice": self.choice.label() if self.choice else None,
             "choice_bucket_mb": self.choice.bucket_mb if self.choice else None,
             "choice_num_streams": self.choice.num_streams if self.choice else None,
@@ -277,7 +284,7 @@ class Autotuner:
         red = self.reducer
         plans = plan_buckets(red.specs, red.order, bucket_nbytes=int(bucket_mb * _MB),
                              first_bucket_nbytes=red.first_bucket_nbytes,
-                             groups=getattr(red, "_groups_override", None))
+                             groups=red.groups)
         return tuple(p.tensor_ids for p in plans)
 
     def _distinct_sizes(self, sizes: list[float]) -> list[float]:
@@ -427,15 +434,15 @@ def fixed_by_user(config: ShoalConfig, options: Iterable[str]) -> frozenset[str]
     return frozenset(names)
 
 
-def make_autotuner(reducer, options: Optional[dict] = None, **kwargs) -> Optional[Autotuner]:
+def make_autotuner(reducer, fixed: Iterable[str] = (), **kwargs) -> Optional[Autotuner]:
     """The tuner for ``reducer``, or None when tuning is off or nothing is left to tune.
 
     Call on every rank of the reducer's process set at the same point (it may create process groups).
 
     Args:
         reducer: a built :class:`~shoal.core.reducer.GradientReducer` (after its first re-plan).
-        options: the engine keywords the frontend got from the user (e.g. ``fusion_threshold_mb=8``):
-            those are fixed.
+        fixed: the engine keywords the frontend got from the user (e.g. ``fusion_threshold_mb``): those
+            are fixed.
         **kwargs: passed to :class:`Autotuner` (schedule and grid, for tests and benchmarks).
 
     Returns:
@@ -446,8 +453,8 @@ def make_autotuner(reducer, options: Optional[dict] = None, **kwargs) -> Optiona
     cfg = runtime.config()
     if not cfg.autotune or reducer.world < 2:
         return None
-    fixed = fixed_by_user(cfg, {k for k, v in (options or {}).items() if v is not None})
-    tune_bucket = "fusion_threshold_mb" not in fixed and getattr(reducer, "_groups_override", None) is None
+    fixed = fixed_by_user(cfg, fixed)
+    tune_bucket = "fusion_threshold_mb" not in fixed and reducer.groups is None
     whole_world = reducer.process_set.ranks == tuple(range(runtime.size()))
     tune_streams = "num_streams" not in fixed and whole_world
     if not tune_bucket and not tune_streams:

@@ -10,11 +10,6 @@ Design constraints:
    view into exactly one buffer).
 3. A bucket holds one dtype on one device (one flat buffer, one collective).
 4. Every rank must compute the same plan from the same inputs: no dict-order or set-order dependence.
-5. A bucket goes on the wire as one or more launch units (slices of its buffer). By default one unit per
-   bucket, in bucket order. With the cross-barrier (the next forward waits per layer, not per step), the head
-   of some early buckets (their first-ready tensors: the layers whose forward comes last) is deferred to the
-   end of the launch order, so that the wire is still busy while the next forward runs its first layers
-   (:func:`plan_launch_units`).
 
 What lives elsewhere: the buffers and the collectives (:mod:`shoal.core.reducer`).
 """
@@ -26,8 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["TensorSpec", "BucketPlan", "LaunchUnit", "plan_buckets", "plan_launch_units", "ALIGN_NUMEL",
-           "ALIGN_BYTES", "align_numel"]
+__all__ = ["TensorSpec", "BucketPlan", "plan_buckets", "ALIGN_NUMEL", "ALIGN_BYTES", "align_numel"]
 
 #: Every view inside a bucket starts on a multiple of this many bytes, whatever its dtype: TensorFlow aborts
 #: at the first op on a DLPack buffer that is not 64-byte aligned (measured with TF 2.21: bfloat16/float16
@@ -157,51 +151,3 @@ def plan_buckets(specs: Sequence[TensorSpec], order: Optional[Sequence[int]] = N
         for key in list(keys_in_order):
             close(key)
     return plans
-
-
-@dataclass(frozen=True, slots=True)
-class LaunchUnit:
-    """A slice ``[start, stop)`` (elements) of bucket ``bucket``'s flat buffer that goes on the wire as one
-    collective."""
-
-    bucket: int
-    start: int
-    stop: int
-
-
-def plan_launch_units(plans: Sequence[BucketPlan], numels: Sequence[int], *,
-                      defer_nbytes: int = 0) -> list[LaunchUnit]:
-    """The launch order of the buckets' slices (constraint 5).
-
-    Args:
-        plans: the buckets, in launch order.
-        numels: per bucket, the length of its buffer (the last may carry the negotiation's control slot).
-        defer_nbytes: how many bytes to move to the end of the launch order. They are taken from the head
-            of the buckets after the first (never the first, which starts the wire, nor the last, which
-            carries the control slot and holds the first layers), at most half of each bucket, cut on the
-            64-byte alignment; the deferred heads go last in reverse bucket order (the next forward needs
-            the later buckets' layers first). 0: one unit per bucket, in bucket order.
-
-    Returns:
-        Every element of every bucket in exactly one unit.
-
-    Example:
-        >>> s = [TensorSpec(f"w{i}", (1024,), torch.float32, torch.device("cpu")) for i in range(4)]
-        >>> plans = plan_buckets(s, bucket_nbytes=4096)
-        >>> [(u.bucket, u.start, u.stop) for u in plan_launch_units(plans, [1024] * 4, defer_nbytes=3072)]
-        [(0, 0, 1024), (1, 512, 1024), (2, 256, 1024), (3, 0, 1024), (2, 0, 256), (1, 0, 512)]
-    """
-    units: list[LaunchUnit] = []
-    deferred: list[LaunchUnit] = []
-    left = max(0, int(defer_nbytes))
-    for b, (plan, numel) in enumerate(zip(plans, numels)):
-        head = 0
-        if left > 0 and 0 < b < len(plans) - 1:
-            itemsize = torch.empty((), dtype=plan.dtype).element_size()
-            unit = align_numel(plan.dtype)
-            head = min(numel // 2, -(-left // itemsize)) // unit * unit
-        if head > 0:
-            deferred.append(LaunchUnit(b, 0, head))
-            left -= head * torch.empty((), dtype=plan.dtype).element_size()
-        units.append(LaunchUnit(b, head, numel))
-    return units + deferred[::-1]

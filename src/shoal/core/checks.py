@@ -50,6 +50,7 @@ What lives elsewhere: when the check runs (:class:`shoal.core.reducer.GradientRe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -57,8 +58,11 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from . import runtime
+from . import exchange, runtime
+from . import timeline as _timeline
+from .config import NAN_POLICIES
 from .errors import ShoalError
+from .reducer import ReducerObserver
 
 __all__ = [
     "NAN_POLICIES",
@@ -72,8 +76,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Values of the ``nan_check`` knob.
-NAN_POLICIES = ("raise", "skip", "warn", "off")
 
 #: ``(name, view)`` of every tensor of a bucket, in bucket order; called only when it is needed.
 TensorsOf = Callable[[], Sequence[tuple[str, torch.Tensor]]]
@@ -151,6 +153,7 @@ class NonFiniteGradientError(ShoalError):
 
     def __init__(self, report: NonFiniteReport):
         self.report = report
+        self.culprit_ranks = tuple(report.ranks)
         super().__init__(
             report.describe() + " HINT: with PyTorch, call shoal.torch.nan_drilldown.drill_down(model, "
             "closure, err.report) on every rank to name the first module that produced it; nan_check='skip' "
@@ -161,8 +164,11 @@ class NonFiniteGradientError(ShoalError):
 
 # ------------------------------------------------------------------------------------------- the check
 
-class FiniteCheck:
-    """Per-step finite check of a fixed sequence of buckets (one object per reducer or DDP hook).
+class FiniteCheck(ReducerObserver):
+    """Per-step finite check of a fixed sequence of buckets (one object per step owner or DDP hook).
+
+    Under a step owner it is one of the reducer's observers (:class:`shoal.core.reducer.ReducerObserver`:
+    :meth:`before_launch`); the DDP hook calls :meth:`check_bucket` itself.
 
     Args:
         policy: ``raise``, ``skip`` or ``warn`` (``off`` builds no check: see :func:`make_finite_check`).
@@ -181,7 +187,7 @@ class FiniteCheck:
             raise ValueError(f"shoal: nan_check={policy!r} is not one of raise, skip, warn (off: no check)")
         self.policy = policy
         self.process_set = process_set
-        #: Steps finished by this check (the reducer passes its own count instead).
+        #: Steps finished by this check (the step owner passes its own count instead).
         self.steps = 0
         self._reset()
 
@@ -206,6 +212,15 @@ class FiniteCheck:
         self._check(bucket, buffer, tensors)
         if last:
             self.start_combine()
+
+    def before_launch(self, reducer, bucket: int, buffer: torch.Tensor, tensors: TensorsOf) -> None:
+        """The reducer's event: ``bucket`` is about to leave this rank."""
+        tl = _timeline.active()
+        start = tl.now_ns() if tl is not None else 0
+        self.check_bucket(bucket, buffer, tensors, last=bucket == len(reducer.plans) - 1)
+        if tl is not None:
+            tl.complete("nan_check", f"nan check b{bucket}", start, tl.now_ns(), "main",
+                        {"bucket": bucket, "step": reducer.step_number})
 
     def _check(self, bucket: int, buffer: torch.Tensor, tensors: TensorsOf) -> None:
         self._num_buckets = max(self._num_buckets, bucket + 1)
@@ -267,9 +282,9 @@ class FiniteCheck:
             return None
         mine = self._findings(local)
         self._reset()
-        everyone: list = [None] * self.process_set.size()
-        dist.all_gather_object(everyone, mine, group=group)
-        tensors = sorted((t for found in everyone for t in found),
+        # Constraint 4, as JSON (shoal.core.exchange): a peer's findings are data, never unpickled.
+        everyone = exchange.allgather_json([dataclasses.asdict(t) for t in mine], group=group)
+        tensors = sorted((NonFiniteTensor(**t) for found in everyone for t in found),
                          key=lambda t: (t.bucket, t.position, t.rank))
         report = NonFiniteReport(step=step, tensors=tuple(tensors),
                                  ranks=tuple(sorted({t.rank for t in tensors})), policy=self.policy)

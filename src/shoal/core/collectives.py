@@ -39,7 +39,7 @@ Design constraints:
    fails by the backend's timeout
    does the rank write where it is ("allreduce of 'x' (call 7 on process set [0, 1])") to the c10d store of
    the default group and read its peers' records, waiting a bounded time for members that time out a
-   moment later (:func:`shoal.core.negotiation.name_missing_members`, the stall inspector's records). The
+   moment later (:func:`shoal.core.stall.name_missing_members`, the stall inspector's records). The
    error then names each missing member and what it is in: another collective (by its name), a training
    step (those write their record after 1 s of waiting), or none ("never reached a collective (busy or
    hung outside Shoal)").
@@ -74,7 +74,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from . import negotiation, runtime
+from . import runtime, stall
 from .algorithms import start_allreduce
 from .errors import MismatchError, NotInitializedError, RankFailureError, ShoalError
 from .runtime import ProcessSet
@@ -305,7 +305,7 @@ def _deferred(call: _Call) -> Iterator[None]:
 def _explain(call: _Call, exc: BaseException) -> RankFailureError:
     err = runtime.explain_failure(exc, what=call.label, ranks=call.ps.ranks)
     # A timeout: write where this rank is, name the members that never came (constraint 7).
-    return negotiation.name_missing_members(err, call.ps, call.seq, call.where)
+    return stall.name_missing_members(err, call.ps, call.seq, call.where)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,8 @@ from typing import Optional, Union
 
 import torch
 
+from .config import COMPRESSION_NAMES
+
 __all__ = ["Compressor", "Compression", "resolve_compression", "get_compressor", "COMPRESSION_NAMES"]
 
 
@@ -67,10 +69,9 @@ class Compression:
     mixed_bf16 = Compressor("mixed_bf16", torch.bfloat16, cross_node_only=True)
 
 
-_BY_NAME = {c.name: c for c in (Compression.none, Compression.fp16, Compression.bf16,
-                                Compression.mixed_fp16, Compression.mixed_bf16)}
-#: Every valid compression name, in the order of the table above.
-COMPRESSION_NAMES = tuple(_BY_NAME)
+#: Every valid compression name (the ``compression`` knob's values, shoal.core.config), each a
+#: :class:`Compression` attribute.
+_BY_NAME = {name: getattr(Compression, name) for name in COMPRESSION_NAMES}
 
 
 def get_compressor(name: str) -> Compressor:

@@ -14,16 +14,53 @@ What lives elsewhere: reading ``os.environ`` (:mod:`shoal.core.env`), the launch
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-__all__ = ["ShoalConfig", "ENV_PREFIX", "env_name", "flag_name", "knobs"]
+__all__ = ["ShoalConfig", "ENV_PREFIX", "env_name", "flag_name", "knobs", "knob_type", "choices_of", "Backend", "CompressionName",
+           "Hierarchical", "NanPolicy", "NegotiationMode", "BACKENDS", "COMPRESSION_NAMES", "HIERARCHICAL_MODES",
+           "NAN_POLICIES", "NEGOTIATION_MODES"]
 
 ENV_PREFIX = "SHOAL_"
 
+# The allowed values of every choice knob, once: the field's type says them, the validation and the
+# launcher's flags read them from there, and the owners (compression, checks, negotiation, algorithms)
+# import the same tuples.
+Backend = Literal["gloo", "nccl", "mpi"]
+CompressionName = Literal["none", "fp16", "bf16", "mixed_fp16", "mixed_bf16"]
+Hierarchical = Literal["auto", "on", "off"]
+NanPolicy = Literal["raise", "skip", "warn", "off"]
+NegotiationMode = Literal["auto", "always", "off"]
 
-def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
+COMPRESSION_NAMES: tuple[str, ...] = typing.get_args(CompressionName)
+HIERARCHICAL_MODES: tuple[str, ...] = typing.get_args(Hierarchical)
+NAN_POLICIES: tuple[str, ...] = typing.get_args(NanPolicy)
+NEGOTIATION_MODES: tuple[str, ...] = typing.get_args(NegotiationMode)
+
+
+def _knob(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def knob_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """``(base type, optional)`` of a knob: ``bool``, ``int``, ``float`` or ``str`` (a choice knob's values
+    are strings), and whether ``None`` is allowed."""
+    hint = typing.get_type_hints(ShoalConfig)[f.name]
+    args = typing.get_args(hint) if typing.get_origin(hint) is not Literal else ()
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    return (str if typing.get_origin(base) is Literal else base), optional
+
+
+def choices_of(f: dataclasses.Field) -> Optional[tuple[str, ...]]:
+    """The allowed values of a choice knob (from its ``Literal`` type), or None."""
+    hint = typing.get_type_hints(ShoalConfig)[f.name]
+    for arg in (hint, *typing.get_args(hint)):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -34,9 +71,8 @@ class ShoalConfig:
     ``shoal run --flag`` sets for its workers), keyword arguments given to ``init``.
     """
 
-    backend: Optional[str] = _knob(
-        None, "torch.distributed backend; default: nccl when the process has a CUDA device, else gloo.",
-        choices=("gloo", "nccl", "mpi"))
+    backend: Optional[Backend] = _knob(
+        None, "torch.distributed backend; default: nccl when the process has a CUDA device, else gloo.")
     timeout_s: float = _knob(
         300.0, "Seconds a collective may wait for its peers before it fails (the process-group timeout).")
     local_size: Optional[int] = _knob(
@@ -48,21 +84,18 @@ class ShoalConfig:
         1.0, "Size of the first bucket (the last gradients of backward), small so the wire starts early.")
     num_streams: int = _knob(
         2, "How many buckets may be in flight at once, each on its own process group.")
-    compression: str = _knob(
+    compression: CompressionName = _knob(
         "none", "Wire compression of gradients: fp16/bf16 on every stage, mixed_fp16/mixed_bf16 only across "
-                "nodes (full precision inside a node).",
-        choices=("none", "fp16", "bf16", "mixed_fp16", "mixed_bf16"))
+                "nodes (full precision inside a node).")
     error_feedback: bool = _knob(
         False, "With 16-bit compression: keep what rounding drops, per bucket, and add it back next step.")
-    hierarchical: str = _knob(
-        "auto", "Two-level allreduce (inside node, then across nodes): auto, on or off.",
-        choices=("auto", "on", "off"))
-    nan_check: str = _knob(
+    hierarchical: Hierarchical = _knob(
+        "auto", "Two-level allreduce (inside node, then across nodes): auto, on or off.")
+    nan_check: NanPolicy = _knob(
         "off", "What to do when a gradient is NaN/Inf before communication: raise, skip the step on every "
                "rank, warn, or off. Off by default: the check costs one read of the gradients, measured "
                "above 1% of a step on the bandwidth-heavy benchmark model on CPU and on all three on a GPU "
-               "(docs/nan_check.md).",
-        choices=("raise", "skip", "warn", "off"))
+               "(docs/nan_check.md).")
     check_collectives: bool = _knob(
         True, "Compare name, shape, dtype and op across ranks before each user collective, so that a "
               "mismatch raises a named error instead of hanging or returning garbage.")
@@ -72,10 +105,13 @@ class ShoalConfig:
     stall_timeout_s: float = _knob(
         0.0, "Seconds a rank may wait on a bucket before it fails, naming the ranks that never arrived; "
              "0: 90% of timeout_s, so that the named error comes before the backend's timeout.")
-    negotiation: str = _knob(
+    negotiation: NegotiationMode = _knob(
         "auto", "Per-step agreement on which gradients every rank produced: auto (every step until the model "
-                "looks static, then a flag in the last bucket and a check every 100 steps), always, or off.",
-        choices=("auto", "always", "off"))
+                "looks static, then a flag in the last bucket and a full check every negotiation_check_steps "
+                "steps), always, or off.")
+    negotiation_check_steps: int = _knob(
+        100, "In the static mode of negotiation=auto, run the full per-step negotiation every this many "
+             "steps anyway (it also compares step counters and which optimizer each rank steps).")
     overlap_step: bool = _knob(
         False, "Step the optimizer on each bucket's parameters as soon as that bucket is reduced, while "
                "later buckets are still on the wire (element-wise torch.optim optimizers without step hooks, "
@@ -97,7 +133,7 @@ class ShoalConfig:
         """Check choices and ranges; raise ``ValueError`` naming the knob and its variable."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            choices = f.metadata.get("choices")
+            choices = choices_of(f)
             if choices and value is not None and value not in choices:
                 raise ValueError(
                     f"shoal: {f.name}={value!r} is not one of {', '.join(choices)} "
@@ -106,6 +142,9 @@ class ShoalConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"shoal: {name} must be > 0, got {getattr(self, name)!r} "
                                  f"(HINT: check {env_name(name)})")
+        if self.negotiation_check_steps < 1:
+            raise ValueError(f"shoal: negotiation_check_steps must be >= 1, got {self.negotiation_check_steps} "
+                             f"(HINT: check {env_name('negotiation_check_steps')})")
         if self.num_streams < 1:
             raise ValueError(f"shoal: num_streams must be >= 1, got {self.num_streams}")
         if self.local_size is not None and self.local_size < 1:

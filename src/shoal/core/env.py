@@ -32,7 +32,7 @@ import typing
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from .config import ShoalConfig, env_name
+from .config import ShoalConfig, env_name, knob_type
 
 __all__ = [
     "WorldInfo",
@@ -60,11 +60,9 @@ def _environ(environ: Optional[Mapping[str, str]]) -> Mapping[str, str]:
 def _parse(field: dataclasses.Field, raw: str):
     """Parse ``raw`` into the type of ``field``; raise ValueError naming the variable."""
     name = env_name(field.name)
-    hint = typing.get_type_hints(ShoalConfig)[field.name]
-    args = typing.get_args(hint)
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    base, optional = knob_type(field)
     text = raw.strip()
-    if args and text.lower() in ("", "none"):
+    if optional and text.lower() in ("", "none"):
         return None
     try:
         if base is bool:

@@ -1,7 +1,10 @@
 """The gradient reducer: fused, overlapped, multi-stream reduction of a fixed set of named tensors.
 
-Frontends hand it tensor specs once, then, every step, "tensor i is ready" events; it owns the flat bucket
-buffers (the frontend makes each gradient a view into them) and the in-flight collectives.
+The step owner (:mod:`shoal.core.step`) hands it tensor specs once, then, every step, "tensor i is ready"
+events; it owns the flat bucket buffers (the frontend makes each gradient a view into them) and the
+collectives in flight. What happens on the way (a bucket about to leave, a bucket reduced, a wait) it tells
+its observers (:class:`ReducerObserver`): the negotiation, the NaN check, the timeline, an overlapped
+optimizer step. It knows none of them by name.
 
 Design constraints:
 
@@ -11,10 +14,9 @@ Design constraints:
    views nothing.
 2. Overlap: a bucket is launched (``async_op``) the moment its last tensor is ready, while backward goes on;
    ``finish`` waits only for what is still in flight.
-3. Same collective order on every rank: launch units (slices of buckets, :func:`plan_launch_units`; one
-   per bucket unless the cross-barrier defers some) are launched strictly in plan order (a unit that fills
+3. Same collective order on every rank: buckets are launched strictly in plan order (a bucket that fills
    early waits for its predecessors), so no rank can issue collectives in a different order.
-4. Several buckets in flight: unit ``u`` goes on stream ``u % num_streams``, each stream its own process
+4. Several buckets in flight: bucket ``b`` goes on stream ``b % num_streams``, each stream its own process
    group (on GPU each NCCL communicator has its own CUDA stream; on gloo each group its own threads).
 5. No background loop of ours: completion work (scaling) runs as a future callback on the backend's own
    completion thread, so an idle rank costs nothing (an idle Horovod rank burns ~7% of a core here for its
@@ -24,15 +26,14 @@ Design constraints:
    (:meth:`GradientReducer.load`, as DDP fuses its division into its bucket copy), in place otherwise. The
    algorithms then only sum. Dividing before the sum is exact for power-of-two world sizes, keeps 16-bit
    wires from overflowing, and saves the pass over every bucket that a post-multiply would cost.
-7. Deferred heads (the cross-barrier's) go on the wire only once every earlier unit is reduced (gloo runs
-   a group's operations on two threads: issue order is not wire order). Waiting is in launch order and may
-   be spread over time: ``finish()`` with :attr:`GradientReducer.leave_deferred` returns once the units
-   before the heads are in (the step stays open), :meth:`GradientReducer.wait_for` waits up to the unit
-   that completes a given tensor (from the next forward, layer by layer), and the next ``finish()`` waits
-   for the rest and closes the step.
+7. One narrow extension point (DDP's ``hook(state, bucket)`` idea): observers implement the methods of
+   :class:`ReducerObserver` they need; which ones are called is settled once per step (``wants``), so an
+   event nobody listens to costs an empty loop (the timeline's per-gradient event when it is off). Nobody
+   assigns callbacks onto the reducer or reads its private fields.
 
 What lives elsewhere: the bucket plan (:mod:`shoal.core.buckets`), the per-bucket algorithm (flat or
-hierarchical, with or without compression: :mod:`shoal.core.algorithms`), hooks into autograd (frontends).
+hierarchical, with or without compression: :mod:`shoal.core.algorithms`), the step's protocol around the
+reduction (negotiation, NaN policy, tuning: :mod:`shoal.core.step`), hooks into autograd (frontends).
 """
 
 from __future__ import annotations
@@ -42,40 +43,69 @@ import time
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from . import runtime
-from .algorithms import ReduceContext, get_algorithm
-from .buckets import BucketPlan, LaunchUnit, TensorSpec, plan_buckets, plan_launch_units
-from .checks import make_finite_check
-from .errors import ShoalError
 from . import timeline as _timeline
+from .algorithms import ReduceContext, get_algorithm
+from .buckets import BucketPlan, TensorSpec, plan_buckets
+from .errors import ShoalError
+from .ops import ReduceOp
 
-__all__ = ["GradientReducer", "ReduceOp", "ENGINE_OPTIONS", "check_engine_options"]
+__all__ = ["GradientReducer", "ReducerObserver", "TimelineObserver", "OBSERVER_EVENTS"]
 
 log = logging.getLogger(__name__)
 
 _MB = 1024 * 1024
 
-#: Keywords a frontend's optimizer wrapper passes through to :class:`GradientReducer` (per-optimizer
-#: overrides of the runtime config); frontends refuse any other keyword when the wrapper is built.
-ENGINE_OPTIONS = frozenset({"fusion_threshold_mb", "first_bucket_mb", "num_streams", "hierarchical",
-                            "error_feedback", "nan_check"})
+#: ``(name, view)`` of every tensor of a bucket, in bucket order; called only when it is needed.
+TensorsOf = Callable[[], Sequence[tuple[str, torch.Tensor]]]
+
+#: The events of :class:`ReducerObserver`, in the order a step raises them.
+OBSERVER_EVENTS = ("on_ready", "before_launch", "after_launch", "before_wait", "on_done", "on_finish")
 
 
-def check_engine_options(options, what: str) -> None:
-    """Raise ``TypeError`` naming any key of ``options`` that is not in :data:`ENGINE_OPTIONS`."""
-    unknown = sorted(set(options) - ENGINE_OPTIONS)
-    if unknown:
-        raise TypeError(f"shoal: {what} got unknown keyword(s) {unknown}. HINT: the engine options are "
-                        f"{', '.join(sorted(ENGINE_OPTIONS))}.")
+class ReducerObserver:
+    """What an observer of a :class:`GradientReducer` may hear (constraint 7). Override what you need.
+
+    Attributes:
+        tail_numel: elements this observer wants appended after the last bucket's tensors, in the same
+            collective (the negotiation's control slot); handed over in :meth:`on_buffers`.
+    """
+
+    tail_numel: int = 0
+
+    def wants(self, event: str) -> bool:
+        """Whether to call ``event`` in the step that starts now (asked once per step and event)."""
+        return True
+
+    def on_buffers(self, reducer: "GradientReducer", tail: Optional[torch.Tensor]) -> None:
+        """The buffers were (re)allocated; ``tail`` is this observer's slice of the last bucket, or None."""
+
+    def on_ready(self, reducer: "GradientReducer", i: int, bucket: int) -> None:
+        """Tensor ``i`` of ``bucket`` holds its local value (once per tensor and step; the hot path)."""
+
+    def before_launch(self, reducer: "GradientReducer", bucket: int, buffer: torch.Tensor,
+                      tensors: TensorsOf) -> None:
+        """``bucket`` (``buffer``, still local) is about to go on the wire."""
+
+    def after_launch(self, reducer: "GradientReducer", bucket: int, future: torch.futures.Future) -> None:
+        """``bucket`` is on the wire; ``future`` completes when it is reduced."""
+
+    def before_wait(self, reducer: "GradientReducer", futures: Sequence[Optional[torch.futures.Future]],
+                    names_of: Callable[[int], list[str]]) -> None:
+        """The caller is about to block on ``futures`` (indexed by bucket; None: done or not waited here).
+        May raise (a stall); returns when every future is done or one failed."""
+
+    def on_done(self, reducer: "GradientReducer", bucket: int, tensor_ids: list[int]) -> None:
+        """``bucket`` is reduced: its tensors ``tensor_ids`` hold their final values. Listening to this
+        makes :meth:`GradientReducer.finish` wait bucket by bucket (later ones still on the wire)."""
+
+    def on_finish(self, reducer: "GradientReducer", step: int) -> None:
+        """Every bucket of step ``step`` (1-based) is reduced."""
 
 
-class ReduceOp:
-    """Reductions the engine supports for gradients."""
-
-    AVERAGE = "average"
-    SUM = "sum"
+def _overrides(obs: ReducerObserver, event: str) -> bool:
+    return getattr(type(obs), event) is not getattr(ReducerObserver, event)
 
 
 class GradientReducer:
@@ -83,32 +113,31 @@ class GradientReducer:
 
     Args:
         specs: the tensors (name, shape, dtype, device), in registration order.
-        op: ``ReduceOp.AVERAGE`` or ``ReduceOp.SUM``.
+        op: ``ReduceOp.Average`` or ``ReduceOp.Sum``.
         prescale_factor / postscale_factor: multiply before the sum / after it (Horovod's meaning).
         process_set: ranks to reduce over (default: all).
         fusion_threshold_mb / first_bucket_mb / num_streams / compression / hierarchical /
-            error_feedback: default from the runtime config.
+            error_feedback: the resolved settings (:func:`shoal.core.step.resolve_settings`).
         groups: explicit grouping of tensor indices into buckets (Horovod's ``groups=``).
-        negotiator: the frontend's :class:`shoal.core.negotiation.Negotiator` (a control slot after the last
-            bucket, launch tracking, the stall inspector in :meth:`finish`), or None.
+        observers: :class:`ReducerObserver` objects, told what happens (constraint 7).
+        steps: returns the number of steps completed before this one (the step owner's counter), for
+            the events that carry a step number; default: the reducer counts its own.
 
-    Example (what a frontend does each step)::
+    Example (what the step owner does each step)::
 
-        red = GradientReducer(specs)
+        red = GradientReducer(specs, fusion_threshold_mb=25, first_bucket_mb=1, num_streams=2)
         for i, p in enumerate(params): p.grad = red.views[i]
         ... backward: on each gradient's accumulation hook -> red.mark_ready(i)
         red.finish()        # every view now holds the averaged gradient
     """
 
-    def __init__(self, specs: Sequence[TensorSpec], *, op: str = ReduceOp.AVERAGE,
+    def __init__(self, specs: Sequence[TensorSpec], *, op: ReduceOp = ReduceOp.Average,
                  prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                  process_set: Optional[runtime.ProcessSet] = None,
-                 fusion_threshold_mb: Optional[float] = None, first_bucket_mb: Optional[float] = None,
-                 num_streams: Optional[int] = None, compression: Optional[str] = None,
-                 hierarchical: Optional[str] = None,
-                 groups: Optional[Sequence[Sequence[int]]] = None, nan_check: Optional[str] = None,
-                 error_feedback: Optional[bool] = None, negotiator=None):
-        cfg = runtime.config()
+                 fusion_threshold_mb: float = 25.0, first_bucket_mb: float = 1.0,
+                 num_streams: int = 2, compression: str = "none", hierarchical: str = "auto",
+                 error_feedback: bool = False, groups: Optional[Sequence[Sequence[int]]] = None,
+                 observers: Sequence[ReducerObserver] = (), steps: Optional[Callable[[], int]] = None):
         self.specs = list(specs)
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
@@ -116,56 +145,42 @@ class GradientReducer:
             raise ValueError(f"shoal: tensor names must be unique; duplicated: {dup[:5]}")
         self.process_set = runtime.get_process_set(process_set)
         self.world = self.process_set.size()
-        if op not in (ReduceOp.AVERAGE, ReduceOp.SUM):
+        if op not in (ReduceOp.Average, ReduceOp.Sum):
             raise ValueError(f"shoal: gradient op must be Average or Sum, got {op!r}")
         self.op = op
         self.prescale = float(prescale_factor)
-        self.postscale = float(postscale_factor) / (self.world if op == ReduceOp.AVERAGE else 1)
+        self.postscale = float(postscale_factor) / (self.world if op == ReduceOp.Average else 1)
         #: Multiplier applied to every tensor as it enters its bucket (constraint 6).
         self.load_scale = self.prescale * self.postscale
-        self.bucket_nbytes = int((fusion_threshold_mb or cfg.fusion_threshold_mb) * _MB)
-        self.first_bucket_nbytes = int((first_bucket_mb or cfg.first_bucket_mb) * _MB)
-        self.num_streams = int(num_streams or cfg.num_streams)
-        self.compression = compression or cfg.compression
-        self.hierarchical = hierarchical or cfg.hierarchical
+        self.bucket_nbytes = int(fusion_threshold_mb * _MB)
+        self.first_bucket_nbytes = int(first_bucket_mb * _MB)
+        self.num_streams = int(num_streams)
+        self.compression = compression
+        self.hierarchical = hierarchical
+        self._error_feedback = bool(error_feedback)
         self._algorithm = get_algorithm(self.compression, self.hierarchical, self.process_set,
-                                        num_streams=self.num_streams, error_feedback=error_feedback)
-        self._groups_override = [list(g) for g in groups] if groups is not None else None
+                                        num_streams=self.num_streams, error_feedback=self._error_feedback)
+        self.groups = [list(g) for g in groups] if groups is not None else None
         self._streams = runtime.stream_groups(self.process_set, self.num_streams)
-        # NaN/Inf check (shoal.core.checks): None when nan_check is off; report of the last finish().
-        self.nan_check = make_finite_check(nan_check, self.process_set)
-        self.nan_report = None
-        self.step = 0
+        self.observers: list[ReducerObserver] = list(observers)
+        self._own_steps = 0
+        self._steps = steps if steps is not None else (lambda: self._own_steps)
         self._observed: list[int] = []
         #: Ready order of the last finished step (indices of tensors marked ready, in order).
         self.last_order: list[int] = []
-        #: shoal.core.negotiation.Negotiator of the frontend (control slot, stall inspector), or None.
-        self.negotiator = negotiator
-        self._error_feedback = error_feedback  # reconfigure() rebuilds the algorithm for a new stream count
-        #: Called as ``tensors_done(ids)`` the moment the tensors ``ids`` are reduced, while later units are
-        #: still on the wire (the frontend steps the optimizer on those parameters); None: :meth:`finish`
-        #: waits for every unit first. Set per step by the frontend; :meth:`finish` clears it.
-        self.tensors_done: Optional[Callable[[list[int]], None]] = None
-        #: Fraction of the gradient bytes whose launch is deferred to the end of the step (constraint 5 of
-        #: :mod:`shoal.core.buckets`); set by the cross-barrier, 0 otherwise. Takes effect at the next plan.
-        self.defer_fraction = 0.0
-        self._defer_next: Optional[float] = None  # set_defer_fraction() mid-step
-        #: Set by the frontend before a step's finish(): return once every unit before the deferred heads
-        #: is reduced, the heads still in flight and the step open (the next finish() closes it).
-        self.leave_deferred = False
-        _timeline.maybe_start_from_config(cfg)  # SHOAL_TIMELINE_FILENAME alone starts the timeline
+        _timeline.maybe_start_from_config(runtime.config())  # SHOAL_TIMELINE_FILENAME alone starts it
         self._build(order=None)
 
     # ----------------------------------------------------------------------------------- planning
     def _build(self, order: Optional[Sequence[int]]) -> None:
         self.plans: list[BucketPlan] = plan_buckets(
             self.specs, order, bucket_nbytes=self.bucket_nbytes,
-            first_bucket_nbytes=self.first_bucket_nbytes, groups=self._groups_override)
+            first_bucket_nbytes=self.first_bucket_nbytes, groups=self.groups)
         self.order = list(order) if order is not None else list(range(len(self.specs) - 1, -1, -1))
+        tails = [o.tail_numel for o in self.observers]
         self.buffers: list[torch.Tensor] = [
-            torch.zeros(p.numel, dtype=p.dtype, device=p.device) for p in self.plans]
-        if self.negotiator is not None and self.buffers:  # control slot after the last bucket (negotiation)
-            self.buffers[-1] = self.negotiator.extend_last_bucket(self.buffers[-1])
+            torch.zeros(p.numel + (sum(tails) if b == len(self.plans) - 1 else 0), dtype=p.dtype,
+                        device=p.device) for b, p in enumerate(self.plans)]
         self.views: list[torch.Tensor] = [torch.empty(0)] * len(self.specs)
         self.bucket_of: list[int] = [0] * len(self.specs)
         for p, buf in zip(self.plans, self.buffers):
@@ -173,53 +188,48 @@ class GradientReducer:
                 spec = self.specs[t]
                 self.views[t] = buf[off:off + spec.numel].view(spec.shape)
                 self.bucket_of[t] = p.index
-        self._plan_units()
-
-    def _plan_units(self) -> None:
-        total = sum(p.nbytes for p in self.plans)
-        self.units: list[LaunchUnit] = plan_launch_units(
-            self.plans, [buf.numel() for buf in self.buffers], defer_nbytes=int(self.defer_fraction * total))
-        self._unit_state: list[dict] = [{} for _ in self.units]
-        #: Units from here on are deferred heads: launched only once every earlier unit is reduced, so
-        #: that they really are last on the wire whatever the stream count (constraint 7).
-        self._first_deferred = len(self.plans) if len(self.units) > len(self.plans) else len(self.units)
-        # Per unit, the tensors that are fully reduced once the units up to it (in launch order) are done.
-        last_unit: dict[int, int] = {}
-        for u, unit in enumerate(self.units):
-            plan = self.plans[unit.bucket]
-            for t, off in zip(plan.tensor_ids, plan.offsets):
-                if off < unit.stop and off + self.specs[t].numel > unit.start:
-                    last_unit[t] = u
-        first_unit: dict[int, int] = {}
-        for u, unit in enumerate(self.units):
-            first_unit.setdefault(unit.bucket, u)
-        for p in self.plans:  # empty tensors overlap no slice: done with their bucket's first unit
-            for t in p.tensor_ids:
-                if t not in last_unit:
-                    last_unit[t] = first_unit[p.index]
-        self.done_at: list[list[int]] = [[] for _ in self.units]
-        for t, u in sorted(last_unit.items()):
-            self.done_at[u].append(t)
-        self._last_unit_of = last_unit
+        #: Per bucket: the algorithm's state that persists across steps (error-feedback residuals).
+        self._bucket_state: list[dict] = [{} for _ in self.plans]
+        offset = self.plans[-1].numel if self.plans else 0
+        for obs, n in zip(self.observers, tails):
+            tail = self.buffers[-1][offset:offset + n] if n and self.buffers else None
+            offset += n
+            obs.on_buffers(self, tail)
         self._reset_step()
 
     def _reset_step(self) -> None:
         self._pending = [len(p.tensor_ids) for p in self.plans]
         self._ready = [False] * len(self.specs)
-        self._futures: list[Optional[torch.futures.Future]] = [None] * len(self.units)
-        self._next_launch = 0  # next unit to launch
-        self._waited = 0  # units waited for (in launch order)
+        self._futures: list[Optional[torch.futures.Future]] = [None] * len(self.plans)
+        self._next_launch = 0  # next bucket to launch
+        self._waited = 0  # buckets waited for (in launch order)
         self._all_launched = False
-        self._deferred_released = False
         self._wait_error: Optional[BaseException] = None
-        self._bucket_started = [False] * len(self.plans)
-        self._launched_at: list[float] = [0.0] * len(self.units)
-        # The timeline recorder, looked up once per step: one attribute test per gradient when off.
-        self._tl = _timeline.active()
-        self._fill_ns: dict[int, int] = {}  # timeline only: bucket -> first gradient ready
+        # Constraint 7: who hears what in this step, settled once (the waits' listeners when the waits
+        # come: an observer may be armed between backward and the step's end, e.g. the overlapped step).
+        self._calls = {ev: self._listeners(ev) for ev in ("on_ready", "before_launch", "after_launch", "on_finish")}
+
+    def _listeners(self, event: str) -> list[Callable]:
+        return [getattr(o, event) for o in self.observers if _overrides(o, event) and o.wants(event)]
+
+    def add_observer(self, observer: ReducerObserver) -> None:
+        """Add an observer between steps (one that reserves a tail must be given to the constructor)."""
+        if self.in_flight:
+            raise ShoalError("shoal: add_observer() while buckets are in flight; call finish() first")
+        if observer.tail_numel:
+            raise ValueError("shoal: an observer with a tail must be given to GradientReducer(observers=...)")
+        self.observers.append(observer)
+        self._reset_step()
+
+    def remove_observer(self, observer: ReducerObserver) -> None:
+        """Remove an observer between steps."""
+        if self.in_flight:
+            raise ShoalError("shoal: remove_observer() while buckets are in flight; call finish() first")
+        self.observers.remove(observer)
+        self._reset_step()
 
     def rebucket(self, order: Sequence[int]) -> bool:
-        """Re-plan the buckets for ``order`` (the ready order seen on the process set's first rank).
+        """Re-plan the buckets for ``order`` (the ready order the process set agreed on).
 
         Current values move to the new buffers. Returns True when the plan changed; the frontend must
         then re-point its gradients at the new :attr:`views`.
@@ -228,11 +238,14 @@ class GradientReducer:
             raise ShoalError("shoal: rebucket() while buckets are in flight; call finish() first")
         if list(order) == self.order:
             return False
+        self._move_to(order)
+        return True
+
+    def _move_to(self, order: Sequence[int]) -> None:
         old_views = self.views
         self._build(order)
         for new, old in zip(self.views, old_views):
             new.copy_(old)
-        return True
 
     def reconfigure(self, *, bucket_nbytes: Optional[int] = None, num_streams: Optional[int] = None) -> bool:
         """Switch to another bucket size and/or stream count between steps (the autotuner's lever).
@@ -265,39 +278,34 @@ class GradientReducer:
             return False
         self.bucket_nbytes = int(bucket_nbytes)
         new_plans = plan_buckets(self.specs, self.order, bucket_nbytes=self.bucket_nbytes,
-                                 first_bucket_nbytes=self.first_bucket_nbytes, groups=self._groups_override)
+                                 first_bucket_nbytes=self.first_bucket_nbytes, groups=self.groups)
         if [p.tensor_ids for p in new_plans] == [p.tensor_ids for p in self.plans]:
             return False
-        old_views = self.views
-        self._build(self.order)
-        for new, old in zip(self.views, old_views):
-            new.copy_(old)
+        self._move_to(self.order)
         return True
-
-    def set_defer_fraction(self, fraction: float) -> None:
-        """Defer the launch of this fraction of the gradient bytes to the end of each step (the
-        cross-barrier's plan, :func:`~shoal.core.buckets.plan_launch_units`); 0: no deferral. Between steps."""
-        if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"shoal: defer_fraction must be in [0, 1), got {fraction}")
-        if self.in_flight or any(self._ready):  # mid-step: from the next step on (finish() applies it)
-            self._defer_next = float(fraction)
-            return
-        self.defer_fraction = float(fraction)
-        self._plan_units()
-
-    def agreed_order(self) -> list[int]:
-        """The ready order observed this step on the process set's first rank, completed with the
-        tensors that never became ready (reverse registration order), broadcast to every member."""
-        seen = set(self.last_order)
-        order = self.last_order + [i for i in range(len(self.specs) - 1, -1, -1) if i not in seen]
-        box = [order]
-        dist.broadcast_object_list(box, src=self.process_set.ranks[0], group=self.process_set.group)
-        return box[0]
 
     # ----------------------------------------------------------------------------------- per step
     @property
     def in_flight(self) -> bool:
+        """Whether a bucket of this step has been launched and the step not finished."""
         return any(f is not None for f in self._futures)
+
+    @property
+    def step_number(self) -> int:
+        """The number of the step in progress (1-based; the step owner's count)."""
+        return self._steps() + 1
+
+    def buckets_in_flight(self) -> list[int]:
+        """Buckets launched in this step whose reduction has not completed (for messages)."""
+        return [b for b, f in enumerate(self._futures) if f is not None and not f.done()]
+
+    def is_ready(self, i: int) -> bool:
+        """Whether tensor ``i`` was marked ready in this step (its value is in its bucket)."""
+        return self._ready[i]
+
+    def bucket_pending(self, b: int) -> int:
+        """Tensors of bucket ``b`` not yet ready in this step (0: complete, launched or about to be)."""
+        return self._pending[b]
 
     def load(self, i: int, tensor: Optional[torch.Tensor]) -> torch.Tensor:
         """Tensor ``i``'s local value is ``tensor``: copy it into its bucket, scaled (one fused pass), and
@@ -333,46 +341,35 @@ class GradientReducer:
         self._observed.append(i)
         b = self.bucket_of[i]
         self._pending[b] -= 1
-        tl = self._tl
-        if tl is not None:
-            self._record_fill(tl, b)
+        for cb in self._calls["on_ready"]:
+            cb(self, i, b)
         if self._pending[b] == 0:
             self._launch_ready()
 
     def _launch_ready(self) -> None:
-        units, pending = self.units, self._pending
-        limit = len(units) if self._deferred_released else self._first_deferred
-        while self._next_launch < limit and pending[units[self._next_launch].bucket] == 0:
+        pending = self._pending
+        while self._next_launch < len(self.plans) and pending[self._next_launch] == 0:
             self._launch(self._next_launch)
             self._next_launch += 1
 
-    def _launch(self, u: int) -> None:
-        unit = self.units[u]
-        b = unit.bucket
+    def _launch(self, b: int) -> None:
         plan = self.plans[b]
-        ctx = ReduceContext(group=self._streams[u % self.num_streams], process_set=self.process_set,
+        buf = self.buffers[b]
+        if self._calls["before_launch"]:
+            tensors = lambda plan=plan: [(self.specs[t].name, self.views[t]) for t in plan.tensor_ids]  # noqa: E731
+            for cb in self._calls["before_launch"]:
+                cb(self, b, buf, tensors)
+        ctx = ReduceContext(group=self._streams[b % self.num_streams], process_set=self.process_set,
                             prescale=1.0, postscale=1.0, bucket_index=b,  # applied on load (constraint 6)
                             names=lambda plan=plan: [self.specs[t].name for t in plan.tensor_ids],
-                            state=self._unit_state[u])
-        tl = self._tl
-        t_check_ns = tl.now_ns() if tl is not None else 0
-        first_of_bucket = not self._bucket_started[b]
-        self._bucket_started[b] = True
-        if first_of_bucket and self.nan_check is not None:  # before the bucket leaves the rank (checks)
-            self.nan_check.check_bucket(b, self.buffers[b], lambda plan=plan: [
-                (self.specs[t].name, self.views[t]) for t in plan.tensor_ids], last=b == len(self.plans) - 1)
-        self._launched_at[u] = time.perf_counter()
-        if first_of_bucket and self.negotiator is not None:  # the control slot of the last bucket
-            self.negotiator.on_launch(b, len(self.plans))
-        buf = self.buffers[b]
-        self._futures[u] = self._algorithm(
-            buf if unit.start == 0 and unit.stop == buf.numel() else buf[unit.start:unit.stop], ctx)
-        if tl is not None:
-            self._record_launch(tl, u, t_check_ns)
+                            state=self._bucket_state[b])
+        self._futures[b] = fut = self._algorithm(buf, ctx)
+        for cb in self._calls["after_launch"]:
+            cb(self, b, fut)
 
     def launch_all(self) -> None:
-        """Launch every unit not yet launched; tensors never marked ready go as they are (zeros if the
-        frontend zeroed them). Returns at once; :meth:`wait_for` / :meth:`finish` wait."""
+        """Launch every bucket not yet launched; tensors never marked ready go as they are (zeros if the
+        frontend zeroed them). Returns at once; :meth:`finish` waits."""
         if self._all_launched:
             return
         self._all_launched = True
@@ -384,142 +381,138 @@ class GradientReducer:
             self._pending[b] = 0
         self._launch_ready()
 
-    def _names_of_unit(self, u: int) -> list[str]:
-        return [self.specs[t].name for t in self.plans[self.units[u].bucket].tensor_ids]
+    def names_of(self, b: int) -> list[str]:
+        """Names of bucket ``b``'s tensors, in bucket order."""
+        return [self.specs[t].name for t in self.plans[b].tensor_ids]
 
-    def _wait_units(self, stop: int, done_cb: Optional[Callable[[list[int]], None]]) -> Optional[BaseException]:
-        """Wait for units ``_waited .. stop-1`` in launch order, calling ``done_cb`` with the tensors each
-        completes. Returns the first exception ``done_cb`` raised (the waits go on); a failed collective is
-        kept in ``_wait_error`` (no more callbacks after it)."""
+    def _wait_buckets(self) -> Optional[BaseException]:
+        """Wait for every bucket in launch order. With ``on_done`` listeners, one at a time, telling them
+        as each lands while later ones are on the wire. Returns the first exception a listener raised
+        (the waits go on); a failed collective is kept in ``_wait_error`` (no more ``on_done`` after it)."""
+        done_cbs = self._listeners("on_done")
+        waits = self._listeners("before_wait")
+        if not done_cbs:
+            for cb in waits:
+                cb(self, self._futures, self.names_of)
         callback_error: Optional[BaseException] = None
-        while self._waited < stop:
-            u = self._waited
-            if u >= self._first_deferred and not self._deferred_released:
-                self._deferred_released = True
-                self._launch_ready()
-            fut = self._futures[u]
-            if fut is None:
-                self._waited += 1
-                continue
-            if done_cb is not None and self._wait_error is None and self.negotiator is not None:
-                # One unit at a time, so that done_cb runs while later units are on the wire. A stall
-                # error leaves the unit not waited for (the cursor stays).
-                self.negotiator.wait([f if k == u else None for k, f in enumerate(self._futures)],
-                                     self._names_of_unit)
+        while self._waited < len(self.plans):
+            b = self._waited
+            fut = self._futures[b]
+            if done_cbs and self._wait_error is None:
+                # One bucket at a time, so that on_done runs while later buckets are on the wire. A stall
+                # error leaves the bucket not waited for (the cursor stays).
+                one = [f if k == b else None for k, f in enumerate(self._futures)]
+                for cb in waits:
+                    cb(self, one, self.names_of)
             self._waited += 1
             try:
                 fut.wait()
             except Exception as exc:  # noqa: BLE001 (converted; finish() raises it)
                 if self._wait_error is None:
-                    names = self._names_of_unit(u)
+                    names = self.names_of(b)
                     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-                    err = runtime.explain_failure(exc, f"gradient allreduce of bucket {self.units[u].bucket} "
-                                                       f"({shown})", self.process_set.ranks)
+                    err = runtime.explain_failure(exc, f"gradient allreduce of bucket {b} ({shown})",
+                                                  self.process_set.ranks)
                     err.__cause__ = exc
                     self._wait_error = err
                 continue
-            if done_cb is not None and self._wait_error is None and callback_error is None and self.done_at[u]:
-                try:
-                    done_cb(self.done_at[u])
-                except BaseException as exc:  # noqa: BLE001 (re-raised by the caller)
-                    callback_error = exc
-        if self._waited == self._first_deferred and not self._deferred_released and self._all_launched:
-            self._deferred_released = True  # the rest of the wire runs while the caller goes on
-            self._launch_ready()
+            if self._wait_error is None and callback_error is None:
+                for cb in done_cbs:
+                    try:
+                        cb(self, b, list(self.plans[b].tensor_ids))
+                    except BaseException as exc:  # noqa: BLE001 (re-raised by finish)
+                        callback_error = exc
+                        break
         return callback_error
 
-    def wait_for(self, i: int) -> bool:
-        """Wait (in launch order) until tensor ``i`` is reduced, calling :attr:`tensors_done` for every
-        tensor completed on the way; the step stays open (:meth:`finish` closes it).
-
-        Returns:
-            True when ``views[i]`` now holds the reduced value; False when a collective failed (then
-            :meth:`finish` raises the error).
-        """
-        if not self._all_launched:
-            raise ShoalError("shoal: wait_for() before launch_all()")
-        err = self._wait_units(self._last_unit_of[i] + 1, self.tensors_done)
-        if err is not None:
-            self.tensors_done = None
-            raise err
-        return self._wait_error is None
-
-    @property
-    def units_left(self) -> int:
-        """Units of this step not yet waited for."""
-        return len(self.units) - self._waited
-
     def finish(self) -> None:
-        """Launch every unit not yet launched (:meth:`launch_all`), wait for all, and leave the reduced
+        """Launch every bucket not yet launched (:meth:`launch_all`), wait for all, and leave the reduced
         values in :attr:`views`.
 
         Raises:
             RankFailureError: a peer died or timed out; the message names the bucket's first tensors.
+            StallError: an observer's wait (the stall inspector) gave up, naming the missing ranks.
         """
-        tl = self._tl
-        t_wait_ns = tl.now_ns() if tl is not None else 0
         self.launch_all()
-        leave, self.leave_deferred = self.leave_deferred, False
-        leave = leave and self._first_deferred < len(self.units)
-        done_cb = self.tensors_done
-        if not leave:
-            self.tensors_done = None
-        if self.negotiator is not None and done_cb is None:
-            # Stall inspector: warns, then fails naming the ranks missing.
-            self.negotiator.wait(self._futures[self._waited:],
-                                 lambda k, base=self._waited: self._names_of_unit(base + k))
-        callback_error = self._wait_units(self._first_deferred if leave else len(self.units), done_cb)
-        if leave and callback_error is None and self._wait_error is None:
-            return  # the deferred heads are in flight (released by _wait_units); the next finish() closes
-        if leave:  # an error: close the step as a plain finish() would
-            self.tensors_done = None
-            callback_error = self._wait_units(len(self.units), None) or callback_error
+        try:
+            callback_error = self._wait_buckets()
+        except BaseException:
+            self._abandon()
+            raise
         error = self._wait_error
         self.last_order = list(self._observed)
-        self.step += 1
-        if tl is not None:
-            tl.complete("synchronize", "wait for buckets", t_wait_ns, tl.now_ns(), "main", {"step": self.step})
-            tl.mark_step(self.step)
+        step = self._steps() + 1
+        self._own_steps += 1
         self._observed = []
+        calls = self._calls["on_finish"]
         self._reset_step()
-        if self._defer_next is not None:
-            self.defer_fraction, self._defer_next = self._defer_next, None
-            self._plan_units()
         if error is not None:
             raise error
         if callback_error is not None:
             raise callback_error
-        if self.nan_check is not None:
-            self.nan_report = self.nan_check.finish_step(self.step, num_buckets=len(self.plans))
+        for cb in calls:
+            cb(self, step)
 
-    # ----------------------------------------------------------------------------------- timeline
-    def _record_fill(self, tl, b: int) -> None:
-        """Waiting for gradients: bucket ``b`` from its first ready gradient to its last."""
-        now = tl.now_ns()
-        start = self._fill_ns.setdefault(b, now)
-        if self._pending[b] == 0:
-            tl.complete("wait_for_gradients", f"fill b{b}", start, now, "gradients",
-                        {"bucket": b, "step": self.step + 1, "tensors": len(self.plans[b].tensor_ids)})
+    def _abandon(self) -> None:
+        """A wait raised (a stall): the step is over for this rank; its collectives may still complete.
+        The buffers stay (a later step overwrites them); the bookkeeping starts a new step."""
+        self._observed = []
+        self._reset_step()
 
-    def _record_launch(self, tl, u: int, t_check_ns: int) -> None:
-        """NaN check (main track), then communication from launch to completion on the unit's stream;
-        the end is stamped by a callback on the backend's completion thread (the timeline is thread-safe)."""
-        unit = self.units[u]
-        b = unit.bucket
-        t_launch_ns = int(self._launched_at[u] * 1e9)  # perf_counter and perf_counter_ns share one clock
-        step = self.step + 1
-        if self.nan_check is not None:
-            tl.complete("nan_check", f"nan check b{b}", t_check_ns, t_launch_ns, "main", {"bucket": b, "step": step})
-        stream = u % self.num_streams
-        whole = unit.start == 0 and unit.stop == self.buffers[b].numel()
-        nbytes = self.plans[b].nbytes if whole else (unit.stop - unit.start) * self.buffers[b].element_size()
-        args = {"bucket": b, "step": step, "stream": stream, "nbytes": nbytes,
-                "tensors": len(self.plans[b].tensor_ids), "algorithm": self.compression}
-        if not whole:
-            args["slice"] = [unit.start, unit.stop]
-        name = f"allreduce b{b}" if whole else f"allreduce b{b}[{unit.start}:{unit.stop}]"
+
+class TimelineObserver(ReducerObserver):
+    """Records the reducer's buckets on the timeline (:mod:`shoal.core.timeline`) while one is running.
+
+    Tracks: ``gradients`` (a bucket from its first ready gradient to its last), ``stream k`` (each bucket
+    from launch to completion, stamped by a callback on the backend's thread), ``main`` (the wait in
+    ``synchronize()``), ``steps`` (a mark at each step's end). Off, it listens to nothing (constraint 7).
+    """
+
+    def __init__(self):
+        self._tl: Optional[_timeline.Timeline] = None
+        self._fill_ns: dict[int, int] = {}
+        self._launched_ns: dict[int, int] = {}
+        self._wait_ns = 0
+
+    def wants(self, event: str) -> bool:
+        if event == "on_ready":  # asked first, once per step: look the recorder up then
+            self._tl = _timeline.active()
+            self._fill_ns.clear()
+        return self._tl is not None
+
+    def on_ready(self, reducer: GradientReducer, i: int, bucket: int) -> None:
+        now = self._tl.now_ns()
+        start = self._fill_ns.setdefault(bucket, now)
+        if reducer.bucket_pending(bucket) == 0:
+            self._tl.complete("wait_for_gradients", f"fill b{bucket}", start, now, "gradients",
+                              {"bucket": bucket, "step": reducer.step_number,
+                               "tensors": len(reducer.plans[bucket].tensor_ids)})
+
+    def before_launch(self, reducer: GradientReducer, bucket: int, buffer: torch.Tensor,
+                      tensors: TensorsOf) -> None:
+        self._launched_ns[bucket] = self._tl.now_ns()
+
+    def after_launch(self, reducer: GradientReducer, bucket: int, future: torch.futures.Future) -> None:
+        tl = self._tl
+        stream = bucket % reducer.num_streams
+        start = self._launched_ns.get(bucket, tl.now_ns())
+        args = {"bucket": bucket, "step": reducer.step_number, "stream": stream,
+                "nbytes": reducer.plans[bucket].nbytes, "tensors": len(reducer.plans[bucket].tensor_ids),
+                "algorithm": reducer.compression}
 
         def done(_fut) -> None:
-            tl.complete("communication", name, t_launch_ns, tl.now_ns(), f"stream {stream}", args)
+            tl.complete("communication", f"allreduce b{bucket}", start, tl.now_ns(), f"stream {stream}", args)
 
-        self._futures[u].add_done_callback(done)
+        future.add_done_callback(done)
+
+    def before_wait(self, reducer: GradientReducer, futures, names_of) -> None:
+        if not self._wait_ns:
+            self._wait_ns = self._tl.now_ns()
+
+    def on_finish(self, reducer: GradientReducer, step: int) -> None:
+        tl = self._tl
+        if self._wait_ns:
+            tl.complete("synchronize", "wait for buckets", self._wait_ns, tl.now_ns(), "main", {"step": step})
+        self._wait_ns = 0
+        tl.mark_step(step)
+

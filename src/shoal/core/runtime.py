@@ -22,13 +22,15 @@ import datetime
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from . import env as _env
+from . import exchange as _exchange
 from . import network as _network
 from .config import ShoalConfig
 from .errors import NotInitializedError, RankFailureError
@@ -59,6 +61,9 @@ __all__ = [
     "stream_groups",
     "stream_node_groups",
     "explain_failure",
+    "peer_closed",
+    "world_token",
+    "control_group",
 ]
 
 log = logging.getLogger(__name__)
@@ -198,9 +203,13 @@ def init(backend: Optional[str] = None, timeout_s: Optional[float] = None, **kno
     me, n = dist.get_rank(), dist.get_world_size()
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
         else torch.device("cpu")
-    # One allgather at init: host and pid of every rank (pids let failures name a dead local peer).
-    peers: list = [None] * n
-    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    # One allgather at init: host and pid of every rank (pids let failures name a dead local peer), as
+    # JSON (shoal.core.exchange): nothing a peer sends is unpickled.
+    peers = _exchange.allgather_json([socket.gethostname(), os.getpid()], device=dev)
+    if any(not (isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int))
+           for p in peers):
+        raise RankFailureError(f"shoal: init() on rank {me}: a peer sent a malformed host record {peers!r}",
+                               rank=me, what="init")
     hosts = [p[0] for p in peers]
     lay = compute_layout(hosts, cfg.local_size)
     _rt = _Runtime(config=cfg, world=world, layout=lay, hosts=hosts, pids=[p[1] for p in peers],
@@ -424,32 +433,84 @@ def _is_dead(pid: int) -> bool:
         return False
 
 
-def explain_failure(exc: BaseException, what: str, ranks: Optional[Sequence[int]] = None) -> RankFailureError:
+#: A peer that closed its connection is usually exiting (that is what closed it): how long a failure waits
+#: for it to be seen dead, so that the error names it rather than quoting "connection closed".
+_EXIT_GRACE_S = 2.0
+
+
+def peer_closed(exc: BaseException) -> bool:
+    """A backend error that says a peer's connection went away (gloo: 'Connection closed by peer',
+    'Connection reset by peer', 'Broken pipe'). The backend says it only in text: this is the one place
+    that reads it."""
+    text = str(exc).lower()
+    return any(w in text for w in ("closed", "reset", "broken pipe", "connection", "eof"))
+
+
+def _backend_timed_out(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "timeout" in text or "timed out" in text
+
+
+def _dead_local_peers(rt: "_Runtime", peers: Sequence[int], me: int) -> list[int]:
+    host = socket.gethostname()
+    return [r for r in peers if r != me and rt.hosts[r] == host and _is_dead(rt.pids[r])]
+
+
+def explain_failure(exc: BaseException, what: str, ranks: Optional[Sequence[int]] = None, *,
+                    grace_s: Optional[float] = None) -> RankFailureError:
     """Turn a backend error of a collective into a :class:`RankFailureError` naming the cause.
 
-    Peers on this host are checked for liveness through their pids; a dead one is named as the
-    root cause. Peers on other hosts cannot be checked from here and are listed as unknown.
+    Peers on this host are checked for liveness through their pids; a dead one is named as the root cause
+    (``dead_ranks``). When the backend says a connection closed, the peer is usually on its way out: it is
+    given up to ``grace_s`` (default 2 s) to be seen gone. Peers on other hosts cannot be checked from here
+    and are listed as unknown. A backend timeout sets ``timed_out``; the stall inspector then names the
+    ranks that never arrived (:func:`shoal.core.stall.name_missing`).
     """
+    if isinstance(exc, RankFailureError):
+        return exc
     rt = _rt
     me = dist.get_rank() if dist.is_initialized() else -1
-    if rt is None:
-        return RankFailureError(f"shoal: {what} failed on rank {me}: {exc}")
-    peers = list(ranks) if ranks is not None else list(range(len(rt.hosts)))
-    host = socket.gethostname()
-    dead = [r for r in peers if r != me and rt.hosts[r] == host and _is_dead(rt.pids[r])]
-    remote = [r for r in peers if rt.hosts[r] != host]
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if rt is None:
+        return RankFailureError(f"shoal: {what} failed on rank {me}: {text}", rank=me, what=what)
+    peers = list(ranks) if ranks is not None else list(range(len(rt.hosts)))
+    dead = _dead_local_peers(rt, peers, me)
+    if not dead and peer_closed(exc):
+        deadline = time.monotonic() + (_EXIT_GRACE_S if grace_s is None else grace_s)
+        while not dead and time.monotonic() < deadline:
+            time.sleep(0.05)
+            dead = _dead_local_peers(rt, peers, me)
+    remote = [r for r in peers if r != me and rt.hosts[r] != socket.gethostname()]
     if dead:
-        who = ", ".join(f"rank {r} (pid {rt.pids[r]})" for r in dead)
-        msg = (f"shoal: {what} failed on rank {me} because {who} died. Root cause is on the dead rank: "
-               f"see its log. (backend said: {text})")
-    elif "timeout" in text.lower() or "timed out" in text.lower():
-        msg = (f"shoal: {what} timed out on rank {me} after {rt.config.timeout_s:g} s: some rank never "
-               f"joined it (a rank that skipped the call, or diverged). (backend said: {text}) "
-               "HINT: make every rank call the same collectives in the same order; raise timeout_s "
-               "(SHOAL_TIMEOUT_S) if a rank is merely slow.")
-    else:
-        msg = f"shoal: {what} failed on rank {me}: {text}"
-        if remote:
-            msg += f" (ranks {remote} on other hosts could not be checked for liveness)"
-    return RankFailureError(msg)
+        return RankFailureError(rank=me, what=what, dead_ranks=dead, dead_pids={r: rt.pids[r] for r in dead},
+                                backend_text=text)
+    if _backend_timed_out(exc):
+        return RankFailureError(rank=me, what=what, timed_out=True, timeout_s=rt.config.timeout_s,
+                                backend_text=text)
+    return RankFailureError(rank=me, what=what, backend_text=text, unknown_ranks=remote)
+
+
+def world_token() -> Any:
+    """The current default group: caches of groups and step owners are valid only while it is the same
+    (a ``shutdown()`` and ``init()`` start a new world)."""
+    return dist.distributed_c10d._get_default_group()
+
+
+_control: dict[tuple[int, ...], tuple[Any, dist.ProcessGroup]] = {}
+
+
+def control_group(process_set: ProcessSet) -> dist.ProcessGroup:
+    """The gloo group of ``process_set``'s ranks that carries control traffic (registration digests, the
+    negotiation's bit vectors: bitwise ops exist on gloo, not on NCCL, and the bits are host state anyway).
+    Created once per world, by the set's members only."""
+    rt = _state("control_group")
+    token = world_token()
+    have = _control.get(process_set.ranks)
+    if have is not None and have[0] is token:
+        return have[1]
+    timeout = datetime.timedelta(seconds=rt.config.timeout_s)
+    # Members only (use_local_synchronization): a process set's non-members never build an optimizer on it.
+    group = dist.new_group(list(process_set.ranks), timeout=timeout, backend="gloo",
+                           use_local_synchronization=True)
+    _control[process_set.ranks] = (token, group)
+    return group

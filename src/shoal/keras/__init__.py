@@ -32,6 +32,7 @@ from shoal.core.collectives import (  # noqa: E402
     broadcast_object,
 )
 from shoal.core.compression import Compression  # noqa: E402
+from shoal.core.join import join as _join  # noqa: E402
 from shoal.core.errors import MismatchError, NotInitializedError, RankFailureError, ShoalError, StallError  # noqa: E402
 from shoal.core.runtime import (  # noqa: E402
     ProcessSet,
@@ -54,8 +55,23 @@ from . import callbacks  # noqa: E402
 from .collectives import allgather, allreduce, broadcast, broadcast_variables  # noqa: E402
 from .optimizer import DistributedOptimizer, exchange_stats, is_distributed  # noqa: E402
 
+
+def join(process_set: "ProcessSet | None" = None) -> int:
+    """This rank has run out of data: take part in the other ranks' optimizer steps with zero gradients
+    until every rank has called ``join()``; returns the rank that joined last (Horovod's ``hvd.join()``).
+
+    Call it after ``model.fit(...)`` on every rank when ranks have different numbers of batches: the rank
+    that finishes first shadows the others' remaining steps instead of leaving them waiting.
+    ``Average`` divides by the full number of ranks, as in Horovod. See :func:`shoal.core.join.join`.
+
+    Example:
+        >>> model.fit(my_shard, epochs=1)       # a different number of batches on each rank
+        >>> last = hvd.join()
+    """
+    return _join(process_set)
+
 __all__ = [
-    "DistributedOptimizer", "is_distributed", "exchange_stats", "callbacks", "Compression",
+    "DistributedOptimizer", "is_distributed", "exchange_stats", "callbacks", "Compression", "join",
     "allreduce", "allgather", "broadcast", "broadcast_variables", "broadcast_object", "allgather_object",
     "barrier", "ReduceOp", "Average", "Sum", "Min", "Max", "Product",
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank",

@@ -1,14 +1,18 @@
 """``DistributedOptimizer`` for Keras 3: gradients averaged across ranks on the TensorFlow, JAX and PyTorch
-backends, by the same engine as ``shoal.torch`` (:class:`shoal.core.reducer.GradientReducer`).
+backends, by the same engine as ``shoal.torch`` (the step owner, :class:`shoal.core.step.StepOwner`: buckets,
+per-step negotiation, the stall inspector, join, the NaN check and the tuner, as on torch).
 
 Design constraints:
 
-1. One path into the engine. Every backend ends in the reducer's ``views`` / ``mark_ready`` / ``finish``;
+1. One path into the engine. Every backend ends in the step owner's ``ready`` / ``synchronize`` / ``view``;
    what differs is only how gradients reach it (:mod:`shoal.keras._bridge`): TF and JAX hand them over in
    one host call per step (``tf.py_function`` / ``io_callback(ordered=True)``), torch marks them ready from
-   autograd hooks while backward runs (the engine's overlap), as ``shoal.torch`` does. One reducer per set
-   of variables that get gradients; when that set changes (layers frozen or unfrozen between epochs), the
-   torch hooks are removed and registered again for the new set (:meth:`_Exchange._disarm`).
+   autograd hooks while backward runs (the engine's overlap), as ``shoal.torch`` does. One step owner per
+   set of trainable variables; when that set changes (layers frozen or unfrozen between epochs), the
+   torch hooks are removed and registered again for the new set (:meth:`_Exchange._disarm`). Within a
+   set, a variable without a gradient on this rank is simply not produced here: the per-step
+   negotiation then gives it the other ranks' average (zeros from this rank), so ranks never diverge
+   (TF and JAX apply that average; on torch, a variable no rank produced keeps no gradient, as in torch).
 2. Patch the user's optimizer instance; build no class. ``DistributedOptimizer(opt)`` replaces two bound
    methods of ``opt`` (``apply`` and ``stateless_apply``) and returns ``opt``. Why not a wrapper class:
    Keras' optimizer surface is large and backend-specific (variables, iterations, learning rate, build,
@@ -47,14 +51,15 @@ Design constraints:
    var set on some ranks only; a LossScaleOptimizer on one rank, which turns it off there, constraint 6)
    never starts the flag allreduce its peers wait in; other compression, bucket sizes or stream counts
    pair different buckets, or create a different number of stream groups (collective over the world).
-   So before a reducer is built, its variables (shape, dtype) and those settings go through
-   :func:`shoal.core.negotiation.check_registration`: one 16-byte allreduce per reducer, not per step.
+   So before a step owner is built, its variables (shape, dtype) and those settings go through
+   the step owner's registration check (:mod:`shoal.core.registration`): one 16-byte allreduce per
+   step owner, not per step.
    Variables are compared by position in the optimizer, not by path: Keras numbers layer names per
    process (measured: one extra ``Dense`` built first on a rank turns its ``dense_1/kernel`` into
    ``dense_2/kernel``), so paths may differ on ranks that train the same model.
 
 Glossary:
-    exchange      this module's per-optimizer state: the reducers (one per set of variables that get
+    exchange      this module's per-optimizer state: the step owners (one per set of trainable variables that get
                   gradients, normally one), the torch hooks, counters
     update step   the micro-step on which Keras applies the accumulated gradients
 """
@@ -70,12 +75,10 @@ import torch
 
 from shoal.core import runtime
 from shoal.core.buckets import TensorSpec
-from shoal.core.checks import apply_nan_policy
-from shoal.core.collectives import ReduceOp as _HvdOp
 from shoal.core.compression import Compression, resolve_compression
 from shoal.core.errors import MismatchError, ShoalError
-from shoal.core.negotiation import check_registration
-from shoal.core.reducer import GradientReducer, ReduceOp, check_engine_options
+from shoal.core.ops import ReduceOp, gradient_op
+from shoal.core.step import StepOwner, resolve_settings
 
 from . import _bridge
 
@@ -84,17 +87,6 @@ __all__ = ["DistributedOptimizer", "is_distributed", "exchange_stats"]
 log = logging.getLogger(__name__)
 
 _ATTR = "_shoal_exchange"
-
-
-def _op_name(op: Any) -> str:
-    if op is None:
-        return ReduceOp.AVERAGE
-    name = str(getattr(op, "name", op)).lower()
-    if name in ("average", "avg", "mean") or op is _HvdOp.Average:
-        return ReduceOp.AVERAGE
-    if name == "sum" or op is _HvdOp.Sum:
-        return ReduceOp.SUM
-    raise ValueError(f"shoal: DistributedOptimizer supports op=Average or Sum, got {op!r}")
 
 
 def DistributedOptimizer(optimizer, compression=Compression.none, backward_passes_per_step: int = 1,
@@ -145,8 +137,8 @@ def DistributedOptimizer(optimizer, compression=Compression.none, backward_passe
         raise ValueError(f"shoal: backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
     if backward_passes_per_step > 1:
         _set_accumulation(optimizer.inner_optimizer if lso else optimizer, int(backward_passes_per_step))
-    op_name = _op_name(op)
-    if gradient_predivide_factor != 1.0 and op_name != ReduceOp.AVERAGE:
+    op_name = gradient_op(op)
+    if gradient_predivide_factor != 1.0 and op_name != ReduceOp.Average:
         raise ValueError("shoal: gradient_predivide_factor needs op=Average")
     ex = _Exchange(optimizer, backend=keras.backend.backend(), lso=lso, op=op_name,
                    prescale=1.0 / gradient_predivide_factor, postscale=gradient_predivide_factor,
@@ -188,7 +180,7 @@ def exchange_stats(optimizer) -> dict[str, int]:
         raise ValueError("shoal: exchange_stats() needs an optimizer wrapped by DistributedOptimizer. "
                          "HINT: pass the optimizer that hvd.DistributedOptimizer(...) returned.")
     return {"reductions": ex.reductions, "skipped_steps": ex.skipped_steps, "hooked": ex.hooked,
-            "reducers": len(ex.reducers)}
+            "reducers": len(ex.owners)}
 
 
 def _set_accumulation(opt, steps: int) -> None:
@@ -303,16 +295,20 @@ class _Exchange:
         self.original_stateless_apply = optimizer.stateless_apply
         self.process_set = runtime.get_process_set(process_set)
         self.op, self.prescale, self.postscale = op, prescale, postscale
-        self.compression = compression
-        self.nan_policy = nan_check or ("off" if lso else runtime.config().nan_check)
-        check_engine_options(engine_options, "DistributedOptimizer")
-        self.engine_options = dict(engine_options)
+        given = {**engine_options, "compression": compression,
+                 "nan_check": nan_check or ("off" if lso else None)}
+        #: The resolved settings (shoal.core.step.resolve_settings), checked now, not at the first step.
+        self.settings = resolve_settings(given, "DistributedOptimizer")
+        self.fixed = frozenset(k for k, v in given.items() if v is not None)
+        self.nan_policy = self.settings.nan_check
         self.active = self.process_set.included() and (
-            self.process_set.size() > 1 or op == ReduceOp.SUM or prescale * postscale != 1.0)
+            self.process_set.size() > 1 or op == ReduceOp.Sum or prescale * postscale != 1.0)
         #: Constraint 5: Keras' accumulation steps on this optimizer (None: none, or a loss-scale one).
         self.accumulation: Optional[int] = None if lso else (optimizer.gradient_accumulation_steps or None)
         self.bypass = 0
-        self.reducers: dict[tuple[int, ...], GradientReducer] = {}
+        #: One step owner per set of trainable variables (constraint 1).
+        self.owners: dict[tuple[int, ...], StepOwner] = {}
+        self._none_have: set[int] = set()
         self.reductions = 0
         self.skipped_steps = 0
         self.hooked = 0
@@ -355,43 +351,48 @@ class _Exchange:
     # ------------------------------------------------------------------ selection and accumulation
     def reduce(self, grads: list, tvars: list, state) -> tuple[list, Any]:
         """Reduce the gradients of one micro-step; returns the gradients to apply and the skip flag
-        (a backend int scalar, or None when the policy is not ``skip``)."""
+        (a backend int scalar, or None when the policy is not ``skip``).
+
+        One step owner per set of trainable variables (constraint 1). A variable with no gradient on this
+        rank is not produced here: it gets the other ranks' average (zeros from this rank), so ranks never
+        diverge; on the torch backend, a variable no rank produced keeps no gradient, as in torch."""
         opt = self.opt
-        sel = [i for i, g in enumerate(grads) if g is not None]
-        if not sel:
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
             return grads, None
-        key = tuple(opt._get_variable_index(tvars[i]) for i in sel)
-        g_sel = [self._dense(grads[i]) for i in sel]
+        key = tuple(opt._get_variable_index(v) for v in tvars)
+        g_sel = [self._dense(grads[i]) for i in present]
         if self.backend == "torch":
-            out, skip = self._reduce_torch(key, g_sel, [tvars[i] for i in sel])
+            out, skip = self._reduce_torch(key, present, g_sel, tvars)
         elif self.accumulation is None:
-            out, skip = self._exchange(key, g_sel)
+            out, skip = self._exchange(key, present, g_sel, tvars)
         else:
-            out, skip = self._reduce_on_update(key, g_sel, [tvars[i] for i in sel], state)
-        new = list(grads)
-        for i, o in zip(sel, out):
-            new[i] = o
-        return new, (skip if self.nan_policy == "skip" else None)
+            out, skip = self._reduce_on_update(key, present, g_sel, tvars, state)
+        return list(out), (skip if self.nan_policy == "skip" else None)
 
     def _accumulators(self, variables: list) -> tuple[list, float]:
         opt = self.opt
         accs = [opt._accumulated_gradients[opt._get_variable_index(v)] for v in variables]
         return accs, float(opt.loss_scale_factor or 1.0)
 
-    def _reduce_on_update(self, key, g_sel: list, variables: list, state) -> tuple[list, Any]:
+    def _reduce_on_update(self, key, present: list[int], g_sel: list, variables: list, state) -> tuple[list, Any]:
         """Constraint 5 for TF and JAX: a backend ``cond`` on the update step around the host call."""
         ops = _bridge.import_keras().ops
-        accs, scale = self._accumulators(variables)
+        accs, scale = self._accumulators([variables[i] for i in present])
         acc_vals = [state.read(a) for a in accs]
         is_update = ops.equal(ops.mod(state.read(self.opt._iterations) + 1, self.accumulation), 0)
+        shapes = [self._var_spec(v) for v in variables]
 
         def update():
             totals = [g + (a if scale == 1.0 else a * scale) for g, a in zip(g_sel, acc_vals)]
-            out, skip = self._exchange(key, totals)
+            out, skip = self._exchange(key, present, totals, variables)
             return out, [ops.zeros_like(a) for a in acc_vals], skip
 
         def keep():
-            return list(g_sel), list(acc_vals), ops.convert_to_tensor(0, dtype="int32")
+            full = [ops.zeros(s, dtype=d) for s, d in shapes]
+            for i, g in zip(present, g_sel):
+                full[i] = g
+            return full, list(acc_vals), ops.convert_to_tensor(0, dtype="int32")
 
         out, new_accs, skip = ops.cond(is_update, update, keep)
         for a, v in zip(accs, new_accs):
@@ -406,83 +407,72 @@ class _Exchange:
                 return tf.convert_to_tensor(g)
         return g
 
-    # ------------------------------------------------------------------ host side (all backends)
-    def _exchange(self, key, tensors: list) -> tuple[list, Any]:
-        """One host call for the whole step (bridge constraint 3): returns reduced tensors and the flag."""
+    @staticmethod
+    def _var_spec(v) -> tuple[tuple[int, ...], str]:
         keras = _bridge.import_keras()
-        specs = [(tuple(int(d) for d in t.shape), keras.backend.standardize_dtype(t.dtype)) for t in tensors]
-        specs.append(((), "int32"))
-        outs = _bridge.run_on_host(lambda ts: self._host_reduce(key, ts), tensors, specs, self.backend,
-                                   what="gradient allreduce")
+        return tuple(int(d) for d in v.shape), keras.backend.standardize_dtype(v.dtype)
+
+    # ------------------------------------------------------------------ host side (all backends)
+    def _exchange(self, key, present: list[int], tensors: list, variables: list) -> tuple[list, Any]:
+        """One host call for the whole step (bridge constraint 3): the present gradients in, every
+        variable's reduced gradient and the skip flag out."""
+        specs = [self._var_spec(v) for v in variables] + [((), "int32")]
+        outs = _bridge.run_on_host(lambda ts: self._host_reduce(key, present, variables, ts), tensors, specs,
+                                   self.backend, what="gradient allreduce")
         return outs[:-1], outs[-1]
 
-    def _reducer(self, key, tensors: Sequence[torch.Tensor]) -> GradientReducer:
-        red = self.reducers.get(key)
-        if red is None:
-            variables = [self.opt._trainable_variables[i] for i in key]
+    def _owner(self, key, variables: list) -> StepOwner:
+        owner = self.owners.get(key)
+        if owner is None:
             names = _unique_names(variables)
             device = runtime.device()
-            specs = [TensorSpec(n, tuple(t.shape), t.dtype, device) for n, t in zip(names, tensors)]
-            self._check_registration(key, variables, specs)
-            red = GradientReducer(specs, op=self.op, prescale_factor=self.prescale,
-                                  postscale_factor=self.postscale, process_set=self.process_set,
-                                  compression=self.compression, nan_check=self.nan_policy,
-                                  **self.engine_options)
-            self.reducers[key] = red
-            log.debug("shoal: keras gradient reducer for %d tensors in %d buckets", len(specs), len(red.plans))
-        return red
+            specs = []
+            for n, v in zip(names, variables):
+                shape, dtype = self._var_spec(v)
+                specs.append(TensorSpec(n, shape, getattr(torch, dtype), device))
+            try:
+                owner = StepOwner(
+                    specs, settings=self.settings, process_set=self.process_set, op=self.op,
+                    prescale=self.prescale, postscale=self.postscale, fixed=self.fixed,
+                    what="shoal.keras DistributedOptimizer",
+                    extra_settings={"micro_batches_per_reduction": self.accumulation or 1},
+                    registered_as=[f"variable {i} ({getattr(v, 'name', 'variable')})"
+                                   for i, v in zip(key, variables)])
+            except MismatchError as exc:
+                here = "; ".join(f"variable {i}: '{n}'" for i, n in list(zip(key, names))[:4])
+                raise MismatchError(
+                    f"{exc} Keras: a LossScaleOptimizer turns nan_check off unless nan_check= is given "
+                    "(docs/keras.md), so wrapping one on some ranks only shows as a nan_check difference; "
+                    "backward_passes_per_step sets micro_batches_per_reduction. Variables are compared by "
+                    f"position in the optimizer; on rank {runtime.rank()}: {here}"
+                    + (" ..." if len(key) > 4 else "") + ".", culprit_ranks=exc.culprit_ranks) from None
+            self.owners[key] = owner
+        return owner
 
-    def registration_settings(self) -> dict[str, str]:
-        """The settings that decide which collectives a step runs, as the reducer will resolve them
-        (constraint 8): the policy in force, wire compression, bucket sizes, streams, and how many
-        micro-batches one reduction covers."""
-        cfg = runtime.config()
-
-        def knob(name: str):
-            return self.engine_options.get(name) or getattr(cfg, name)
-
-        return {"nan_check": str(self.nan_policy),
-                "compression": str(self.compression or cfg.compression),
-                "hierarchical": str(knob("hierarchical")),
-                "num_streams": str(int(knob("num_streams"))),
-                "fusion_threshold_mb": f"{float(knob('fusion_threshold_mb')):g}",
-                "first_bucket_mb": f"{float(knob('first_bucket_mb')):g}",
-                "micro_batches_per_reduction": str(self.accumulation or 1)}
-
-    def _check_registration(self, key, variables: list, specs: list[TensorSpec]) -> None:
-        """Constraint 8, on every member before the reducer exists (building it is collective)."""
-        entries = [(f"variable {i} ({getattr(v, 'name', 'variable')})", s.shape, s.dtype)
-                   for i, v, s in zip(key, variables, specs)]
-        try:
-            check_registration(entries, self.process_set, what="shoal.keras DistributedOptimizer",
-                               settings=self.registration_settings())
-        except MismatchError as exc:
-            here = "; ".join(f"variable {i}: '{s.name}'" for i, s in list(zip(key, specs))[:4])
-            raise MismatchError(
-                f"{exc} Keras: a LossScaleOptimizer turns nan_check off unless nan_check= is given "
-                "(docs/keras.md), so wrapping one on some ranks only shows as a nan_check difference; "
-                "backward_passes_per_step sets micro_batches_per_reduction. Variables are compared by "
-                f"position in the optimizer; on rank {runtime.rank()}: {here}"
-                + (" ..." if len(key) > 4 else "") + ".") from None
-
-    def _host_reduce(self, key, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        red = self._reducer(key, tensors)
+    def _host_reduce(self, key, present: list[int], variables: list, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        owner = self._owner(key, variables)
+        given = dict(zip(present, tensors))
         with torch.no_grad():
             # Reverse registration order: roughly backward order, the engine's default bucket plan.
-            for j in range(len(tensors) - 1, -1, -1):
-                red.views[j].copy_(tensors[j].reshape(red.views[j].shape))
-                red.mark_ready(j)
-        return self._finish(red)
+            for j in reversed(present):
+                owner.ready(j, given[j].reshape(owner.specs[j].shape))
+            return self._finish(owner, given)
 
-    def _finish(self, red: GradientReducer) -> list[torch.Tensor]:
-        red.finish()
+    def _finish(self, owner: StepOwner, given: dict) -> list[torch.Tensor]:
+        """Synchronize ``owner`` (``given``: this step's gradients by index, read in step 1 only: later
+        ones are in their views already) and return every variable's gradient and the skip flag."""
+        built = owner.built
+        result = owner.synchronize(lambda j: None if built else
+                                   (given[j].reshape(owner.specs[j].shape) if j in given else None))
+        owner.close()
         self.reductions += 1
-        skip = apply_nan_policy(red.nan_report)  # the same report, hence the same verdict, on every rank
+        skip = result.apply_nan_policy()  # the same report, hence the same verdict, on every rank
         self.skipped_steps += int(skip)
-        return list(red.views) + [torch.tensor(int(skip), dtype=torch.int32)]
+        self._none_have = set(result.none_have)
+        return [owner.view(j) for j in range(len(owner.specs))] + [torch.tensor(int(skip), dtype=torch.int32)]
 
     # ------------------------------------------------------------------ torch backend: hooks
-    def _reduce_torch(self, key, g_sel: list, variables: list) -> tuple[list, Any]:
+    def _reduce_torch(self, key, present: list[int], g_sel: list, variables: list) -> tuple[list, Any]:
         """Eager torch: the update-step decision is a Python bool; from the second step on the hooks
         have already copied (and marked ready) what backward produced."""
         it = int(self.opt._iterations.value) if self.accumulation else 0
@@ -493,30 +483,36 @@ class _Exchange:
         if self._armed and self._armed != key:
             self._disarm()
         if not is_update:
-            return g_sel, torch.tensor(0, dtype=torch.int32)
+            full: list = [None] * len(variables)
+            for i, g in zip(present, g_sel):
+                full[i] = g
+            return full, torch.tensor(0, dtype=torch.int32)
         accs, scale = self._accumulators(variables) if self.accumulation else ([], 1.0)
         with torch.no_grad():
-            red = self._reducer(key, g_sel)
+            owner = self._owner(key, variables)
             hooked = self._armed == key
-            for j in range(len(g_sel) - 1, -1, -1):
+            given = {}
+            for i, g in zip(present, g_sel):
+                value = g.reshape(owner.specs[i].shape)
+                if accs:
+                    value = value + accs[i].value.reshape(value.shape) * scale
+                given[i] = value
+            for j in sorted(given, reverse=True):
                 if hooked and j in self._marked:
                     continue
-                view = red.views[j]
-                view.copy_(g_sel[j].reshape(view.shape))
-                if accs:
-                    view.add_(accs[j].value.reshape(view.shape), alpha=scale)
-                red.mark_ready(j)
+                owner.ready(j, given[j])
             self._marked = set()
-            outs = self._finish(red)
+            outs = self._finish(owner, given)
             if hooked and key not in self._rebucketed:
                 # After the first step with hooks: plan buckets in the order gradients really arrived.
                 self._rebucketed.add(key)
-                red.rebucket(red.agreed_order())
+                owner.replan_to_last_order()
             for a in accs:
                 a.value.zero_()
         if self._armed is None:
             self._arm(key, variables, accs, scale)
-        return outs[:-1], outs[-1]
+        grads = [None if j in self._none_have else o for j, o in enumerate(outs[:-1])]
+        return grads, outs[-1]
 
     def _arm(self, key, variables: list, accs: list, scale: float) -> None:
         """Register post-accumulate-grad hooks, so later steps put gradients on the wire during backward."""
@@ -532,19 +528,20 @@ class _Exchange:
 
     def _disarm(self) -> None:
         """The set of variables that get gradients changed (layers frozen or unfrozen, e.g. fine-tuning
-        after some epochs): the hooks of the old set must go, or they keep marking the old reducer, which
-        then fails the next step with "became ready twice" (or, with hooks on a frozen layer, never
+        after some epochs): the hooks of the old set must go, or they keep marking the old step owner,
+        which then fails the next step with "became ready twice" (or, with hooks on a frozen layer, never
         completes a bucket). In this step's backward the old hooks have already marked, and maybe put on
         the wire, the gradients still in the set: every rank did the same (the set is the same on every
-        rank), so finishing the old reducer here completes those collectives in the same order everywhere
-        and leaves it clean for a later return to that set. Its result is discarded: the new set's reducer
-        reduces this step from the gradients themselves, and the new hooks are armed after it."""
+        rank), so finishing the old owner's step here completes those collectives in the same order
+        everywhere and leaves it clean for a later return to that set. Its result is discarded: the new
+        set's owner reduces this step from the gradients themselves, and the new hooks are armed after it."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        old = self.reducers.get(self._armed)
+        old = self.owners.get(self._armed)
         if self._marked and old is not None:
-            old.finish()
+            old.synchronize(lambda j: None)
+            old.close()
             self.hooked -= len(self._marked)  # counted as overlapped, but their result is discarded
         self._marked = set()
         self._armed = None
@@ -553,15 +550,14 @@ class _Exchange:
         def hook(param: torch.Tensor) -> None:
             if self._armed != key or not self._next_is_update or param.grad is None:
                 return
-            red = self.reducers[key]
+            owner = self.owners[key]
             with torch.no_grad():
-                view = red.views[j]
-                view.copy_(param.grad.reshape(view.shape))
+                value = param.grad
                 if self._hook_accs:
-                    view.add_(self._hook_accs[j].value.reshape(view.shape), alpha=self._hook_scale)
+                    value = value + self._hook_accs[j].value.reshape(value.shape) * self._hook_scale
+                owner.ready(j, value.reshape(owner.specs[j].shape))
             self._marked.add(j)
             self.hooked += 1
-            red.mark_ready(j)
         return hook
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .global_grads import clip_grad_norm_, sync_grad_scaler_
 from .margins import ArcFace, CombinedMargin, CosFace, MarginLoss
-from .no_sync import NO_SYNC_ATTR, is_no_sync, mark_no_sync
+from shoal.core.no_sync import NO_SYNC_ATTR, is_no_sync, mark_no_sync
 from .partial_fc import PartialFC, exclude_from_ddp, load_full_weight, shard_range
 
 __all__ = [

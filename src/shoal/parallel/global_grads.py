@@ -1,7 +1,7 @@
 """Decisions over all gradients of a model with sharded parameters: norm clipping and GradScaler's inf check.
 
 Owns :func:`clip_grad_norm_` and :func:`sync_grad_scaler_`. What lives elsewhere: the mark of sharded
-parameters (:mod:`shoal.parallel.no_sync`), the data-parallel averaging (Shoal's DistributedOptimizer, DDP).
+parameters (:mod:`shoal.core.no_sync`), the data-parallel averaging (Shoal's DistributedOptimizer, DDP).
 
 Design constraints:
 
@@ -30,7 +30,7 @@ from torch import Tensor
 from shoal.core.errors import ShoalError
 
 from ._ops import _resolve_shards
-from .no_sync import no_sync_matcher
+from shoal.core.no_sync import no_sync_matcher
 
 __all__ = ["clip_grad_norm_", "sync_grad_scaler_"]
 

@@ -19,7 +19,7 @@ Design constraints:
    is ``size`` times the gradient of that loss, i.e. the gradient of the mean over the rank's own samples,
    which is what a data-parallel backbone expects: averaging over ``size`` ranks gives the exact gradient.
 2. Sharded parameters must never be averaged nor broadcast across ranks. Every parameter carries
-   ``_shoal_no_sync = True`` and is registered (:mod:`shoal.parallel.no_sync`, which also recognizes the
+   ``_shoal_no_sync = True`` and is registered (:mod:`shoal.core.no_sync`, which also recognizes the
    detached copies of ``state_dict()``); Shoal's DistributedOptimizer, ``broadcast_parameters`` and
    ``broadcast_optimizer_state`` skip such parameters; a forward inside a DDP module that has not excluded
    them raises (DDP would broadcast rank 0's shard over the others' and average the shards).
@@ -64,7 +64,7 @@ from shoal.core.files import atomic_write
 from ._ops import _AllGatherEmbeddings, _all_gather_rows, _normalize_rows, _resolve_shards, _Shards, \
     _ShardedSoftmaxCrossEntropy
 from .margins import MarginLoss
-from .no_sync import NO_SYNC_ATTR, mark_no_sync
+from shoal.core.no_sync import NO_SYNC_ATTR, mark_no_sync
 
 __all__ = [
     "PartialFC",

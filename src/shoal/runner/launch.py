@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from shoal.core import env as _env
-from shoal.core.config import ShoalConfig, env_name, flag_name, knobs
+from shoal.core.config import ShoalConfig, choices_of, env_name, flag_name, knob_type, knobs
 
 __all__ = [
     "add_arguments",
@@ -151,9 +151,7 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _knob_base_type(f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(ShoalConfig)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    return knob_type(f)[0]
 
 
 def _knob_metavar(f: dataclasses.Field, base: type) -> str:
@@ -179,8 +177,8 @@ def _knob_options(parser: argparse.ArgumentParser) -> None:
                                default=None, help=help_text)
             continue
         group.add_argument(flag_name(f.name), dest=f.name, type=base, default=None,
-                           choices=f.metadata.get("choices"), metavar=_knob_metavar(f, base)
-                           if not f.metadata.get("choices") else None, help=help_text)
+                           choices=choices_of(f), metavar=_knob_metavar(f, base)
+                           if not choices_of(f) else None, help=help_text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

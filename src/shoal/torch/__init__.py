@@ -71,12 +71,12 @@ from shoal.torch.functions import (allgather, allreduce, alltoall, broadcast, gr
                                    grouped_reducescatter, reducescatter)
 from shoal.torch.comm_hook import comm_hook
 from shoal.torch.sync_batch_norm import SyncBatchNorm
-from shoal.torch.optimizer import (CrossBarrier, DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters,
-                                   cross_barrier)
+from shoal.torch.broadcast_state import broadcast_optimizer_state, broadcast_parameters
+from shoal.torch.optimizer import DistributedOptimizer
 
 __all__ = [
     "DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "Compression", "comm_hook",
-    "cross_barrier", "CrossBarrier", "SyncBatchNorm", "grouped_allgather", "grouped_allgather_async",
+    "SyncBatchNorm", "grouped_allgather", "grouped_allgather_async",
     "grouped_reducescatter", "grouped_reducescatter_async",
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank",
     "cross_size", "is_homogeneous", "ProcessSet", "global_process_set", "add_process_set",

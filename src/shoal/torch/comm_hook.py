@@ -18,7 +18,7 @@ from shoal.core import runtime
 from shoal.core.algorithms import ReduceContext, get_algorithm
 from shoal.core.checks import FiniteCheck, NonFiniteReport, apply_nan_policy, make_finite_check
 from shoal.core.compression import resolve_compression
-from shoal.core.negotiation import check_registration
+from shoal.core.registration import check_registration
 
 __all__ = ["comm_hook", "CommHookState", "allreduce_hook"]
 
@@ -98,7 +98,7 @@ def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None
     comp = resolve_compression(compression) or cfg.compression
     hier = hierarchical or cfg.hierarchical
     count = int(num_streams or cfg.num_streams)
-    # Registration check (shoal.core.negotiation), one 16-byte allreduce: the names, shapes and dtypes when
+    # Registration check (shoal.core.registration), one 16-byte allreduce: the names, shapes and dtypes when
     # given, and always the settings that decide which collectives run: the NaN policy (a rank without the
     # check would leave its peers waiting in the flag allreduce), the stream count (the stream groups are
     # created next, collectively: ranks asking for different counts would hang there), the wire format

@@ -1,14 +1,15 @@
 """``shoal.torch.join()``: uneven inputs, with Horovod's semantics.
 
 The mechanism (rounds of zero-gradient steps, the "joined" flag in the per-step negotiation, who joined
-last) lives in :func:`shoal.core.negotiation.join`; this is the PyTorch spelling of it.
+last) lives in :func:`shoal.core.join.join`; this is the PyTorch spelling of it.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from shoal.core import negotiation, runtime
+from shoal.core import join as _join
+from shoal.core import runtime
 
 __all__ = ["join"]
 
@@ -50,4 +51,4 @@ def join(device: int = -1, process_set: Optional[runtime.ProcessSet] = None) -> 
         >>> hvd.broadcast_parameters(model.state_dict(), root_rank=last)
     """
     del device  # the zeros are the optimizers' own (zeroed) buffers
-    return negotiation.join(process_set)
+    return _join.join(process_set)
