@@ -14,9 +14,13 @@ Design constraints:
    lists; callers convert what they need. A value JSON cannot encode is a ``TypeError`` on the sending
    rank before anything moves (raised inside the exchange would leave the peers waiting).
 3. The same group semantics as torch's object collectives: every member calls, in the same order.
+4. The byte transport (:func:`allgather_bytes`, :func:`broadcast_bytes`) is separate from the JSON on top of
+   it, so that a caller with its own encoding decodes each member's bytes itself and can name the member
+   whose bytes it refuses.
 
 What lives elsewhere: the user API's object collectives (``broadcast_object`` / ``allgather_object`` in
-:mod:`shoal.core.collectives`), which keep Horovod's pickle semantics for users who trust every rank.
+:mod:`shoal.core.collectives`), which move their bytes through this transport: pickle for users who trust
+every rank (Horovod's semantics), or the pickle-free encoding of :mod:`shoal.core.plain`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["encode", "decode", "allgather_json", "broadcast_json"]
+__all__ = ["encode", "decode", "allgather_json", "broadcast_json", "allgather_bytes", "broadcast_bytes"]
 
 
 def encode(value: Any) -> bytes:
@@ -54,6 +58,56 @@ def _device(group: Optional[dist.ProcessGroup], device: Optional[torch.device]) 
     return torch.device("cpu")
 
 
+def allgather_bytes(data: bytes, group: Optional[dist.ProcessGroup] = None,
+                    device: Optional[torch.device] = None) -> list[bytes]:
+    """Every member's ``data``, in the group's rank order: the transport under :func:`allgather_json`
+    (constraint 1). The bytes are moved, never interpreted: decoding them is the caller's business.
+
+    Args:
+        data: this member's bytes (any length, also empty).
+        group: the process group (default: the world).
+        device: where the tensors live (default: the group's device: CUDA under NCCL, else CPU).
+
+    Example:
+        >>> payloads = allgather_bytes(json.dumps(x).encode())
+    """
+    dev = _device(group, device)
+    n = dist.get_world_size(group)
+    sizes = torch.zeros(n, dtype=torch.int64, device=dev)
+    dist.all_gather_into_tensor(sizes, torch.tensor([len(data)], dtype=torch.int64, device=dev), group=group)
+    lengths = sizes.tolist()
+    width = max(max(lengths) if lengths else 0, 1)
+    mine = torch.zeros(width, dtype=torch.uint8)
+    if data:
+        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    out = torch.empty(n * width, dtype=torch.uint8, device=dev)
+    dist.all_gather_into_tensor(out, mine.to(dev), group=group)
+    rows = out.view(n, width).cpu()
+    return [rows[i, :lengths[i]].numpy().tobytes() for i in range(n)]
+
+
+def broadcast_bytes(data: bytes, src: int, group: Optional[dist.ProcessGroup] = None,
+                    device: Optional[torch.device] = None) -> bytes:
+    """``src``'s ``data`` on every member (the transport under :func:`broadcast_json`); ``src`` is a global
+    rank, as in ``dist.broadcast``; ``data`` is ignored elsewhere.
+
+    Example:
+        >>> blob = broadcast_bytes(blob if rank == 0 else b"", src=0)
+    """
+    dev = _device(group, device)
+    if dist.get_rank() != src:
+        data = b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    dist.broadcast(size, src=src, group=group)
+    length = int(size.item())
+    buf = torch.zeros(max(length, 1), dtype=torch.uint8)
+    if data:
+        buf[:length] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = buf.to(dev)
+    dist.broadcast(buf, src=src, group=group)
+    return buf[:length].cpu().numpy().tobytes()
+
+
 def allgather_json(value: Any, group: Optional[dist.ProcessGroup] = None,
                    device: Optional[torch.device] = None) -> list[Any]:
     """Every member's ``value``, in the group's rank order (constraint 1).
@@ -70,20 +124,7 @@ def allgather_json(value: Any, group: Optional[dist.ProcessGroup] = None,
     Example:
         >>> hosts = allgather_json(socket.gethostname())
     """
-    data = encode(value)
-    dev = _device(group, device)
-    n = dist.get_world_size(group)
-    sizes = torch.zeros(n, dtype=torch.int64, device=dev)
-    dist.all_gather_into_tensor(sizes, torch.tensor([len(data)], dtype=torch.int64, device=dev), group=group)
-    lengths = sizes.tolist()
-    width = max(lengths) if lengths else 0
-    mine = torch.zeros(max(width, 1), dtype=torch.uint8)
-    if data:
-        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    out = torch.empty(n * max(width, 1), dtype=torch.uint8, device=dev)
-    dist.all_gather_into_tensor(out, mine.to(dev), group=group)
-    rows = out.view(n, max(width, 1)).cpu()
-    return [decode(rows[i, :lengths[i]].numpy().tobytes()) for i in range(n)]
+    return [decode(data) for data in allgather_bytes(encode(value), group, device)]
 
 
 def broadcast_json(value: Any, src: int, group: Optional[dist.ProcessGroup] = None,
@@ -99,14 +140,5 @@ def broadcast_json(value: Any, src: int, group: Optional[dist.ProcessGroup] = No
     Example:
         >>> order = broadcast_json(order if rank == 0 else None, src=0)
     """
-    dev = _device(group, device)
     data = encode(value) if dist.get_rank() == src else b""
-    size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
-    dist.broadcast(size, src=src, group=group)
-    length = int(size.item())
-    buf = torch.zeros(max(length, 1), dtype=torch.uint8)
-    if data:
-        buf[:length] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    buf = buf.to(dev)
-    dist.broadcast(buf, src=src, group=group)
-    return decode(buf[:length].cpu().numpy().tobytes())
+    return decode(broadcast_bytes(data, src, group, device))
