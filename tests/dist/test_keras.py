@@ -32,7 +32,8 @@ What each case proves:
   compression): the first apply raises the same MismatchError on both ranks instead of hanging (torch
   backend only: the check is host code, the same under every backend); variable paths that differ
   (Keras numbers layers per process) are not a mismatch.
-- collectives on backend tensors, eager and inside the backend's compiled function.
+- collectives on backend tensors, eager and inside the backend's compiled function; a Python list is
+  accepted, a value that is no tensor (on one rank) fails both ranks with Shoal's errors.
 
 Tolerances. fp32: the distributed gradient is ``(mean(half0) + mean(half1)) / 2``, the reference one
 ``mean(half0 ++ half1)``: the same sum in another order, a few ulps per element; after 4 SGD steps with
@@ -191,6 +192,14 @@ def _rank_checks() -> dict:
         hvd.allgather(keras.ops.convert_to_tensor(np.full((r + 1, 2), r, "float32")))).tolist()
     out["broadcast"] = keras.ops.convert_to_numpy(hvd.broadcast(t, root_rank=1)).tolist()
     out["compiled_allreduce"] = _compiled_allreduce(backend, hvd, t)
+    # a Python list becomes a backend tensor (as Horovod's tf.constant); a value that cannot become one,
+    # on rank 1 only, fails both ranks at once with Shoal's errors (rank 0 learns it from the exchange)
+    out["allreduce_list"] = keras.ops.convert_to_numpy(hvd.allreduce([1.0, 2.0 * r], op=hvd.Sum)).tolist()
+    try:
+        hvd.allreduce({"loss": 1.0} if r == 1 else t, name="bad", op=hvd.Sum)
+        out["bad_value"] = "no error"
+    except Exception as exc:  # noqa: BLE001 (each rank reports what it raised)
+        out["bad_value"] = f"{type(exc).__name__}: {exc}"
 
     if backend == "tensorflow":
         out.update(_tf_jit_checks(keras, hvd, xl, yl))
@@ -340,6 +349,10 @@ def test_keras_fit_matches_single_process(backend):
     assert r0["allgather"] == r1["allgather"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
     assert r0["broadcast"] == r1["broadcast"] == [2.0] * 3
     assert r0["compiled_allreduce"] == r1["compiled_allreduce"] == [6.0] * 3
+    assert r0["allreduce_list"] == r1["allreduce_list"] == [2.0, 2.0]
+    assert r1["bad_value"].startswith("TypeError") and "allreduce of 'bad'" in r1["bad_value"], r1["bad_value"]
+    assert "got dict" in r1["bad_value"] and "HINT" in r1["bad_value"], r1["bad_value"]
+    assert r0["bad_value"].startswith("MismatchError") and "rank 1 rejected" in r0["bad_value"], r0["bad_value"]
 
     # freezing: a second reducer for the smaller set, hooks re-registered for it (torch), and the first
     # reducer reused, clean, after unfreezing. Hooked gradients (torch): every step but the first of each

@@ -13,15 +13,22 @@ Design constraints:
 2. Fail loudly, never hang, never return garbage. torch.distributed matches collectives by call order and
    trusts the caller's shapes: a shape mismatch returns garbage or hangs until the process-group timeout.
    So before each call (``check_collectives``, on by default) the members exchange one fixed-size int64
-   signature (collective, op, dtype, shape, name hash, root, device) with ONE ``all_gather``; on any
+   signature (collective, op, dtype, shape, name hash, root, device, object encoding) with ONE ``all_gather``; on any
    difference every member raises :class:`~shoal.core.errors.MismatchError` with the same message. The
    slow path (a second exchange with full descriptions, to write that message) runs only on failure.
    Cost, measured on an allreduce of 256 floats in a world of one: 175 us with the check vs 49 us without
    on an H200 over NCCL (torch 2.11; the check also syncs the host), 247 vs 83 us on gloo/CPU (torch 2.13,
    2-core machine). Scripts known to be good can set ``SHOAL_CHECK_COLLECTIVES=0``; the gradient engine
    does not go through these functions.
-3. A rank whose own arguments are wrong (splits that do not add up, a root outside the set) still takes
-   part in the exchange with an error flag, so its peers raise at once instead of waiting for a timeout.
+3. A rank whose own arguments are wrong (a list or numpy array for a tensor, ``name=123``, an op Shoal
+   cannot honour, splits that do not add up, a root outside the set, an object that cannot be encoded)
+   still takes part in the exchange with an error flag, so its peers raise at once instead of waiting for
+   a timeout: it raises its own ``TypeError`` / ``ValueError`` (naming the collective and the argument,
+   with a HINT), they a :class:`~shoal.core.errors.MismatchError` naming it in ``culprit_ranks``. Every
+   argument is checked before the exchange, none after. A ``process_set`` that is not a ``ProcessSet`` at
+   all has no group of its own: that rank flags its error in an exchange on the global set, the one group
+   every rank has. (Two checks still raise at once, with no exchange, because the rank has no group to
+   join: a call before ``init``, and a call on a set that is unregistered or does not include the rank.)
 4. Same order on every rank. Names are checked, not used for matching (Horovod negotiated by name).
    Generated names number the calls on each process set (``allreduce.3``: the 4th collective on that
    set), one counter per set rather than per collective, so that they stay aligned across ranks even
@@ -43,9 +50,20 @@ Design constraints:
    error then names each missing member and what it is in: another collective (by its name), a training
    step (those write their record after 1 s of waiting), or none ("never reached a collective (busy or
    hung outside Shoal)").
+8. Nothing a peer sends is unpickled on an internal path: signatures and sizes travel as int64 tensors,
+   the slow path's descriptions as JSON (:mod:`shoal.core.exchange`), each member's checked before use. Only
+   the object collectives in their default mode unpickle, because that is what the user asked for
+   (Horovod's ``broadcast_object``); ``trusted=False`` carries plain data without pickle
+   (:mod:`shoal.core.plain`), and every member must pass the same mode (it is part of the signature).
 
 Numerics:
 
+* ``op`` takes Horovod's constants (``hvd.Sum``, or their integer values, as Horovod's C++ core does) and
+  torch.distributed's ops with their torch meaning: ``ReduceOp.SUM`` / ``AVG`` / ``MIN`` / ``MAX`` /
+  ``PRODUCT`` (and ``ReduceOp.RedOpType`` members). Their integer values are not Horovod's (torch's SUM is
+  0, Horovod's Average), so they are recognized by type, never converted by value. ``BAND``, ``BOR``,
+  ``BXOR`` and ``PREMUL_SUM`` are refused with a HINT (NCCL has no bitwise reduction; a pre-multiplied sum
+  is ``prescale_factor`` with ``Sum``). Names as strings are refused, as in Horovod.
 * ``Average`` = sum, then divide by the process-set size. Integer tensors keep their dtype and are
   floor-divided, as Horovod's torch frontend does (``floor_divide``); bool supports only ``Min``/``Max``.
 * ``prescale_factor`` multiplies before the reduction and ``postscale_factor`` after it (integers: computed in
@@ -63,20 +81,22 @@ Glossary:
 from __future__ import annotations
 
 import contextlib
-import enum
 import hashlib
 import logging
 import math
-import warnings
+import numbers
+import operator
+import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
-from . import runtime, stall
+from . import exchange, plain, runtime, stall
 from .algorithms import start_allreduce
 from .errors import MismatchError, NotInitializedError, RankFailureError, ShoalError
+from .ops import Adasum, Average, Max, Min, Product, ReduceOp, Sum, resolve_op
 from .runtime import ProcessSet
 
 __all__ = [
@@ -120,25 +140,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class ReduceOp(enum.IntEnum):
-    """How allreduce/reducescatter combine tensors. Values are Horovod's, so ``hvd.Sum == 1`` still holds."""
-
-    Average = 0
-    Sum = 1
-    #: Horovod's adaptive summation; not implemented here (raises with a HINT).
-    Adasum = 2
-    Min = 3
-    Max = 4
-    Product = 5
-
-
-Average = ReduceOp.Average
-Sum = ReduceOp.Sum
-Adasum = ReduceOp.Adasum
-Min = ReduceOp.Min
-Max = ReduceOp.Max
-Product = ReduceOp.Product
-
 _TORCH_OPS = {
     ReduceOp.Average: dist.ReduceOp.SUM,  # sum on the wire, divide after (works on every backend)
     ReduceOp.Sum: dist.ReduceOp.SUM,
@@ -167,12 +168,14 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.ui
 _MAGIC = 0x53484F414C7631
 
 (_F_MAGIC, _F_KIND, _F_OP, _F_DTYPE, _F_NDIM, _F_DIM0, _F_REST, _F_NAME, _F_ROOT, _F_COUNT, _F_DEVICE,
- _F_ERROR) = range(12)
-_SIG_LEN = 12
+ _F_ERROR, _F_MODE) = range(13)
+_SIG_LEN = 13
 #: Human names of the compared fields, in the order they are reported.
 _FIELD_NAMES = {_F_KIND: "collective", _F_NAME: "name", _F_OP: "op", _F_DTYPE: "dtype", _F_NDIM: "shape",
                 _F_DIM0: "shape", _F_REST: "shape", _F_ROOT: "root rank", _F_COUNT: "tensor count or splits",
-                _F_DEVICE: "device"}
+                _F_DEVICE: "device", _F_MODE: "trusted"}
+#: The object collectives' encodings (the _F_MODE field; 0 for every other collective).
+_MODE_PICKLE, _MODE_PLAIN = 1, 2
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -215,6 +218,8 @@ class _Call:
     error: Optional[BaseException] = None
     #: The call's number on its process set (constraint 4): where the stall inspector places it.
     seq: int = 0
+    #: Object collectives: _MODE_PICKLE or _MODE_PLAIN (constraint 8).
+    mode: int = 0
 
     @property
     def label(self) -> str:
@@ -242,6 +247,7 @@ class _Call:
         sig[_F_COUNT] = self.count
         sig[_F_DEVICE] = {"": 0, "cpu": 1, "cuda": 2}.get(self.device, 3)
         sig[_F_ERROR] = 1 if self.error is not None else 0
+        sig[_F_MODE] = self.mode
         return sig
 
     def describe(self) -> dict:
@@ -261,6 +267,8 @@ class _Call:
             parts.append("splits given" if self.count else "even splits")
         if self.device and self.device != "cpu":
             parts.append(f"on {self.device}")
+        if self.mode:
+            parts.append("trusted=True (pickle)" if self.mode == _MODE_PICKLE else "trusted=False (plain data)")
         return {
             "label": self.label,
             "text": f"{self.label}: {', '.join(parts)}" if parts else self.label,
@@ -273,10 +281,42 @@ class _Call:
 _counters: dict[Optional[int], int] = {}
 
 
-def _begin(kind: str, name: Optional[str], process_set: _ProcessSetArg) -> _Call:
-    """Checks shared by every collective: initialized, registered set, caller is a member; the name."""
+def _brief(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _a(value: Any) -> str:
+    """``value``'s type with its article: "a list", "an int"."""
+    name = _type_name(value)
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _begin(kind: str, name: Any, process_set: Any) -> _Call:
+    """Checks shared by every collective: initialized, registered set, caller is a member; the name.
+
+    A ``process_set`` or ``name`` of the wrong type becomes the call's flagged error (constraint 3): the
+    call goes on, on the global set and with a generated name, so that its exchange tells the peers."""
     if not runtime.is_initialized():
         raise NotInitializedError(kind)
+    error: Optional[BaseException] = None
+    if process_set is not None and not isinstance(process_set, ProcessSet):
+        error = TypeError(
+            f"shoal: {kind}: process_set={_brief(process_set)} is {_a(process_set)}, not a "
+            "ProcessSet. HINT: pass the set that hvd.add_process_set([...]) returned, or None (every rank).")
+        process_set = None
+    if name is not None and not isinstance(name, str):
+        error = error or TypeError(
+            f"shoal: {kind}: name={_brief(name)} is {_a(name)}, not a str. HINT: pass a string "
+            "(name=f\"loss.{step}\"), or leave it out; names label the call in errors and are compared "
+            "across ranks.")
+        name = None
     ps = runtime.get_process_set(process_set)
     me = dist.get_rank()
     key = ps.process_set_id
@@ -289,7 +329,7 @@ def _begin(kind: str, name: Optional[str], process_set: _ProcessSetArg) -> _Call
             "`if process_set.included():`.")
     # Counted whether or not a name is given, so that generated names stay aligned across ranks.
     _counters[key] = count + 1
-    return _Call(kind=kind, name=name if name is not None else f"{kind}.{count}", ps=ps, seq=count)
+    return _Call(kind=kind, name=name if name is not None else f"{kind}.{count}", ps=ps, seq=count, error=error)
 
 
 @contextlib.contextmanager
@@ -335,8 +375,13 @@ def _negotiate(call: _Call) -> Optional[list[list[int]]]:
     n = len(ps.ranks)
     mine = torch.tensor(call.signature(), dtype=torch.int64, device=_ctl_device())
     gathered = torch.empty(n * _SIG_LEN, dtype=torch.int64, device=_ctl_device())
-    with _converting(call):
-        _all_gather_single(gathered, mine, group=ps.group)
+    try:
+        with _converting(call):
+            _all_gather_single(gathered, mine, group=ps.group)
+    except RankFailureError as exc:
+        if call.error is not None:  # this rank's own arguments are what to fix first
+            raise call.error from exc
+        raise
     # One host copy, then plain Python: comparing columns with torch ops cost ~0.2 ms per call (profiled).
     rows = gathered.view(n, _SIG_LEN).tolist()
     first = rows[0]
@@ -348,7 +393,8 @@ def _negotiate(call: _Call) -> Optional[list[list[int]]]:
             "checked Shoal collective at this point (they ran another torch.distributed call, or "
             "check_collectives differs across ranks). HINT: set SHOAL_CHECK_COLLECTIVES the same on every "
             "rank and call the same collectives in the same order.")
-    compared = [_F_KIND, _F_NAME, _F_OP, _F_DTYPE, _F_NDIM, _F_DIM0, _F_REST, _F_ROOT, _F_COUNT, _F_DEVICE]
+    compared = [_F_KIND, _F_NAME, _F_OP, _F_DTYPE, _F_NDIM, _F_DIM0, _F_REST, _F_ROOT, _F_COUNT, _F_DEVICE,
+                _F_MODE]
     if call.kind in _RAGGED_KINDS and all(row[_F_KIND] == first[_F_KIND] for row in rows):
         compared.remove(_F_DIM0)
     differing = [c for c in compared if any(row[c] != first[c] for row in rows)]
@@ -357,12 +403,31 @@ def _negotiate(call: _Call) -> Optional[list[list[int]]]:
         return rows
     log.debug("shoal: %s: signatures differ in fields %s or a rank rejected it; gathering details",
               call.label, differing)
-    details: list[Any] = [None] * n
+    # JSON, never pickle (constraint 8); each member's description is checked before the message uses it.
     with _converting(call):
-        dist.all_gather_object(details, call.describe(), group=ps.group)
+        payloads = exchange.allgather_bytes(exchange.encode(call.describe()), group=ps.group,
+                                            device=_ctl_device())
+    details = [_read_description(data) for data in payloads]
     if call.error is not None:
         raise call.error
-    raise MismatchError(_mismatch_message(ps.ranks, details, differing))
+    rejecting = [r for r, row in zip(ps.ranks, rows) if row[_F_ERROR]]
+    raise MismatchError(_mismatch_message(ps.ranks, details, differing), culprit_ranks=rejecting)
+
+
+def _read_description(data: bytes) -> dict:
+    """A member's :meth:`_Call.describe`, from its JSON; a stand-in when it is not one (a peer's bytes are
+    data: they may be anything, and must not break the message every rank builds from them)."""
+    try:
+        d = exchange.decode(data)
+    except (ValueError, RecursionError):
+        d = None
+    if (type(d) is dict and type(d.get("label")) is str and type(d.get("text")) is str
+            and (d.get("error") is None or type(d["error"]) is str) and type(d.get("entries")) is list
+            and all(type(e) is list and len(e) == 2 and type(e[0]) is str and type(e[1]) is list
+                    for e in d["entries"])):
+        return d
+    return {"label": "(unreadable)", "text": "sent a description that is not Shoal's", "entries": [],
+            "error": None}
 
 
 def _format_ranks(ranks: Sequence[int]) -> str:
@@ -500,36 +565,33 @@ def _done_handle(call: _Call, value: Any) -> Handle:
 # Shared helpers for reductions
 # ---------------------------------------------------------------------------------------------------------
 
-def _resolve_op(op: Any, average: Optional[bool]) -> ReduceOp:
-    if op is not None and average is not None:
-        raise ValueError("shoal: pass op= or the deprecated average=, not both. HINT: use op=hvd.Average "
-                         "or op=hvd.Sum.")
-    if op is None:
-        if average is not None:
-            warnings.warn("average= is deprecated (as in Horovod); use op=Average or op=Sum",
-                          DeprecationWarning, stacklevel=4)
-        return ReduceOp.Average if average is None or average else ReduceOp.Sum
-    try:
-        resolved = ReduceOp(op)
-    except ValueError:
-        raise ValueError(f"shoal: unknown reduce op {op!r}. HINT: use one of hvd.Average, hvd.Sum, "
-                         "hvd.Min, hvd.Max, hvd.Product.") from None
-    if resolved is ReduceOp.Adasum:
-        raise NotImplementedError("shoal: Adasum is not implemented. HINT: use op=hvd.Average (the usual "
-                                  "data-parallel reduction) or op=hvd.Sum.")
-    return resolved
-
-
-def _check_tensor(call: _Call, tensor: Any, min_ndim: int = 0) -> None:
+def _check_tensor(call: _Call, tensor: Any, min_ndim: int = 0, arg: str = "tensor") -> None:
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"shoal: {call.label} needs a torch.Tensor, got {type(tensor).__name__}. "
+        raise TypeError(f"shoal: {call.label}: {arg} must be a torch.Tensor, got {_type_name(tensor)}. "
                         "HINT: wrap the value with torch.as_tensor(...).")
     if tensor.layout != torch.strided:
-        raise ValueError(f"shoal: {call.label}: {tensor.layout} tensors are not supported. "
+        raise ValueError(f"shoal: {call.label}: {arg} is a {tensor.layout} tensor, which is not supported. "
                          "HINT: reduce tensor.to_dense(), or allgather the indices and values.")
     if tensor.dim() < min_ndim:
         raise ValueError(f"shoal: {call.label} needs a tensor with at least one dimension (it works on the "
                          "first one), got a 0-d tensor. HINT: pass tensor.reshape(1).")
+
+
+def _check_factor(call: _Call, value: Any, arg: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"shoal: {call.label}: {arg}={_brief(value)} is {_a(value)}, not a number. "
+                        f"HINT: pass a float, e.g. {arg}=1.0 / hvd.size() (float(t) for a 0-d tensor).")
+    if not math.isfinite(value):
+        raise ValueError(f"shoal: {call.label}: {arg}={value} is not finite. HINT: pass a finite float.")
+    return float(value)
+
+
+def _tensor_list(call: _Call, tensors: Any) -> list:
+    """``tensors`` of a grouped call as a list (each element is checked by the caller)."""
+    if isinstance(tensors, (torch.Tensor, str, bytes, Mapping)) or not isinstance(tensors, Iterable):
+        raise TypeError(f"shoal: {call.label}: tensors must be a list or tuple of torch.Tensors, got "
+                        f"{_type_name(tensors)}. HINT: wrap a single tensor in a list: [t].")
+    return list(tensors)
 
 
 def _check_reducible(call: _Call, dtype: torch.dtype, op: ReduceOp) -> None:
@@ -580,8 +642,10 @@ def _start_allreduce(tensor: torch.Tensor, average: Optional[bool], name: Option
     with _deferred(call):
         _check_tensor(call, tensor)
         call.dtype, call.shape, call.device = tensor.dtype, tuple(tensor.shape), tensor.device.type
-        call.op = _resolve_op(op, average)
+        call.op = resolve_op(op, average, call.label)
         _check_reducible(call, tensor.dtype, call.op)
+        prescale_factor = _check_factor(call, prescale_factor, "prescale_factor")
+        postscale_factor = _check_factor(call, postscale_factor, "postscale_factor")
     _negotiate(call)
     rop, n = call.op, len(call.ps.ranks)
     with torch.no_grad():
@@ -667,16 +731,18 @@ def _start_grouped(tensors: Sequence[torch.Tensor], average: Optional[bool], nam
                    prescale_factor: float, postscale_factor: float, process_set: _ProcessSetArg,
                    inplace: bool) -> Handle:
     call = _begin("grouped_allreduce", name, process_set)
-    tensors = list(tensors)
     with _deferred(call):
+        tensors = _tensor_list(call, tensors)
         call.count = len(tensors)
-        for t in tensors:
-            _check_tensor(call, t)
+        for i, t in enumerate(tensors):
+            _check_tensor(call, t, arg=f"tensors[{i}]")
         call.entries = tuple((t.dtype, tuple(t.shape)) for t in tensors)
         call.device = tensors[0].device.type if tensors else ""
-        call.op = _resolve_op(op, average)
+        call.op = resolve_op(op, average, call.label)
         for t in tensors:
             _check_reducible(call, t.dtype, call.op)
+        prescale_factor = _check_factor(call, prescale_factor, "prescale_factor")
+        postscale_factor = _check_factor(call, postscale_factor, "postscale_factor")
     _negotiate(call)
     rop, n = call.op, len(call.ps.ranks)
     buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
@@ -819,8 +885,20 @@ def allgather(tensor: torch.Tensor, name: Optional[str] = None,
 # broadcast
 # ---------------------------------------------------------------------------------------------------------
 
+def _as_int(value: Any) -> int:
+    """An integer argument: ints, numpy integers, integer 0-d tensors (``operator.index``); not bools, not
+    floats (``int(2.7)`` would truncate silently). TypeError otherwise."""
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a count or a rank")
+    return operator.index(value)
+
+
 def _check_root(call: _Call, root_rank: Any) -> int:
-    root = int(root_rank)
+    try:
+        root = _as_int(root_rank)
+    except TypeError:
+        raise TypeError(f"shoal: {call.label}: root_rank={_brief(root_rank)} is {_a(root_rank)}, "
+                        "not an integer rank. HINT: pass a global rank such as root_rank=0.") from None
     if root not in call.ps.ranks:
         raise ValueError(f"shoal: {call.label}: root_rank {root} is not in process set {list(call.ps.ranks)}. "
                          "HINT: root_rank is a global rank (as in Horovod) and must belong to the set.")
@@ -831,10 +909,9 @@ def _start_broadcast(tensor: torch.Tensor, root_rank: int, name: Optional[str], 
                      inplace: bool) -> Handle:
     call = _begin("broadcast", name, process_set)
     with _deferred(call):
-        call.root = int(root_rank)
         _check_tensor(call, tensor)
         call.dtype, call.shape, call.device = tensor.dtype, tuple(tensor.shape), tensor.device.type
-        _check_root(call, root_rank)
+        call.root = _check_root(call, root_rank)
     _negotiate(call)
     src = tensor.detach()
     buf = src if inplace and src.is_contiguous() else _wire_copy(src, src.dtype)
@@ -896,13 +973,21 @@ def _split_sizes(call: _Call, splits: Any, dim0: int, n: int) -> list[int]:
                 f"({n}). HINT: pass splits=[rows for each rank], or pad the tensor.")
         return [dim0 // n] * n
     if isinstance(splits, torch.Tensor):
-        if splits.dim() != 1 or splits.is_floating_point():
+        if (splits.dim() != 1 or splits.is_floating_point() or splits.is_complex()
+                or splits.dtype == torch.bool):
             raise ValueError(f"shoal: {call.label}: splits must be a 1-d integer tensor, got "
                              f"{_short(splits.dtype)} {list(splits.shape)}. "
                              "HINT: torch.tensor([...], dtype=torch.int32).")
         sizes = [int(s) for s in splits.tolist()]
     else:
-        sizes = [int(s) for s in splits]
+        try:
+            if isinstance(splits, (str, bytes, Mapping)):
+                raise TypeError
+            sizes = [_as_int(s) for s in splits]
+        except TypeError:
+            raise TypeError(f"shoal: {call.label}: splits={_brief(splits)} must be a list of integers (rows "
+                            "for each member) or a 1-d integer tensor. HINT: splits=[2, 3], or "
+                            "torch.tensor([2, 3]).") from None
     if len(sizes) != n or any(s < 0 for s in sizes) or sum(sizes) != dim0:
         raise ValueError(
             f"shoal: {call.label}: splits {sizes} must have one non-negative entry per member of the process "
@@ -980,8 +1065,10 @@ def reducescatter_async(tensor: torch.Tensor, name: Optional[str] = None, op: An
     with _deferred(call):
         _check_tensor(call, tensor, min_ndim=1)
         call.dtype, call.shape, call.device = tensor.dtype, tuple(tensor.shape), tensor.device.type
-        call.op = _resolve_op(op, None)
+        call.op = resolve_op(op, None, call.label)
         _check_reducible(call, tensor.dtype, call.op)
+        prescale_factor = _check_factor(call, prescale_factor, "prescale_factor")
+        postscale_factor = _check_factor(call, postscale_factor, "postscale_factor")
     _negotiate(call)
     rop, ps, n = call.op, call.ps, len(call.ps.ranks)
     me = ps.ranks.index(dist.get_rank())
@@ -1045,6 +1132,27 @@ def _member_name(name: Optional[str], i: int) -> Optional[str]:
     return None if name is None else f"{name}.{i}"
 
 
+def _members(what: str, member: str, tensors: Any, name: Any, process_set: Any) -> list:
+    """The tensors of a grouped call as a list; on a bad ``tensors`` or ``name``, the rejection rides on
+    the first member's exchange (constraint 3), so that the peers' first member call raises at once."""
+    if not runtime.is_initialized():
+        raise NotInitializedError(what)
+    label = what if not isinstance(name, str) else f"{what} of '{name}'"
+    error: Optional[BaseException] = None
+    if name is not None and not isinstance(name, str):
+        error = TypeError(f"shoal: {what}: name={_brief(name)} is {_a(name)}, not a str. HINT: pass "
+                          "a string (member i is named f\"{name}.{i}\"), or leave it out.")
+    elif isinstance(tensors, (torch.Tensor, str, bytes, Mapping)) or not isinstance(tensors, Iterable):
+        error = TypeError(f"shoal: {label}: tensors must be a list or tuple of torch.Tensors, got "
+                          f"{_type_name(tensors)}. HINT: wrap a single tensor in a list: [t].")
+    if error is None:
+        return list(tensors)
+    call = _begin(member, _member_name(name if isinstance(name, str) else None, 0), process_set)
+    call.error = call.error or error
+    _negotiate(call)  # raises this rank's error (and, through the exchange, every peer's MismatchError)
+    raise error
+
+
 def grouped_allgather_async(tensors: Sequence[torch.Tensor], name: Optional[str] = None,
                             process_set: _ProcessSetArg = None) -> Handle:
     """Start :func:`allgather` of every tensor of ``tensors``; ``synchronize`` returns the list of results.
@@ -1053,8 +1161,7 @@ def grouped_allgather_async(tensors: Sequence[torch.Tensor], name: Optional[str]
     tensor. Example:
         >>> xs, ys = hvd.synchronize(hvd.grouped_allgather_async([x, y], name="batch"))
     """
-    if not runtime.is_initialized():
-        raise NotInitializedError("grouped_allgather")
+    tensors = _members("grouped_allgather", "allgather", tensors, name, process_set)
     return _grouped([allgather_async(t, _member_name(name, i), process_set) for i, t in enumerate(tensors)],
                     "grouped_allgather", name, process_set)
 
@@ -1069,8 +1176,7 @@ def grouped_reducescatter_async(tensors: Sequence[torch.Tensor], name: Optional[
                                 op: Any = ReduceOp.Average, process_set: _ProcessSetArg = None,
                                 prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> Handle:
     """Start :func:`reducescatter` of every tensor of ``tensors``; ``synchronize`` returns the list."""
-    if not runtime.is_initialized():
-        raise NotInitializedError("grouped_reducescatter")
+    tensors = _members("grouped_reducescatter", "reducescatter", tensors, name, process_set)
     return _grouped([reducescatter_async(t, _member_name(name, i), op, process_set, prescale_factor,
                                          postscale_factor) for i, t in enumerate(tensors)],
                     "grouped_reducescatter", name, process_set)
@@ -1097,42 +1203,130 @@ def barrier(process_set: _ProcessSetArg = None) -> None:
 
     With ``check_collectives`` on, the signature exchange is the barrier (an all_gather completes only when
     every member has contributed), and a member inside a different collective is reported.
+
+    Raises:
+        TypeError: ``process_set`` is not a ProcessSet (raised after the exchange on the global set, so that
+            the other ranks raise too; constraint 3).
     """
     call = _begin("barrier", None, process_set)
     if runtime.config().check_collectives:
         _negotiate(call)
         return
+    if call.error is not None:
+        raise call.error
     with _converting(call):
         dist.barrier(group=call.ps.group)
 
 
+def _object_mode(call: _Call, trusted: Any) -> int:
+    if not isinstance(trusted, bool):
+        raise TypeError(f"shoal: {call.label}: trusted={_brief(trusted)} must be True or False. HINT: "
+                        "trusted=False carries plain data without pickle.")
+    return _MODE_PICKLE if trusted else _MODE_PLAIN
+
+
+def _encode_object(call: _Call, obj: Any) -> bytes:
+    """``obj`` as bytes in the call's mode; TypeError/ValueError here are this rank's argument errors."""
+    if call.mode == _MODE_PLAIN:
+        return plain.encode(obj, what=f"{call.label}: the object")
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 (a __reduce__ may raise anything; it is this rank's argument)
+        raise TypeError(f"shoal: {call.label}: the object cannot be pickled ({type(exc).__name__}: {exc}). "
+                        "HINT: send plain data (a dict of numbers, strings, tensors).") from exc
+
+
+def _decode_object(call: _Call, data: bytes, sender: int) -> Any:
+    """A member's object from its bytes. Restricted mode: refused (never run) unless it is plain data."""
+    if call.mode == _MODE_PLAIN:
+        cuda = _ctl_device() if _ctl_device().type == "cuda" else None
+        try:
+            return plain.decode(data, cuda=cuda)
+        except ValueError as exc:
+            raise MismatchError(
+                f"shoal: {call.label} with trusted=False: rank {sender} sent bytes that are not Shoal's "
+                f"restricted encoding ({exc}); refused, nothing of them was run or unpickled. HINT: every "
+                f"member must call {call.kind}(..., trusted=False) with plain data; a rank that sends anything "
+                "else runs other code, or is not a rank of this job.", culprit_ranks=[sender]) from None
+    try:
+        return pickle.loads(data)
+    except Exception as exc:  # noqa: BLE001 (unpickling runs the sender's code: anything can fail)
+        raise MismatchError(
+            f"shoal: {call.label}: rank {sender}'s object cannot be unpickled on rank {dist.get_rank()} "
+            f"({type(exc).__name__}: {exc}). HINT: the object's classes must be importable on every rank; "
+            "or send plain data.", culprit_ranks=[sender]) from exc
+
+
 def broadcast_object(obj: Any, root_rank: int = 0, name: Optional[str] = None,
-                     process_set: _ProcessSetArg = None) -> Any:
-    """Return ``root_rank``'s picklable ``obj`` on every member (pickle: only for trusted peers).
+                     process_set: _ProcessSetArg = None, *, trusted: bool = True) -> Any:
+    """Return ``root_rank``'s ``obj`` on every member (Horovod's ``broadcast_object``).
+
+    Two modes, and every member must pass the same one (it is compared before anything moves):
+
+    * ``trusted=True`` (the default, Horovod's semantics): ``obj`` is pickled. Unpickling runs whatever
+      the root's bytes say, so this mode trusts every rank of the process set, and anything that can
+      reach the job's sockets.
+    * ``trusted=False``: plain data only (``None``, bools, numbers, strings, bytes, lists, tuples, dicts,
+      sets and strided tensors; :mod:`shoal.core.plain`), carried without pickle: a peer can at worst
+      send wrong data, and bytes that are not this encoding are refused.
+
+    Args:
+        obj: the object (used on the root only).
+        root_rank: a global rank (as in Horovod) that belongs to ``process_set``.
+        name: labels the call in errors.
+        trusted: see above.
+
+    Returns:
+        The root's object: on the root ``obj`` itself, elsewhere a copy.
+
+    Raises:
+        TypeError: on the root, ``obj`` cannot be pickled, or (``trusted=False``) holds a type that is not
+            plain data; every other member then raises MismatchError naming the root.
+        MismatchError: members disagree on the call (root, name, ``trusted``), or (``trusted=False``) the
+            root sent bytes that are not the restricted encoding (``culprit_ranks`` names it).
 
     Example:
         >>> start_epoch = hvd.broadcast_object(start_epoch, root_rank=0)
+        >>> cfg = hvd.broadcast_object(cfg, root_rank=0, trusted=False)   # a dict of plain values
     """
     call = _begin("broadcast_object", name, process_set)
+    data = b""
     with _deferred(call):
-        call.root = int(root_rank)
-        _check_root(call, root_rank)
+        call.mode = _object_mode(call, trusted)
+        call.root = _check_root(call, root_rank)
+        if dist.get_rank() == call.root:
+            data = _encode_object(call, obj)
     _negotiate(call)
-    box = [obj if dist.get_rank() == call.root else None]
     with _converting(call):
-        dist.broadcast_object_list(box, src=call.root, group=call.ps.group, device=_ctl_device())
-    return box[0]
+        data = exchange.broadcast_bytes(data, src=call.root, group=call.ps.group, device=_ctl_device())
+    if dist.get_rank() == call.root:
+        return obj
+    return _decode_object(call, data, call.root)
 
 
-def allgather_object(obj: Any, name: Optional[str] = None, process_set: _ProcessSetArg = None) -> list[Any]:
-    """Return the list of every member's picklable ``obj``, in rank order.
+def allgather_object(obj: Any, name: Optional[str] = None, process_set: _ProcessSetArg = None, *,
+                     trusted: bool = True) -> list[Any]:
+    """Return the list of every member's ``obj``, in rank order (Horovod's ``allgather_object``).
+
+    ``trusted`` as in :func:`broadcast_object`: True (default) pickles, and trusts every member;
+    False carries plain data only, without pickle.
+
+    Raises:
+        TypeError: ``obj`` cannot be pickled, or (``trusted=False``) is not plain data; the other members
+            then raise MismatchError naming this rank.
+        MismatchError: members disagree on the call (name, ``trusted``), or (``trusted=False``) a member
+            sent bytes that are not the restricted encoding (``culprit_ranks`` names it).
 
     Example:
         >>> counts = hvd.allgather_object(len(my_shard))
+        >>> stats = hvd.allgather_object({"loss": 0.3, "seen": 1024}, trusted=False)
     """
     call = _begin("allgather_object", name, process_set)
+    data = b""
+    with _deferred(call):
+        call.mode = _object_mode(call, trusted)
+        data = _encode_object(call, obj)
     _negotiate(call)
-    out: list[Any] = [None] * len(call.ps.ranks)
     with _converting(call):
-        dist.all_gather_object(out, obj, group=call.ps.group)
-    return out
+        payloads = exchange.allgather_bytes(data, group=call.ps.group, device=_ctl_device())
+    return [_decode_object(call, d, r) for r, d in zip(call.ps.ranks, payloads)]

@@ -7,6 +7,12 @@ function the call goes through the bridge's host call (``tf.py_function``, ``io_
 in ``tf.function`` and ``jax.jit`` too, except ``allgather`` under ``jax.jit`` (its output shape depends on
 the other ranks, and JAX needs it at trace time).
 
+Arguments: Python numbers, lists, tuples and numpy arrays become backend tensors first (Horovod's Keras
+functions take whatever ``tf.constant`` takes); a value that is not a tensor and cannot become one goes to
+the core as it is, which refuses it after its exchange, so that a bad value on one rank fails every rank
+at once (constraint 3 of :mod:`shoal.core.collectives`). No exchange here carries objects: only tensors,
+through the core.
+
 What lives elsewhere: the collectives themselves (:mod:`shoal.core.collectives`), gradient averaging
 (:mod:`shoal.keras.optimizer`).
 """
@@ -39,23 +45,38 @@ def _spec(x: Any) -> tuple[tuple[int, ...], str]:
     return tuple(int(d) for d in x.shape), keras.backend.standardize_dtype(x.dtype)
 
 
+def _backend_tensor(value: Any) -> Optional[Any]:
+    """``value`` as a backend tensor; None when it is not one and cannot become one (a dict, a string, a
+    ragged list): the caller then hands it to the core, which raises on every rank (constraint 3 there)."""
+    keras = _bridge.import_keras()
+    x = _value(value)
+    if isinstance(x, (bool, int, float, list, tuple, np.ndarray, np.generic)):
+        try:
+            x = keras.ops.convert_to_tensor(x)
+        except (TypeError, ValueError):  # ragged or mixed lists: TF says ValueError, JAX/numpy TypeError
+            return None
+    return x if hasattr(x, "shape") and hasattr(x, "dtype") else None
+
+
 def allreduce(value: Any, name: Optional[str] = None, op: Any = None, average: Optional[bool] = None,
               prescale_factor: float = 1.0, postscale_factor: float = 1.0,
               process_set: Optional[runtime.ProcessSet] = None) -> Any:
     """Reduce a backend tensor (or a keras.Variable's value) across ranks; returns a new backend tensor.
 
     Args:
-        value: a TF / JAX / torch tensor, numpy array or ``keras.Variable``; same shape and dtype everywhere.
-        op: ``Average`` (default), ``Sum``, ``Min``, ``Max``, ``Product``.
+        value: a TF / JAX / torch tensor, numpy array, Python number or (nested) list, or ``keras.Variable``;
+            same shape and dtype everywhere.
+        op: ``Average`` (default), ``Sum``, ``Min``, ``Max``, ``Product`` (or torch.distributed's ops).
         average: Horovod's deprecated spelling of ``op`` (True = Average, False = Sum).
 
     Example:
         >>> mean_loss = hvd.allreduce(loss, name="loss")
     """
     keras = _bridge.import_keras()
-    x = _value(value)
-    if isinstance(x, (int, float, np.ndarray, np.generic)):
-        x = keras.ops.convert_to_tensor(x)
+    x = _backend_tensor(value)
+    if x is None:
+        return _coll.allreduce(value, average=average, name=name, op=op, prescale_factor=prescale_factor,
+                               postscale_factor=postscale_factor, process_set=process_set)
 
     def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
         return [_coll.allreduce(ts[0].to(runtime.device()), average=average, name=name, op=op,
@@ -77,9 +98,9 @@ def allgather(value: Any, name: Optional[str] = None,
     """
     keras = _bridge.import_keras()
     backend = keras.backend.backend()
-    x = _value(value)
-    if isinstance(x, (int, float, np.ndarray, np.generic)):
-        x = keras.ops.convert_to_tensor(x)
+    x = _backend_tensor(value)
+    if x is None:
+        return _coll.allgather(value, name=name, process_set=process_set)
     if backend == "jax" and _bridge.is_symbolic(x):
         raise ShoalError("shoal: allgather inside jax.jit: its first dimension depends on the other ranks, "
                          "and JAX needs output shapes at trace time. HINT: call it outside jit (e.g. in a "
@@ -100,9 +121,9 @@ def broadcast(value: Any, root_rank: int, name: Optional[str] = None,
         >>> w0 = hvd.broadcast(w, root_rank=0)
     """
     keras = _bridge.import_keras()
-    x = _value(value)
-    if isinstance(x, (int, float, np.ndarray, np.generic)):
-        x = keras.ops.convert_to_tensor(x)
+    x = _backend_tensor(value)
+    if x is None:
+        return _coll.broadcast(value, root_rank, name=name, process_set=process_set)
 
     def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
         return [_coll.broadcast(ts[0].to(runtime.device()), root_rank, name=name,

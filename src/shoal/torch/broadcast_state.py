@@ -9,8 +9,8 @@ Design constraints:
    optimizer also its class and its parameter groups) with the registration check
    (:func:`shoal.core.registration.check_registration`: one 16-byte allreduce; the lists travel only on a
    mismatch). Skipped with ``check_collectives`` off, like every other check of the collectives.
-2. Nothing a peer sends is unpickled: an optimizer's state travels as a JSON skeleton plus its tensors'
-   bytes (:func:`shoal.core.exchange.broadcast_tree`).
+2. Nothing a peer sends is unpickled: an optimizer's state travels in the object collectives' restricted
+   mode (``trusted=False``, :mod:`shoal.core.plain`: a JSON skeleton plus the tensors' bytes).
 3. Parameters marked no-sync (a class-sharded classifier's weight, :mod:`shoal.core.no_sync`) are never
    broadcast, nor their optimizer state: every rank keeps its own shard.
 
@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from shoal.core import collectives, exchange, runtime
+from shoal.core import collectives, runtime
 from shoal.core.errors import MismatchError
 from shoal.core.no_sync import no_sync_matcher
 from shoal.core.registration import check_registration
@@ -160,7 +160,8 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
         sd = inner.state_dict()
         sent = {"state": {k: v for k, v in sd["state"].items() if k not in local},
                 "param_groups": sd["param_groups"]}
-    received = exchange.broadcast_tree(sent, root_rank, group=ps.group)
+    received = collectives.broadcast_object(sent, root_rank, name="broadcast_optimizer_state", process_set=ps,
+                                            trusted=False)
     if runtime.rank() == root_rank:
         return
     kept = {i: inner.state[params[i]] for i in local if params[i] in inner.state}
