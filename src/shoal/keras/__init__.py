@@ -78,3 +78,7 @@ __all__ = [
     "cross_size", "is_homogeneous", "ProcessSet", "global_process_set", "add_process_set",
     "remove_process_set", "ShoalError", "MismatchError", "NotInitializedError", "RankFailureError", "StallError",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

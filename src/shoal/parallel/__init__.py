@@ -31,3 +31,7 @@ __all__ = [
     "clip_grad_norm_",
     "sync_grad_scaler_",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

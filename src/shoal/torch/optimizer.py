@@ -37,12 +37,11 @@ import torch
 from shoal.core import runtime
 from shoal.core import timeline as _timeline
 from shoal.core.buckets import TensorSpec
-from shoal.core.checks import NonFiniteReport, apply_nan_policy
 from shoal.core.compression import Compression, resolve_compression
 from shoal.core.errors import ShoalError
 from shoal.core.no_sync import NO_SYNC_ATTR
 from shoal.core.ops import ReduceOp, gradient_op
-from shoal.core.step import EngineInfo, StepOwner, resolve_settings
+from shoal.core.step import EngineInfo, StepOwner, StepResult, resolve_settings
 
 from .overlap import OverlapStepper, can_step_in_parts
 
@@ -116,7 +115,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._params, self._names = self._name_parameters(named_parameters)
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._should_synchronize = True
-        self._nan_report: Optional[NonFiniteReport] = None
+        self._result: Optional[StepResult] = None  # of the last synchronization
         self._hooks = []
         self._owner = StepOwner(
             [TensorSpec(n, tuple(p.shape), p.dtype, p.device) for n, p in zip(self._names, self._params)],
@@ -292,7 +291,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 view = owner.view(i)
                 if view is not None and p.grad is not view:
                     p.grad = view
-        self._nan_report = result.nan_report
+        self._result = result
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -332,7 +331,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                              "optimizer.synchronize() first.")
         try:
             # NaN/Inf policy (shoal.core.checks): raises, or True on every rank alike for "skip".
-            if owner.active and owner.built and self._apply_nan_policy():
+            if owner.active and self._result is not None and self._result.apply_nan_policy():
                 if stepper is not None:
                     stepper.disarm()
                 self.skipped_steps += 1
@@ -345,9 +344,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
         finally:
             owner.close()
 
-    def _apply_nan_policy(self) -> bool:
-        return apply_nan_policy(self._nan_report)
-
     @property
     def autotune_summary(self) -> Optional[dict]:
         """What the bucket-size / stream-count tuner did (state ``"tuning"`` or ``"settled"``, the choice,
@@ -358,7 +354,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def nan_report(self):
         """The :class:`~shoal.core.checks.NonFiniteReport` of the last synchronization; None when every
         gradient of every rank was finite (or ``nan_check`` is off)."""
-        return self._nan_report
+        return self._result.nan_report if self._result is not None else None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients, as ``torch.optim.Optimizer.zero_grad`` does.
