@@ -34,6 +34,10 @@ What each case proves:
   (Keras numbers layers per process) are not a mismatch.
 - collectives on backend tensors, eager and inside the backend's compiled function; a Python list is
   accepted, a value that is no tensor (on one rank) fails both ranks with Shoal's errors.
+- the step owner on Keras (as on torch): a variable only rank 0 has a gradient for (the others' average
+  with zeros from rank 1, against a numpy reference, ranks bitwise equal); uneven batch counts with
+  ``hvd.join()`` after ``fit`` (rank 0's last steps average with the joined rank's zeros, numpy reference);
+  a rank that stops calling ``fit`` is named by the stall inspector within the stall timeout.
 
 Tolerances. fp32: the distributed gradient is ``(mean(half0) + mean(half1)) / 2``, the reference one
 ``mean(half0 ++ half1)``: the same sum in another order, a few ulps per element; after 4 SGD steps with
@@ -260,6 +264,125 @@ def _rank_checks() -> dict:
             out["ref_freeze"] = _flat(_fit_freeze_unfreeze(keras, keras.optimizers.SGD(0.1, momentum=0.9),
                                                            x, y, n * _LOCAL))
 
+    out.update(_keras_faults(keras, hvd, backend, r, n, x, y))  # last: its stall case leaves rank 0 broken
+    return out
+
+
+def _linear_weights(seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((_IN, _OUT)).astype("float32") * 0.5, np.zeros(_OUT, "float32")]
+
+
+def _np_mse_grads(x: np.ndarray, out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """d(mean((out - y)^2)) / d(out), Keras' mse over a batch: 2 (out - y) / (rows * columns)."""
+    return 2.0 * (out - y) / out.size
+
+
+def _np_partial_reference(x, y, n: int, steps: int) -> list[np.ndarray]:
+    """Plain SGD(0.1) on ``body(x) + extra(x)`` for rank 0 and ``body(x)`` for rank 1, the gradients averaged
+    over both ranks with zeros from rank 1 for ``extra`` (the negotiation's "some ranks produced it")."""
+    wb, bb = _linear_weights(1)
+    we, be = _linear_weights(2)
+    wb, bb, we, be = (a.astype("float64") for a in (wb, bb, we, be))
+    for s in range(steps):
+        grads = {k: 0.0 for k in ("wb", "bb", "we", "be")}
+        for rank in range(n):
+            rows = slice((s * n + rank) * _LOCAL, (s * n + rank + 1) * _LOCAL)
+            xs, ys = x[rows].astype("float64"), y[rows].astype("float64")
+            out = xs @ wb + bb + ((xs @ we + be) if rank == 0 else 0.0)
+            d = _np_mse_grads(xs, out, ys)
+            grads["wb"] += xs.T @ d / n
+            grads["bb"] += d.sum(0) / n
+            if rank == 0:
+                grads["we"] += xs.T @ d / n
+                grads["be"] += d.sum(0) / n
+        wb, bb, we, be = wb - 0.1 * grads["wb"], bb - 0.1 * grads["bb"], we - 0.1 * grads["we"], be - 0.1 * grads["be"]
+    return [wb, bb, we, be]
+
+
+def _np_join_reference(x, y, n: int, batches: list[int]) -> list[np.ndarray]:
+    """Plain SGD(0.1) on one Dense layer; in step s only the ranks with a batch left contribute, and the
+    sum still divides by n (a joined rank contributes zeros, Horovod's semantics)."""
+    w, b = (a.astype("float64") for a in _linear_weights(3))
+    for s in range(max(batches)):
+        gw, gb = 0.0, 0.0
+        for rank in range(n):
+            if s >= batches[rank]:
+                continue
+            rows = slice((s * n + rank) * _LOCAL, (s * n + rank + 1) * _LOCAL)
+            xs, ys = x[rows].astype("float64"), y[rows].astype("float64")
+            d = _np_mse_grads(xs, xs @ w + b, ys)
+            gw, gb = gw + xs.T @ d / n, gb + d.sum(0) / n
+        w, b = w - 0.1 * gw, b - 0.1 * gb
+    return [w, b]
+
+
+def _keras_faults(keras, hvd, backend: str, r: int, n: int, x, y) -> dict:
+    """The per-step negotiation, the stall inspector and join on Keras (through the step owner, as on
+    torch): a variable only rank 0 has a gradient for, uneven batch counts with join, a rank that stops
+    calling fit."""
+    import time
+
+    from shoal.core import runtime
+
+    out: dict = {}
+
+    # 1. rank 1's model never uses `extra` (TF and torch: its gradient is None there; JAX: zeros): rank 1
+    # applies the average with zeros from itself, so the ranks stay equal (plain SGD, a numpy reference).
+    class TwoHeads(keras.Model):
+        def __init__(self, use_extra: bool):
+            super().__init__()
+            self.body, self.extra, self.use_extra = keras.layers.Dense(_OUT), keras.layers.Dense(_OUT), use_extra
+
+        def call(self, inputs):
+            y_ = self.body(inputs)
+            return y_ + self.extra(inputs) if self.use_extra else y_
+
+    model = TwoHeads(r == 0)
+    model.body.build((None, _IN))
+    model.extra.build((None, _IN))  # on rank 1 too: the same variables everywhere, one of them unused
+    model.body.set_weights(_linear_weights(1))
+    model.extra.set_weights(_linear_weights(2))
+    model.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+    model.fit(_local(x, r, n), _local(y, r, n), batch_size=_LOCAL, epochs=1, shuffle=False, verbose=0)
+    out["partial"] = np.concatenate([np.asarray(w).reshape(-1) for w in
+                                     model.body.get_weights() + model.extra.get_weights()])
+    out["ref_partial"] = np.concatenate([w.reshape(-1) for w in _np_partial_reference(x, y, n, _STEPS)])
+
+    # 2. uneven batch counts: rank 1 has 2 batches, rank 0 all 4; both call join() after fit. Rank 0's
+    # last two steps average with rank 1's zeros; then both take the last rank's weights.
+    batches = [_STEPS, _STEPS // 2]
+    dense = keras.Sequential([keras.Input((_IN,)), keras.layers.Dense(_OUT)])
+    dense.set_weights(_linear_weights(3))
+    dense.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+    rows = batches[r] * n * _LOCAL
+    dense.fit(_local(x[:rows], r, n), _local(y[:rows], r, n), batch_size=_LOCAL, epochs=1, shuffle=False,
+              verbose=0)
+    out["join_last"] = hvd.join()
+    out["join_fitted"] = _flat(dense)
+    hvd.broadcast_variables(dense.variables, root_rank=out["join_last"])
+    out["join"] = _flat(dense)
+    out["ref_join"] = np.concatenate([w.reshape(-1) for w in _np_join_reference(x, y, n, batches)])
+
+    # 3. rank 1 stops calling fit after one batch (busy elsewhere): rank 0 fails at the stall timeout,
+    # naming rank 1, instead of waiting out the process-group timeout. A short stall timeout for this
+    # case only (the launch's otherwise lets TensorFlow trace at its own pace).
+    cfg = runtime.config()
+    cfg.stall_warning_s, cfg.stall_timeout_s = 1.0, 4.0
+    stalled = keras.Sequential([keras.Input((_IN,)), keras.layers.Dense(_OUT)])
+    stalled.set_weights(_linear_weights(3))
+    stalled.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+    start = time.monotonic()
+    try:
+        rows = (_STEPS if r == 0 else 1) * n * _LOCAL
+        stalled.fit(_local(x[:rows], r, n), _local(y[:rows], r, n), batch_size=_LOCAL, epochs=1,
+                    shuffle=False, verbose=0)
+        if r == 1:
+            time.sleep(10)  # busy: never reaches the next step's collectives
+        out["stall"] = ""
+    except Exception as exc:  # noqa: BLE001 (TF and JAX wrap what a host call raised; the text is kept)
+        out["stall"] = f"{type(exc).__name__}: {exc}"
+    out["stall_s"] = time.monotonic() - start
     return out
 
 
@@ -376,6 +499,18 @@ def test_keras_fit_matches_single_process(backend):
         msg = res["nan_raise"]
         assert "non-finite gradients" in msg and "at step 1," in msg and "on rank 1:" in msg, msg
         assert any(f"'{path}'" in msg for path in res["nan_raise_paths"]), (msg, res["nan_raise_paths"])
+
+    # negotiation, join and the stall inspector on Keras (the step owner, as on torch)
+    np.testing.assert_array_equal(r0["partial"], r1["partial"], err_msg="partial: ranks differ")
+    np.testing.assert_allclose(r0["partial"], r0["ref_partial"], rtol=0, atol=_ATOL)
+    assert r0["join_last"] == r1["join_last"] == 0
+    np.testing.assert_allclose(r0["join_fitted"], r0["ref_join"], rtol=0, atol=_ATOL)
+    np.testing.assert_array_equal(r0["join"], r1["join"])
+    stall = r0["stall"]
+    assert "rank 0 has waited" in stall and "rank 1 has not reached synchronize() of this step" in stall, stall
+    assert "rank 1 never reached a collective" in stall and "HINT" in stall, stall
+    assert r0["stall_s"] < 30, r0["stall_s"]
+    assert r1["stall"] == "", r1["stall"]
 
     if backend == "tensorflow":
         np.testing.assert_array_equal(r0["jit_weights"], r1["jit_weights"])

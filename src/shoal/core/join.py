@@ -9,6 +9,7 @@ the rounds of shadow steps. What lives elsewhere: the "joined" flag in the per-s
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Any, Optional
 
@@ -19,12 +20,34 @@ from . import runtime
 from .errors import ShoalError
 from .stall import _store
 
-__all__ = ["join", "register_owner"]
+__all__ = ["join", "register_owner", "note_step"]
 
 #: Step owners per process-set ranks, in creation order, with the world they belong to (weak: an
 #: optimizer that is gone drops out).
 _registry: dict[tuple[int, ...], list[tuple[Any, "weakref.ref"]]] = {}
 _join_calls: dict[tuple[int, ...], int] = {}
+#: Orders every step of every owner in this process (which optimizers the training loop steps, below).
+_sequence = itertools.count(1)
+#: Per owner (by id): the sequence numbers of its last two steps.
+_steps: dict[int, tuple[int, int]] = {}
+
+
+def note_step(owner: Any) -> None:
+    """Called by a step owner at every synchronization: remembers when it stepped."""
+    _steps[id(owner)] = (_steps.get(id(owner), (0, 0))[1], next(_sequence))
+
+
+def _in_the_loop(owners: list[Any]) -> list[Any]:
+    """The owners of the training loop this rank just left: those that stepped since the previous step of
+    the one it stepped last (a loop stepping A then B gives both; optimizers used earlier, in another
+    loop, are left alone); all that ever stepped when the last one stepped once; all of them when none
+    has."""
+    stepped = [o for o in owners if id(o) in _steps and o.step > 0]
+    if not stepped:
+        return owners
+    last = max(stepped, key=lambda o: _steps[id(o)][1])
+    since = _steps[id(last)][0]
+    return [o for o in stepped if _steps[id(o)][1] >= since] if since else stepped
 
 
 def register_owner(owner: Any) -> None:
@@ -46,9 +69,10 @@ def join(process_set: Optional[runtime.ProcessSet] = None) -> int:
     """This rank has finished its data: shadow the other ranks' optimizer steps with zero gradients until
     every rank has called ``join``; return the rank that joined last (Horovod's ``hvd.join()``).
 
-    Every step owner of ``process_set`` that has stepped (all of them if none has) is shadowed, in creation
-    order, once per round: a step with zero gradients that contributes the "joined" flag to the others'
-    negotiation. ``Average`` still divides by the full size of the process set, as Horovod does (its
+    The step owners of the training loop this rank left are shadowed (those that stepped since the previous
+    step of the optimizer it stepped last: a loop stepping two optimizers shadows both, an optimizer of an
+    earlier loop none), in creation order, once per round: a step with zero gradients that contributes the
+    "joined" flag to the others' negotiation. ``Average`` still divides by the full size of the process set, as Horovod does (its
     averaging is a postscale by ``1 / process_set size``), so a joined rank's zeros pull the average toward
     zero exactly as a rank with a zero gradient would.
 
@@ -78,7 +102,7 @@ def join(process_set: Optional[runtime.ProcessSet] = None) -> int:
     if off:
         raise ShoalError(f"shoal: join() needs the per-step negotiation, but a {off[0].what} on process set "
                          f"{list(ps.ranks)} has negotiation='off'. HINT: set SHOAL_NEGOTIATION=auto.")
-    used = [o for o in owners if o.step > 0] or owners
+    used = _in_the_loop(owners)
     calls = _join_calls.get(ps.ranks, 0)
     _join_calls[ps.ranks] = calls + 1
     order = 0

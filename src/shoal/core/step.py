@@ -51,7 +51,7 @@ from .buckets import TensorSpec
 from .checks import NonFiniteReport, apply_nan_policy, make_finite_check
 from .config import ShoalConfig
 from .errors import ShoalError
-from .join import register_owner
+from .join import note_step, register_owner
 from .negotiation import Negotiator
 from .ops import ReduceOp
 from .reducer import GradientReducer, ReducerObserver, TimelineObserver
@@ -309,6 +309,7 @@ class StepOwner:
         report = self._check.finish_step(self.step + 1, num_buckets=len(self._reducer.plans)) \
             if self._check is not None else None
         self.step += 1
+        note_step(self)
         if self._tuner is not None and self._tuner.end_step():
             replanned = True
         self._counts = [0] * len(self.specs)
