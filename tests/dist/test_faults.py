@@ -222,7 +222,7 @@ def _rank_uneven_with_join(batches: tuple[int, int]):
         opt.zero_grad()
         _mse(model, *_batch(step, rank)).backward()
         opt.step()
-    from shoal.torch.join import join  # noqa: PLC0415 (hvd.join once the package exports it)
+    join = hvd.join
 
     last = join()
     hvd.broadcast_parameters(model.state_dict(), root_rank=last)
@@ -249,7 +249,7 @@ def _rank_collective_while_joined():
     hvd, rank, _ = _setup()
     model = _mlp()
     opt = hvd.DistributedOptimizer(_sgd(model.parameters()), named_parameters=model.named_parameters())
-    from shoal.torch.join import join  # noqa: PLC0415 (hvd.join once the package exports it)
+    join = hvd.join
 
     try:
         for step in range(3 if rank == 0 else 2):
