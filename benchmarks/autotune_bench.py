@@ -8,7 +8,7 @@ Per model, in the same processes and process group:
                settles (untimed; the step count is reported), then timed
     <mb>x<s>   the sweep: one DistributedOptimizer with the tuner off, moved through every pair of the
                tuner's own grid (bucket sizes that give the same plan for the model count once; stream
-               counts above the bucket count too) with ``GradientReducer.reconfigure``, the same lever the
+               counts above the bucket count too) with ``opt.engine.reconfigure``, the same lever the
                tuner pulls, so each pair runs exactly as a user-fixed setting would
     timeline   (``--timeline-overhead``) the best fixed pair again with the timeline recording
 
@@ -70,15 +70,11 @@ def _sgd_step(model, opt, x, y):
     return loss
 
 
-def _sweep_settings(reducer, sizes_mb, streams) -> list[tuple[float, int]]:
+def _sweep_settings(engine, sizes_mb, streams) -> list[tuple[float, int]]:
     """The tuner's grid for this model: one size per distinct plan, stream counts up to the bucket count."""
-    from shoal.core.buckets import plan_buckets  # noqa: PLC0415
-
     seen: dict[tuple, float] = {}
-    for mb in sorted(set(sizes_mb) | {reducer.bucket_nbytes / _MB}):
-        plans = plan_buckets(reducer.specs, reducer.order, bucket_nbytes=int(mb * _MB),
-                             first_bucket_nbytes=reducer.first_bucket_nbytes)
-        seen.setdefault(tuple(p.tensor_ids for p in plans), mb)
+    for mb in sorted(set(sizes_mb) | {engine.settings.fusion_threshold_mb}):
+        seen.setdefault(tuple(tuple(b) for b in engine.plan_for(mb)), mb)
     out = []
     for sig, mb in sorted(seen.items(), key=lambda kv: kv[1]):
         for s in sorted({min(s, len(sig)) for s in streams}):
@@ -128,15 +124,11 @@ def bench_model(name: str, args, rank: int, world: int, log) -> dict:
                                          fusion_threshold_mb=25.0, num_streams=2)  # user-fixed: no tuner
     hvd.broadcast_parameters(sweep_model.state_dict(), root_rank=0)
     _sgd_step(sweep_model, sweep_opt, x, y)  # builds the reducer (agreed order)
-    red = sweep_opt._reducer
-    by_name = dict(sweep_model.named_parameters())
-    settings = _sweep_settings(red, args.sizes_mb, args.streams)
+    engine = sweep_opt.engine
+    settings = _sweep_settings(engine, args.sizes_mb, args.streams)
 
     def apply(mb: float, s: int, recording: bool = False) -> None:
-        if red.reconfigure(bucket_nbytes=int(mb * _MB), num_streams=s):
-            for spec_, view in zip(red.specs, red.views):  # what the optimizer does after a tuner change
-                if by_name[spec_.name].grad is not None:
-                    by_name[spec_.name].grad = view
+        engine.reconfigure(fusion_threshold_mb=mb, num_streams=s)  # the lever the tuner pulls
         if recording and timeline.active() is None:
             timeline.start_timeline(os.path.join(args.scratch, f"overhead-{name}.json"))
         if not recording and timeline.active() is not None:

@@ -123,23 +123,23 @@ def _bytes_rank(steps: int) -> dict:
     for mode in ("off", "always", "auto"):
         model = _narrow_model()
         opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
-                                       named_parameters=model.named_parameters())
-        opt._negotiator.mode = mode  # benchmark only: the knob is process-wide (SHOAL_NEGOTIATION)
+                                       named_parameters=model.named_parameters(), negotiation=mode)
         warm = 8  # past step 1 (discovery) and, for auto, into static mode (after step 6)
         for step in range(warm + steps):
             if step == warm:
                 dist.barrier()
-                before, negotiations = _sent_bytes(), opt._negotiator.negotiations
+                before, negotiations = _sent_bytes(), opt.engine.negotiation["negotiations"]
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
         sent = _sent_bytes() - before
         out["modes"][mode] = {"sent_nbytes_per_step": sent / steps,
-                              "negotiations_per_step": (opt._negotiator.negotiations - negotiations) / steps,
-                              "static": opt._negotiator.static}
+                              "negotiations_per_step": (opt.engine.negotiation["negotiations"] - negotiations)
+                              / steps,
+                              "static": opt.engine.negotiation["static"]}
         if mode == "off":
-            out["names"] = opt._names
-            out["ndims"] = [p.dim() for p in opt._params]
+            out["names"] = [n for n, _ in opt.named_parameters()]
+            out["ndims"] = [p.dim() for _, p in opt.named_parameters()]
     return out
 
 
@@ -170,34 +170,6 @@ def _wait_rank(calls: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- part 2: time
-def _instrument(opt, spent: list) -> None:
-    """Benchmark-only: per step, the seconds ``Negotiator.finish`` spends outside ``reducer.finish`` (packing
-    the bits, the slot, and the part of the exchange not hidden behind the buckets)."""
-    neg = opt._negotiator
-    inner = neg.finish
-
-    def finish(reducer, counts, sparse=()):
-        waited = [0.0]
-        reducer_finish = reducer.finish
-
-        def timed():
-            t0 = time.perf_counter()
-            try:
-                reducer_finish()
-            finally:
-                waited[0] = time.perf_counter() - t0
-
-        reducer.finish = timed
-        start = time.perf_counter()
-        try:
-            return inner(reducer, counts, sparse)
-        finally:
-            del reducer.finish
-            spent.append(time.perf_counter() - start - waited[0])
-
-    neg.finish = finish
-
-
 def _time_rank(rounds: int, warm: int) -> dict:
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
@@ -213,12 +185,11 @@ def _time_rank(rounds: int, warm: int) -> dict:
     runs, spent = {}, {}
     for mode in modes:
         model = models.build_model("many_small")
+        # Each copy gets its own mode (the optimizer's negotiation= keyword over SHOAL_NEGOTIATION).
         opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
-                                       named_parameters=model.named_parameters())
-        # Benchmark only: the knob is process-wide (SHOAL_NEGOTIATION); here each copy gets its own.
-        opt._negotiator.mode = "off" if mode == "off_again" else mode
+                                       named_parameters=model.named_parameters(),
+                                       negotiation="off" if mode == "off_again" else mode)
         spent[mode] = []
-        _instrument(opt, spent[mode])
         runs[mode] = (model, opt)
     times = {m: [] for m in modes}
     cpu = {m: [] for m in modes}  # CPU seconds of this process (all threads): less hurt by a busy host
@@ -229,6 +200,7 @@ def _time_rank(rounds: int, warm: int) -> dict:
             model, opt = runs[mode]
             dist.barrier()
             start, start_cpu = time.perf_counter(), time.process_time()
+            outside = opt.engine.timings["negotiation_outside_s"]
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
@@ -236,13 +208,16 @@ def _time_rank(rounds: int, warm: int) -> dict:
             if r >= warm:
                 times[mode].append(time.perf_counter() - start)
                 cpu[mode].append(time.process_time() - start_cpu)
+                # Per step, the seconds the negotiation spends outside the buckets' wait (packing the bits,
+                # the slot, the part of the exchange not hidden behind the buckets): its own clock.
+                spent[mode].append(opt.engine.timings["negotiation_outside_s"] - outside)
             losses[mode] = float(loss)
     return {"times": times, "cpu": cpu, "losses": losses,
-            "static": {m: runs[m][1]._negotiator.static for m in modes},
+            "static": {m: runs[m][1].engine.negotiation["static"] for m in modes},
             "outside_reducer_s": {m: spent[m][-rounds:] for m in modes},
-            "negotiations": {m: runs[m][1]._negotiator.negotiations for m in modes},
-            "buckets": {m: len(runs[m][1]._reducer.plans) for m in modes},
-            "num_tensors": len(runs["off"][1]._params)}
+            "negotiations": {m: runs[m][1].engine.negotiation["negotiations"] for m in modes},
+            "buckets": {m: runs[m][1].engine.num_buckets for m in modes},
+            "num_tensors": len(runs["off"][1].named_parameters())}
 
 
 def main(argv=None) -> int:

@@ -13,9 +13,6 @@ Modes (``--modes``; unavailable ones are reported as such):
     shoal_overlap the same with overlap_step=True: the optimizer steps bucket by bucket while later
                  buckets are still on the wire, not after the last one
     shoal_fp16   the same with compression=Compression.fp16
-    shoal_xb     shoal with shoal.torch.cross_barrier: step() returns with the last buckets in flight and
-                 each layer waits for its own parameters in the next forward
-    shoal_fp16_xb  the same with compression=Compression.fp16
     ddp          torch DistributedDataParallel, defaults (25 MB buckets)
     ddp_fp16     DDP + torch's fp16_compress_hook
     naive        one allreduce per gradient tensor after backward
@@ -64,8 +61,6 @@ class Unavailable(Exception):
 #: ``--optimizer``: the torch optimizer every mode trains with (set once by ``main``).
 OPTIMIZER = "sgd"
 OPTIMIZERS = ("sgd", "momentum", "adam")
-#: ``--defer-fraction``: the cross-barrier modes' share of gradient bytes launched last (set by ``main``).
-DEFER_FRACTION = 0.1
 
 
 def make_optimizer(params, lr: float):
@@ -142,8 +137,7 @@ class DDP(Mode):
 
 
 class Shoal(Mode):
-    def __init__(self, model, lr: float, compression: str = "none", overlap_step: Optional[bool] = None,
-                 cross_barrier: bool = False):
+    def __init__(self, model, lr: float, compression: str = "none", overlap_step: Optional[bool] = None):
         try:
             import shoal.torch as sh  # noqa: PLC0415
             sh.DistributedOptimizer  # noqa: B018 (the engine may not exist yet)
@@ -156,11 +150,6 @@ class Shoal(Mode):
                                                  overlap_step=overlap_step)
         sh.broadcast_parameters(model.state_dict(), root_rank=0)
         self.wire_precision = "fp32" if compression == "none" else "fp16"
-        if cross_barrier:
-            sh.cross_barrier(model, self.optimizer, defer_fraction=DEFER_FRACTION)
-
-    def finish_round(self) -> None:
-        self.optimizer.flush()
 
     def settle(self, x, y) -> Optional[dict]:
         # The tuner is on by default and explores for up to 50 steps (shoal.core.autotune). Timing those
@@ -225,9 +214,6 @@ MODES: dict[str, tuple[Callable[..., Mode], str]] = {
     "shoal": (lambda m, lr: Shoal(m, lr), "shoal.torch.DistributedOptimizer"),
     "shoal_overlap": (lambda m, lr: Shoal(m, lr, overlap_step=True), "... stepping bucket by bucket"),
     "shoal_fp16": (lambda m, lr: Shoal(m, lr, compression="fp16"), "... with Compression.fp16"),
-    "shoal_xb": (lambda m, lr: Shoal(m, lr, cross_barrier=True), "... with the cross-barrier"),
-    "shoal_fp16_xb": (lambda m, lr: Shoal(m, lr, compression="fp16", cross_barrier=True),
-                      "... fp16 with the cross-barrier"),
     "ddp": (lambda m, lr: DDP(m, lr), "torch DDP, defaults"),
     "ddp_fp16": (lambda m, lr: DDP(m, lr, fp16=True), "DDP + fp16_compress_hook"),
     "naive": (lambda m, lr: Naive(m, lr), "one allreduce per gradient"),
@@ -409,7 +395,7 @@ def worker(args) -> int:
         "hardware": hardware(), "threads_per_rank": args.threads, "torch": torch.__version__,
         "python": platform.python_version(), "world_size": world, "link": link,
         "settings": {k: getattr(args, k) for k in ("warmup", "steps", "rounds", "lr", "seed", "batch_size",
-                                                   "optimizer", "defer_fraction")},
+                                                   "optimizer")},
         # Other processes on the machine inflate every mode's compute; recorded so a reader can tell.
         "load_avg_start": [round(v, 2) for v in os.getloadavg()],
     }
@@ -518,7 +504,7 @@ def print_table(console, report: dict) -> None:
     # leaves room for a different summation order).
     for name, info in report["models"].items():
         ref = info["modes"].get("ddp", {}).get("loss")
-        for mode in ("shoal", "shoal_overlap", "shoal_xb", "naive", "horovod"):
+        for mode in ("shoal", "shoal_overlap", "naive", "horovod"):
             loss = info["modes"].get(mode, {}).get("loss")
             if ref is not None and loss is not None and abs(loss - ref) > 1e-4 * max(1.0, abs(ref)):
                 console.print(f"  [red]{name}/{mode}: final loss {loss:.6f} differs from ddp's {ref:.6f}[/]")
@@ -579,8 +565,6 @@ def parse_args(argv: list[str]):
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                     help="what every mode trains with: plain SGD (default), SGD with momentum, Adam")
-    ap.add_argument("--defer-fraction", type=float, default=0.1,
-                    help="the *_xb modes: share of the gradient bytes launched last (cross_barrier)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--name", default=None, help="results file name (default: the link, e.g. loopback)")
@@ -611,8 +595,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     args = parse_args(argv)
-    global OPTIMIZER, DEFER_FRACTION
-    OPTIMIZER, DEFER_FRACTION = args.optimizer, args.defer_fraction
+    global OPTIMIZER
+    OPTIMIZER = args.optimizer
     from shoal.core.env import get_env  # noqa: PLC0415
 
     if args.link and get_env("RANK") is None:

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -189,6 +190,9 @@ class FiniteCheck(ReducerObserver):
         self.process_set = process_set
         #: Steps finished by this check (the step owner passes its own count instead).
         self.steps = 0
+        #: Seconds spent checking buckets and finishing steps (the flag combine), summed: what it costs.
+        self.check_s = 0.0
+        self.combine_s = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -209,9 +213,11 @@ class FiniteCheck(ReducerObserver):
                 only when the bucket tripped, on CUDA every step (the views feed one fused kernel).
             last: this is the step's last bucket: start combining the flags (constraint 2).
         """
+        start = time.perf_counter()
         self._check(bucket, buffer, tensors)
         if last:
             self.start_combine()
+        self.check_s += time.perf_counter() - start
 
     def before_launch(self, reducer, bucket: int, buffer: torch.Tensor, tensors: TensorsOf) -> None:
         """The reducer's event: ``bucket`` is about to leave this rank."""
@@ -269,6 +275,13 @@ class FiniteCheck(ReducerObserver):
             step: the step number to report (default: this check's own count, 1-based).
             num_buckets: buckets this step (default: the highest checked index + 1).
         """
+        start = time.perf_counter()
+        try:
+            return self._finish_step(step, num_buckets)
+        finally:
+            self.combine_s += time.perf_counter() - start
+
+    def _finish_step(self, step: Optional[int], num_buckets: Optional[int]) -> Optional[NonFiniteReport]:
         self.steps += 1
         step = self.steps if step is None else step
         if self._combine is None:

@@ -60,6 +60,7 @@ Glossary:
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -222,6 +223,9 @@ class Negotiator(ReducerObserver):
         self.all_joined = False
         #: Full negotiations run (for the engine's summary, tests and benchmarks).
         self.negotiations = 0
+        #: Seconds spent in :meth:`finish` outside the buckets' wait, summed over steps (what it costs).
+        self.outside_s = 0.0
+        self._waited_s = 0.0
         #: The reducer of the step in flight, for messages should the negotiation fail meanwhile.
         self._reducer = None
         self.tail_numel = _SLOT_NUMEL if self.active and self.mode == "auto" else 0
@@ -292,6 +296,15 @@ class Negotiator(ReducerObserver):
                 tensors.
             RankFailureError / StallError: a peer died, left, or never arrived; names it.
         """
+        start = time.perf_counter()
+        self._waited_s = 0.0
+        try:
+            return self._finish(reducer, counts, sparse)
+        finally:
+            # What the negotiation adds to a step: its time outside the buckets' wait (two clock reads).
+            self.outside_s += time.perf_counter() - start - self._waited_s
+
+    def _finish(self, reducer, counts: Sequence[int], sparse: Sequence[int]) -> list[int]:
         self._reducer = reducer
         if not self.active or self.mode == "off":
             self._finish_reducer(reducer)
@@ -366,10 +379,13 @@ class Negotiator(ReducerObserver):
         return vector.tolist()
 
     def _finish_reducer(self, reducer) -> None:
+        start = time.perf_counter()
         try:
             reducer.finish()
         except RankFailureError as err:
             raise self._with_context(err) from err.__cause__
+        finally:
+            self._waited_s += time.perf_counter() - start
 
     def _take_slot(self) -> bool:
         if self._slot is None:

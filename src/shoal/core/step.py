@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from . import autotune as _autotune
 from . import exchange, runtime
-from .buckets import TensorSpec
+from .buckets import TensorSpec, plan_buckets
 from .checks import NonFiniteReport, apply_nan_policy, make_finite_check
 from .config import ShoalConfig
 from .errors import ShoalError
@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 #: Keywords an optimizer wrapper passes through to the engine (per-optimizer overrides of the runtime
 #: config); any other keyword is refused when the wrapper is built.
 ENGINE_OPTIONS = frozenset({"fusion_threshold_mb", "first_bucket_mb", "num_streams", "hierarchical",
-                            "error_feedback", "nan_check", "compression"})
+                            "error_feedback", "nan_check", "compression", "negotiation"})
 
 
 def resolve_settings(options: Mapping[str, Any], what: str = "DistributedOptimizer") -> ShoalConfig:
@@ -200,8 +200,9 @@ class StepOwner:
             self.negotiator = Negotiator(
                 [(name, tuple(s.shape), s.dtype) for name, s in zip(registered_as or [s.name for s in self.specs],
                                                                     self.specs)], self.process_set, what=what,
-                nan_check=settings.nan_check, settings=self._registration_settings(extra_settings),
-                steps=lambda: self.step, names=[s.name for s in self.specs], **kwargs)
+                mode=settings.negotiation, nan_check=settings.nan_check,
+                settings=self._registration_settings(extra_settings), steps=lambda: self.step,
+                names=[s.name for s in self.specs], **kwargs)
             register_owner(self)
 
     def _registration_settings(self, extra: Optional[Mapping[str, Any]]) -> dict[str, Any]:
@@ -474,6 +475,27 @@ class StepOwner:
         return out
 
     # ------------------------------------------------------------------------------------- tuning
+    def plan_for(self, fusion_threshold_mb: float) -> list[list[str]]:
+        """Tensor names per bucket for this bucket size (computed, not applied); empty before step 1."""
+        red = self._reducer
+        if red is None:
+            return []
+        plans = plan_buckets(red.specs, red.order, bucket_nbytes=int(fusion_threshold_mb * 1024 * 1024),
+                             first_bucket_nbytes=red.first_bucket_nbytes, groups=red.groups)
+        return [[red.specs[t].name for t in p.tensor_ids] for p in plans]
+
+    def reconfigure(self, *, fusion_threshold_mb: Optional[float] = None,
+                    num_streams: Optional[int] = None) -> bool:
+        """Apply a bucket size and/or stream count between steps (every rank, the same step); turns the
+        tuner off. Returns True when the views moved (the frontend re-points gradients as they come)."""
+        if self._reducer is None:
+            raise ShoalError(f"shoal: reconfigure() before the first step of {self.what}: the buckets do not "
+                             "exist yet. HINT: call it after the first optimizer step.")
+        self._tuner = None
+        return self._reducer.reconfigure(
+            bucket_nbytes=None if fusion_threshold_mb is None else int(fusion_threshold_mb * 1024 * 1024),
+            num_streams=num_streams)
+
     def start_autotune(self, **schedule: Any) -> None:
         """(Re)start the bucket-size / stream-count tuner with a grid or schedule of its own (keywords of
         :class:`shoal.core.autotune.Autotuner`, e.g. ``sizes_mb=(1, 4), streams=(1, 2)``), from the next
@@ -485,8 +507,8 @@ class StepOwner:
 
 
 class EngineInfo:
-    """A read-only view of a step owner, for tests, benchmarks and curious users (constraint 5); its one
-    control is :meth:`start_autotune`.
+    """A read-only view of a step owner, for tests, benchmarks and curious users (constraint 5); its only
+    controls are the tuner's lever (:meth:`reconfigure`, :meth:`start_autotune`), for experiments.
 
     Example:
         >>> opt.engine.num_buckets, opt.engine.step, opt.engine.negotiation["static"]
@@ -572,8 +594,30 @@ class EngineInfo:
         red = self._owner._reducer
         return red is not None and red.in_flight
 
+    @property
+    def timings(self) -> dict:
+        """Seconds summed over the steps so far: ``negotiation_outside_s`` (the negotiation's time outside
+        the buckets' wait), ``nan_check_s`` (checking buckets) and ``nan_combine_s`` (the flag combine at
+        each step's end); what each adds to a step, for benchmarks."""
+        owner = self._owner
+        check = owner._check
+        return {"negotiation_outside_s": owner.negotiator.outside_s if owner.negotiator is not None else 0.0,
+                "nan_check_s": check.check_s if check is not None else 0.0,
+                "nan_combine_s": check.combine_s if check is not None else 0.0}
+
+    def plan_for(self, fusion_threshold_mb: float) -> list[list[str]]:
+        """The bucket plan (tensor names per bucket) this optimizer would use with buckets of this size,
+        computed, not applied (the tuner's view of which sizes differ for a model). Empty before step 1."""
+        return self._owner.plan_for(fusion_threshold_mb)
+
+    def reconfigure(self, *, fusion_threshold_mb: Optional[float] = None,
+                    num_streams: Optional[int] = None) -> None:
+        """Apply a bucket size and/or stream count now, between steps, on every rank at the same step (the
+        lever the tuner pulls; the tuner is turned off). For sweeps in benchmarks and experiments."""
+        self._owner.reconfigure(fusion_threshold_mb=fusion_threshold_mb, num_streams=num_streams)
+
     def start_autotune(self, **schedule: Any) -> None:
-        """The one control here: (re)start the bucket-size / stream-count tuner with a grid or schedule of
+        """A control: (re)start the bucket-size / stream-count tuner with a grid or schedule of
         its own (keywords of :class:`shoal.core.autotune.Autotuner`, e.g. ``sizes_mb=(1, 4), streams=(1,
         2)``), from the next step, on every rank at the same step, after the first step."""
         self._owner.start_autotune(**schedule)

@@ -371,7 +371,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         managed = set()
         if not set_to_none and owner.built:
             owner.zero_()
-            managed = {id(p) for i, p in enumerate(self._params) if owner.view(i) is not None}
+            for i, p in enumerate(self._params):
+                view = owner.view(i)
+                if view is not None:  # zeroed with its bucket; and the gradient is the view again, in
+                    managed.add(id(p))  # case the plan moved since (engine.reconfigure)
+                    if p.grad is not None and p.grad is not view:
+                        p.grad = view
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in managed or p.grad is None:
