@@ -320,3 +320,32 @@ def test_parameters_unused_on_one_rank_train_like_the_reference_with_zero_grads(
     for r in run_ranks(_rank_unused_on_one_rank, world_size=2, timeout_s=60, args=(9,)):
         assert r["diff"] <= _ATOL, r
         assert r["static"] and r["b_moved"]
+
+
+# --------------------------------------------------------------------------------- a gradient replaced
+def _rank_replaced_grad():
+    hvd, rank, _ = _setup()
+    model = _mlp()
+    opt = hvd.DistributedOptimizer(_sgd(model.parameters()), named_parameters=model.named_parameters())
+    step = 0
+    try:
+        for step in range(4):
+            opt.zero_grad()
+            _mse(model, *_batch(step, rank)).backward()
+            if rank == 1 and step == 2:  # after backward handed it over, before step(): not reducible
+                model[0].weight.grad = model[0].weight.grad + 1000.0
+            opt.step()
+    except hvd.ShoalError as exc:
+        return {**_error(exc), "step": step, "culprits": list(exc.culprit_ranks)}
+    return {"type": None, "weight": model[0].weight.detach().clone()}
+
+
+def test_a_gradient_replaced_between_backward_and_step_fails_every_rank_naming_it():
+    # Before: rank 1's new gradient was copied into its bucket after the bucket had left, the ranks drifted
+    # apart silently (a +1000 edit left them 50 apart).
+    results = run_ranks(_rank_replaced_grad, world_size=2, timeout_s=60, pg_timeout_s=20)
+    for r in results:
+        assert r["type"] == "MismatchError" and r["step"] == 2, r
+        assert "'0.weight' was replaced on rank 1" in r["error"], r["error"]
+        assert "optimizer.synchronize()" in r["error"] and "skip_synchronize" in r["error"], r["error"]
+    assert results[0]["error"] == results[1]["error"]

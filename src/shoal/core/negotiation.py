@@ -513,10 +513,12 @@ def _divergence_message(details: list[dict], what: str, num_tensors: int) -> str
                         "must leave the loop and call join() (hvd.join()) (every rank does, after its loop).")
     for d in details:
         for e in d["errors"]:
-            lines.append(f"shoal: {e}")
-            hint = hint or ("a gradient fired more times than in the steps before, after its bucket was on "
-                            "the wire (reentrant checkpointing whose pattern changed); from the next step on "
-                            "Shoal waits for the new number of firings. See docs/robustness.md.")
+            text, _, own_hint = str(e).partition(" HINT: ")
+            lines.append(f"shoal: {text}")
+            hint = hint or own_hint or (
+                "a gradient fired more times than in the steps before, after its bucket was on the wire "
+                "(reentrant checkpointing whose pattern changed); from the next step on Shoal waits for the "
+                "new number of firings. See docs/robustness.md.")
     if not lines:
         lines.append(f"shoal: ranks diverged in {what} (ranks {ranks})")
     return "\n".join(lines) + "\nHINT: " + (hint or "make every rank run the same steps.")
