@@ -136,3 +136,15 @@ def test_the_shim_records_shoal_fields_in_torchs_error_file(tmp_path, monkeypatc
         assert (fields["type"], fields["culprit_ranks"]) == (type(exc).__name__, culprits)
         assert fields["shoal_error"] == (not isinstance(exc, ValueError))
         assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_multi_line_error_shows_its_listing_under_the_first_line():
+    pf = _pf(1, "MismatchError: shoal: ranks disagree on allreduce of 'x' vs allreduce of 'y': name differs:\n"
+                "  rank 0: allreduce of 'x': float32 [3]\n  rank 1: allreduce of 'y': float32 [3]\n" +
+                "".join(f"  line {i}\n" for i in range(10)))
+    f = report.failure_from_torch(0, pf, None, "h")
+    _, lines = _summary([f])
+    assert lines[0].endswith("name differs:")
+    assert lines[1:3] == ["shoal:     rank 0: allreduce of 'x': float32 [3]",
+                          "shoal:     rank 1: allreduce of 'y': float32 [3]"]
+    assert lines[7] == "shoal:     ... 6 more line(s) in the rank's output"

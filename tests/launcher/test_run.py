@@ -218,7 +218,7 @@ def test_sigkill_of_the_launcher_stops_every_rank_within_5s_and_removes_its_temp
                 interrupt_signal=signal.SIGKILL, settle_s=8.0)
     assert r.returncode == -signal.SIGKILL, r.describe()
     assert r.drained_s < 5.0, f"ranks outlived the launcher by {r.drained_s:.1f} s\n{r.describe()}"
-    assert "shoal: the launcher (pid" in r.stderr and "died without stopping its ranks" in r.stderr
+    assert "shoal: the launcher's agent on" in r.stderr and "died without stopping its ranks" in r.stderr
     assert not os.path.exists(_temp_dir_of(r.stdout)), r.describe()
 
 
@@ -387,3 +387,12 @@ def test_two_hosts_sigkill_of_the_coordinator_stops_every_agent_and_rank_within_
                 interrupt_on="ready", interrupt_signal=signal.SIGKILL, settle_s=8.0)
     assert r.returncode == -signal.SIGKILL, r.describe()
     assert r.drained_s < 5.0, f"agents or ranks outlived the coordinator by {r.drained_s:.1f} s\n{r.describe()}"
+
+
+def test_two_hosts_master_address_on_loopback_is_refused_with_a_hint(run_cli, two_hosts):
+    args = _hosts_args(two_hosts, 1)
+    args[args.index("--master-addr") + 1] = "127.0.0.1"  # what a host name mapped to 127.0.1.1 gives
+    r = run_cli(["run", "-np", "2", *args, "python", "-c", "print('never runs')"], timeout_s=90)
+    assert r.returncode != 0 and "never runs" not in r.stdout, r.describe()
+    assert "(loopback)" in r.stderr and "HINT: give --master-addr as the first host's address" in r.stderr, \
+        r.describe()

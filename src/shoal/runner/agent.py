@@ -24,6 +24,7 @@ Imports torch at import: :mod:`shoal.runner.launch` imports this module only whe
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import socket
 from typing import Any
 
@@ -77,17 +78,24 @@ class _WatchedAgent(LocalElasticAgent):
         return pids
 
 
-def _listen(addr: str, port: int) -> socket.socket:
+def _listen(addr: str, port: int, remote_peers: bool) -> socket.socket:
     """A listening socket on ``addr:port`` only (constraint 2); port 0 picks a free one.
 
     Raises:
-        ValueError: ``addr`` does not resolve, is not an address of this host, or the port is taken.
+        ValueError: ``addr`` does not resolve, resolves to loopback while other hosts must reach it,
+            is not an address of this host, or the port is taken.
     """
     try:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
         raise ValueError(f"shoal: cannot resolve the rendezvous address {addr!r}: {exc}. HINT: give "
                          "--master-addr as an address of the first host.") from None
+    if remote_peers and ipaddress.ip_address(sockaddr[0].split("%")[0]).is_loopback:
+        # Debian-style /etc/hosts maps the host's own name to 127.0.1.1: the other hosts could
+        # never connect (torch's store, listening everywhere, used to hide this).
+        raise ValueError(f"shoal: the rendezvous address {addr!r} resolves to {sockaddr[0]} (loopback) on "
+                         f"host {socket.gethostname()}, which the other hosts cannot reach. HINT: give "
+                         "--master-addr as the first host's address on the network, e.g. 10.0.0.1.")
     sock = socket.socket(family, kind, proto)
     try:
         # As TCPStore does for its own sockets: a port in TIME_WAIT from the last run is reusable.
@@ -105,16 +113,22 @@ def _listen(addr: str, port: int) -> socket.socket:
 
 
 def open_store(master_addr: str, master_port: int, is_server: bool, secret: str,
-               timeout_s: float) -> tuple[dist.Store, int]:
+               timeout_s: float, remote_peers: bool = False) -> tuple[dist.Store, int]:
     """The job's store as the agents see it: the server on the first host (bound to ``master_addr``
     only), a client elsewhere; keyed under ``secret`` (constraint 3).
 
+    Args:
+        remote_peers: other hosts take part (then a loopback address is refused).
+
     Returns:
         ``(PrefixStore(secret, store), port)``; ``port`` is the one picked when ``master_port`` is 0.
+
+    Raises:
+        ValueError: the server cannot listen there (see :func:`_listen`).
     """
     timeout = datetime.timedelta(seconds=timeout_s)
     if is_server:
-        sock = _listen(master_addr, master_port)
+        sock = _listen(master_addr, master_port, remote_peers)
         port = sock.getsockname()[1]
         fd = sock.detach()  # the TCPStore owns the socket from here (it closes it when destroyed)
         store = dist.TCPStore(master_addr, port, None, True, timeout, wait_for_workers=False,

@@ -73,7 +73,8 @@ from shoal.core.config import ShoalConfig, choices_of, env_name, flag_name, knob
 
 from .hosts import (DEFAULT_REMOTE_COMMAND, check_remote_command, parse_address,
                     parse_hostfile, parse_hosts, place_ranks, remote_argv)
-from .report import EXIT_LAUNCHER, Failure, failure_from_torch, print_summary, record_exception, signal_name
+from .report import (EXIT_LAUNCHER, Failure, blame, exit_status, failure_from_torch, print_summary,
+                     record_exception, signal_name)
 from .sentinel import Sentinel, sentinel_main
 
 __all__ = [
@@ -400,17 +401,19 @@ def _run_agent(plan: _AgentPlan, secret: str) -> _AgentResult:
     # Before anything that can start a worker (constraint 7).
     sentinel = Sentinel.start(_MODULE, None if plan.log_dir else log_root)
     run_id = plan.run_id or secrets.token_hex(_SECRET_BYTES)
-    sentinel.job(run_id, plan.node_rank)
-    logs = _agent.RememberingLogsSpecs(log_dir=log_root, tee=Std.ALL)
     # One host: the store on loopback, a free port (no clash between concurrent jobs). Several:
     # torch's static rendezvous at the master address; node rank = host order. (torch's dynamic c10d
     # rendezvous numbers nodes by sorting their descriptors, see dynamic_rendezvous.py
     # `enumerate(sorted(state.participants))`, so rank 0 could land on any host; -H order must decide.)
     master_addr = plan.master_addr or "127.0.0.1"
-    agent = None
     try:
-        store, port = _agent.open_store(master_addr, plan.master_port, plan.node_rank == 0, secret,
-                                        plan.start_timeout_s)
+        sentinel.job(run_id, plan.node_rank)
+        logs = _agent.RememberingLogsSpecs(log_dir=log_root, tee=Std.ALL)
+        try:
+            store, port = _agent.open_store(master_addr, plan.master_port, plan.node_rank == 0, secret,
+                                            plan.start_timeout_s, remote_peers=plan.nnodes > 1)
+        except ValueError as exc:  # the store cannot listen there (address, port): a usage error
+            raise _UsageError(str(exc)) from None
         agent = _agent.make_agent(
             store=store, master_addr=master_addr, master_port=port, node_rank=plan.node_rank,
             nnodes=plan.nnodes, nproc=plan.nproc, run_id=run_id,
@@ -426,13 +429,12 @@ def _run_agent(plan: _AgentPlan, secret: str) -> _AgentResult:
         if not failures:
             return _AgentResult(0, [], exited_ok)
         failures.sort(key=Failure.sort_key)
-        from .report import blame, exit_status  # noqa: PLC0415
         return _AgentResult(exit_status(blame(failures, exited_ok).root), failures, exited_ok)
     except SignalException as exc:
         # Ctrl-C or SIGTERM: torch's agent already stopped the workers.
         return _AgentResult(128 + int(exc.sigval))
-    except ValueError as exc:  # the store cannot listen (address, port): a usage error
-        raise _UsageError(str(exc)) from None
+    except _UsageError:
+        raise
     except Exception as exc:  # rendezvous or start-up failure: no rank to blame
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return _AgentResult(EXIT_LAUNCHER, [Failure(rank=None, host=host, what=f"{type(exc).__name__}: {text}",

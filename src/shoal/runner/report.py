@@ -45,6 +45,10 @@ ERROR_FIELDS_KEY = "shoal"
 _COLLATERAL_WORDS = ("closed by peer", "reset by peer", "Broken pipe", "ECONNRESET", "Connection refused")
 
 
+#: How many further lines of a multi-line error the summary shows under its first.
+_DETAIL_LINES = 6
+
+
 def signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -72,6 +76,8 @@ class Failure:
     #: From the error file's Shoal fields (constraint 1): the exception's class, and the ranks it named.
     error_type: str = ""
     culprit_ranks: list[int] = field(default_factory=list)
+    #: The message's next lines, when it has several (a MismatchError lists what each rank submitted).
+    detail: list[str] = field(default_factory=list)
 
     def sort_key(self) -> tuple:
         return (self.stopped, self.collateral, self.timestamp,
@@ -164,7 +170,10 @@ def failure_from_torch(rank: int, pf: Any, stderr_log: Optional[str], host: str)
         line = _last_line(stderr_log)
         what = f"exit code {pf.exitcode}" + (f": {line}" if line else "")
     culprits = [int(r) for r in fields.get("culprit_ranks", []) if isinstance(r, int)]
-    return Failure(rank=rank, host=host, what=what, exitcode=pf.exitcode, pid=pf.pid,
+    rest = [ln.strip() for ln in message.strip().splitlines()[1:] if ln.strip()] if from_error_file else []
+    detail = rest[:_DETAIL_LINES] + ([f"... {len(rest) - _DETAIL_LINES} more line(s) in the rank's output"]
+                                     if len(rest) > _DETAIL_LINES else [])
+    return Failure(rank=rank, host=host, what=what, exitcode=pf.exitcode, pid=pf.pid, detail=detail,
                    timestamp=float(fields.get("time") or pf.timestamp),
                    stopped=pf.exitcode == -signal.SIGTERM,
                    collateral=not fields.get("shoal_error") and any(w in what for w in _COLLATERAL_WORDS),
@@ -244,6 +253,9 @@ def print_summary(failures: list[Failure], world_size: int, log_dir: Optional[st
     else:
         print(f"shoal: rank {v.culprit} is the root cause: named by {_ranks_text(v.namers or [root])} "
               f"({root.what})", file=out)
+    for line in root.detail:
+        print(f"shoal:     {line}", file=out)
+    if not (v.own_failure or v.culprit is None):
         waiters = _ranks_text(v.namers or [root])
         if v.exited_ok:
             print(f"shoal:   rank {v.culprit} exited normally (code 0) while {waiters} still waited for it",

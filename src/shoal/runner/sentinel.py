@@ -26,7 +26,7 @@ Design constraints:
 3. Fast and bounded: SIGTERM, then SIGKILL to what is left after ``GRACE_S``; the whole stop
    stays within the 5 s target (ranks gone within 5 s of the launcher's death).
 4. Leave nothing behind: then remove the agent's temporary log directory, and say on the agent's
-   stderr what happened (the launcher could not).
+   stderr what happened (the launcher could not), when there was a rank to stop.
 
 Protocol on the pipe (agent -> sentinel), one line each: ``job RUN_ID GROUP_RANK`` first, ``pid N``
 for every worker, ``done`` at a clean end. Entry: ``python -m shoal.runner.launch --sentinel AGENT_PID [TEMP_DIR]``.
@@ -40,6 +40,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -212,11 +213,12 @@ def sentinel_main(agent_pid: int, temp_dir: str) -> int:
     if temp_dir and os.path.basename(temp_dir).startswith(_TEMP_PREFIX) and os.path.isdir(temp_dir):
         shutil.rmtree(temp_dir, ignore_errors=True)
         removed = f" and removed {temp_dir}"
+    if not stopped and not late:
+        return 0  # it died before any rank ran (e.g. stopped during the rendezvous): nothing to say
     try:
-        print(f"shoal: the launcher (pid {agent_pid}) died without stopping its ranks; the sentinel "
-              f"stopped {len(stopped) + len(late)} process(es) of its job "
-              f"({', '.join(map(str, stopped + sorted(late))) or 'none left'}){removed}",
-              file=sys.stderr, flush=True)
+        print(f"shoal: the launcher's agent on {socket.gethostname()} (pid {agent_pid}) died without "
+              f"stopping its ranks; the sentinel stopped {len(stopped) + len(late)} process(es) of its job "
+              f"({', '.join(map(str, stopped + sorted(late)))}){removed}", file=sys.stderr, flush=True)
     except (OSError, ValueError):  # the launcher's stderr went with it
         pass
     return 0
