@@ -20,7 +20,6 @@ import time.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -282,7 +281,3 @@ def print_summary(failures: list[Failure], world_size: int, log_dir: Optional[st
           f"cause is {blamed}: its output above carries the prefix [rank{v.culprit}]; {where}.",
           file=out, flush=True)
     return code
-
-
-def failure_to_json(f: Failure) -> str:
-    return json.dumps(dataclasses.asdict(f))
