@@ -83,6 +83,11 @@ def test_rank_killed_by_sigkill_ends_the_run_within_30s(run_cli, tmp_path):
     (["--fusion-threshold-mb", "big"], "argument --fusion-threshold-mb: invalid float value: 'big'"),
     (["-H", "a:0"], "slots must be a positive integer"),
     (["-H", "a:1,b:1", "-np", "3"], "-np 3 but the hosts have 2 slots"),
+    (["-H", "::1"], "an IPv6 address needs brackets: [::1]"),
+    (["-H", "a:2:3"], "more than one ':'"),
+    (["--hosts=-oProxyCommand=touch /tmp/shoal-pwned:1"], "a host name may not start with '-'"),
+    (["-H", "a:2", "--remote-command", "ssh {host} {0}"], "only {host} is replaced, not {0}"),
+    (["-H", "a:2", "--master-addr=-oProxyCommand=x"], "cannot use host '-oProxyCommand=x'"),
 ])
 def test_bad_flag_value_is_a_clear_usage_error(run_cli, flags, expected):
     np_flags = [] if "-np" in flags else ["-np", "2"]
