@@ -44,7 +44,7 @@ def test_a_busy_rank_named_by_a_stall_error_is_the_root_cause_not_the_waiter():
     code, lines = _summary([waiter, busy])
     assert lines[0] == ("shoal: rank 1 is the root cause: named by rank 0 (StallError: rank 0 has waited 3 s "
                         "... rank 1 never reached)")
-    assert lines[1] == "shoal:   rank 1 was still running (busy or hung) when shoal stopped it"
+    assert lines[1] == "shoal:   rank 1 was still running when shoal stopped it"
     assert len(lines) == 3 and code == 1
     assert "the root cause is rank 1: its output above carries the prefix [rank1]" in lines[2]
 

@@ -240,7 +240,7 @@ def print_summary(failures: list[Failure], world_size: int, log_dir: Optional[st
     Example output::
 
         shoal: rank 1 is the root cause: named by rank 0 (StallError: shoal: rank 0 has waited 3 s ...)
-        shoal:   rank 1 was still running (busy or hung) when shoal stopped it
+        shoal:   rank 1 was still running when shoal stopped it
         shoal: 1 of 2 ranks failed; exit status 1. HINT: the root cause is rank 1: ...
     """
     out = out or sys.stderr
@@ -260,7 +260,7 @@ def print_summary(failures: list[Failure], world_size: int, log_dir: Optional[st
             print(f"shoal:   rank {v.culprit} exited normally (code 0) while {waiters} still waited for it",
                   file=out)
         elif any(f.rank == v.culprit and f.stopped for f in failures):
-            print(f"shoal:   rank {v.culprit} was still running (busy or hung) when shoal stopped it", file=out)
+            print(f"shoal:   rank {v.culprit} was still running when shoal stopped it", file=out)
             shown |= {id(f) for f in failures if f.rank == v.culprit}
     blamed = f"rank {v.culprit}" if v.culprit is not None else root.who()
     for f in sorted(failures, key=Failure.sort_key):
