@@ -17,13 +17,14 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import pytest
 
 __all__ = ["CliResult", "run_cli"]
 
-_MARK = "SHOAL_LAUNCHER_TEST_RUN"
+# Not SHOAL_*: shoal.init() warns about SHOAL_* names it does not know.
+_MARK = "LAUNCHER_TEST_RUN_MARK"
 _BIN = os.path.dirname(sys.executable)
 
 
@@ -35,6 +36,8 @@ class CliResult:
     duration_s: float
     #: time.time() when the process exited (tests compare it with times the ranks print)
     ended_at: float
+    #: seconds from the launcher's exit until none of its processes was left (0.0: none was left)
+    drained_s: float = 0.0
 
     def shoal_lines(self) -> list[str]:
         """The launcher's own report lines (``shoal: ...``), in order."""
@@ -76,14 +79,20 @@ def _kill_marked(marker: str) -> list[int]:
 
 
 def run_cli(args: Sequence[str], timeout_s: float = 60.0, env: Optional[dict[str, str]] = None,
-            interrupt_on: Optional[str] = None) -> CliResult:
+            interrupt_on: Optional[str] = None, interrupt_signal: int = signal.SIGINT,
+            on_stdout: Optional[Callable[[str], None]] = None, settle_s: float = 2.0) -> CliResult:
     """Run ``shoal <args>`` in its own session and return what it printed.
 
     Args:
         args: arguments after ``shoal``, e.g. ``["run", "-np", "2", "python", "-c", "..."]``.
         timeout_s: the test fails (and everything is killed) after this long.
         env: extra variables for the command.
-        interrupt_on: send SIGINT (Ctrl-C) to the launcher once this text appears on its stdout.
+        interrupt_on: send ``interrupt_signal`` (default SIGINT, Ctrl-C) to the launcher once this
+            text appears on its stdout.
+        on_stdout: called with each stdout line as it comes (from a reader thread); an exception
+            it raises fails the test after the run.
+        settle_s: how long the launcher's processes may take to go after it exited; any left then
+            is a leak.
     """
     marker = uuid.uuid4().hex
     full_env = {**os.environ, **(env or {}), _MARK: marker,
@@ -93,14 +102,20 @@ def run_cli(args: Sequence[str], timeout_s: float = 60.0, env: Optional[dict[str
                             env=full_env, start_new_session=True)
     chunks: dict[str, list[str]] = {"out": [], "err": []}
     seen = threading.Event()
+    callback_errors: list[BaseException] = []
 
     def _read(stream, key: str) -> None:
         for raw in iter(stream.readline, b""):
             line = raw.decode(errors="replace")
             chunks[key].append(line)
+            if key == "out" and on_stdout is not None and not callback_errors:
+                try:
+                    on_stdout(line)
+                except BaseException as exc:  # noqa: BLE001 (re-raised in the test's thread)
+                    callback_errors.append(exc)
             if interrupt_on and key == "out" and interrupt_on in line and not seen.is_set():
                 seen.set()
-                os.kill(proc.pid, signal.SIGINT)
+                os.kill(proc.pid, interrupt_signal)
 
     readers = [threading.Thread(target=_read, args=(proc.stdout, "out"), daemon=True),
                threading.Thread(target=_read, args=(proc.stderr, "err"), daemon=True)]
@@ -117,14 +132,19 @@ def run_cli(args: Sequence[str], timeout_s: float = 60.0, env: Optional[dict[str
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         # Give an exiting launcher's last children a moment, then anything left is a leak.
-        deadline = time.monotonic() + 2.0
+        exited = time.monotonic()
+        deadline = exited + settle_s
+        drained_s = 0.0
         while _marked_pids(marker) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.05)
+            drained_s = time.monotonic() - exited
         leaked = _kill_marked(marker)
         for t in readers:
             t.join(timeout=5)
     result = CliResult(proc.returncode, "".join(chunks["out"]), "".join(chunks["err"]),
-                       time.monotonic() - t0, ended_at)
+                       time.monotonic() - t0, ended_at, drained_s)
+    if callback_errors:
+        raise callback_errors[0]
     if timed_out:
         pytest.fail(f"shoal did not finish within {timeout_s} s (killed):\n{result.describe()}")
     if leaked:

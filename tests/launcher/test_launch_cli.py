@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from shoal.core.config import env_name, flag_name, knobs
-from shoal.runner import launch
+from shoal.runner import hosts, launch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -82,12 +82,96 @@ def test_parse_hosts_and_place_ranks():
         launch.place_ranks([("a", 2), ("b", 2)], 5)
 
 
+def test_host_grammar_dns_ipv4_and_bracketed_ipv6():
+    assert hosts.parse_hosts("node-1.example.com:2,10.0.0.2,[::1]:3,[fd00::3],shoal-42-0-n0:1") == [
+        ("node-1.example.com", 2), ("10.0.0.2", 1), ("::1", 3), ("fd00::3", 1), ("shoal-42-0-n0", 1)]
+    assert hosts.parse_address("[fd00::1]") == hosts.parse_address("fd00::1") == "fd00::1"
+    assert hosts.format_host("fd00::1") == "[fd00::1]"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("::1", "an IPv6 address needs brackets: [::1]"),   # once parsed as host ':'
+    ("a:2:3", "more than one ':'"),                      # once parsed as host 'a:2'
+    ("[::1", "[ADDRESS]:SLOTS"),
+    ("[zz::q]:2", "not a valid IPv6 address"),
+    ("300.1.1.1", "not a valid IPv4 address"),
+    ("[::1]x", "[ADDRESS]:SLOTS"),
+])
+def test_bad_host_syntax_is_a_usage_error_with_a_hint(text, words):
+    with pytest.raises(ValueError) as info:
+        hosts.parse_hosts(text)
+    assert words in str(info.value) and "HINT" in str(info.value)
+
+
+# Hostile host names: each would have become an ssh option (runs a command on this machine) or more
+# words for the remote shell.
+_HOSTILE = ["-oProxyCommand=touch /tmp/pwned", "-oProxyCommand=id", "a b", "a;id", "a&&id", "$(id)",
+            "`id`", "a|id", "a\nid", "a'b", 'a"b', "host/../x", "--", "-"]
+
+
+@pytest.mark.parametrize("name", _HOSTILE)
+def test_hostile_host_names_are_refused_everywhere(name, tmp_path):
+    with pytest.raises(ValueError, match="HINT"):
+        hosts.parse_hosts(f"{name}:1")
+    if "\n" not in name:  # in a host file a newline only starts the next line
+        path = tmp_path / "hosts"
+        path.write_text(f"{name} slots=1\n")
+        with pytest.raises(ValueError, match="HINT"):
+            hosts.parse_hostfile(str(path))
+    with pytest.raises(ValueError):
+        hosts.remote_argv("ssh {host}", name, ["python"])  # the last line of defence refuses too
+
+
+def test_ssh_argv_ends_options_before_the_host_and_quotes_the_remote_command():
+    cmd = ["/opt/my env/bin/python", "-m", "shoal.runner.launch", "--agent", "eyJhIjogMX0="]
+    argv = hosts.remote_argv(hosts.DEFAULT_REMOTE_COMMAND, "node2", cmd)
+    assert argv == ["ssh", "-o", "BatchMode=yes", "--", "node2", "'/opt/my env/bin/python'", "-m",
+                    "shoal.runner.launch", "--agent", "eyJhIjogMX0="]
+    # ssh joins the words after the host into one line for the remote shell: it gets them back intact.
+    import shlex
+    assert shlex.split(" ".join(argv[5:])) == cmd
+    assert hosts.remote_argv("/usr/bin/ssh -p 2222 -o ProxyJump={host}-gw {host}", "fd00::3", ["x"]) == [
+        "/usr/bin/ssh", "-p", "2222", "-o", "ProxyJump=fd00::3-gw", "--", "fd00::3", "x"]
+    assert hosts.remote_argv("ssh -- {host}", "n", ["x"]) == ["ssh", "--", "n", "x"]  # no second --
+
+
+def test_exec_style_templates_get_the_command_as_separate_words():
+    cmd = ["/opt/my env/bin/python", "-m", "x"]
+    assert hosts.remote_argv("ip netns exec {host}", "ns0", cmd) == ["ip", "netns", "exec", "ns0", *cmd]
+    assert hosts.remote_argv("docker exec -i {host}", "c1", cmd) == ["docker", "exec", "-i", "c1", *cmd]
+
+
+@pytest.mark.parametrize("template, words", [
+    ("ssh {host} {0}", "only {host} is replaced, not {0}"),   # once a traceback (IndexError)
+    ("ssh {user}@{host}", "only {host} is replaced, not {user}"),
+    ("ssh {}", "only {host} is replaced"),
+    ("ssh {host", "literal brace"),
+    ("ssh", "has no {host}"),
+    ("ssh '{host}", "balance the quotes"),
+    ("ssh {host} -p 2222", "put ssh's options before {host}"),
+    ("", "is empty"),
+])
+def test_bad_remote_command_templates_are_usage_errors(template, words):
+    with pytest.raises(ValueError) as info:
+        hosts.check_remote_command(template)
+    assert words in str(info.value) and "HINT" in str(info.value)
+
+
+def test_literal_braces_and_host_inside_a_word_are_fine():
+    assert hosts.remote_argv("ssh -o X={{y}} me@{host}", "n1", ["x"]) == [
+        "ssh", "-o", "X={y}", "--", "me@n1", "x"]
+
+
 def test_parse_hostfile(tmp_path):
     path = tmp_path / "hosts"
-    path.write_text("# cluster\nnode1 slots=4\nnode2:2   # two GPUs\n\nnode3\n")
-    assert launch.parse_hostfile(str(path)) == [("node1", 4), ("node2", 2), ("node3", 1)]
+    path.write_text("# cluster\nnode1 slots=4\nnode2:2   # two GPUs\n\nnode3\n[fd00::4] slots=2\n[fd00::5]:3\n")
+    assert launch.parse_hostfile(str(path)) == [("node1", 4), ("node2", 2), ("node3", 1), ("fd00::4", 2),
+                                                ("fd00::5", 3)]
     path.write_text("node1 slots=four\n")
     with pytest.raises(ValueError, match="positive integer"):
+        launch.parse_hostfile(str(path))
+    path.write_text("node1 slots=2 extra\n")
+    with pytest.raises(ValueError, match="cannot parse"):
         launch.parse_hostfile(str(path))
 
 

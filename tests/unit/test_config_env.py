@@ -36,7 +36,7 @@ def test_environment_values_are_parsed_by_type():
         "SHOAL_TIMEOUT_S": " 12.5 ", "SHOAL_NUM_STREAMS": "3", "SHOAL_CHECK_COLLECTIVES": "off",
         "SHOAL_AUTOTUNE": "Yes", "SHOAL_BACKEND": "gloo", "SHOAL_LOCAL_SIZE": "2",
         "SHOAL_COMPRESSION": "bf16", "SHOAL_TIMELINE_FILENAME": "/tmp/t.json",
-        "UNRELATED": "x", "SHOAL_NOT_A_KNOB": "ignored",
+        "UNRELATED": "x", "SHOAL_NOT_A_KNOB": "ignored",  # ignored by read_config (init() warns)
     })
     assert cfg.timeout_s == 12.5 and cfg.num_streams == 3 and cfg.local_size == 2
     assert cfg.check_collectives is False and cfg.autotune is True
@@ -192,3 +192,68 @@ def test_bad_slurm_node_list_is_named(nodelist):
     with pytest.raises(ValueError, match="SLURM node list") as info:
         parse_slurm_first_node(nodelist)
     assert "HINT" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Non-finite values and unknown variables
+# --------------------------------------------------------------------------------------------------------
+
+_FLOAT_KNOBS = [f.name for f in knobs() if isinstance(f.default, float)]
+
+
+@pytest.mark.parametrize("name", _FLOAT_KNOBS)
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN", "Infinity"])
+def test_non_finite_values_name_the_knob_variable_and_flag(name, raw):
+    # nan passes every range check (nan <= 0 is False) and inf passes them too; both used to fail later,
+    # naming no setting.
+    with pytest.raises(ValueError, match="must be a finite number") as info:
+        read_config({env_name(name): raw})
+    text = str(info.value)
+    assert name in text and env_name(name) in text and flag_name(name) in text and "HINT" in text
+    with pytest.raises(ValueError, match="must be a finite number"):
+        read_config({}, **{name: float(raw)})  # the keyword path (init(timeout_s=inf)) too
+
+
+def test_float_knobs_are_the_ones_checked():
+    assert {"timeout_s", "fusion_threshold_mb", "first_bucket_mb", "stall_warning_s",
+            "stall_timeout_s"} <= set(_FLOAT_KNOBS)
+
+
+def test_negative_stall_timeout_is_refused_and_zero_means_default():
+    with pytest.raises(ValueError, match="stall_timeout_s must be >= 0"):
+        read_config({"SHOAL_STALL_TIMEOUT_S": "-1"})
+    assert read_config({"SHOAL_STALL_TIMEOUT_S": "0"}).stall_timeout_s == 0.0
+
+
+def test_unknown_shoal_variable_is_warned_once_with_the_closest_name(caplog):
+    from shoal.core import env
+
+    env._warned_unknown.discard("SHOAL_NAN_CHEK")
+    environ = {"SHOAL_NAN_CHEK": "raise", "SHOAL_TIMEOUT_S": "5", "SHOAL_INIT_FILE": "/x",
+               "SHOAL_TIMELINE": "/t.json", "SHOAL_JOB_SECRET": "ab" * 16, "OTHER": "1"}
+    with caplog.at_level(logging.WARNING, logger="shoal.core.env"):
+        assert env.warn_unknown_variables(environ) == ["SHOAL_NAN_CHEK"]
+        assert env.warn_unknown_variables(environ) == ["SHOAL_NAN_CHEK"]  # init() twice: one warning
+    [record] = caplog.records
+    msg = record.getMessage()
+    assert "SHOAL_NAN_CHEK is not a Shoal variable" in msg and "did you mean SHOAL_NAN_CHECK?" in msg
+    assert "HINT" in msg
+
+
+def test_unknown_variable_without_a_close_name_still_warns(caplog):
+    from shoal.core import env
+
+    env._warned_unknown.discard("SHOAL_ZZZZZZ")
+    with caplog.at_level(logging.WARNING, logger="shoal.core.env"):
+        env.warn_unknown_variables({"SHOAL_ZZZZZZ": "1"})
+    [record] = caplog.records
+    assert "SHOAL_ZZZZZZ is not a Shoal variable" in record.getMessage()
+    assert "did you mean" not in record.getMessage()
+
+
+def test_every_variable_shoal_sets_itself_is_known():
+    from shoal.core import env
+
+    known = env.known_variables()
+    assert {env_name(f.name) for f in knobs()} <= known
+    assert {"SHOAL_TIMELINE", "SHOAL_INIT_FILE", "SHOAL_JOB_SECRET", "SHOAL_CLUSTER_LINK"} <= known

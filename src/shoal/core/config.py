@@ -14,6 +14,7 @@ What lives elsewhere: reading ``os.environ`` (:mod:`shoal.core.env`), the launch
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -130,7 +131,7 @@ class ShoalConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> "ShoalConfig":
-        """Check choices and ranges; raise ``ValueError`` naming the knob and its variable."""
+        """Check choices, ranges and finiteness; raise ``ValueError`` naming the knob and its variable."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             choices = choices_of(f)
@@ -138,6 +139,15 @@ class ShoalConfig:
                 raise ValueError(
                     f"shoal: {f.name}={value!r} is not one of {', '.join(choices)} "
                     f"(set by keyword, {env_name(f.name)} or {flag_name(f.name)})")
+        # nan passes every comparison below (nan <= 0 is False) and inf passes them all too, then fails
+        # far from here, naming no setting (a nan bucket size, an inf timedelta): refuse both first.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(
+                    f"shoal: {f.name} must be a finite number, got {value!r} (set by keyword, "
+                    f"{env_name(f.name)} or {flag_name(f.name)}). HINT: give a number of "
+                    f"{'seconds' if f.name.endswith('_s') else 'MB' if f.name.endswith('_mb') else 'units'}.")
         for name in ("timeout_s", "fusion_threshold_mb", "first_bucket_mb", "stall_warning_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"shoal: {name} must be > 0, got {getattr(self, name)!r} "
@@ -145,6 +155,9 @@ class ShoalConfig:
         if self.negotiation_check_steps < 1:
             raise ValueError(f"shoal: negotiation_check_steps must be >= 1, got {self.negotiation_check_steps} "
                              f"(HINT: check {env_name('negotiation_check_steps')})")
+        if self.stall_timeout_s < 0:
+            raise ValueError(f"shoal: stall_timeout_s must be >= 0 (0: 90% of timeout_s), got "
+                             f"{self.stall_timeout_s!r} (HINT: check {env_name('stall_timeout_s')})")
         if self.num_streams < 1:
             raise ValueError(f"shoal: num_streams must be >= 1, got {self.num_streams}")
         if self.local_size is not None and self.local_size < 1:

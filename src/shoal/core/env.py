@@ -1,9 +1,13 @@
 """The only reader of ``os.environ`` in Shoal.
 
-Two things come from the environment:
+Three things come from the environment:
 
-1. knob overrides, ``SHOAL_<FIELD>`` for every field of :class:`~shoal.core.config.ShoalConfig`;
-2. the world this process belongs to, from whatever launched it. Detection order (first match wins):
+1. knob overrides, ``SHOAL_<FIELD>`` for every field of :class:`~shoal.core.config.ShoalConfig`
+   (any other ``SHOAL_*`` name that Shoal does not know is a typo until proven otherwise:
+   :func:`warn_unknown_variables` names the closest known one);
+2. the job's secret, ``SHOAL_JOB_SECRET``, which ``shoal run`` hands to its ranks so that every key
+   of the job's store lives under it (:func:`job_secret`);
+3. the world this process belongs to, from whatever launched it. Detection order (first match wins):
 
    ========================  =========================================================
    launcher                  variables
@@ -25,6 +29,7 @@ Writing variables (NCCL/gloo network settings) happens in ``shoal.init`` through
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 import re
@@ -32,17 +37,23 @@ import typing
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from .config import ShoalConfig, env_name, knob_type
+from .config import ENV_PREFIX, ShoalConfig, env_name, knob_type
 
 __all__ = [
     "WorldInfo",
     "read_config",
     "explicit_knobs",
     "TIMELINE_ALIAS",
+    "JOB_SECRET",
+    "job_secret",
+    "export_job_secret",
+    "known_variables",
+    "warn_unknown_variables",
     "detect_world",
     "parse_slurm_first_node",
     "SLURM_BATCH_SOURCE",
     "get_env",
+    "child_environ",
     "set_default_env",
     "export_env",
 ]
@@ -113,6 +124,64 @@ def explicit_knobs(environ: Optional[Mapping[str, str]] = None) -> frozenset[str
     if env.get(TIMELINE_ALIAS):
         names.add("timeline_filename")
     return frozenset(names)
+
+
+#: The job's secret: every key of the job's store lives under it (set by ``shoal run`` for its ranks).
+JOB_SECRET = "SHOAL_JOB_SECRET"
+
+#: ``SHOAL_*`` variables that are not knobs but that Shoal sets or reads itself: the timeline alias, the
+#: test harness's FileStore path, the job secret, the emulated cluster's link description.
+_OTHER_VARIABLES = frozenset({TIMELINE_ALIAS, "SHOAL_INIT_FILE", JOB_SECRET, "SHOAL_CLUSTER_LINK"})
+
+#: Unknown names already warned about in this process (init() twice warns once).
+_warned_unknown: set[str] = set()
+
+
+def known_variables() -> frozenset[str]:
+    """Every ``SHOAL_*`` name Shoal reads or sets: one per knob, plus its own few (e.g. ``SHOAL_TIMELINE``)."""
+    return frozenset(env_name(f.name) for f in dataclasses.fields(ShoalConfig)) | _OTHER_VARIABLES
+
+
+def warn_unknown_variables(environ: Optional[Mapping[str, str]] = None) -> list[str]:
+    """Log one warning for each ``SHOAL_*`` variable Shoal does not know, with the closest known name.
+
+    A misspelled knob (``SHOAL_NAN_CHEK=raise``) would otherwise be ignored without a word, and the
+    NaN check the user asked for would stay off. Each name is warned about once per process.
+
+    Returns:
+        The unknown names found (warned about now or before), sorted.
+
+    Example:
+        >>> warn_unknown_variables({"SHOAL_NAN_CHEK": "raise"})
+        shoal: SHOAL_NAN_CHEK is not a Shoal variable and is ignored; did you mean SHOAL_NAN_CHECK? ...
+        ['SHOAL_NAN_CHEK']
+    """
+    env = _environ(environ)
+    known = known_variables()
+    unknown = sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known)
+    for name in unknown:
+        if name in _warned_unknown:
+            continue
+        _warned_unknown.add(name)
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        guess = f"did you mean {close[0]}? " if close else ""
+        log.warning("shoal: %s is not a Shoal variable and is ignored; %sHINT: `shoal run --help` lists "
+                    "every knob with its SHOAL_* variable (docs/launcher.md).", name, guess)
+    return unknown
+
+
+def job_secret(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The job's secret (``SHOAL_JOB_SECRET``), or None when this process was not started by ``shoal run``."""
+    return _environ(environ).get(JOB_SECRET) or None
+
+
+def export_job_secret(secret: str) -> None:
+    """Hand ``secret`` to the processes a launcher is about to start (``SHOAL_JOB_SECRET``).
+
+    Called by ``shoal run`` only, right before its workers start; unlike :func:`export_env`, it never
+    logs the value.
+    """
+    os.environ[JOB_SECRET] = secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +329,14 @@ def get_env(name: str, default: Optional[str] = None,
             environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """Read one variable (for the few non-knob variables Shoal looks at, e.g. ``NCCL_*``)."""
     return _environ(environ).get(name, default)
+
+
+def child_environ(extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment a child started now would see: this process's, with ``extra`` on top.
+
+    ``shoal run`` checks the knobs its ranks will read in it, before starting them.
+    """
+    return {**os.environ, **extra}
 
 
 def set_default_env(name: str, value: str, reason: str) -> bool:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from . import env as _env
 from . import exchange as _exchange
+from . import jobstore as _jobstore
 from . import network as _network
 from .config import ShoalConfig
 from .errors import NotInitializedError, RankFailureError
@@ -178,6 +179,7 @@ def init(backend: Optional[str] = None, timeout_s: Optional[float] = None, **kno
     if _rt is not None:
         return
     cfg = _env.read_config(backend=backend, timeout_s=timeout_s, **knobs)
+    _env.warn_unknown_variables()  # a misspelled SHOAL_* would be ignored without a word
     world = _env.detect_world()
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     owns = not dist.is_initialized()
@@ -198,8 +200,7 @@ def init(backend: Optional[str] = None, timeout_s: Optional[float] = None, **kno
                 "MASTER_ADDR/MASTER_PORT are not set. HINT: launch with `shoal run` or torchrun, or "
                 "export MASTER_ADDR=<host of rank 0> MASTER_PORT=29500.")
         else:
-            dist.init_process_group(chosen, init_method=world.init_method, rank=world.rank,
-                                    world_size=world.size, timeout=timeout)
+            _jobstore.init_default_group(chosen, world.init_method, world.rank, world.size, timeout)
     me, n = dist.get_rank(), dist.get_world_size()
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
         else torch.device("cpu")

@@ -2,21 +2,30 @@
 
 Design constraints:
 
-1. No process manager of our own (DESIGN.md, "What stays out"). On every host torch's elastic agent
-   (:func:`torch.distributed.launcher.api.elastic_launch`, the machinery behind torchrun) starts,
-   watches and stops the workers; this module only builds its ``LaunchConfig`` and reports.
+1. No process manager or rendezvous of our own (DESIGN.md, "What stays out"). On every host torch's
+   elastic agent (``LocalElasticAgent`` with torch's static rendezvous, the machinery behind
+   torchrun, composed in :mod:`shoal.runner.agent`) starts, watches and stops the workers; this
+   module plans the agents and reports.
 2. One name per knob. The knob flags are generated from :class:`~shoal.core.config.ShoalConfig`;
    a flag the user gives reaches every worker as ``SHOAL_<FIELD>``; a flag not given changes nothing.
+   Every knob value, given or inherited from the shell, is checked before a rank starts.
 3. Fail loud, fast and first. The agent polls its workers every ``_MONITOR_INTERVAL_S``, so a dead
-   rank is seen at once; the first line printed after a failure names the root-cause rank and its
-   exception (from torch's per-worker error file, written by the worker shim) or signal; the exit
-   status is non-zero whenever any rank fails.
+   rank is seen at once; the first line printed after a failure names the root-cause rank: the one
+   the ranks' own errors named (structured fields in torch's per-worker error file, written by the
+   worker shim), else the rank's exception or signal (:mod:`shoal.runner.report`); the exit status
+   is non-zero whenever any rank fails.
 4. Every output line names its rank (torch's tee plus a log-line prefix template).
-5. Nothing is reachable beyond this machine unless hosts are given: the one-host rendezvous is
-   torch's c10d store at 127.0.0.1 on a free port.
-6. Several hosts: one agent per host through a remote-command template (ssh by default). ssh
-   forwards no environment, so the knobs travel inside the agent's command line. One failing
-   agent, or Ctrl-C, stops every agent.
+5. Nothing listens beyond what the job needs: the store binds 127.0.0.1 when every rank is on this
+   host and the master address otherwise, and every key of the job lives under a per-job secret
+   (:mod:`shoal.runner.agent`; docs/launcher.md, "Threat model").
+6. Several hosts: one agent per host through a remote-command template (ssh by default), with host
+   names validated and the remote command quoted (:mod:`shoal.runner.hosts`). ssh forwards no
+   environment, so the knobs travel inside the agent's command line, and the job's secret on its
+   stdin (never in an argv, which any local user can read). One failing agent, or Ctrl-C, stops
+   every agent.
+7. Nothing outlives the launcher: if an agent dies without stopping its ranks (SIGKILL), its
+   sentinel stops them and removes its temporary directory (:mod:`shoal.runner.sentinel`); a remote
+   agent stops itself when its stdin (the coordinator's pipe) closes.
 
 Glossary:
     agent        torch's elastic agent, one per host, parent of that host's workers
@@ -24,6 +33,7 @@ Glossary:
     shim         ``python -m shoal.runner.launch --worker ...``: runs a Python command in-process so
                  that an uncaught exception lands in torch's error file (``TORCHELASTIC_ERROR_FILE``)
     coordinator  the ``shoal run`` process of a multi-host job: starts the agents and watches them
+    sentinel     a small process per agent that stops its workers if the agent dies first
 
 What lives elsewhere: subcommand dispatch (:mod:`shoal.runner.cli`), the knobs themselves
 (:mod:`shoal.core.config`), reading the environment (:mod:`shoal.core.env`), what workers do with
@@ -42,7 +52,8 @@ import os
 import queue
 import re
 import runpy
-import shlex
+import secrets
+import select
 import shutil
 import signal
 import socket
@@ -54,12 +65,17 @@ import time
 import traceback
 import types
 import typing
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from shoal.core import env as _env
 from shoal.core.config import ShoalConfig, choices_of, env_name, flag_name, knob_type, knobs
+
+from .hosts import (DEFAULT_REMOTE_COMMAND, check_remote_command, parse_address,
+                    parse_hostfile, parse_hosts, place_ranks, remote_argv)
+from .report import (EXIT_LAUNCHER, Failure, blame, exit_status, failure_from_torch, print_summary,
+                     record_exception, signal_name)
+from .sentinel import Sentinel, sentinel_main
 
 __all__ = [
     "add_arguments",
@@ -77,8 +93,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ssh never prompts in batch mode: a missing key fails at once instead of hanging the launch.
-DEFAULT_REMOTE_COMMAND = "ssh -o BatchMode=yes {host}"
 #: torchrun's default port, for the multi-host rendezvous (one host has no fixed port: it binds port 0).
 _DEFAULT_MASTER_PORT = 29500
 #: How often an agent polls its workers. torch's default is also 0.1 s; written out because
@@ -91,21 +105,15 @@ _SHUTDOWN_TIMEOUT_S = 5
 _AGENT_STOP_GRACE_S = _SHUTDOWN_TIMEOUT_S + 5
 #: ``[rank3]: text``; torch substitutes ${rank} with the global rank.
 _LINE_PREFIX_TEMPLATE = "[rank${rank}]: "
-#: Marks a remote agent's failure report on its stderr; the coordinator parses and hides these lines.
+#: Marks a remote agent's report on its stderr; the coordinator parses and hides these lines.
 _REPORT_MARK = "shoal-agent-report: "
-#: How workers (shim) and remote agents re-enter this module: ``python -m shoal.runner.launch``.
+#: How workers (shim), remote agents and sentinels re-enter this module: ``python -m shoal.runner.launch``.
 _MODULE = "shoal.runner.launch"
+#: Bytes of randomness of the job's secret (constraint 5) and of torch's run id.
+_SECRET_BYTES = 16
 
 EXIT_USAGE = 2  #: bad flags, bad host list, command not found
-EXIT_LAUNCHER = 1  #: the launch itself failed (rendezvous, remote command) with no rank to blame
 EXIT_INTERRUPTED = 128 + int(signal.SIGINT)  #: Ctrl-C, shell convention
-
-# Words of torch/gloo errors that a rank raises when a *peer* went away (seen in gloo's
-# "Connection closed by peer [addr]:port" and shoal's RankFailureError). Such a rank is a victim,
-# not the root cause, even when its error file is stamped in the same second as the real one
-# (error-file timestamps have one-second resolution).
-_COLLATERAL_WORDS = ("RankFailureError", "closed by peer", "reset by peer", "Broken pipe",
-                     "ECONNRESET", "Connection refused")
 
 
 class _UsageError(ValueError):
@@ -120,14 +128,16 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-np", "--num-proc", dest="num_proc", type=int, required=True, metavar="N",
                         help="Total number of ranks (processes).")
     parser.add_argument("-H", "--hosts", dest="hosts", metavar="HOST:SLOTS,...",
-                        help="Hosts and their slots, e.g. a:2,b:2. Without hosts (and without "
-                             "--hostfile) everything runs on this machine over loopback.")
+                        help="Hosts and their slots, e.g. a:2,10.0.0.2:2,[fd00::3]:2 (DNS names, IPv4, "
+                             "IPv6 in brackets). Without hosts (and without --hostfile) everything "
+                             "runs on this machine over loopback.")
     parser.add_argument("--hostfile", dest="hostfile", metavar="FILE",
                         help="File with one host per line: 'host slots=N', 'host:N' or 'host'.")
     parser.add_argument("--remote-command", dest="remote_command", default=DEFAULT_REMOTE_COMMAND,
                         metavar="TEMPLATE",
-                        help="How to run a command on a host; {host} is replaced. Default: "
-                             "%(default)r. Example for network namespaces: 'ip netns exec {host}'.")
+                        help="How to run a command on a host; {host} is its one field. Default: "
+                             "%(default)r (for ssh, shoal adds '--' before the host and quotes the "
+                             "remote command). Example for network namespaces: 'ip netns exec {host}'.")
     parser.add_argument("--master-addr", dest="master_addr", metavar="ADDR",
                         help="Address of the first host, where the rendezvous store listens "
                              "(default: the first host's name).")
@@ -219,109 +229,28 @@ def knob_environment(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
-# --------------------------------------------------------------------------------------- hosts
-
-
-def parse_hosts(text: str) -> list[tuple[str, int]]:
-    """``"a:2,b:2"`` -> ``[("a", 2), ("b", 2)]``; a host without ``:SLOTS`` has one slot.
-
-    Raises:
-        ValueError: an empty host, a repeated host, or slots that are not a positive integer.
-    """
-    hosts: list[tuple[str, int]] = []
-    for item in (p.strip() for p in text.split(",")):
-        if not item:
-            continue
-        name, _, slots = item.rpartition(":") if ":" in item else (item, "", "1")
-        hosts.append((name.strip(), _slots(slots, item)))
-    return _check_hosts(hosts, text)
-
-
-def parse_hostfile(path: str) -> list[tuple[str, int]]:
-    """Read a host file: one ``host slots=N``, ``host:N`` or ``host`` per line; ``#`` comments.
-
-    Raises:
-        ValueError: a line that does not parse (the message names the file and line).
-    """
-    hosts: list[tuple[str, int]] = []
-    with open(path) as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            m = re.fullmatch(r"(\S+?)(?::(\S+)|\s+slots\s*=\s*(\S+))?", line)
-            if not m:
-                raise ValueError(f"shoal: {path}:{lineno}: cannot parse {line!r}. "
-                                 "HINT: write 'host slots=N' or 'host:N'.")
-            hosts.append((m.group(1), _slots(m.group(2) or m.group(3) or "1", f"{path}:{lineno}")))
-    return _check_hosts(hosts, path)
-
-
-def _slots(text: str, where: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"shoal: slots must be a positive integer, got {text!r} in {where!r}. "
-                         "HINT: write host:2 for two ranks on host.")
-    return n
-
-
-def _check_hosts(hosts: list[tuple[str, int]], where: str) -> list[tuple[str, int]]:
-    names = [h for h, _ in hosts]
-    if not hosts or any(not h for h in names):
-        raise ValueError(f"shoal: no usable host in {where!r}. HINT: -H host1:2,host2:2")
-    dup = sorted({h for h in names if names.count(h) > 1})
-    if dup:
-        raise ValueError(f"shoal: host(s) {', '.join(dup)} listed twice in {where!r}. "
-                         "HINT: give each host once with its total slots, e.g. a:4.")
-    return hosts
-
-
-def place_ranks(hosts: Sequence[tuple[str, int]], num_proc: int) -> list[tuple[str, int]]:
-    """Fill hosts in order: ``place_ranks([("a", 2), ("b", 2)], 3)`` -> ``[("a", 2), ("b", 1)]``.
-
-    Hosts left with no rank are dropped; global ranks follow this order (host a holds ranks 0, 1).
-
-    Raises:
-        ValueError: ``num_proc`` exceeds the total number of slots.
-    """
-    total = sum(s for _, s in hosts)
-    if num_proc > total:
-        listed = ", ".join(f"{h}:{s}" for h, s in hosts)
-        raise ValueError(f"shoal: -np {num_proc} but the hosts have {total} slots ({listed}). "
-                         "HINT: lower -np or add slots.")
-    placed, left = [], num_proc
-    for host, slots in hosts:
-        take = min(slots, left)
-        if take:
-            placed.append((host, take))
-        left -= take
-    return placed
-
-
 # ------------------------------------------------------------------------------- agent plan
 
 
 @dataclass(slots=True)
 class _AgentPlan:
-    """Everything one agent needs; JSON-serializable so that it can ride a remote command line."""
+    """Everything one agent needs; JSON-serializable so that it can ride a remote command line.
+
+    Never the job's secret: a command line is readable by every local user (``ps``); the secret
+    reaches a remote agent on its stdin (constraint 6)."""
 
     command: list[str]
     nproc: int
     host: str = ""
     nnodes: int = 1
     node_rank: int = 0
-    master_addr: str = ""  # empty: one host, c10d rendezvous on loopback
-    master_port: int = 0
-    run_id: str = ""
+    master_addr: str = ""  # empty: one host, the store on loopback
+    master_port: int = 0  # 0: a free port (one host)
+    run_id: str = ""  # torch's run id; empty: a random one
     env: dict[str, str] = field(default_factory=dict)
     log_dir: Optional[str] = None
     start_timeout_s: float = 120.0
     verbose: bool = False
-    report_json: bool = False  # remote agents report failures as marked JSON lines
-    watch_stdin: bool = False  # remote agents stop when the coordinator's pipe closes
 
 
 def _encode_plan(plan: _AgentPlan) -> str:
@@ -349,6 +278,27 @@ def _is_shoals_python(path: str) -> bool:
         os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(sys.executable))
 
 
+def _python_target(command: Sequence[str]) -> tuple[list[str], int]:
+    """For ``python [opts] (-c CODE | -m MOD | SCRIPT) ...``: the options we can keep, and the index of
+    ``-c``/``-m``/SCRIPT in ``command``; index -1 when an option we do not know comes first."""
+    opts, i = [], 1
+    while i < len(command):
+        tok = command[i]
+        if tok in ("-c", "-m") and i + 1 < len(command):
+            return opts, i
+        if tok in ("-X", "-W") and i + 1 < len(command):
+            opts += command[i:i + 2]
+            i += 2
+        elif tok.startswith(("-X", "-W")) or _PLAIN_PY_OPTS.fullmatch(tok):
+            opts.append(tok)
+            i += 1
+        elif tok.startswith("-"):
+            return opts, -1  # an option we do not know: run the command unchanged
+        else:
+            return opts, i
+    return opts, -1
+
+
 def _worker_argv(command: Sequence[str]) -> list[str]:
     """What torch's agent runs for each rank (in ``--no-python`` style: the command as given).
 
@@ -359,113 +309,38 @@ def _worker_argv(command: Sequence[str]) -> list[str]:
     Raises:
         _UsageError: the program is not found on PATH.
     """
-    path = shutil.which(command[0])
-    if path is None:
-        raise _UsageError(f"shoal: command not found: {command[0]!r}. HINT: check PATH, or give "
-                          "the full path of the program.")
+    path = _which(command[0])
     if not _is_shoals_python(path):
         return [path, *command[1:]]
-    opts, i = [], 1
-    while i < len(command):
-        tok = command[i]
-        if tok in ("-c", "-m") and i + 1 < len(command):
-            return [path, *opts, "-u", "-m", _MODULE, "--worker", *command[i:]]
-        if tok in ("-X", "-W") and i + 1 < len(command):
-            opts += command[i:i + 2]
-            i += 2
-        elif tok.startswith(("-X", "-W")) or _PLAIN_PY_OPTS.fullmatch(tok):
-            opts.append(tok)
-            i += 1
-        elif tok.startswith("-"):
-            break  # an option we do not know: run the command unchanged
-        else:
-            return [path, *opts, "-u", "-m", _MODULE, "--worker", *command[i:]]
-    return [path, *command[1:]]
+    opts, i = _python_target(command)
+    if i < 0:
+        return [path, *command[1:]]
+    return [path, *opts, "-u", "-m", _MODULE, "--worker", *command[i:]]
 
 
-# ---------------------------------------------------------------------------------- failures
+def _which(program: str) -> str:
+    path = shutil.which(program)
+    if path is None:
+        raise _UsageError(f"shoal: command not found: {program!r}. HINT: check PATH, or give "
+                          "the full path of the program.")
+    return path
 
 
-@dataclass(slots=True)
-class _Failure:
-    """One failed rank (or, with ``rank`` None, an agent that failed before its ranks ran)."""
+def _check_program(command: Sequence[str]) -> None:
+    """Refuse a command that cannot start: not on PATH, or ``python SCRIPT`` with no such script.
 
-    rank: Optional[int]
-    host: str
-    what: str  # one line: "ZeroDivisionError: division by zero", "killed by SIGKILL (signal 9)"
-    exitcode: int = 1  # negative: killed by that signal (Popen's convention)
-    pid: Optional[int] = None
-    timestamp: float = 0.0
-    collateral: bool = False  # failed because a peer went away
-    stopped: bool = False  # SIGTERM'd by an agent after another rank failed
+    Checked before any rank starts: each rank would otherwise fail alone, after the rendezvous and a
+    second or more of start-up (11 s measured for ``python nosuch.py`` before this check).
 
-    def sort_key(self) -> tuple:
-        return (self.stopped, self.collateral, self.timestamp,
-                self.rank if self.rank is not None else -1)
-
-    def who(self) -> str:
-        return f"rank {self.rank}" if self.rank is not None else f"agent on host {self.host}"
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-def _last_line(path: Optional[str]) -> str:
-    """Last non-empty line of a worker's stderr log (the fallback when there is no error file)."""
-    if not path or not os.path.isfile(path):
-        return ""
-    with open(path, errors="replace") as fh:
-        lines = [ln.strip() for ln in fh.read()[-8192:].splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
-def _failure_from_torch(rank: int, pf: Any, stderr_log: Optional[str], host: str) -> _Failure:
-    """Turn torch's ``ProcessFailure`` into a :class:`_Failure` (error file first, then the log)."""
-    message = pf.message.get("message", "") if isinstance(pf.message, dict) else str(pf.message or "")
-    from_error_file = isinstance(pf.message, dict) and bool(message)
-    if pf.exitcode < 0:
-        what = f"killed by {_signal_name(-pf.exitcode)} (signal {-pf.exitcode})"
-    elif from_error_file:
-        what = message.strip().splitlines()[0] if message.strip() else f"exit code {pf.exitcode}"
-    else:
-        line = _last_line(stderr_log)
-        what = f"exit code {pf.exitcode}" + (f": {line}" if line else "")
-    return _Failure(rank=rank, host=host, what=what, exitcode=pf.exitcode, pid=pf.pid,
-                    timestamp=float(pf.timestamp),
-                    collateral=any(w in what for w in _COLLATERAL_WORDS),
-                    stopped=pf.exitcode == -signal.SIGTERM)
-
-
-def _exit_status(root: _Failure) -> int:
-    if root.exitcode < 0:
-        return 128 + (-root.exitcode)
-    return root.exitcode or EXIT_LAUNCHER
-
-
-def _print_summary(failures: list[_Failure], world_size: int, log_dir: Optional[str]) -> None:
-    """The failure report: the root cause first, on one line, before anything else."""
-    root, *others = sorted(failures, key=_Failure.sort_key)
-    out = sys.stderr
-    print(f"shoal: {root.who()} failed: {root.what}", file=out)
-    for f in others:
-        what = f"stopped by shoal after {root.who()} failed" if f.stopped else f.what
-        print(f"shoal:   then {f.who()}: {what}", file=out)
-    ranks = sorted({f.rank for f in failures if f.rank is not None and not f.stopped})
-    code = _exit_status(root)
-    if root.rank is None:
-        print(f"shoal: the launch failed on host {root.host} before its ranks could run; exit status "
-              f"{code}. HINT: check the messages above: the remote command, the rendezvous address "
-              "(--master-addr/--master-port reachable from every host), the command on that host's "
-              "PATH.", file=out, flush=True)
-        return
-    where = f"logs in {log_dir}" if log_dir else "rerun with --log-dir DIR to keep each rank's logs"
-    print(f"shoal: {len(ranks)} of {world_size} ranks failed; exit status {code}. HINT: the root "
-          f"cause is {root.who()}: its output above carries the prefix [rank{root.rank}]; {where}.",
-          file=out, flush=True)
+    Raises:
+        _UsageError: naming the program or the script.
+    """
+    path = _which(command[0])
+    if re.fullmatch(r"python[0-9.]*", os.path.basename(path)):
+        _, i = _python_target(command)
+        if i > 0 and command[i] not in ("-c", "-m") and not os.path.exists(command[i]):
+            raise _UsageError(f"shoal: {command[0]} can't open file {command[i]!r}: no such file in "
+                              f"{os.getcwd()}. HINT: check the path; every rank starts in this directory.")
 
 
 # ------------------------------------------------------------------------------------ agent
@@ -486,27 +361,26 @@ def _quiet_torch_agent(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _run_agent(plan: _AgentPlan) -> tuple[int, list[_Failure]]:
+@dataclass(slots=True)
+class _AgentResult:
+    """How one agent's share of the job ended."""
+
+    code: int  # its exit status: 0, the root-cause failure's, 128+N when interrupted by signal N
+    failures: list[Failure] = field(default_factory=list)
+    exited_ok: list[int] = field(default_factory=list)  # global ranks that exited 0
+
+
+def _run_agent(plan: _AgentPlan, secret: str) -> _AgentResult:
     """Run this host's share of the job in torch's elastic agent, in this process.
 
-    Returns:
-        (exit status, failures); failures are empty on success.
+    Args:
+        plan: what to run here.
+        secret: the job's secret: every key of the store lives under it (constraint 5).
     """
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std  # noqa: PLC0415
+    from torch.distributed.elastic.multiprocessing import Std  # noqa: PLC0415
     from torch.distributed.elastic.multiprocessing.api import SignalException  # noqa: PLC0415
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: PLC0415
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch  # noqa: PLC0415
 
-    class _RememberingLogsSpecs(DefaultLogsSpecs):
-        """torch's default log layout, remembering where each local rank's stderr went (a rank
-        without an error file is summarized by its stderr's last line)."""
-
-        stderrs: dict[int, str] = {}
-
-        def reify(self, envs):
-            dest = super().reify(envs)
-            self.stderrs = dict(dest.stderrs)
-            return dest
+    from . import agent as _agent  # noqa: PLC0415 (imports torch)
 
     host = plan.host or socket.gethostname()
     _quiet_torch_agent(plan.verbose)
@@ -516,49 +390,58 @@ def _run_agent(plan: _AgentPlan) -> tuple[int, list[_Failure]]:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
     _env.export_env(plan.env, "shoal run flags")
+    _env.export_job_secret(secret)
     if plan.nproc > 1:
         # torchrun does the same: N ranks x all-cores OpenMP pools oversubscribe the CPU.
         _env.set_default_env("OMP_NUM_THREADS", "1", "several ranks share this host's cores")
+    _check_program(plan.command)
     argv = _worker_argv(plan.command)
     log_root = plan.log_dir or tempfile.mkdtemp(prefix="shoal-run-")
     os.makedirs(log_root, exist_ok=True)
-    logs = _RememberingLogsSpecs(log_dir=log_root, tee=Std.ALL)
-    if plan.master_addr:
-        # Static rendezvous: torch's c10d TCPStore on the first host, node rank = host order.
-        # (The dynamic c10d rendezvous numbers nodes by sorting their descriptors, see
-        # dynamic_rendezvous.py `enumerate(sorted(state.participants))`, so rank 0 could land on
-        # any host; -H order must decide it.)
-        backend, endpoint, local_addr = "static", f"{plan.master_addr}:{plan.master_port}", None
-        rdzv_configs: dict[str, Any] = {"rank": plan.node_rank, "timeout": int(plan.start_timeout_s)}
-    else:
-        # One host: the c10d store on loopback, free port (no clash between concurrent jobs).
-        backend, endpoint, local_addr = "c10d", "127.0.0.1:0", "127.0.0.1"
-        rdzv_configs = {"is_host": True, "join_timeout": int(plan.start_timeout_s)}
-    config = LaunchConfig(
-        min_nodes=plan.nnodes, max_nodes=plan.nnodes, nproc_per_node=plan.nproc,
-        run_id=plan.run_id or uuid.uuid4().hex, role="worker", rdzv_backend=backend,
-        rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs, max_restarts=0,
-        monitor_interval=_MONITOR_INTERVAL_S, logs_specs=logs,
-        log_line_prefix_template=_LINE_PREFIX_TEMPLATE, local_addr=local_addr,
-        shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
-    log.debug("shoal: agent on %s runs %s with %s", host, argv, config)
+    # Before anything that can start a worker (constraint 7).
+    sentinel = Sentinel.start(_MODULE, None if plan.log_dir else log_root)
+    run_id = plan.run_id or secrets.token_hex(_SECRET_BYTES)
+    # One host: the store on loopback, a free port (no clash between concurrent jobs). Several:
+    # torch's static rendezvous at the master address; node rank = host order. (torch's dynamic c10d
+    # rendezvous numbers nodes by sorting their descriptors, see dynamic_rendezvous.py
+    # `enumerate(sorted(state.participants))`, so rank 0 could land on any host; -H order must decide.)
+    master_addr = plan.master_addr or "127.0.0.1"
     try:
-        elastic_launch(config, argv[0])(*argv[1:])
-        return 0, []
-    except ChildFailedError as exc:
-        failures = []
-        for rank, pf in exc.failures.items():
-            failures.append(_failure_from_torch(rank, pf, logs.stderrs.get(pf.local_rank), host))
-        failures.sort(key=_Failure.sort_key)
-        return _exit_status(failures[0]), failures
+        sentinel.job(run_id, plan.node_rank)
+        logs = _agent.RememberingLogsSpecs(log_dir=log_root, tee=Std.ALL)
+        try:
+            store, port = _agent.open_store(master_addr, plan.master_port, plan.node_rank == 0, secret,
+                                            plan.start_timeout_s, remote_peers=plan.nnodes > 1)
+        except ValueError as exc:  # the store cannot listen there (address, port): a usage error
+            raise _UsageError(str(exc)) from None
+        agent = _agent.make_agent(
+            store=store, master_addr=master_addr, master_port=port, node_rank=plan.node_rank,
+            nnodes=plan.nnodes, nproc=plan.nproc, run_id=run_id,
+            start_timeout_s=plan.start_timeout_s, argv=argv, logs=logs,
+            monitor_interval_s=_MONITOR_INTERVAL_S, shutdown_timeout_s=_SHUTDOWN_TIMEOUT_S,
+            log_line_prefix_template=_LINE_PREFIX_TEMPLATE, sentinel=sentinel)
+        log.debug("shoal: agent on %s runs %s, store %s:%s", host, argv, master_addr, port)
+        result = agent.run()
+        ranks = _agent.global_ranks(agent)
+        failures = [failure_from_torch(rank, pf, logs.stderrs.get(pf.local_rank), host)
+                    for rank, pf in result.failures.items()]
+        exited_ok = [r for r in ranks if r not in result.failures]
+        if not failures:
+            return _AgentResult(0, [], exited_ok)
+        failures.sort(key=Failure.sort_key)
+        return _AgentResult(exit_status(blame(failures, exited_ok).root), failures, exited_ok)
     except SignalException as exc:
         # Ctrl-C or SIGTERM: torch's agent already stopped the workers.
-        return 128 + int(exc.sigval), []
+        return _AgentResult(128 + int(exc.sigval))
+    except _UsageError:
+        raise
     except Exception as exc:  # rendezvous or start-up failure: no rank to blame
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return EXIT_LAUNCHER, [_Failure(rank=None, host=host, what=f"{type(exc).__name__}: {text}",
-                                        timestamp=time.time())]
+        return _AgentResult(EXIT_LAUNCHER, [Failure(rank=None, host=host, what=f"{type(exc).__name__}: {text}",
+                                                    timestamp=time.time())])
     finally:
+        # torch's agent stopped and reaped its workers before run() returned or raised.
+        sentinel.done()
         # torch's agent left its handlers installed: they raise SignalException, which a second
         # SIGTERM (the coordinator's escalation) would throw into interpreter shutdown.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -567,18 +450,40 @@ def _run_agent(plan: _AgentPlan) -> tuple[int, list[_Failure]]:
             shutil.rmtree(log_root, ignore_errors=True)
 
 
+def _read_secret(timeout_s: float) -> Optional[str]:
+    """The job's secret: the first line on stdin, written by the coordinator (constraint 6)."""
+    buf, deadline = b"", time.monotonic() + timeout_s
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([0], [], [], left)[0]:
+            return None
+        chunk = os.read(0, 1)  # one byte at a time: what follows the line is the stop signal's
+        if not chunk:
+            return None
+        buf += chunk
+    secret = buf.decode(errors="replace").strip()
+    return secret if re.fullmatch(r"[0-9a-f]{32,}", secret) else None
+
+
 def _agent_main(token: str) -> int:
-    """Entry of a remote agent: ``python -m shoal.runner.launch --agent PLAN``."""
+    """Entry of a remote agent: ``python -m shoal.runner.launch --agent PLAN``, secret on stdin."""
     plan = _decode_plan(token)
-    if plan.watch_stdin:
+    secret = _read_secret(plan.start_timeout_s)
+    if secret is None:
+        result = _AgentResult(EXIT_LAUNCHER, [Failure(
+            rank=None, host=plan.host, what="no job secret arrived on the agent's stdin. HINT: the "
+            "--remote-command must pass stdin through to the remote command (ssh and 'ip netns exec' "
+            "do; ssh -n does not)", timestamp=time.time())])
+    else:
         threading.Thread(target=_stop_when_stdin_closes, name="shoal-stdin-watch", daemon=True).start()
-    try:
-        code, failures = _run_agent(plan)
-    except _UsageError as exc:  # e.g. the command is not on this host's PATH
-        code, failures = EXIT_USAGE, [_Failure(rank=None, host=plan.host, what=str(exc))]
-    for f in failures:
-        print(_REPORT_MARK + json.dumps(dataclasses.asdict(f)), file=sys.stderr, flush=True)
-    return code
+        try:
+            result = _run_agent(plan, secret)
+        except _UsageError as exc:  # e.g. the command is not on this host's PATH
+            result = _AgentResult(EXIT_USAGE, [Failure(rank=None, host=plan.host, what=str(exc))])
+    for f in result.failures:
+        print(_REPORT_MARK + json.dumps({"failure": dataclasses.asdict(f)}), file=sys.stderr, flush=True)
+    print(_REPORT_MARK + json.dumps({"exited_ok": result.exited_ok}), file=sys.stderr, flush=True)
+    return result.code
 
 
 def _stop_when_stdin_closes() -> None:
@@ -599,7 +504,7 @@ def _stop_when_stdin_closes() -> None:
 
 class _Interrupted(Exception):
     def __init__(self, signum: int):
-        super().__init__(_signal_name(signum))
+        super().__init__(signal_name(signum))
         self.signum = signum
 
 
@@ -607,15 +512,21 @@ def _raise_interrupted(signum: int, _frame: Any) -> None:
     raise _Interrupted(signum)
 
 
-def _pump_stderr(stream: Any, index: int, host: str, reports: "queue.Queue", tails: list[str]) -> None:
-    """Forward an agent's stderr, except its report lines, which go to ``reports``."""
+def _pump_stderr(stream: Any, index: int, reports: "queue.Queue", exited_ok: list[int],
+                 tails: list[str]) -> None:
+    """Forward an agent's stderr, except its report lines: failures go to ``reports``, the ranks that
+    exited 0 to ``exited_ok``."""
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
         if line.startswith(_REPORT_MARK):
             try:
-                reports.put((index, _Failure(**json.loads(line[len(_REPORT_MARK):]))))
+                report = json.loads(line[len(_REPORT_MARK):])
+                if "failure" in report:
+                    reports.put((index, Failure(**report["failure"])))
+                else:
+                    exited_ok.extend(int(r) for r in report["exited_ok"])
                 continue
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, KeyError):
                 pass
         if line.strip():
             tails[index] = line.strip()
@@ -630,8 +541,11 @@ def _signal_group(proc: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int) -> int:
+def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int, secret: str) -> int:
     """Start one agent per host through ``remote_command`` and watch them (constraint 6).
+
+    Each agent's stdin is a pipe from here: its first line is the job's secret; its end (EOF) tells
+    the agent to stop, also when this process dies without a word (SIGKILL: the kernel closes it).
 
     Stopping is staged so that each agent can stop its own workers (they run in their own
     sessions, out of reach of a process-group kill here): close its stdin (the agent sends itself
@@ -639,7 +553,8 @@ def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int) ->
     (for templates that do not pass stdin), then SIGKILL.
     """
     procs: list[subprocess.Popen] = []
-    reports: "queue.Queue[tuple[int, _Failure]]" = queue.Queue()
+    reports: "queue.Queue[tuple[int, Failure]]" = queue.Queue()
+    exited_ok: list[int] = []
     tails = [""] * len(plans)
     asked_to_stop = [False] * len(plans)
     pumps = []
@@ -650,15 +565,20 @@ def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int) ->
     try:
         try:
             for i, plan in enumerate(plans):
-                argv = shlex.split(remote_command.format(host=plan.host)) + [
-                    sys.executable, "-m", _MODULE, "--agent", _encode_plan(plan)]
+                argv = remote_argv(remote_command, plan.host,
+                                   [sys.executable, "-m", _MODULE, "--agent", _encode_plan(plan)])
                 log.debug("shoal: host %s: %s", plan.host, argv)
                 # Own session: a Ctrl-C reaches only the coordinator, which stops agents in order.
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
                                         start_new_session=True)
                 procs.append(proc)
+                try:
+                    proc.stdin.write(secret.encode() + b"\n")
+                    proc.stdin.flush()
+                except OSError:  # the remote command ended already: its exit status tells why
+                    pass
                 t = threading.Thread(target=_pump_stderr, name=f"shoal-agent-{plan.host}",
-                                     args=(proc.stderr, i, plan.host, reports, tails), daemon=True)
+                                     args=(proc.stderr, i, reports, exited_ok, tails), daemon=True)
                 t.start()
                 pumps.append(t)
             while not all(p.poll() is not None for p in procs):
@@ -672,7 +592,7 @@ def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int) ->
                 time.sleep(0.05)
         except (KeyboardInterrupt, _Interrupted) as exc:
             interrupted = exc.signum if isinstance(exc, _Interrupted) else int(signal.SIGINT)
-            print(f"shoal: interrupted ({_signal_name(interrupted)}); stopping all agents",
+            print(f"shoal: interrupted ({signal_name(interrupted)}); stopping all agents",
                   file=sys.stderr, flush=True)
             t0 = time.monotonic()
             while any(p.poll() is None for p in procs):
@@ -688,7 +608,7 @@ def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int) ->
             t.join(timeout=5)
     if interrupted is not None:
         return 128 + interrupted
-    failures: list[_Failure] = []
+    failures: list[Failure] = []
     while not reports.empty():
         _, f = reports.get()
         f.timestamp = len(failures)  # across hosts: order of arrival (host clocks differ)
@@ -697,15 +617,14 @@ def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int) ->
     for i, (plan, proc) in enumerate(zip(plans, procs)):
         if proc.returncode != 0 and plan.host not in reported:
             code = proc.returncode
-            what = f"killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
-            failures.append(_Failure(
+            what = f"killed by {signal_name(-code)}" if code < 0 else f"exited with code {code}"
+            failures.append(Failure(
                 rank=None, host=plan.host, what=f"remote command {what}"
                 + (f": {tails[i]}" if tails[i] else ""), exitcode=EXIT_LAUNCHER,
                 timestamp=len(failures), stopped=asked_to_stop[i] and code in _STOPPED_CODES))
     if not failures:
         return 0
-    _print_summary(failures, world_size, plans[0].log_dir)
-    return _exit_status(sorted(failures, key=_Failure.sort_key)[0])
+    return print_summary(failures, world_size, plans[0].log_dir, exited_ok)
 
 
 #: How an agent we asked to stop ends: by SIGTERM/SIGKILL, or exiting 128+N after handling it
@@ -771,6 +690,19 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
+def _check_inherited_knobs(knob_env: dict[str, str]) -> None:
+    """Refuse a bad ``SHOAL_*`` value inherited from the shell before any rank starts (constraint 2).
+
+    The ranks would each fail on it at ``init()``, after the rendezvous; the same value as a flag is
+    refused at once. A flag given for the knob replaces the shell's value, so it is checked instead.
+    """
+    try:
+        _env.read_config(environ=_env.child_environ(knob_env))
+    except ValueError as exc:
+        raise _UsageError(f"{exc} (inherited from this shell's environment). HINT: fix or unset the "
+                          "variable, or give the knob's flag, which wins over it.") from None
+
+
 def _main(args: argparse.Namespace) -> int:
     program = list(args.program)
     if program and program[0] == "--":
@@ -780,39 +712,39 @@ def _main(args: argparse.Namespace) -> int:
     if args.num_proc < 1:
         raise _UsageError(f"shoal: -np must be >= 1, got {args.num_proc}.")
     knob_env = knob_environment(args)
+    _check_inherited_knobs(knob_env)
     if args.hosts and args.hostfile:
         raise _UsageError("shoal: give -H or --hostfile, not both.")
     hosts = parse_hosts(args.hosts) if args.hosts else \
         parse_hostfile(args.hostfile) if args.hostfile else None
     log_dir = os.path.abspath(args.log_dir) if args.log_dir else None
+    secret = secrets.token_hex(_SECRET_BYTES)  # constraint 5: 128 bits, never on a command line
     if hosts is None:
-        _worker_argv(program)  # command not found -> usage error before anything starts
+        _check_program(program)  # command or script not found -> usage error before anything starts
         plan = _AgentPlan(command=program, nproc=args.num_proc,
                           env={**knob_env, **_extra_env(args.env, remote=False)},
                           log_dir=log_dir, start_timeout_s=args.start_timeout_s, verbose=args.verbose)
-        code, failures = _run_agent(plan)
-        if failures:
-            _print_summary(failures, args.num_proc, log_dir)
-        elif code >= 128:
-            print(f"shoal: interrupted ({_signal_name(code - 128)}); all ranks stopped",
+        result = _run_agent(plan, secret)
+        if result.failures:
+            return print_summary(result.failures, args.num_proc, log_dir, result.exited_ok)
+        if result.code >= 128:
+            print(f"shoal: interrupted ({signal_name(result.code - 128)}); all ranks stopped",
                   file=sys.stderr, flush=True)
-        return code
+        return result.code
     placed = place_ranks(hosts, args.num_proc)
+    check_remote_command(args.remote_command)
+    master_addr = parse_address(args.master_addr) if args.master_addr else placed[0][0]
     # ssh forwards no environment: SHOAL_* of this shell, then the flags, then -x, all explicit.
     forwarded = {env_name(f.name): v for f in knobs() if (v := _env.get_env(env_name(f.name))) is not None}
     forwarded.update(knob_env)
     forwarded.update(_extra_env(args.env, remote=True))
-    if "{host}" not in args.remote_command:
-        raise _UsageError(f"shoal: --remote-command {args.remote_command!r} has no {{host}}. "
-                          "HINT: e.g. 'ssh -o BatchMode=yes {host}'.")
-    run_id = uuid.uuid4().hex
+    run_id = secrets.token_hex(_SECRET_BYTES)  # torch's keys live under it: not guessable either
     plans = [_AgentPlan(command=program, nproc=n, host=h, nnodes=len(placed), node_rank=i,
-                        master_addr=args.master_addr or placed[0][0], master_port=args.master_port,
+                        master_addr=master_addr, master_port=args.master_port,
                         run_id=run_id, env=forwarded, log_dir=log_dir,
-                        start_timeout_s=args.start_timeout_s, verbose=args.verbose,
-                        report_json=True, watch_stdin=True)
+                        start_timeout_s=args.start_timeout_s, verbose=args.verbose)
              for i, (h, n) in enumerate(placed)]
-    return _run_hosts(plans, args.remote_command, args.num_proc)
+    return _run_hosts(plans, args.remote_command, args.num_proc, secret)
 
 
 # ------------------------------------------------------------------------------------- shim
@@ -850,17 +782,9 @@ def _shim_main(argv: list[str]) -> int:
         sys.stderr.flush()
         # After printing: recording may import torch (seconds, when the code had not), and a rank
         # stopped meanwhile should still have shown its traceback.
-        _record_exception(exc)
+        record_exception(exc)  # with Shoal's fields (culprit_ranks), for the summary
         return 1
     return 0
-
-
-def _record_exception(exc: BaseException) -> None:
-    try:
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler  # noqa: PLC0415
-    except ImportError:  # no torch in this interpreter: the stderr fallback will do
-        return
-    ErrorHandler().record_exception(exc)
 
 
 def _module_main(argv: list[str]) -> int:
@@ -868,7 +792,9 @@ def _module_main(argv: list[str]) -> int:
         return _shim_main(argv[1:])
     if argv[:1] == ["--agent"] and len(argv) == 2:
         return _agent_main(argv[1])
-    print("usage: python -m shoal.runner.launch (--worker COMMAND... | --agent PLAN); "
+    if argv[:1] == ["--sentinel"] and len(argv) == 3 and argv[1].isdigit():
+        return sentinel_main(int(argv[1]), argv[2])
+    print("usage: python -m shoal.runner.launch (--worker COMMAND... | --agent PLAN | --sentinel PID DIR); "
           "this is shoal run's internal entry, use `shoal run` instead", file=sys.stderr)
     return EXIT_USAGE
 
