@@ -85,6 +85,8 @@ def test_rank_that_skips_backward_is_named_on_every_rank(skip_step):
         assert r["type"] == "MismatchError", r
         assert r["step"] == skip_step
         assert "rank 1 produced no gradient" in r["error"] and "rank 0 produced 4 of 4" in r["error"]
+        # Steps are numbered from 1 everywhere (the NaN report's convention): loop index k is step k + 1.
+        assert f"in step {skip_step + 1} of DistributedOptimizer" in r["error"], r["error"]
         assert "'0.weight'" in r["error"] and "HINT" in r["error"]
     assert results[0]["error"] == results[1]["error"]
 
@@ -349,3 +351,116 @@ def test_a_gradient_replaced_between_backward_and_step_fails_every_rank_naming_i
         assert "'0.weight' was replaced on rank 1" in r["error"], r["error"]
         assert "optimizer.synchronize()" in r["error"] and "skip_synchronize" in r["error"], r["error"]
     assert results[0]["error"] == results[1]["error"]
+
+
+# --------------------------------------------------------------------------------- optimizer classes differ
+def _rank_other_optimizer_class():
+    hvd, rank, _ = _setup()
+    model = _mlp()
+    inner = torch.optim.Adam(model.parameters(), lr=0.01) if rank == 0 else _sgd(model.parameters())
+    opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters())
+    try:
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
+    except hvd.MismatchError as exc:
+        return _error(exc)
+    return {"type": None}
+
+
+def test_broadcast_optimizer_state_between_different_optimizer_classes_is_a_mismatch():
+    # Before: accepted silently; rank 1 (SGD) loaded Adam's state and failed alone a step later
+    # (KeyError: 'momentum').
+    results = run_ranks(_rank_other_optimizer_class, world_size=2, timeout_s=60, pg_timeout_s=20)
+    for r in results:
+        assert r["type"] == "MismatchError", r
+        assert "optimizer class: rank 0: torch.optim.adam.Adam; rank 1: torch.optim.sgd.SGD" in r["error"], r
+    assert results[0]["error"] == results[1]["error"]
+
+
+# --------------------------------------------------------------------------------- no pickle inside
+def _rank_no_unpickling():
+    """Every internal exchange of a run (init's host list, the ready order, the negotiation's details of a
+    divergence, the NaN report, a registration mismatch, broadcast_optimizer_state) with pickle's loaders
+    made to fail: none of them may unpickle what a peer sent."""
+    import os as _os
+    import pickle
+
+    import torch.distributed.distributed_c10d as c10d
+
+    def refuse(*_a, **_k):
+        raise AssertionError("shoal unpickled data from another rank")
+
+    class Refusing(pickle.Unpickler):
+        def load(self):
+            refuse()
+
+    pickle.loads = refuse
+    pickle.Unpickler = Refusing
+    c10d._unpickler = Refusing
+    import shoal.torch as hvd  # noqa: PLC0415
+
+    hvd.init()  # the host/pid exchange
+    torch.set_num_threads(1)
+    rank = hvd.rank()
+    model = _mlp()
+    opt = hvd.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01),
+                                   named_parameters=model.named_parameters(), nan_check="warn")
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    for step in range(3):  # step 1 agrees on the ready order; step 2 carries a NaN on rank 1
+        opt.zero_grad()
+        x, y = _batch(step, rank)
+        if step == 1 and rank == 1:
+            x = x * float("nan")
+        _mse(model, x, y).backward()
+        opt.step()
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    seen = []
+    try:  # a registration mismatch: the lists travel
+        hvd.DistributedOptimizer(_sgd(_mlp(width=8 if rank else 16).parameters()))
+    except hvd.MismatchError as exc:
+        seen.append("registration")
+    try:  # a divergence: the details travel
+        opt.zero_grad()
+        if rank == 0:
+            _mse(model, *_batch(9, rank)).backward()
+        opt.step()
+    except hvd.MismatchError:
+        seen.append("divergence")
+    return {"seen": seen, "nan_reported": opt.nan_report is not None, "pid": _os.getpid()}
+
+
+def test_internal_exchanges_never_unpickle_peer_data():
+    results = run_ranks(_rank_no_unpickling, world_size=2, timeout_s=60, pg_timeout_s=20, init=False)
+    for r in results:
+        assert r["seen"] == ["registration", "divergence"], r
+
+
+def _rank_unpickling_control():
+    """The control of the test above: the same refusal does fire when a peer's object is unpickled."""
+    import pickle
+
+    import torch.distributed.distributed_c10d as c10d
+
+    class Refusing(pickle.Unpickler):
+        def load(self):
+            raise AssertionError("unpickled")
+
+    def refuse(*_a, **_k):
+        raise AssertionError("unpickled")
+
+    c10d._unpickler = Refusing
+    pickle.loads = refuse
+    import shoal.torch as hvd  # noqa: PLC0415
+
+    hvd.init()
+    try:
+        hvd.allgather_object({"x": 1})  # trusted=True: Horovod's pickle semantics
+    except AssertionError:
+        return "refused"
+    except hvd.ShoalError as exc:
+        return "refused" if "unpickled" in str(exc) else str(exc)
+    return "not refused"
+
+
+def test_the_unpickling_refusal_is_live():
+    assert run_ranks(_rank_unpickling_control, world_size=2, timeout_s=60, pg_timeout_s=20,
+                     init=False) == ["refused", "refused"]

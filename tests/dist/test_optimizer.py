@@ -718,7 +718,8 @@ def _rank_bad_keywords():
     _setup()
     model = _mlp()
     errors = []
-    for kwargs in ({"fusion_treshold_mb": 4}, {"num_groups": 2, "groups": 3}):
+    for kwargs in ({"fusion_treshold_mb": 4}, {"num_groups": 2, "groups": 3}, {"fusion_threshold_mb": 0},
+                   {"first_bucket_mb": -1}, {"num_streams": 0}, {"nan_check": "loud"}):
         try:
             hvd.DistributedOptimizer(_make_opt("sgd", model.parameters()),
                                      named_parameters=model.named_parameters(), **kwargs)
@@ -728,10 +729,16 @@ def _rank_bad_keywords():
     return errors
 
 
-def test_unknown_keywords_fail_at_construction():
-    for typo, both in run_ranks(_rank_bad_keywords, world_size=2, timeout_s=60):
+def test_unknown_keywords_and_bad_values_fail_at_construction():
+    # One resolver for the optimizer's keywords over the config: 0 is no longer "the default" and a
+    # negative size is refused, each naming the knob.
+    for typo, both, zero, negative, streams, choice in run_ranks(_rank_bad_keywords, world_size=2, timeout_s=60):
         assert typo is not None and "fusion_treshold_mb" in typo and "fusion_threshold_mb" in typo, typo
         assert both is not None and "num_groups" in both, both
+        assert zero is not None and "fusion_threshold_mb must be > 0, got 0.0" in zero, zero
+        assert negative is not None and "first_bucket_mb must be > 0, got -1.0" in negative, negative
+        assert streams is not None and "num_streams must be >= 1" in streams, streams
+        assert choice is not None and "nan_check='loud' is not one of raise, skip, warn, off" in choice, choice
 
 
 # --------------------------------------------------------------------------------- overlapped step

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from shoal.core.install_hints import (CUDA_LINES, MINOR_COMPAT_MIN_DRIVER, TORCH_INDEX_URL,
+from shoal.runner.install_hints import (CUDA_LINES, MINOR_COMPAT_MIN_DRIVER, TORCH_INDEX_URL,
                                       max_cuda_for_driver, parse_version, recommend, torch_command,
                                       torch_hint)
 

@@ -81,7 +81,6 @@ Glossary:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import numbers
@@ -95,7 +94,8 @@ import torch.distributed as dist
 
 from . import exchange, plain, runtime, stall
 from .algorithms import start_allreduce
-from .errors import MismatchError, NotInitializedError, RankFailureError, ShoalError
+from .errors import MismatchError, NotInitializedError, RankFailureError, ShoalError, format_ranks
+from .registration import hash64
 from .ops import Adasum, Average, Max, Min, Product, ReduceOp, Sum, resolve_op
 from .runtime import ProcessSet
 
@@ -180,18 +180,13 @@ _MODE_PICKLE, _MODE_PLAIN = 1, 2
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
-def _hash64(text: str) -> int:
-    """A hash that is the same in every process (Python's ``hash`` of a str is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
-
-
 def _dtype_code(dtype: Optional[torch.dtype]) -> int:
     if dtype is None:
         return 0
     try:
         return _DTYPES.index(dtype) + 1
     except ValueError:
-        return 1000 + _hash64(str(dtype)) % 1000
+        return 1000 + hash64(str(dtype)) % 1000
 
 
 def _short(dtype: torch.dtype) -> str:
@@ -239,10 +234,10 @@ class _Call:
         if self.shape is not None:
             sig[_F_NDIM] = len(self.shape)
             sig[_F_DIM0] = self.shape[0] if self.shape else -1
-            sig[_F_REST] = _hash64(repr(self.shape[1:]))
+            sig[_F_REST] = hash64(repr(self.shape[1:]))
         if self.entries:
-            sig[_F_REST] = _hash64(repr([(_dtype_code(d), s) for d, s in self.entries]))
-        sig[_F_NAME] = _hash64(self.name)
+            sig[_F_REST] = hash64(repr([(_dtype_code(d), s) for d, s in self.entries]))
+        sig[_F_NAME] = hash64(self.name)
         sig[_F_ROOT] = self.root
         sig[_F_COUNT] = self.count
         sig[_F_DEVICE] = {"": 0, "cpu": 1, "cuda": 2}.get(self.device, 3)
@@ -430,20 +425,6 @@ def _read_description(data: bytes) -> dict:
             "error": None}
 
 
-def _format_ranks(ranks: Sequence[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"ranks 0-2, 5"`` (keeps the message short on large worlds)."""
-    spans: list[str] = []
-    start = prev = None
-    for r in list(ranks) + [None]:
-        if start is not None and (r is None or r != prev + 1):
-            spans.append(str(start) if start == prev else f"{start}-{prev}")
-            start = None
-        if r is not None and start is None:
-            start = r
-        prev = r
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(spans)
-
-
 def _mismatch_message(ranks: Sequence[int], details: list[dict], differing: list[int]) -> str:
     """The same text on every rank: built only from the gathered descriptions, in rank order."""
     labels = list(dict.fromkeys(d["label"] for d in details))
@@ -452,7 +433,7 @@ def _mismatch_message(ranks: Sequence[int], details: list[dict], differing: list
     fields = list(dict.fromkeys(_FIELD_NAMES[c] for c in differing))
     rejected = [(r, d) for r, d in zip(ranks, details) if d["error"]]
     if rejected:
-        head = (f"shoal: {_format_ranks([r for r, _ in rejected])} rejected {' / '.join(labels)}, so every "
+        head = (f"shoal: {format_ranks([r for r, _ in rejected])} rejected {' / '.join(labels)}, so every "
                 f"rank of process set {list(ranks)} stops here")
     else:
         head = (f"shoal: ranks disagree on {' vs '.join(labels)} (process set {list(ranks)}): "
@@ -463,7 +444,7 @@ def _mismatch_message(ranks: Sequence[int], details: list[dict], differing: list
         text = d["text"] + (f" -- REJECTED: {d['error']}" if d["error"] else "")
         groups.setdefault(text, []).append(r)
     lines = [head + ":"]
-    lines += [f"  {_format_ranks(rs)}: {text}" for text, rs in groups.items()]
+    lines += [f"  {format_ranks(rs)}: {text}" for text, rs in groups.items()]
     entry_lists = [d["entries"] for d in details]
     if any(entry_lists) and any(e != entry_lists[0] for e in entry_lists):
         i = next(i for i in range(max(len(e) for e in entry_lists))

@@ -3,7 +3,7 @@
 Owns the report: probe the machine, build one plain dict (``--json`` prints it as is), and render it
 as rich tables that fit one screen. Network facts and the choices ``init`` makes come from
 :mod:`shoal.core.network` (the same code ``init`` runs, so the report cannot drift from what
-happens); install commands from :mod:`shoal.core.install_hints`. Nothing here changes the machine
+happens); install commands from :mod:`shoal.runner.install_hints`. Nothing here changes the machine
 or the environment.
 
 Design constraints:
@@ -144,7 +144,7 @@ def _probe_gpus(smi_out: Optional[str], smi_error: Optional[str],
             gpu["devices"].append({"index": str(i), "name": torch.cuda.get_device_name(i),
                                    "memory_mib": None})
         gpu["source"] = gpu["source"] or "torch"
-    from shoal.core.install_hints import max_cuda_for_driver  # noqa: PLC0415
+    from shoal.runner.install_hints import max_cuda_for_driver  # noqa: PLC0415
 
     top = max_cuda_for_driver(gpu["driver"])
     gpu["max_cuda"] = f"{top[0]}.{top[1]}" if top else None
@@ -230,7 +230,7 @@ def _env_entries(plan: Any) -> dict[str, Any]:
 
 def _cuda_warnings(torch_info: dict[str, Any], gpu: dict[str, Any], backends: dict[str, bool],
                    torch_cmd: str) -> tuple[list[str], list[str]]:
-    from shoal.core.install_hints import (  # noqa: PLC0415
+    from shoal.runner.install_hints import (  # noqa: PLC0415
         CUDA_LINES, MINOR_COMPAT_MIN_DRIVER, max_cuda_for_driver, parse_version)
 
     warnings: list[str] = []
@@ -287,7 +287,8 @@ def collect(probe_timeout_s: float = 3.0) -> dict[str, Any]:
     start = time.perf_counter()
     from shoal import __version__  # noqa: PLC0415
     from shoal.core import env as _env  # noqa: PLC0415
-    from shoal.core import install_hints, network  # noqa: PLC0415
+    from shoal.core import network  # noqa: PLC0415
+    from shoal.runner import install_hints  # noqa: PLC0415
     from shoal.core.config import ShoalConfig  # noqa: PLC0415
 
     warnings: list[str] = []
