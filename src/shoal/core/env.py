@@ -12,6 +12,7 @@ Three things come from the environment:
    ========================  =========================================================
    launcher                  variables
    ========================  =========================================================
+   shoal run, elastic mode   SHOAL_ELASTIC=1 with MASTER_ADDR/PORT: rank and size agreed at init
    shoal run / torchrun      RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT
    shoal.testing harness     SHOAL_INIT_FILE (a FileStore path) with RANK, WORLD_SIZE
    Open MPI                  OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK / _LOCAL_SIZE
@@ -131,7 +132,11 @@ JOB_SECRET = "SHOAL_JOB_SECRET"
 
 #: ``SHOAL_*`` variables that are not knobs but that Shoal sets or reads itself: the timeline alias, the
 #: test harness's FileStore path, the job secret, the emulated cluster's link description.
-_OTHER_VARIABLES = frozenset({TIMELINE_ALIAS, "SHOAL_INIT_FILE", JOB_SECRET, "SHOAL_CLUSTER_LINK"})
+_OTHER_VARIABLES = frozenset({TIMELINE_ALIAS, "SHOAL_INIT_FILE", JOB_SECRET, "SHOAL_CLUSTER_LINK",
+                              "SHOAL_ELASTIC", "SHOAL_ELASTIC_ID", "SHOAL_ELASTIC_NP", "SHOAL_ELASTIC_MIN_NP"})
+
+#: Set by ``shoal run`` in elastic mode (``--min-np`` / ``--max-np``): this process is an elastic worker.
+ELASTIC = "SHOAL_ELASTIC"
 
 #: Unknown names already warned about in this process (init() twice warns once).
 _warned_unknown: set[str] = set()
@@ -198,7 +203,7 @@ class WorldInfo:
     master_addr: Optional[str]
     master_port: Optional[int]
     #: Which launcher was detected: torchrun, file, mpi, slurm, slurm-batch (a batch script's own
-    #: process: a world of one), single.
+    #: process: a world of one), elastic (``shoal run`` in elastic mode), single.
     source: str
 
 
@@ -297,6 +302,9 @@ def detect_world(environ: Optional[Mapping[str, str]] = None, *, quiet: bool = F
     env = _environ(environ)
     addr = env.get("MASTER_ADDR") or None
     port = _int(env, "MASTER_PORT")
+    if env.get(ELASTIC) == "1":
+        # Rank and size are agreed in the job's store when init() joins (shoal.core.membership).
+        return WorldInfo(-1, _int(env, "SHOAL_ELASTIC_NP") or 0, None, None, "elastic://", addr, port, "elastic")
     if env.get("SHOAL_INIT_FILE"):
         return WorldInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), _int(env, "LOCAL_RANK"),
                          _int(env, "LOCAL_WORLD_SIZE"), "file://" + env["SHOAL_INIT_FILE"],

@@ -29,6 +29,11 @@ Design constraints:
    make it ready.
 5. What a frontend needs back is a :class:`StepResult`; nothing of the engine's internals leaks into the
    frontends (the introspection surface is :class:`EngineInfo`, read-only).
+6. One world at a time. The registration check (collective) runs once per world of process groups: where
+   the owner is built, or, after ``shutdown()`` / ``init()`` or an elastic change of membership, at the
+   first step of the new world, which is where every member is (an elastic worker that joins builds its
+   optimizers before it catches up, the survivors long before: so under elastic training every owner
+   registers at its first step). A new world starts at step 0 with new buckets.
 
 What lives elsewhere: the buckets and their collectives (:mod:`shoal.core.reducer`), the per-step
 agreement (:mod:`shoal.core.negotiation`), the NaN check (:mod:`shoal.core.checks`), the tuner
@@ -167,6 +172,7 @@ class StepOwner:
                  registered_as: Optional[Sequence[str]] = None):
         self.specs = list(specs)
         self.settings = settings
+        self._process_set_arg = process_set
         self.process_set = runtime.get_process_set(process_set, what)
         self.op = op
         self.prescale, self.postscale = float(prescale), float(postscale)
@@ -177,14 +183,31 @@ class StepOwner:
         self.sparse_as_dense = bool(sparse_as_dense)
         self.fixed = frozenset(fixed)
         self.what = what
-        world = self.process_set.size()
-        #: Whether there is anything to do: a member of a set of several ranks, or a scaling op.
-        self.active = self.process_set.included() and (
-            world > 1 or self.prescale * self.postscale != 1.0 or op == ReduceOp.Sum)
-        #: Completed steps (synchronizations): the one step counter (constraint 2).
+        self._extra_settings = dict(extra_settings or {})
+        self._check_every_steps = check_every_steps
+        self._registered_as = list(registered_as) if registered_as is not None else None
+        #: Completed steps (synchronizations) in this world: the one step counter (constraint 2).
         self.step = 0
         #: True between a synchronization and the end of the frontend's step (``close()``).
         self.synchronized = False
+        self._observers: list[ReducerObserver] = []
+        self.negotiator: Optional[Negotiator] = None
+        self._generation: Optional[int] = None  # the world the registration check ran in
+        self._reset_for_world()
+        if not runtime.elastic():
+            self._ensure_registered()  # now: a mismatch is an error where the optimizer is built
+        # Elastic training (constraint 6): at the first step of each world, where every member is.
+
+    @property
+    def active(self) -> bool:
+        """Whether there is anything to do in the current world: a member of a set of several ranks, or a
+        scaling op (computed locally, no collective)."""
+        ps = self.process_set
+        return ps.included() and (ps.size() > 1 or self.prescale * self.postscale != 1.0
+                                  or self.op == ReduceOp.Sum)
+
+    def _reset_for_world(self) -> None:
+        """Forget everything that belongs to a world of process groups (a new world starts at step 0)."""
         self._counts = [0] * len(self.specs)
         self._reducer: Optional[GradientReducer] = None
         self._tuner: Optional[_autotune.Autotuner] = None
@@ -193,17 +216,31 @@ class StepOwner:
         self._slot: dict[int, int] = {}   # frontend index -> reducer tensor j
         self._sparse: set[int] = set()
         self._seen_order: list[int] = []  # step 1's ready order (frontend indices)
-        self._observers: list[ReducerObserver] = []
-        self.negotiator: Optional[Negotiator] = None
-        if self.active:
-            kwargs = {} if check_every_steps is None else {"check_every_steps": int(check_every_steps)}
-            self.negotiator = Negotiator(
-                [(name, tuple(s.shape), s.dtype) for name, s in zip(registered_as or [s.name for s in self.specs],
-                                                                    self.specs)], self.process_set, what=what,
-                mode=settings.negotiation, nan_check=settings.nan_check,
-                settings=self._registration_settings(extra_settings), steps=lambda: self.step,
-                names=[s.name for s in self.specs], **kwargs)
-            register_owner(self)
+        self.negotiator = None
+        self.synchronized = False
+
+    def _ensure_registered(self) -> None:
+        """Run the registration check in the current world, once per world (constraint 6): after
+        ``shutdown()`` / ``init()`` or an elastic change of membership, the owner starts over in the new
+        world, at step 0, with a new negotiator (collective over the process set's members)."""
+        generation = runtime.generation()
+        if self._generation == generation:
+            return
+        if self._generation is not None:
+            self._reset_for_world()
+            self.step = 0
+        self.process_set = runtime.get_process_set(self._process_set_arg, self.what)
+        self._generation = generation
+        if not self.active:
+            return
+        kwargs = {} if self._check_every_steps is None else {"check_every_steps": int(self._check_every_steps)}
+        names = self._registered_as or [s.name for s in self.specs]
+        self.negotiator = Negotiator(
+            [(name, tuple(s.shape), s.dtype) for name, s in zip(names, self.specs)], self.process_set,
+            what=self.what, mode=self.settings.negotiation, nan_check=self.settings.nan_check,
+            settings=self._registration_settings(self._extra_settings), steps=lambda: self.step,
+            names=[s.name for s in self.specs], **kwargs)
+        register_owner(self)
 
     def _registration_settings(self, extra: Optional[Mapping[str, Any]]) -> dict[str, Any]:
         """What decides which collectives a step runs, as the reducer and the tuner will resolve it: ranks
@@ -263,6 +300,9 @@ class StepOwner:
             The view the frontend must point the gradient at (its value was copied in, scaled), or None:
             leave the gradient as it is (not complete yet, step 1, a sparse gradient, or no value).
         """
+        self._ensure_registered()
+        if self.negotiator is None:
+            return None  # nothing to reduce in this world
         self._counts[i] += 1
         count = self._counts[i]
         need = self.passes * self.negotiator.fires(i)  # > 1 per pass: reentrant checkpointing
@@ -299,6 +339,11 @@ class StepOwner:
             RankFailureError / StallError: a peer died, left or never arrived (named).
             ShoalError: a gradient was replaced after it was handed over (see :meth:`_fill_views`).
         """
+        self._ensure_registered()
+        if self.negotiator is None:  # nothing to reduce in this world (one rank, no scaling)
+            self.step += 1
+            self.synchronized = True
+            return StepResult(step=self.step)
         replanned = False
         if self._reducer is None:
             self._build(local)
@@ -341,6 +386,7 @@ class StepOwner:
 
     def shadow_step(self) -> StepResult:
         """One step with no gradient of this rank (inside join): zeros and the "joined" flag."""
+        self._ensure_registered()
         if self.pending and not self.synchronized:
             raise ShoalError(f"shoal: join() was called on rank {runtime.rank()} after loss.backward() but "
                              f"before {self.what}.step(). HINT: finish the step (optimizer.step()) before "

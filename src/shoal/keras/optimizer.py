@@ -293,6 +293,7 @@ class _Exchange:
         self.lso = lso
         self.original_apply = optimizer.apply
         self.original_stateless_apply = optimizer.stateless_apply
+        self._process_set_arg = process_set
         self.process_set = runtime.get_process_set(process_set)
         self.op, self.prescale, self.postscale = op, prescale, postscale
         given = {**engine_options, "compression": compression,
@@ -301,8 +302,6 @@ class _Exchange:
         self.settings = resolve_settings(given, "DistributedOptimizer")
         self.fixed = frozenset(k for k, v in given.items() if v is not None)
         self.nan_policy = self.settings.nan_check
-        self.active = self.process_set.included() and (
-            self.process_set.size() > 1 or op == ReduceOp.Sum or prescale * postscale != 1.0)
         #: Constraint 5: Keras' accumulation steps on this optimizer (None: none, or a loss-scale one).
         self.accumulation: Optional[int] = None if lso else (optimizer.gradient_accumulation_steps or None)
         self.bypass = 0
@@ -325,6 +324,12 @@ class _Exchange:
             # jit_compile=True (torch.compile): dynamo must not trace collectives and Python bookkeeping;
             # it breaks the graph here and runs this eagerly (it failed inside broadcast_object_list).
             self._reduce_torch = torch.compiler.disable(self._reduce_torch)
+
+    @property
+    def active(self) -> bool:
+        """Whether this rank reduces anything in the current world (elastic training may change it)."""
+        ps = runtime.get_process_set(self._process_set_arg)
+        return ps.included() and (ps.size() > 1 or self.op == ReduceOp.Sum or self.prescale * self.postscale != 1.0)
 
     # ------------------------------------------------------------------ the caller
     def check_caller(self) -> None:

@@ -124,7 +124,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             backward_passes_per_step=self.backward_passes_per_step, sparse_as_dense=sparse_as_dense,
             fixed={k for k, v in given.items() if v is not None}, what="DistributedOptimizer")
         self._stepper: Optional[OverlapStepper] = None
-        if self._owner.active:
+        if self._owner.active or runtime.elastic():  # elastic: the world may grow past one rank later
             overlap = self.overlap_step if self.overlap_step is not None else runtime.config().overlap_step
             if overlap:
                 self._stepper = OverlapStepper(self._inner, self._param_of)
