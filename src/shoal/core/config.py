@@ -119,6 +119,11 @@ class ShoalConfig:
                "nan_check off, step() without a closure); bitwise the same result as one step at the end. "
                "Off by default: on CPU ranks sharing cores the step then competes with gloo's threads "
                "(measured slower on loopback, docs/engine.md).")
+    elastic_timeout_s: float = _knob(
+        10.0, "Elastic training: how long the survivors of a failure wait for a member that is alive but has "
+              "not come to the next generation (hung, or on a host whose liveness cannot be seen) before going "
+              "on without it; also how long the first generation waits for -np workers before starting with "
+              "--min-np.")
     autotune: bool = _knob(
         True, "Tune bucket size and stream count online during the first steps.")
     timeline_filename: Optional[str] = _knob(
@@ -148,7 +153,7 @@ class ShoalConfig:
                     f"shoal: {f.name} must be a finite number, got {value!r} (set by keyword, "
                     f"{env_name(f.name)} or {flag_name(f.name)}). HINT: give a number of "
                     f"{'seconds' if f.name.endswith('_s') else 'MB' if f.name.endswith('_mb') else 'units'}.")
-        for name in ("timeout_s", "fusion_threshold_mb", "first_bucket_mb", "stall_warning_s"):
+        for name in ("timeout_s", "fusion_threshold_mb", "first_bucket_mb", "stall_warning_s", "elastic_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"shoal: {name} must be > 0, got {getattr(self, name)!r} "
                                  f"(HINT: check {env_name(name)})")
