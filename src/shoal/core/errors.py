@@ -12,6 +12,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 __all__ = [
     "ShoalError",
+    "HorovodInternalError",
+    "HostsUpdatedInterrupt",
     "NotInitializedError",
     "MismatchError",
     "RankFailureError",
@@ -57,7 +59,23 @@ class MismatchError(ShoalError):
         self.culprit_ranks = _ranks(culprit_ranks)
 
 
-class RankFailureError(ShoalError):
+class HorovodInternalError(ShoalError):
+    """A collective failed because of another rank: it died, hung, left or lost its connection (Horovod's
+    name, which elastic scripts catch). :class:`RankFailureError` and :class:`StallError` are its kinds.
+    Under elastic training (``hvd.elastic.run``) it is recoverable: the survivors go on in a new world."""
+
+
+class HostsUpdatedInterrupt(ShoalError):
+    """The elastic job's membership changes at this commit: workers join or leave (Horovod's name).
+    Raised on every rank alike by ``state.commit()`` / ``state.check_host_updates()``; ``hvd.elastic.run``
+    handles it. ``skip_sync``: nobody joined, so every rank already holds the same state."""
+
+    def __init__(self, skip_sync: bool = False):
+        super().__init__("shoal: the elastic job's membership changes at this commit (workers join or leave)")
+        self.skip_sync = bool(skip_sync)
+
+
+class RankFailureError(HorovodInternalError):
     """A collective failed because a peer rank died, timed out, left or lost its connection.
 
     Build it from fields (the message is rendered from them, once) or, for a failure that names no peer,
@@ -127,7 +145,7 @@ class RankFailureError(ShoalError):
         return err
 
 
-class StallError(ShoalError):
+class StallError(HorovodInternalError):
     """A rank waited on a collective longer than allowed; names the ranks that did not arrive.
 
     Attributes:

@@ -20,7 +20,7 @@ from . import runtime
 from .errors import ShoalError
 from .stall import _store
 
-__all__ = ["join", "register_owner", "note_step"]
+__all__ = ["join", "register_owner", "note_step", "forget_world"]
 
 #: Step owners per process-set ranks, in creation order, with the world they belong to (weak: an
 #: optimizer that is gone drops out).
@@ -53,6 +53,18 @@ def _in_the_loop(owners: list[Any]) -> list[Any]:
 def register_owner(owner: Any) -> None:
     """Called by every active step owner when it is created: :func:`join` shadows it."""
     _registry.setdefault(owner.process_set.ranks, []).append((runtime.world_token(), weakref.ref(owner)))
+
+
+def forget_world() -> None:
+    """The world is being left (elastic training): every live step owner drops what belongs to it
+    (reducer, negotiator, their process groups), so that the old groups are destroyed now and their
+    connections close: a peer still blocked in one of them then fails at once."""
+    for entries in _registry.values():
+        for _tok, ref in entries:
+            owner = ref()
+            if owner is not None:
+                owner.forget_world()
+    _registry.clear()
 
 
 def _alive(ps: runtime.ProcessSet) -> list[Any]:

@@ -295,6 +295,10 @@ class GradientReducer:
         """The number of the step in progress (1-based; the step owner's count)."""
         return self._steps() + 1
 
+    def pending_futures(self) -> list[torch.futures.Future]:
+        """The futures of this step's buckets that have not completed (a failed step's leftovers)."""
+        return [f for f in self._futures if f is not None and not f.done()]
+
     def buckets_in_flight(self) -> list[int]:
         """Buckets launched in this step whose reduction has not completed (for messages)."""
         return [b for b, f in enumerate(self._futures) if f is not None and not f.done()]

@@ -18,6 +18,7 @@ network variable choices and the backend rule (:mod:`shoal.core.network`).
 from __future__ import annotations
 
 import atexit
+import ctypes
 import dataclasses
 import datetime
 import logging
@@ -35,7 +36,7 @@ from . import exchange as _exchange
 from . import jobstore as _jobstore
 from . import network as _network
 from .config import ShoalConfig
-from .errors import NotInitializedError, RankFailureError
+from .errors import NotInitializedError, RankFailureError, format_ranks
 from .topology import Layout, compute_layout
 
 __all__ = [
@@ -69,7 +70,10 @@ __all__ = [
     "generation",
     "elastic",
     "mark_broken",
-    "rebuild",
+    "abandon_futures",
+    "leave_world",
+    "enter_world",
+    "LeftWorld",
 ]
 
 log = logging.getLogger(__name__)
@@ -207,16 +211,8 @@ def init(backend: Optional[str] = None, timeout_s: Optional[float] = None, **kno
                 "MASTER_ADDR/MASTER_PORT are not set. HINT: launch with `shoal run` or torchrun, or "
                 "export MASTER_ADDR=<host of rank 0> MASTER_PORT=29500.")
         if world.source == "elastic":
-            # An elastic worker: rank and size come from the job's membership, agreed in its store
-            # (shoal.core.membership); the groups of each generation under a prefix of their own.
-            from . import membership  # noqa: PLC0415 (elastic only)
-
-            store = _jobstore.open_elastic_store(world.master_addr, world.master_port, timeout)
-            member = membership.enter(store, cfg)
-            world = dataclasses.replace(world, rank=member.rank, size=member.size)
-            _generation = member.generation
-            dist.init_process_group(chosen, store=_jobstore.generation_store(store, member.generation),
-                                    rank=member.rank, world_size=member.size, timeout=timeout)
+            _enter_elastic(cfg, world, chosen, timeout)  # builds the world too
+            return
         elif world.init_method is None:
             # A world of one (plain `python train.py`): an in-memory store, no sockets.
             dist.init_process_group(chosen, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -229,6 +225,29 @@ def init(backend: Optional[str] = None, timeout_s: Optional[float] = None, **kno
             dist.init_process_group(chosen, store=_jobstore.generation_store(store, _generation),
                                     rank=world.rank, world_size=world.size, timeout=timeout)
     _build_world(cfg, world, owns)
+
+
+def _enter_elastic(cfg: ShoalConfig, world: _env.WorldInfo, backend: str, timeout: datetime.timedelta) -> None:
+    """``init()`` of an elastic worker: rank and size come from the job's membership, agreed in its store
+    (:mod:`shoal.core.membership`); each generation's groups live under a prefix of their own. A joiner whose
+    generation fails to form (a peer died or gave up while the groups were being built) asks to join the next
+    one; a failure of the first generation fails the job's start like any other launch."""
+    from . import elastic, membership  # noqa: PLC0415 (elastic only)
+
+    store = _jobstore.open_elastic_store(world.master_addr, world.master_port, timeout)
+    left = LeftWorld(cfg, world, backend)
+    for attempt in range(1, membership.FORM_ATTEMPTS + 1):
+        member = membership.enter(store, cfg)
+        try:
+            enter_world(left, member.rank, member.size, member.generation)
+        except Exception as exc:  # noqa: BLE001 (any failure to build the groups: try the next generation)
+            if member.survivors == 0 or attempt == membership.FORM_ATTEMPTS:
+                raise
+            log.warning("shoal: elastic generation %d did not form on this joiner (%s: %s); it asks to join the "
+                        "next one", member.generation, type(exc).__name__, str(exc).splitlines()[0][:200])
+            continue
+        elastic.entered(store, member)
+        return
 
 
 def _build_world(cfg: ShoalConfig, world: _env.WorldInfo, owns: bool) -> None:
@@ -294,19 +313,78 @@ def mark_broken() -> None:
     _broken = True
 
 
-def _teardown(abort: bool) -> None:
-    """Destroy every process group of this world. With ``abort``, each backend is aborted first: a
-    ``destroy`` waits for the operations still pending (measured: 23 s, until a hung peer's process
-    ended), an aborted gloo backend does not (measured: 0.0 s)."""
-    if abort:
-        for pg in list(dist.distributed_c10d._world.pg_map):
-            for dev in ("cpu", "cuda"):
-                try:
-                    pg._get_backend(torch.device(dev)).abort()
-                except (RuntimeError, AttributeError):
-                    pass  # no backend for that device type
-    if dist.is_initialized():
+#: Process groups of broken worlds, forgotten but never destroyed (see :func:`_teardown`).
+_abandoned: list[Any] = []
+#: Operations of broken worlds still pending when this rank left them (see :func:`abandon_futures`).
+_abandoned_futures: list[Any] = []
+#: How long the exit waits for them (a peer's exit ends them; the ranks of a job end together).
+_EXIT_WAIT_S = 10.0
+
+
+def abandon_futures(futures: Sequence[Any]) -> None:
+    """Keep the pending operations of a world this rank gives up on, and let the process's exit wait for
+    them (bounded by ``_EXIT_WAIT_S``).
+
+    Such an operation ends when a peer's connection closes: its future then fails on gloo's thread, which
+    runs the future's Python callbacks. Measured here (torch 2.13, gloo, 3 ranks, a pending allreduce with
+    a Python ``then`` callback left behind by one rank): when that close arrives while the process is
+    finalizing the interpreter, the process aborts ("terminate called after throwing an instance of
+    'gloo::IoException'", SIGABRT) in 2 of 2 runs; when it arrives while the interpreter is alive (an exit
+    handler waiting for it) it ends cleanly, 4 of 4. The futures are also kept referenced here, so that none
+    is collected while its operation is pending."""
+    global _exit_wait_registered
+    pending = [f for f in futures if f is not None and not f.done()]
+    if not pending:
+        return
+    _abandoned_futures.extend(pending)
+    if not _exit_wait_registered:
+        atexit.register(_wait_abandoned_at_exit)
+        _exit_wait_registered = True
+
+
+_exit_wait_registered = False
+
+
+def _wait_abandoned_at_exit() -> None:
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    while any(not f.done() for f in _abandoned_futures) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = sum(1 for f in _abandoned_futures if not f.done())
+    if left:
+        log.debug("shoal: %d operation(s) of an abandoned world still pending at exit", left)
+
+
+def _teardown(abandon: bool) -> None:
+    """Let go of every process group of this world.
+
+    A healthy world is destroyed. A broken one (a peer died, hung or left) is abandoned instead: torch
+    forgets its groups (so that the next world can be built) without shutting them down, and they are kept
+    alive, never destroyed, until the process ends. Measured here with gloo, with an operation of the
+    broken world still pending on a peer that stays alive: ``destroy`` waited for it (23 s, until that
+    peer's process ended); ``abort`` then ``destroy`` returned at once, but the gloo thread still blocked in
+    the operation later met the closed connection and terminated the process ("terminate called after
+    throwing an instance of 'gloo::IoException'", SIGABRT at exit). Abandoned, the operation ends the usual
+    way (it fails when its peers' connections close, handled on gloo's thread) and nothing waits for it.
+    """
+    if not dist.is_initialized():
+        return
+    if not abandon:
         dist.destroy_process_group()
+        return
+    c10d = dist.distributed_c10d
+    world = c10d._world
+    groups = list(world.pg_map)
+    for pg in groups:
+        # The deliberate leak: a group's destructor waits for its pending operations, also at interpreter
+        # exit, so these never get one (a few threads and sockets per failure, for the life of the process).
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(pg))
+    _abandoned.extend(groups)
+    c10d._update_default_pg(None)
+    for table in (world.pg_map, world.pg_names, world.pg_group_ranks, world.pg_backend_config, world.pg_to_tag,
+                  world.tags_to_pg, world.pg_coalesce_state):
+        table.clear()
+    c10d._unregister_all_process_groups()
+    world.group_count = 0
 
 
 def _forget_world() -> None:
@@ -328,31 +406,59 @@ def shutdown() -> None:
         return
     owns = _rt.owns_default_group
     if owns:
-        _teardown(abort=_broken)
+        _teardown(abandon=_broken)
     _forget_world()
 
 
-def rebuild(rank: int, size: int, new_generation: int) -> None:
-    """Leave this world and join the next generation's, in this process (elastic training): the old
-    groups are aborted and destroyed, the new ones built under the generation's prefix of the job's
-    store, with this process as ``rank`` of ``size``; then everything ``init`` builds on top.
+@dataclass(frozen=True, slots=True)
+class LeftWorld:
+    """What :func:`leave_world` keeps for :func:`enter_world`: the config, the launcher's view, the backend."""
 
-    Call it on every member of the new generation, at the same point (shoal.core.elastic does).
+    config: ShoalConfig
+    world: _env.WorldInfo
+    backend: str
+
+
+def leave_world() -> LeftWorld:
+    """Leave this world (elastic training): abandon its groups at once, whatever is pending on them
+    (:func:`_teardown`), and forget it. :func:`enter_world` then joins the next generation's.
 
     Raises:
         NotInitializedError: before ``init()``.
     """
-    global _generation
-    rt = _state("rebuild")
-    store = _jobstore.open_elastic_store(rt.world.master_addr, rt.world.master_port,
-                                         datetime.timedelta(seconds=rt.config.timeout_s))
-    backend = dist.get_backend()
-    _teardown(abort=True)
+    rt = _state("leave_world")
+    left = LeftWorld(rt.config, rt.world, str(dist.get_backend()))
+    _teardown(abandon=True)
+    from . import join  # noqa: PLC0415 (it imports this module)
+
+    join.forget_world()  # the step owners let go of the old groups: they close now
+    _control.clear()
     _forget_world()
+    return left
+
+
+def enter_world(left: LeftWorld, rank: int, size: int, new_generation: int) -> None:
+    """Join generation ``new_generation`` as ``rank`` of ``size``: its groups under the generation's prefix of
+    the job's store, then everything ``init`` builds on top (every member calls it at the same point)."""
+    global _generation
+    timeout = datetime.timedelta(seconds=left.config.timeout_s)
+    store = _jobstore.open_elastic_store(left.world.master_addr, left.world.master_port, timeout)
     _generation = new_generation
-    dist.init_process_group(backend, store=_jobstore.generation_store(store, new_generation), rank=rank,
-                            world_size=size, timeout=datetime.timedelta(seconds=rt.config.timeout_s))
-    _build_world(rt.config, dataclasses.replace(rt.world, rank=rank, size=size), True)
+    try:
+        dist.init_process_group(left.backend, store=_jobstore.generation_store(store, new_generation), rank=rank,
+                                world_size=size, timeout=timeout)
+        _build_world(left.config, dataclasses.replace(left.world, rank=rank, size=size), True)
+        control_group(global_process_set)  # now, inside the generation's bounds, not at the first step
+    except BaseException:
+        # Some member did not come (died, or gave up waiting): whatever was built is abandoned like a
+        # broken world, and the caller tries the next generation.
+        _teardown(abandon=True)
+        from . import join  # noqa: PLC0415 (it imports this module)
+
+        join.forget_world()
+        _control.clear()
+        _forget_world()
+        raise
 
 
 def _shutdown_at_exit() -> None:
@@ -614,7 +720,11 @@ def control_group(process_set: ProcessSet) -> dist.ProcessGroup:
         return have[1]
     timeout = datetime.timedelta(seconds=rt.config.timeout_s)
     # Members only (use_local_synchronization): a process set's non-members never build an optimizer on it.
-    group = dist.new_group(list(process_set.ranks), timeout=timeout, backend="gloo",
-                           use_local_synchronization=True)
+    try:
+        group = dist.new_group(list(process_set.ranks), timeout=timeout, backend="gloo",
+                               use_local_synchronization=True)
+    except RuntimeError as exc:  # a member died or never came: named like any failed collective
+        raise explain_failure(exc, f"creating the control group of ranks {format_ranks(process_set.ranks)}",
+                              process_set.ranks) from exc
     _control[process_set.ranks] = (token, group)
     return group

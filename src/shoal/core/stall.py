@@ -207,10 +207,19 @@ class StallInspector:
             awaited = self._awaited([k for k in pending if not futures[k].done()], names_of, label)
         store = self._announce(step, where)
         warned = False
+        forming = _elastic_watch()
         while True:
             mark = timeout_s if warned else warn_s
-            if event.wait(max(0.0, mark - (time.monotonic() - start))):
+            remaining = max(0.0, mark - (time.monotonic() - start))
+            if event.wait(min(remaining, _ELASTIC_POLL_S) if forming is not None else remaining):
                 return
+            if forming is not None and forming():
+                runtime.abandon_futures(futures)  # pending on the world this rank now leaves
+                raise RankFailureError(
+                    rank=runtime.rank(), what=where, backend_text="peers started the next generation of the "
+                    "elastic job (another rank failed or left)", dead_ranks=())
+            if time.monotonic() - start < mark:
+                continue
             failing = warned or warn_s >= timeout_s
             text, missing, doing = self.who(store, step, settle=failing)
             err = StallError(rank=runtime.rank(), where=where, waited_for=awaited,
@@ -221,6 +230,7 @@ class StallInspector:
                 warned = True
                 continue
             # The record stays: peers failing a moment later still see where this rank is stuck.
+            runtime.abandon_futures(futures)
             raise self._dead_or(err, missing, where)
 
     @staticmethod
@@ -334,6 +344,20 @@ class StallInspector:
             return err
         dead = runtime.explain_failure(err, where, list(missing), grace_s=0.0)
         return dead if dead.dead_ranks else err
+
+
+#: Under elastic training, how often a long wait looks whether the others started the next generation.
+_ELASTIC_POLL_S = 0.25
+
+
+def _elastic_watch() -> Optional[Callable[[], bool]]:
+    """Under elastic training: a check whether the job is forming its next generation (a peer met a failure
+    this rank's wait cannot see, e.g. a peer that left the old groups); None otherwise."""
+    if not runtime.elastic():
+        return None
+    from . import elastic  # noqa: PLC0415 (elastic imports the engine)
+
+    return elastic.forming
 
 
 def _first_wait_s(warn_s: float) -> float:

@@ -61,7 +61,7 @@ from .negotiation import Negotiator
 from .ops import ReduceOp
 from .reducer import GradientReducer, ReducerObserver, TimelineObserver
 
-__all__ = ["StepOwner", "StepResult", "EngineInfo", "resolve_settings", "ENGINE_OPTIONS"]
+__all__ = ["StepOwner", "StepResult", "EngineInfo", "resolve_settings", "ENGINE_OPTIONS", "completed_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,16 @@ log = logging.getLogger(__name__)
 #: config); any other keyword is refused when the wrapper is built.
 ENGINE_OPTIONS = frozenset({"fusion_threshold_mb", "first_bucket_mb", "num_streams", "hierarchical",
                             "error_feedback", "nan_check", "compression", "negotiation"})
+
+
+#: Synchronizations completed by every step owner of this process (elastic training compares survivors'
+#: counts to decide whether they all finished the same step, shoal.core.elastic).
+_completed = 0
+
+
+def completed_steps() -> int:
+    """Synchronizations completed in this process, over every optimizer and world."""
+    return _completed
 
 
 def resolve_settings(options: Mapping[str, Any], what: str = "DistributedOptimizer") -> ShoalConfig:
@@ -208,6 +218,9 @@ class StepOwner:
 
     def _reset_for_world(self) -> None:
         """Forget everything that belongs to a world of process groups (a new world starts at step 0)."""
+        reducer = getattr(self, "_reducer", None)
+        if reducer is not None:  # buckets of a failed step may still be pending on the old groups
+            runtime.abandon_futures(reducer.pending_futures())
         self._counts = [0] * len(self.specs)
         self._reducer: Optional[GradientReducer] = None
         self._tuner: Optional[_autotune.Autotuner] = None
@@ -219,6 +232,11 @@ class StepOwner:
         self.negotiator = None
         self.synchronized = False
 
+    def forget_world(self) -> None:
+        """Drop everything of the current world (its groups close); the next step registers in the new one."""
+        self._reset_for_world()
+        self._generation = -1  # stale: the next use registers again
+
     def _ensure_registered(self) -> None:
         """Run the registration check in the current world, once per world (constraint 6): after
         ``shutdown()`` / ``init()`` or an elastic change of membership, the owner starts over in the new
@@ -226,7 +244,7 @@ class StepOwner:
         generation = runtime.generation()
         if self._generation == generation:
             return
-        if self._generation is not None:
+        if self._generation is not None:  # a new world: start over (constraint 6)
             self._reset_for_world()
             self.step = 0
         self.process_set = runtime.get_process_set(self._process_set_arg, self.what)
@@ -273,8 +291,9 @@ class StepOwner:
 
     @property
     def pending(self) -> bool:
-        """Whether any gradient fired since the last synchronization."""
-        return any(self._counts)
+        """Whether any gradient fired since the last synchronization, in the current world (firings of a
+        world that ended, e.g. the step an elastic failure interrupted, do not count)."""
+        return self._generation == runtime.generation() and any(self._counts)
 
     def index_of(self, j: int) -> int:
         """The frontend index of the reducer's tensor ``j`` (observers get reducer indices)."""
@@ -339,6 +358,7 @@ class StepOwner:
             RankFailureError / StallError: a peer died, left or never arrived (named).
             ShoalError: a gradient was replaced after it was handed over (see :meth:`_fill_views`).
         """
+        global _completed
         self._ensure_registered()
         if self.negotiator is None:  # nothing to reduce in this world (one rank, no scaling)
             self.step += 1
@@ -355,6 +375,7 @@ class StepOwner:
         report = self._check.finish_step(self.step + 1, num_buckets=len(self._reducer.plans)) \
             if self._check is not None else None
         self.step += 1
+        _completed += 1
         note_step(self)
         if self._tuner is not None and self._tuner.end_step():
             replanned = True
@@ -371,7 +392,7 @@ class StepOwner:
     def zero_(self) -> None:
         """Zero every bucket (the frontend's ``zero_grad(set_to_none=False)``) and forget this step's
         firings."""
-        if self._reducer is not None:
+        if self._reducer is not None and self._generation == runtime.generation():
             if self._reducer.in_flight:
                 raise ShoalError("shoal: zero_grad() while gradients are on the wire (after backward, before "
                                  "step()). HINT: step (or synchronize) first.")
