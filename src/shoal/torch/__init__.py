@@ -64,6 +64,8 @@ from shoal.torch.comm_hook import comm_hook
 from shoal.torch.sync_batch_norm import SyncBatchNorm
 from shoal.torch.broadcast_state import broadcast_optimizer_state, broadcast_parameters
 from shoal.torch.optimizer import DistributedOptimizer
+from shoal.torch import elastic
+from shoal.core.errors import HorovodInternalError, HostsUpdatedInterrupt
 
 __all__ = [
     "DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "Compression", "comm_hook",
@@ -79,7 +81,7 @@ __all__ = [
     "alltoall", "alltoall_async", "reducescatter", "reducescatter_async", "barrier",
     "broadcast_object", "allgather_object", "poll", "synchronize",
     "ShoalError", "MismatchError", "NotInitializedError", "RankFailureError", "StallError", "join",
-    "start_timeline", "stop_timeline",
+    "start_timeline", "stop_timeline", "elastic", "HorovodInternalError", "HostsUpdatedInterrupt",
     "NonFiniteGradientError", "NonFiniteReport", "NanDrilldown", "drill_down",
     "nccl_built", "gloo_built", "mpi_built", "cuda_built", "rocm_built", "ddl_built", "ccl_built",
     "mpi_enabled", "gloo_enabled", "mpi_threads_supported",
