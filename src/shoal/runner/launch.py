@@ -156,6 +156,21 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
                              "temporary directory, removed at exit).")
     parser.add_argument("--verbose", dest="verbose", action="store_true",
                         help="Show the elastic agent's own log lines.")
+    elastic = parser.add_argument_group(
+        "elastic training", "Any of these makes the job elastic: a dead, hung or leaving worker costs "
+        "seconds, not the job; new workers join at the next commit (docs/elastic.md).")
+    elastic.add_argument("--elastic", dest="elastic", action="store_true",
+                         help="Elastic mode with -np as both the minimum and the maximum.")
+    elastic.add_argument("--min-np", dest="min_np", type=int, metavar="N",
+                         help="Fewest workers the job runs with (default: -np).")
+    elastic.add_argument("--max-np", dest="max_np", type=int, metavar="N",
+                         help="Most workers the job runs with (default: -np).")
+    elastic.add_argument("--host-discovery-script", dest="host_discovery_script", metavar="SCRIPT",
+                         help="Prints 'host:slots' lines; the job keeps as many workers as this host's "
+                              "slots (between --min-np and --max-np), checked every second.")
+    elastic.add_argument("--max-restarts", dest="max_restarts", type=int, default=10, metavar="N",
+                         help="Most workers started to replace failed or departed ones (default: "
+                              "%(default)s).")
     parser.add_argument("program", nargs=argparse.REMAINDER, metavar="COMMAND ...",
                         help="The command every rank runs, e.g. python train.py --epochs 3.")
 
@@ -719,6 +734,8 @@ def _main(args: argparse.Namespace) -> int:
         parse_hostfile(args.hostfile) if args.hostfile else None
     log_dir = os.path.abspath(args.log_dir) if args.log_dir else None
     secret = secrets.token_hex(_SECRET_BYTES)  # constraint 5: 128 bits, never on a command line
+    if args.elastic or args.min_np is not None or args.max_np is not None or args.host_discovery_script:
+        return _main_elastic(args, program, knob_env, hosts, log_dir, secret)
     if hosts is None:
         _check_program(program)  # command or script not found -> usage error before anything starts
         plan = _AgentPlan(command=program, nproc=args.num_proc,
@@ -745,6 +762,35 @@ def _main(args: argparse.Namespace) -> int:
                         start_timeout_s=args.start_timeout_s, verbose=args.verbose)
              for i, (h, n) in enumerate(placed)]
     return _run_hosts(plans, args.remote_command, args.num_proc, secret)
+
+
+def _main_elastic(args: argparse.Namespace, program: list[str], knob_env: dict[str, str], hosts,
+                  log_dir: Optional[str], secret: str) -> int:
+    """``shoal run`` in elastic mode (:mod:`shoal.runner.elastic`)."""
+    from .elastic import ElasticPlan, run_elastic  # noqa: PLC0415
+
+    if hosts is not None:
+        raise _UsageError("shoal: elastic mode runs on one host for now (-H / --hostfile are not supported with "
+                          "--min-np/--max-np/--elastic). HINT: emulate nodes on one host with --local-size.")
+    min_np = args.min_np if args.min_np is not None else args.num_proc
+    max_np = args.max_np if args.max_np is not None else max(args.num_proc, min_np)
+    if not 1 <= min_np <= args.num_proc <= max_np:
+        raise _UsageError(f"shoal: elastic sizes must satisfy 1 <= --min-np ({min_np}) <= -np ({args.num_proc}) "
+                          f"<= --max-np ({max_np}).")
+    if args.max_restarts < 0:
+        raise _UsageError(f"shoal: --max-restarts must be >= 0, got {args.max_restarts}.")
+    script = args.host_discovery_script
+    if script is not None and not (os.path.isfile(script) and os.access(script, os.X_OK)):
+        raise _UsageError(f"shoal: --host-discovery-script {script!r} is not an executable file. HINT: chmod +x "
+                          "it; it must print 'host:slots' lines.")
+    _check_program(program)
+    env = {**knob_env, **_extra_env(args.env, remote=False)}
+    if max_np > 1 and _env.get_env("OMP_NUM_THREADS") is None:
+        env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N workers x all-cores pools oversubscribe
+    plan = ElasticPlan(argv=_worker_argv(program), np=args.num_proc, min_np=min_np, max_np=max_np, env=env,
+                       discovery_script=script, max_restarts=args.max_restarts, log_dir=log_dir,
+                       start_timeout_s=args.start_timeout_s, module=_MODULE)
+    return run_elastic(plan, secret, verbose=args.verbose)
 
 
 # ------------------------------------------------------------------------------------- shim
