@@ -138,6 +138,33 @@ _OTHER_VARIABLES = frozenset({TIMELINE_ALIAS, "SHOAL_INIT_FILE", JOB_SECRET, "SH
 #: Set by ``shoal run`` in elastic mode (``--min-np`` / ``--max-np``): this process is an elastic worker.
 ELASTIC = "SHOAL_ELASTIC"
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticWorker:
+    """What ``shoal run --min-np`` tells one elastic worker: its launcher id, the target and minimum size."""
+
+    worker_id: str  # "-" outside an elastic launcher
+    np: int
+    min_np: int
+
+
+def elastic_worker(environ: Optional[Mapping[str, str]] = None) -> ElasticWorker:
+    """The elastic launcher's variables for this worker (``SHOAL_ELASTIC_ID``/``_NP``/``_MIN_NP``)."""
+    env = _environ(environ)
+
+    def number(name: str) -> int:
+        raw = env.get(name, "") or "0"
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not an integer; it is set by `shoal run --min-np`, "
+                             f"unset it or launch with shoal run") from None
+
+    return ElasticWorker(env.get("SHOAL_ELASTIC_ID", "-") or "-", number("SHOAL_ELASTIC_NP"),
+                         number("SHOAL_ELASTIC_MIN_NP"))
+
+
 #: Unknown names already warned about in this process (init() twice warns once).
 _warned_unknown: set[str] = set()
 

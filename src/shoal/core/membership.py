@@ -55,6 +55,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
+from . import env
 from .config import ShoalConfig
 from .errors import ShoalError
 
@@ -100,9 +101,15 @@ class Member:
     records: tuple[dict, ...] = field(default_factory=tuple)
 
 
+def _launcher_id() -> int:
+    """The elastic launcher's id for this worker, -1 outside one."""
+    wid = env.elastic_worker().worker_id
+    return -1 if wid == "-" else int(wid)
+
+
 def worker_id() -> str:
     """This process's identity in the job: host, pid and the launcher's id for it."""
-    return f"{socket.gethostname()}:{os.getpid()}:{os.environ.get('SHOAL_ELASTIC_ID', '-')}"
+    return f"{socket.gethostname()}:{os.getpid()}:{env.elastic_worker().worker_id}"
 
 
 def _key(name: str) -> str:
@@ -142,7 +149,7 @@ def note_leave(store: dist.Store, wid: str) -> None:
 
 def _record(wid: str, prev: int, prev_rank: int, info: Optional[dict]) -> dict:
     return {"wid": wid, "host": socket.gethostname(), "pid": os.getpid(), "prev": prev, "prev_rank": prev_rank,
-            "launcher_id": int(os.environ.get("SHOAL_ELASTIC_ID", "-1") or -1), **(info or {})}
+            "launcher_id": _launcher_id(), **(info or {})}
 
 
 def _arrive(store: dist.Store, gen: int, record: dict) -> None:
@@ -233,8 +240,8 @@ def enter(store: dist.Store, cfg: ShoalConfig) -> Member:
     """
     wid = worker_id()
     current = current_generation(store)
-    want = int(os.environ.get("SHOAL_ELASTIC_NP", "0") or 0)
-    minimum = int(os.environ.get("SHOAL_ELASTIC_MIN_NP", "0") or 0) or want or 1
+    want = env.elastic_worker().np
+    minimum = env.elastic_worker().min_np or want or 1
     record = _record(wid, -1, -1, {"steps": 0, "dirty": False})
     if current < 0 and not _exists(store, "g0/members"):
         _arrive(store, 0, record)
@@ -298,7 +305,7 @@ def agree(store: dist.Store, previous: Member, info: dict, cfg: ShoalConfig) -> 
     for k in range(admitted + 1, joins + 1):  # the joiners that asked and were not taken in yet
         if store.check([_key(f"join/{k}")]):
             expected.add(json.loads(store.get(_key(f"join/{k}")).decode())["wid"])
-    minimum = int(os.environ.get("SHOAL_ELASTIC_MIN_NP", "0") or 0) or 1
+    minimum = env.elastic_worker().min_np or 1
     position = {w: i for i, w in enumerate(previous.workers)}
 
     def order(r: dict) -> tuple:

@@ -150,11 +150,11 @@ class _Launcher:
         logs_specs_cls, std = self._specs
         wid = self.next_id
         self.next_id += 1
-        env = {**os.environ, **self.plan.env,
+        env = _env.child_environ({**self.plan.env,
                "SHOAL_ELASTIC": "1", "SHOAL_ELASTIC_ID": str(wid), "SHOAL_ELASTIC_NP": str(self.plan.np),
                "SHOAL_ELASTIC_MIN_NP": str(self.plan.min_np), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(self.port), "TORCHELASTIC_RUN_ID": self.run_id, "GROUP_RANK": "0",
-               "TORCHELASTIC_RESTART_COUNT": "0", "LOCAL_RANK": str(wid % max(self.plan.max_np, 1))}
+               "TORCHELASTIC_RESTART_COUNT": "0", "LOCAL_RANK": str(wid % max(self.plan.max_np, 1))})
         logs = logs_specs_cls(log_dir=os.path.join(self.log_root, f"worker{wid}"), tee=std.ALL)
         context = start_processes(name="worker", entrypoint=self.plan.argv[0], args={0: tuple(self.plan.argv[1:])},
                                   envs={0: env}, logs_specs=logs, log_line_prefixes={0: f"[rank{wid}]: "},
