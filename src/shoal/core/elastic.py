@@ -49,7 +49,7 @@ from .errors import HorovodInternalError, HostsUpdatedInterrupt, ShoalError
 from .membership import ElasticMembershipError
 
 __all__ = ["State", "ObjectState", "run", "check_host_updates", "reset", "leaving", "forming", "request_leave",
-           "note_partial_update", "ResetOutcome", "recovery_times", "entered"]
+           "note_partial_update", "ResetOutcome", "recovery_times", "entered", "register_unwrapper"]
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,10 @@ def check_host_updates() -> None:
         return
     joins = membership.pending_joins(_store) > 0
     flags = torch.tensor([int(joins), int(_leaving)], dtype=torch.int64)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=runtime.control_group(runtime.global_process_set))
+    try:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=runtime.control_group(runtime.global_process_set))
+    except RuntimeError as exc:  # a peer lost at the commit: a failure like any other
+        raise runtime.explain_failure(exc, "the elastic commit's membership check") from exc
     if flags.any():
         raise HostsUpdatedInterrupt(skip_sync=not bool(flags[0]))
 
@@ -191,6 +194,11 @@ class State:
         """Call each of ``callbacks`` after every change of membership (e.g. to scale the learning rate by the
         new size)."""
         self._reset_callbacks.extend(callbacks)
+
+    def keeps_progress(self) -> bool:
+        """Whether this state holds the work done since the last commit when a failure interrupts it (then
+        nobody restores when every survivor finished the same step). Every rank must answer alike."""
+        return True
 
     def on_reset(self) -> None:
         for callback in self._reset_callbacks:
@@ -274,6 +282,32 @@ def _leave_now() -> None:
     raise SystemExit(0)
 
 
+#: Frontend hooks that find Shoal's error inside a framework's own (see register_unwrapper).
+_unwrappers: list[Callable[[BaseException], Optional[BaseException]]] = []
+
+
+def register_unwrapper(fn: Callable[[BaseException], Optional[BaseException]]) -> None:
+    """Let :func:`run` see Shoal's errors through a framework that wraps them: TensorFlow turns an exception
+    raised in a host call (``tf.py_function``) into its own ``UnknownError``, JAX into an
+    ``XlaRuntimeError``. ``fn(exc)`` returns the :class:`~shoal.core.errors.HorovodInternalError` or
+    :class:`~shoal.core.errors.HostsUpdatedInterrupt` behind ``exc``, or None."""
+    if fn not in _unwrappers:
+        _unwrappers.append(fn)
+
+
+def _unwrap(exc: BaseException) -> Optional[BaseException]:
+    seen = exc
+    while seen is not None:  # the chain first: a framework that re-raises keeps ours as a cause
+        if isinstance(seen, (HorovodInternalError, HostsUpdatedInterrupt)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    for fn in _unwrappers:
+        inner = fn(exc)
+        if isinstance(inner, (HorovodInternalError, HostsUpdatedInterrupt)):
+            return inner
+    return None
+
+
 def run(func: Callable) -> Callable:
     """Run ``func(state, ...)`` so that it survives changes of membership (Horovod's ``hvd.elastic.run``).
 
@@ -303,7 +337,15 @@ def run(func: Callable) -> Callable:
                     state.sync()
                 if _times:
                     _times["sync"] = time.monotonic() - t_sync
-                return func(state, *args, **kwargs)
+                try:
+                    return func(state, *args, **kwargs)
+                except (HostsUpdatedInterrupt, HorovodInternalError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 (a framework may wrap ours: see register_unwrapper)
+                    inner = _unwrap(exc)
+                    if inner is None:
+                        raise
+                    raise inner from exc
             except HostsUpdatedInterrupt as exc:
                 if not runtime.elastic():
                     raise
@@ -324,7 +366,10 @@ def run(func: Callable) -> Callable:
                 outcome = reset()
                 _times["detect"] = 0.0
                 t_restore = time.monotonic()
-                if not outcome.keep:
+                if outcome.keep and not state.keeps_progress():
+                    log.info("shoal: the state goes back to its last commit all the same: it does not hold the "
+                             "work done since then (%s)", type(state).__name__)
+                if not outcome.keep or not state.keeps_progress():
                     state.restore()
                 _times["restore"] = time.monotonic() - t_restore
                 _times["since_failure"] = time.monotonic() - failed_at

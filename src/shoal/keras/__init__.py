@@ -33,7 +33,15 @@ from shoal.core.collectives import (  # noqa: E402
 )
 from shoal.core.compression import Compression  # noqa: E402
 from shoal.core.join import join as _join  # noqa: E402
-from shoal.core.errors import MismatchError, NotInitializedError, RankFailureError, ShoalError, StallError  # noqa: E402
+from shoal.core.errors import (  # noqa: E402
+    HorovodInternalError,
+    HostsUpdatedInterrupt,
+    MismatchError,
+    NotInitializedError,
+    RankFailureError,
+    ShoalError,
+    StallError,
+)
 from shoal.core.runtime import (  # noqa: E402
     ProcessSet,
     add_process_set,
@@ -51,7 +59,7 @@ from shoal.core.runtime import (  # noqa: E402
     size,
 )
 
-from . import callbacks  # noqa: E402
+from . import callbacks, elastic  # noqa: E402
 from .collectives import allgather, allreduce, broadcast, broadcast_variables  # noqa: E402
 from .optimizer import DistributedOptimizer, exchange_stats, is_distributed  # noqa: E402
 
@@ -71,12 +79,13 @@ def join(process_set: "ProcessSet | None" = None) -> int:
     return _join(process_set)
 
 __all__ = [
-    "DistributedOptimizer", "is_distributed", "exchange_stats", "callbacks", "Compression", "join",
+    "DistributedOptimizer", "is_distributed", "exchange_stats", "callbacks", "elastic", "Compression", "join",
     "allreduce", "allgather", "broadcast", "broadcast_variables", "broadcast_object", "allgather_object",
     "barrier", "ReduceOp", "Average", "Sum", "Min", "Max", "Product",
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank",
     "cross_size", "is_homogeneous", "ProcessSet", "global_process_set", "add_process_set",
     "remove_process_set", "ShoalError", "MismatchError", "NotInitializedError", "RankFailureError", "StallError",
+    "HorovodInternalError", "HostsUpdatedInterrupt",
 ]
 
 

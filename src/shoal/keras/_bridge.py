@@ -32,6 +32,10 @@ Design constraints:
    XLA off for the train step before the first trace, which is where Keras lets anyone do so).
 5. JAX callbacks are ``ordered=True``: XLA may otherwise reorder, merge or drop an unordered callback whose
    result it can see through, and two ranks must make the same calls in the same order.
+6. An exception raised by the engine in a host call comes out of the compiled step as the framework's own
+   error (TensorFlow's ``UnknownError``, JAX's ``XlaRuntimeError``) with only its text: the bridge keeps
+   the original (:func:`take_host_error`), so that elastic training (:mod:`shoal.keras.elastic`) still sees
+   a lost peer as a :class:`~shoal.core.errors.HorovodInternalError`.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ __all__ = [
     "to_numpy",
     "is_symbolic",
     "run_on_host",
+    "take_host_error",
     "in_xla_trace",
     "aligned",
     "ALIGN_BYTES",
@@ -203,6 +208,21 @@ def in_xla_trace() -> bool:
 
 _HostFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
+#: The last exception raised by a host call, for take_host_error (constraint 6).
+_host_error: list[BaseException] = []
+
+
+def _note_host_error(exc: BaseException) -> None:
+    _host_error[:] = [exc]
+
+
+def take_host_error() -> "BaseException | None":
+    """The exception the last failed host call raised (then forgotten): the framework re-raised it as one of
+    its own, which loses its type (constraint 6)."""
+    exc = _host_error[0] if _host_error else None
+    _host_error.clear()
+    return exc
+
 
 def run_on_host(fn: _HostFn, tensors: Sequence[Any], out_specs: Sequence[tuple[tuple[int, ...], str]],
                 backend: str, *, what: str) -> list[Any]:
@@ -226,7 +246,11 @@ def run_on_host(fn: _HostFn, tensors: Sequence[Any], out_specs: Sequence[tuple[t
         import tensorflow as tf  # noqa: PLC0415
 
         def host(*args):
-            outs = fn([to_torch(a) for a in args])
+            try:
+                outs = fn([to_torch(a) for a in args])
+            except Exception as exc:
+                _note_host_error(exc)  # TF re-raises it as its own UnknownError (constraint 6)
+                raise
             return [from_torch(o, "tensorflow") for o in outs]
 
         if tf.executing_eagerly():
@@ -250,7 +274,11 @@ def run_on_host(fn: _HostFn, tensors: Sequence[Any], out_specs: Sequence[tuple[t
             return [from_torch(o, "jax") for o in fn([to_torch(t) for t in tensors])]
 
         def host(*args):
-            outs = fn([to_torch(a) for a in args])
+            try:
+                outs = fn([to_torch(a) for a in args])
+            except Exception as exc:
+                _note_host_error(exc)  # JAX re-raises it as an XlaRuntimeError (constraint 6)
+                raise
             return tuple(to_numpy(o) for o in outs)
 
         result = tuple(jax.ShapeDtypeStruct(tuple(s), jax.numpy.dtype(d)) for s, d in out_specs)

@@ -319,7 +319,8 @@ class _Exchange:
         self._hook_accs: list = []
         self._hook_scale = 1.0
         self._next_is_update = True
-        self._rebucketed: set[tuple[int, ...]] = set()
+        #: (key, world) -> update steps reduced in that world (the re-plan happens at the same step everywhere)
+        self._world_steps: dict[tuple[Any, int], int] = {}
         if backend == "torch":
             # jit_compile=True (torch.compile): dynamo must not trace collectives and Python bookkeeping;
             # it breaks the graph here and runs this eagerly (it failed inside broadcast_object_list).
@@ -508,9 +509,12 @@ class _Exchange:
                 owner.ready(j, given[j])
             self._marked = set()
             outs = self._finish(owner, given)
-            if hooked and key not in self._rebucketed:
-                # After the first step with hooks: plan buckets in the order gradients really arrived.
-                self._rebucketed.add(key)
+            # Plan the buckets in the order gradients really arrived, after the second update step of each
+            # world: every rank's hooks were armed by then (a worker that joined an elastic job arms them
+            # after its first step, when the others already had), so every rank re-plans at the same step.
+            marker = (key, runtime.generation())
+            self._world_steps[marker] = done = self._world_steps.get(marker, 0) + 1
+            if done == 2 and hooked:
                 owner.replan_to_last_order()
             for a in accs:
                 a.value.zero_()
