@@ -16,6 +16,8 @@ __all__ = [
     "MismatchError",
     "RankFailureError",
     "StallError",
+    "HorovodInternalError",
+    "HostsUpdatedInterrupt",
     "format_ranks",
     "shown",
 ]
@@ -57,7 +59,30 @@ class MismatchError(ShoalError):
         self.culprit_ranks = _ranks(culprit_ranks)
 
 
-class RankFailureError(ShoalError):
+class HorovodInternalError(ShoalError):
+    """Horovod's name for a collective that failed because of another rank (it died, left, timed out, lost
+    its connection): the error Horovod users catch, e.g. around an elastic training loop. Shoal raises its
+    subclasses :class:`RankFailureError` and :class:`StallError`, so ``except hvd.HorovodInternalError``
+    catches both. (A mismatch of arguments is :class:`MismatchError`: a bug to fix, not a failure to
+    recover from.)"""
+
+
+class HostsUpdatedInterrupt(ShoalError):
+    """Horovod's name for "the job's membership changed": elastic training raises it at a step boundary
+    when workers are added or removed, so that the loop restores its committed state and goes on.
+
+    Attributes:
+        skip_sync: True when the state need not be synchronized again (only new workers arrived and the
+            current state is committed), as in Horovod.
+    """
+
+    def __init__(self, skip_sync: bool = False, message: Optional[str] = None):
+        self.skip_sync = bool(skip_sync)
+        super().__init__(message or "shoal: the set of workers changed; restore the committed state and "
+                                    "continue. HINT: raised by elastic training between steps; catch it there.")
+
+
+class RankFailureError(HorovodInternalError):
     """A collective failed because a peer rank died, timed out, left or lost its connection.
 
     Build it from fields (the message is rendered from them, once) or, for a failure that names no peer,
@@ -127,7 +152,7 @@ class RankFailureError(ShoalError):
         return err
 
 
-class StallError(ShoalError):
+class StallError(HorovodInternalError):
     """A rank waited on a collective longer than allowed; names the ranks that did not arrive.
 
     Attributes:
