@@ -48,10 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _HOROVOD_INIT = '''\
 """Import shim: Horovod's top-level package, as far as scripts use it (``horovod.run``)."""
-try:
-    from shoal import run  # noqa: F401
-except ImportError:
-    pass
+from shoal import run  # noqa: F401
 '''
 
 _HOROVOD_TORCH = '''\
