@@ -10,9 +10,13 @@ Design constraints:
 2. The others' user collectives: a joined rank also answers them, as Horovod's joined ranks do: zeros to
    an allreduce (Sum, Average, Adasum; Average still divides by the whole set), a barrier passes, and any
    other collective fails at once on the others with an error naming the joined ranks (a timeout before).
-   Those collectives run on the process set's own group, the shadow steps on the stream and control
-   groups, so the two are served side by side: the shadow steps in the caller's thread and the answers in
-   a second thread (only when there are step owners to shadow; otherwise the caller answers).
+   Shadow steps block in their negotiation (stream and control groups) until the others step, so the
+   answers come from a second thread (only when there are step owners to shadow; otherwise the caller
+   answers). Both use the set's own group, the answers for the others' calls and the shadow steps for
+   tuning and checks after their negotiation; they never overlap there, because a member asks for an
+   answer only from inside a user collective, after it finished its step, which needed every shadow
+   step's operations posted. The last exchange, once every member has joined, is the caller thread's,
+   after its shadow steps.
 3. No cost for jobs that never join, and no operation posted ahead of time. The others find out from the
    signature exchange of their collective: when it has not completed within 10 ms they read the join
    counter of the set from the job's store (one request) and, when a member has joined, set a key that
@@ -124,8 +128,12 @@ def wake_joined(ps: runtime.ProcessSet, seq: int) -> bool:
 
 
 def _answer_calls(ps: runtime.ProcessSet, calls: int, store: Any, stop: threading.Event,
-                  deadline_s: Optional[float]) -> None:
-    """Answer the other members' user collectives until every member has joined (constraints 2-4)."""
+                  deadline_s: Optional[float], last_round: bool = True) -> None:
+    """Answer the other members' user collectives until every member has joined (constraints 2-4).
+
+    ``last_round=False`` (the second thread, beside shadow steps): answer calls only; the last exchange,
+    once every member has joined, is left to the caller's thread after its shadow steps, because those
+    steps still use the set's group (tuning, checks) after every member has joined."""
     from . import collectives  # noqa: PLC0415 (collectives imports this module)
 
     n = ps.size()
@@ -134,7 +142,7 @@ def _answer_calls(ps: runtime.ProcessSet, calls: int, store: Any, stop: threadin
     while not stop.is_set():
         seq = collectives.next_call_number(ps)
         asked = store.check([_call_key(ps, calls, seq)])
-        if not asked and int(store.add(count_key, 0)) < n:
+        if not asked and (not last_round or int(store.add(count_key, 0)) < n):
             if deadline_s is not None and time.monotonic() - last > deadline_s:
                 waited = time.monotonic() - last
                 raise StallError(rank=runtime.rank(), where="join()", waited_s=waited,
@@ -206,7 +214,7 @@ def join(process_set: Optional[runtime.ProcessSet] = None) -> int:
     if store is not None and used:
         def answer() -> None:
             try:
-                _answer_calls(ps, calls, store, stop, deadline_s=None)
+                _answer_calls(ps, calls, store, stop, deadline_s=None, last_round=False)
             except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
                 failure.append(exc)
 
@@ -230,14 +238,16 @@ def join(process_set: Optional[runtime.ProcessSet] = None) -> int:
             o.negotiator.joined = False
             o.negotiator.all_joined = False
     if answering is not None:
-        # Every member is inside join() now: the answering threads meet in one last exchange.
+        # Every member is inside join() now, so no call is left to answer (a member in a collective cannot
+        # have joined): the thread stops, and this thread meets the others in the last exchange.
+        stop.set()
         answering.join(timeout=runtime.config().timeout_s + 10.0)
         if answering.is_alive():
-            stop.set()
-            raise StallError(rank=me, where="join()", waited_for="the last exchange of the joined ranks",
-                             waited_s=runtime.config().timeout_s, missing_text="it did not complete")
+            raise StallError(rank=me, where="join()", waited_for="its answering thread to stop",
+                             waited_s=runtime.config().timeout_s, missing_text="it is still in an exchange")
         if failure:
             raise failure[0]
+        _answer_calls(ps, calls, store, threading.Event(), deadline_s=runtime.config().timeout_s)
     last = torch.tensor([(order << 32) | me], dtype=torch.int64)
     try:
         dist.all_reduce(last, op=dist.ReduceOp.MAX, group=runtime.control_group(ps))
