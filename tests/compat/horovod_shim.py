@@ -23,7 +23,8 @@ Usage (from the repository root, with the venv's python)::
 
 Each launch is ``shoal run -np 2`` with Horovod's gloo-mode variables (``HOROVOD_RANK``,
 ``HOROVOD_SIZE``) set from the rank's own, so the suite's ``tearDown`` calls ``barrier()`` then
-``shutdown()`` as under ``horovodrun --gloo``. Every launch has a deadline; on it the launcher gets
+``shutdown()`` as under ``horovodrun --gloo`` (``--launch-mode mpi`` sets ``PMI_RANK``/``PMI_SIZE``
+instead, as ``mpirun`` does: no shutdown between tests). Every launch has a deadline; on it the launcher gets
 SIGTERM (it stops its ranks), then SIGKILL, and the test is reported as a hang.
 """
 
@@ -310,13 +311,21 @@ def run_suite(src: Path, shim: Path, tests: Sequence[str], *, per_test: bool, wh
     return report
 
 
+#: How the suite learns its rank: Horovod's gloo mode (``horovodrun --gloo``: HOROVOD_RANK/SIZE; its
+#: tearDown then calls ``shutdown()`` and the next test ``init()`` again) or its MPI mode (``mpirun``:
+#: PMI_RANK/SIZE; no shutdown between tests, the re-init tests skip themselves).
+_RANK_VARS = {"gloo": ("HOROVOD_RANK", "HOROVOD_SIZE"), "mpi": ("PMI_RANK", "PMI_SIZE")}
+LAUNCH_MODE = "gloo"
+
+
 def _gloo_mode(cmd: Sequence[str], junit_dir: Optional[Path] = None) -> list[str]:
-    """``cmd`` in a shell that sets Horovod's gloo-mode variables from the rank's own (and, with
-    ``junit_dir``, writes the rank's pytest report to ``junit_dir/rank<r>.xml``)."""
+    """``cmd`` in a shell that sets Horovod's rank variables (:data:`_RANK_VARS`) from the rank's own (and,
+    with ``junit_dir``, writes the rank's pytest report to ``junit_dir/rank<r>.xml``)."""
     words = " ".join(_quote(c) for c in cmd)
     if junit_dir is not None:
         words += f' --junitxml={_quote(str(junit_dir))}/rank"$RANK".xml'
-    return ["sh", "-c", f'HOROVOD_RANK="$RANK" HOROVOD_SIZE="$WORLD_SIZE" exec {words}']
+    rank_var, size_var = _RANK_VARS[LAUNCH_MODE]
+    return ["sh", "-c", f'{rank_var}="$RANK" {size_var}="$WORLD_SIZE" exec {words}']
 
 
 def _summary(tests: dict) -> str:
@@ -350,6 +359,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s.add_argument("--file-timeout-s", type=float, default=1200.0, help="deadline of the whole-file launch")
     s.add_argument("--test-timeout-s", type=float, default=90.0, help="pytest-timeout of each test")
     s.add_argument("--json", type=Path, help="write the report here")
+    s.add_argument("--launch-mode", choices=sorted(_RANK_VARS), default="gloo",
+                   help="Horovod's rank variables to set: gloo (horovodrun --gloo) or mpi (mpirun)")
     e = sub.add_parser("example", help="run one of Horovod's examples/pytorch scripts")
     e.add_argument("--horovod-src", type=Path, required=True)
     e.add_argument("-np", type=int, default=2)
@@ -360,6 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="the Shoal source tree to run (default: this checkout's src)")
     args = parser.parse_args(argv)
     globals()["SHOAL_SRC"] = args.shoal_src.resolve()
+    globals()["LAUNCH_MODE"] = getattr(args, "launch_mode", "gloo")
     if args.cmd == "write":
         write_shim(args.dest)
         print(args.dest)

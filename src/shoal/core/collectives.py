@@ -62,7 +62,7 @@ Design constraints:
    (:mod:`shoal.core.plain`), and every member must pass the same mode (it is part of the signature).
 9. Join (Horovod's ``hvd.join()``, :mod:`shoal.core.join`). A member inside ``join()`` answers the others'
    collectives with a join signature, when they ask for it: a member whose signature exchange has not
-   completed within 10 ms reads the set's join counter from the job's store and, if a member has joined,
+   completed within 50 ms reads the set's join counter from the job's store and, if a member has joined,
    asks it to answer (the normal path pays one timed wait, a condition-variable wait on gloo). Then every
    member exchanges descriptions (JSON) so that the joined ones learn the buffers, and an allreduce or
    grouped allreduce with Sum, Average or Adasum goes on with their zeros (flat on the set's group: the
@@ -515,26 +515,27 @@ def _exchange_signatures(call: _Call, waiting_on_joined: bool) -> list[list[int]
     return rows
 
 
-#: How long a member waits on the signature exchange before it looks for joined members (constraint 9).
-_JOIN_POLL_S = 0.01
+#: How long a member waits on the signature exchange before it looks for joined members, and then between
+#: looks (constraint 9): the delay a call pays while a member is joined, and the store requests a rank
+#: makes while its peers are slow to arrive (one per 50 ms of waiting).
+_JOIN_POLL = datetime.timedelta(milliseconds=50)
 
 
 def _wait_waking_joined(work: Any, call: _Call) -> None:
-    """Wait for the signature exchange; while it lasts, look every ``_JOIN_POLL_S`` whether a member of
-    the set is inside ``join()``, and if so ask it (once) to answer this call (constraint 9).
+    """Wait for the signature exchange; while it lasts, look every ``_JOIN_POLL`` whether a member of the
+    set is inside ``join()``, and if so ask it (once) to answer this call (constraint 9).
 
     A timed ``wait`` on gloo is a condition-variable wait that leaves the operation running; the normal
-    path (every member arrives within 10 ms) pays one such wait. Under NCCL (a device control tensor) a
+    path (every member arrives within 50 ms) pays one such wait. Under NCCL (a device control tensor) a
     timed wait may tear the communicator down, so the wait stays the plain one there."""
     if _ctl_device().type != "cpu":
         work.wait()
         return
     from . import join as _join  # noqa: PLC0415 (join imports this module)
 
-    poll = datetime.timedelta(seconds=_JOIN_POLL_S)
     while True:
         try:
-            work.wait(poll)
+            work.wait(_JOIN_POLL)
             return
         except RuntimeError:
             if work.is_completed():  # a real failure (or it finished just now): wait() says which

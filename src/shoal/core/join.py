@@ -18,7 +18,7 @@ Design constraints:
    step's operations posted. The last exchange, once every member has joined, is the caller thread's,
    after its shadow steps.
 3. No cost for jobs that never join, and no operation posted ahead of time. The others find out from the
-   signature exchange of their collective: when it has not completed within 10 ms they read the join
+   signature exchange of their collective: when it has not completed within 50 ms they read the join
    counter of the set from the job's store (one request) and, when a member has joined, set a key that
    asks for an answer to that call (:func:`wake_joined`). The joined rank polls the store every 5 ms for
    the key of the next call number, or for every member having joined, and only then posts its answer
