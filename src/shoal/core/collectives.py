@@ -599,7 +599,7 @@ def serve_joined(process_set: Optional[ProcessSet]) -> bool:
     op = row[_F_OP]
     if differing or rejected or kind not in _JOINABLE_KINDS or op not in [int(o) for o in _JOINABLE_OPS]:
         return False  # the others raise (a mismatch, a rejection, a collective a joined rank cannot join)
-    _add_zeros(call, kind, ReduceOp(op), _wire_from(desc, call))
+    _add_zeros(call, ReduceOp(op), _wire_from(desc, call))
     return False
 
 
@@ -620,7 +620,7 @@ def _wire_from(desc: dict, call: _Call) -> list[tuple[torch.dtype, int, list[int
     return out
 
 
-def _add_zeros(call: _Call, kind: str, op: ReduceOp, wire: list[tuple[torch.dtype, int, list[int]]]) -> None:
+def _add_zeros(call: _Call, op: ReduceOp, wire: list[tuple[torch.dtype, int, list[int]]]) -> None:
     """Take part in the others' reduction with zeros, along their exact data path (same buffers, same
     algorithm, same order), and wait for it."""
     ps = call.ps
