@@ -3,6 +3,8 @@
 Importing ``shoal`` does nothing (no threads, no environment writes, not even ``import torch``);
 ``shoal.init()`` does. Frontends: ``shoal.torch`` (Horovod-compatible), ``shoal.keras``.
 
+``shoal.run(func, np=2)`` calls a function on ranks of this machine (Horovod's ``horovod.run``).
+
 Example:
     >>> import shoal.torch as hvd
     >>> hvd.init()
@@ -27,11 +29,13 @@ __all__ = [
     "cross_size",
     "is_homogeneous",
     "ShoalConfig",
+    "run",
 ]
 
 _LAZY = {
     "ShoalConfig": "shoal.core.config",
-    **{name: "shoal.core.runtime" for name in __all__[1:-1]},
+    "run": "shoal.runner.function",
+    **{name: "shoal.core.runtime" for name in __all__[1:-2]},
 }
 
 

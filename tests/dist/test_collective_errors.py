@@ -244,6 +244,7 @@ def _before_init() -> dict:
         "grouped_reducescatter_async": lambda: C.grouped_reducescatter_async([t]),
         "barrier": lambda: C.barrier(), "broadcast_object": lambda: C.broadcast_object(1),
         "allgather_object": lambda: C.allgather_object(1),
+        "sparse_allreduce_async": lambda: C.sparse_allreduce_async(t.to_sparse()),
     }
     out = {}
     for name, call in calls.items():

@@ -40,7 +40,7 @@ def _reference(xs: list[torch.Tensor], op: str) -> torch.Tensor:
         out = wide.sum(0)
     elif op == "Average":
         out = wide.sum(0) / len(xs) if xs[0].is_floating_point() else torch.div(wide.sum(0), len(xs),
-                                                                                rounding_mode="floor")
+                                                                                rounding_mode="trunc")
     elif op == "Min":
         out = wide.min(0).values
     elif op == "Max":

@@ -51,7 +51,7 @@ def _reduce(xs: list[torch.Tensor], op: str) -> torch.Tensor:
         out = wide.sum(0)
     elif op == "Average":
         out = wide.sum(0) / len(xs) if dtype.is_floating_point else torch.div(wide.sum(0), len(xs),
-                                                                             rounding_mode="floor")
+                                                                             rounding_mode="trunc")
     elif op == "Min":
         out = wide.min(0).values
     elif op == "Max":
@@ -134,11 +134,18 @@ def _reductions() -> dict:
         raise AssertionError("average= and op= together should raise")
     except ValueError as exc:
         assert "average=" in str(exc)
-    try:
-        C.allreduce(xs[me], op=C.Adasum)
-        raise AssertionError("Adasum should raise")
-    except NotImplementedError as exc:
-        assert "HINT" in str(exc)
+    # Adasum: the tree of pairwise combinations, computed here from every rank's input (the algorithm's
+    # own tests are in test_adasum.py).
+    from shoal.core.algorithms.adasum import adasum_combine
+
+    vs = [x.double() for x in xs]
+    p = 1 << (n.bit_length() - 1)  # ranks past the largest power of two fold into a partner first
+    vs = [adasum_combine(vs[i], vs[i + p]) if i + p < n else vs[i] for i in range(p)]
+    d = 1
+    while d < p:  # then pairs at distance 1, 2, 4, ...: combine(combine(v0, v1), combine(v2, v3))
+        vs = [adasum_combine(vs[i], vs[i + d]) if i % (2 * d) == 0 else vs[i] for i in range(p)]
+        d *= 2
+    _close(C.allreduce(xs[me], op=C.Adasum), vs[0].float(), "Adasum")
 
     # prescale before the sum, postscale after (and after averaging).
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -156,14 +163,15 @@ def _reductions() -> dict:
     _close(C.allreduce(five, op=C.Sum, postscale_factor=2.0), torch.full((2,), 10 * n, dtype=torch.int32),
            "int postscale")
 
-    # Integer Average floors (Horovod's torch frontend floor-divides): on 3 ranks the sums are -10 and 8,
-    # so the averages are -4 (truncation would give -3) and 2.
+    # Integer Average truncates toward zero (Horovod's C++ core scales by 1/size in double and stores the
+    # integer; its test suite checks div(rounding_mode="trunc")): on 3 ranks the sums are -10 and 8, so
+    # the averages are -3 (flooring would give -4) and 2.
     ints = torch.tensor([me * me - 5, me * me + 1], dtype=torch.int64)
     exp = torch.div(torch.tensor([sum(r * r - 5 for r in range(n)), sum(r * r + 1 for r in range(n))]), n,
-                    rounding_mode="floor")
+                    rounding_mode="trunc")
     if n == 3:
-        assert exp.tolist() == [-4, 2]
-    _close(C.allreduce(ints, op=C.Average), exp, "int average floors")
+        assert exp.tolist() == [-3, 2]
+    _close(C.allreduce(ints, op=C.Average), exp, "int average truncates")
 
     # Non-contiguous in-place target: the result lands in the base storage.
     base = _data(me, (4, 3), torch.float32, 13)

@@ -33,13 +33,14 @@ def _rank_grouped():
                                 and torch.equal(s[1], torch.full(([2, 1, 1][me],), float(total))))
     a = hvd.grouped_reducescatter(ys, name="rs", op=hvd.Average, postscale_factor=3.0)
     out["reducescatter_avg"] = torch.allclose(a[0], torch.arange(10.0).reshape(5, 2)[lo:lo + rows] * total / n * 3)
-    # Differentiable: the gradient of sum(allgather(x) * w) is this rank's rows of w summed over ranks.
+    # Differentiable, with Horovod's backward (an Average-allreduce of the gradient): the gradient of
+    # sum(allgather(x) * w) is this rank's rows of w (every rank computes the same loss).
     x = torch.ones(me + 1, 2, requires_grad=True)
     (g,) = hvd.grouped_allgather([x])
     (g * torch.arange(float(g.numel())).reshape(g.shape)).sum().backward()
     start = sum(r + 1 for r in range(me)) * 2
     out["grad"] = torch.equal(x.grad, torch.arange(start, start + x.numel(), dtype=torch.float32)
-                              .reshape(x.shape) * n)
+                              .reshape(x.shape))
     # A shape mismatch names the member tensor.
     try:
         hvd.grouped_reducescatter([torch.ones(4), torch.ones(3 if me == 1 else 6)], name="bad")

@@ -383,9 +383,10 @@ def _rank_sparse(sparse_as_dense: bool):
 @pytest.mark.parametrize("sparse_as_dense", [False, True])
 def test_sparse_embedding_gradients(sparse_as_dense):
     results = run_ranks(_rank_sparse, world_size=2, timeout_s=60, args=(sparse_as_dense,))
-    expected = "torch.strided" if sparse_as_dense else "torch.sparse_coo"
+    # sparse_as_dense reduces the gradient as a dense tensor and hands it back sparse, as Horovod documents
+    # ("convert back to sparse before applying the update"): SparseAdam accepts nothing else.
     for r in results:
-        assert set(r["layouts"]) == {expected}
+        assert set(r["layouts"]) == {"torch.sparse_coo"}
         assert r["diff"] <= _ATOL * r["scale"], r["diff"]
     _assert_ranks_equal(results)
 

@@ -339,13 +339,28 @@ def test_checkpoint_saved_on_2_ranks_loads_on_3_and_1(tmp_path):
     assert torch.equal(load_full_weight(directory), full_w)
 
 
-def test_state_dict_of_another_shard_is_refused():
-    # No process group: a world of one owns [0, 11); pretend the state came from rank 1 of 2.
+def test_state_dict_of_another_shard_is_refused(tmp_path):
+    # No process group: a world of one owns [0, 11); pretend the state came from rank 1 of 2. The layout
+    # rides in the state_dict's metadata (no extra key: insightface's PartialFC_V2 loads it) and survives
+    # torch.save/load with weights_only.
     pfc = PartialFC(DIM, 11, CosFace())
     state = pfc.state_dict()
-    state["_extra_state"] = dict(state["_extra_state"], class_start=6, class_end=11)
+    assert list(state) == ["weight"]
+    state._metadata[""]["shoal_partial_fc"] = dict(state._metadata[""]["shoal_partial_fc"], class_start=6,
+                                                    class_end=11)
+    torch.save(state, tmp_path / "sd.pt")
     with pytest.raises(RuntimeError, match="owns \\[0, 11\\)"):
-        pfc.load_state_dict(state)
+        pfc.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    # The former form, with the layout in an "_extra_state" key, still loads and is still checked.
+    legacy = {"weight": pfc.weight.detach().clone(), "_extra_state": {"class_start": 0, "class_end": 11,
+                                                                      "num_classes": 11}}
+    pfc.load_state_dict(legacy)
+    legacy["_extra_state"] = {"class_start": 6, "class_end": 11, "num_classes": 11}
+    with pytest.raises(RuntimeError, match="owns \\[0, 11\\)"):
+        pfc.load_state_dict(legacy)
+    # A plain dict with the weight alone (insightface's) loads.
+    pfc.load_state_dict({"weight": torch.zeros(11, DIM)})
+    assert pfc.weight.abs().sum() == 0
 
 
 def test_shard_range_is_balanced_and_contiguous():

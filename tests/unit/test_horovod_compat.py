@@ -38,7 +38,8 @@ HOROVOD_NAMES = (
     "alltoall_async", "reducescatter", "reducescatter_async", "barrier", "join", "poll", "synchronize",
     "broadcast_object", "allgather_object", "DistributedOptimizer", "broadcast_parameters",
     "broadcast_optimizer_state", "SyncBatchNorm", "grouped_allgather", "grouped_allgather_async",
-    "grouped_reducescatter", "grouped_reducescatter_async",
+    "grouped_reducescatter", "grouped_reducescatter_async", "sparse_allreduce_async",
+    "HorovodInternalError", "HostsUpdatedInterrupt", "Compressor", "NoneCompressor", "FP16Compressor",
 )
 
 
@@ -199,3 +200,52 @@ def test_sync_batch_norm_without_init_is_batch_norm():
     assert torch.equal(sbn.running_var, ref.running_var) and int(sbn.num_batches_tracked) == 1
     sbn.eval(), ref.eval()
     assert torch.equal(sbn(x), ref(x))
+
+
+def test_horovod_exception_names_catch_shoals_failures():
+    """Horovod users catch HorovodInternalError around collectives (elastic loops): Shoal's failures of a
+    peer are its subclasses; a mismatch of arguments is not (a bug to fix, not a failure to recover)."""
+    assert issubclass(hvd.RankFailureError, hvd.HorovodInternalError)
+    assert issubclass(hvd.StallError, hvd.HorovodInternalError)
+    assert not issubclass(hvd.MismatchError, hvd.HorovodInternalError)
+    assert issubclass(hvd.HorovodInternalError, RuntimeError)
+    exc = hvd.HostsUpdatedInterrupt(skip_sync=True)
+    assert exc.skip_sync is True and isinstance(exc, RuntimeError) and "HINT" in str(exc)
+
+
+def test_compressors_have_horovods_interface():
+    """Horovod's test_compression_fp16, and the engine names behind the same objects."""
+    for dtype in (torch.float32, torch.float64):
+        t = torch.ones(5, 5, dtype=dtype)
+        wire, ctx = hvd.Compression.fp16.compress(t)
+        assert wire.dtype == torch.float16
+        back = hvd.Compression.fp16.decompress(wire, ctx)
+        assert back.dtype == dtype and torch.equal(back, t)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        t = torch.ones(3, dtype=dtype)
+        wire, ctx = hvd.Compression.fp16.compress(t)
+        assert wire.dtype == dtype and hvd.Compression.fp16.decompress(wire, ctx).dtype == dtype
+    t = torch.ones(2)
+    assert hvd.Compression.none.compress(t) == (t, None) and hvd.Compression.none.decompress(t, None) is t
+    assert issubclass(hvd.Compression.fp16, hvd.Compressor) and hvd.Compression.fp16 is hvd.FP16Compressor
+    assert hvd.Compression.mixed_fp16.name == "mixed_fp16"  # the engine's other names are still there
+    from shoal.torch.compression import engine_compression
+
+    assert engine_compression(hvd.Compression.fp16) == "fp16" and engine_compression(hvd.Compression.none) == "none"
+
+
+def test_a_compressor_of_ones_own_is_refused_by_the_gradient_engine_with_a_hint():
+    class Mine(hvd.Compressor):
+        @staticmethod
+        def compress(tensor):
+            return tensor, None
+
+        @staticmethod
+        def decompress(tensor, ctx):
+            return tensor
+
+    from shoal.torch.compression import engine_compression
+
+    with pytest.raises(ValueError, match="per-tensor compressor") as info:
+        engine_compression(Mine)
+    assert "hvd.allreduce(..., compression=...)" in str(info.value)

@@ -21,7 +21,7 @@ def test_arcface_is_cos_of_angle_plus_margin_below_the_threshold():
     torch.testing.assert_close(got, torch.cos(theta + m), rtol=0, atol=1e-12)
 
 
-def test_arcface_fallback_past_the_threshold_is_insightface_constant_penalty():
+def test_arcface_fallback_past_the_threshold_is_the_constant_penalty():
     m = 0.5
     theta = ANGLES[ANGLES > math.pi - m + 1e-3]
     got = ArcFace(m=m).target_logit(torch.cos(theta))
@@ -121,3 +121,63 @@ def test_fused_backward_equals_plain_autograd_and_gradcheck(margin):
     # float64, same formulas: only summation order differs.
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda c: margin(c, targets), (cos,))
+
+
+# ------------------------------------------------------------------ insightface arcface_torch's variants
+def _plain(margin, cos, targets):
+    """The margin in plain autograd ops on a full matrix (no fused backward)."""
+    rows = torch.arange(cos.shape[0])
+    return (cos * margin.s).index_put((rows, targets), margin.target_logit(cos[rows, targets]) * margin.s)
+
+
+def test_straight_through_arcface_has_insightface_value_and_the_cosine_gradient():
+    """insightface HEAD: cos(theta + m) at every angle in the forward (no fallback), computed under
+    no_grad, so the target logit's gradient is that of s * cos."""
+    g = torch.Generator().manual_seed(0)
+    cos = (torch.rand(5, 7, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_()
+    targets = torch.tensor([0, 3, 6, 2, 2])
+    cos.data[4, 2] = -0.95  # past pi - m: insightface has no fallback there
+    st = ArcFace(s=8.0, m=0.5, straight_through=True)
+    logits = st(cos, targets)
+    rows = torch.arange(5)
+    expect = (cos.detach() * 8.0).index_put((rows, targets), torch.cos(torch.acos(cos.detach()[rows, targets]) + 0.5) * 8.0)
+    torch.testing.assert_close(logits.detach(), expect, rtol=0, atol=1e-9)
+    w = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    (logits * w).sum().backward()
+    torch.testing.assert_close(cos.grad, w * 8.0, rtol=0, atol=1e-12)
+    # The exact default differs on the target entries (the point of the option).
+    cos.grad = None
+    (ArcFace(s=8.0, m=0.5)(cos, targets) * w).sum().backward()
+    assert not torch.allclose(cos.grad[rows, targets], (w * 8.0)[rows, targets])
+
+
+@pytest.mark.parametrize("margin", [CombinedMargin(s=8.0, m1=1.0, m2=0.0, m3=0.4, interclass_filtering_threshold=0.4),
+                                    ArcFace(s=8.0, m=0.5, interclass_filtering_threshold=0.3)],
+                         ids=["cosface-0.4", "arcface-0.3"])
+def test_interclass_filtering_zeroes_non_target_cosines_above_the_threshold(margin):
+    """insightface's CombinedMarginLoss(..., interclass_filtering_threshold): every non-target cosine above
+    the threshold becomes 0 (value and gradient); targets and rows without a target here (-1) as stated."""
+    g = torch.Generator().manual_seed(1)
+    cos = (torch.rand(6, 9, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_()
+    targets = torch.tensor([0, 4, -1, 8, 4, -1])
+    cos.data[1, 4] = 0.9  # a target above the threshold: never filtered
+    thr = margin.interclass_filtering_threshold
+    keep = cos.detach() <= thr
+    here = targets >= 0
+    keep[torch.arange(6)[here], targets[here]] = True
+    filtered = (cos * keep).detach().requires_grad_()
+    rows = torch.nonzero(here).squeeze(1)
+    expect = (filtered * margin.s).index_put((rows, targets[rows]), margin.target_logit(filtered[rows, targets[rows]]) * margin.s)
+    got = margin(cos, targets)
+    torch.testing.assert_close(got, expect.detach(), rtol=0, atol=1e-12)
+    w = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    (got * w).sum().backward()
+    assert (cos.grad[~keep] == 0).all() and (cos.grad[keep] != 0).all()
+    assert "interclass_filtering_threshold" in repr(margin)
+
+
+def test_filtering_and_straight_through_arguments_are_checked():
+    with pytest.raises(ValueError, match="interclass_filtering_threshold"):
+        CosFace(interclass_filtering_threshold=1.5)
+    with pytest.raises(ValueError, match="easy_margin"):
+        ArcFace(straight_through=True, easy_margin=True)

@@ -32,7 +32,12 @@ Design constraints:
 4. Same order on every rank. Names are checked, not used for matching (Horovod negotiated by name).
    Generated names number the calls on each process set (``allreduce.3``: the 4th collective on that
    set), one counter per set rather than per collective, so that they stay aligned across ranks even
-   after a caught mismatch of collectives.
+   after a caught mismatch of collectives. A second operation with the name of one still in flight on the
+   same set (not yet synchronized, its data still moving) is Horovod's error: ``ValueError`` on the rank
+   that posts it, carried by the exchange so that the others raise at once (constraint 3). Matching by
+   name instead would mean holding every async call back until all members have posted it: its data
+   could not move before ``synchronize()``, which removes the overlap async calls exist for (measured in
+   docs/robustness.md, "Async operations").
 5. Async calls negotiate synchronously (the signature exchange waits for every member); only the data
    movement is asynchronous. A :class:`Handle` holds the torch ``Work`` and the post-processing
    (averaging, postscale, slicing, cast back) that :func:`synchronize` runs once.
@@ -55,6 +60,15 @@ Design constraints:
    the object collectives in their default mode unpickle, because that is what the user asked for
    (Horovod's ``broadcast_object``); ``trusted=False`` carries plain data without pickle
    (:mod:`shoal.core.plain`), and every member must pass the same mode (it is part of the signature).
+9. Join (Horovod's ``hvd.join()``, :mod:`shoal.core.join`). A member inside ``join()`` answers the others'
+   collectives with a join signature, when they ask for it: a member whose signature exchange has not
+   completed within 50 ms reads the set's join counter from the job's store and, if a member has joined,
+   asks it to answer (the normal path pays one timed wait, a condition-variable wait on gloo). Then every
+   member exchanges descriptions (JSON) so that the joined ones learn the buffers, and an allreduce or
+   grouped allreduce with Sum, Average or Adasum goes on with their zeros (flat on the set's group: the
+   stream groups carry their shadow steps), a barrier passes, and anything else raises MismatchError on
+   the others, naming the joined ranks. Gloo only: under NCCL the control tensors live on the GPU, where a
+   timed wait is not safe, and such a collective times out as before.
 
 Numerics:
 
@@ -64,8 +78,17 @@ Numerics:
   0, Horovod's Average), so they are recognized by type, never converted by value. ``BAND``, ``BOR``,
   ``BXOR`` and ``PREMUL_SUM`` are refused with a HINT (NCCL has no bitwise reduction; a pre-multiplied sum
   is ``prescale_factor`` with ``Sum``). Names as strings are refused, as in Horovod.
-* ``Average`` = sum, then divide by the process-set size. Integer tensors keep their dtype and are
-  floor-divided, as Horovod's torch frontend does (``floor_divide``); bool supports only ``Min``/``Max``.
+* ``Average`` = sum, then divide by the process-set size. Integer tensors keep their dtype and the quotient
+  is truncated toward zero, as Horovod's C++ core does on CPU and CUDA (its averaging is a postscale by
+  ``1 / size`` computed in double and stored into the integer: ``ScaleBufferCPUImpl``; Horovod's own test
+  suite checks ``div(rounding_mode="trunc")``); bool supports only ``Min``/``Max``.
+* ``Adasum`` (allreduce and grouped_allreduce of floating-point tensors): Horovod's adaptive summation,
+  tensor by tensor (a grouped call combines each tensor on its own), by the engine's algorithm
+  (:mod:`shoal.core.algorithms.adasum`). reducescatter refuses it, as Horovod does.
+* Dtypes the backend cannot carry (gloo has no int16, uint16/32/64 or float8): moving collectives
+  (allgather, broadcast, alltoall) move their bytes (a uint8 view: no arithmetic, any dtype); reductions run
+  in a wider dtype that holds every partial result's low bits (int16/uint16 in int32, uint32/uint64 in int64,
+  float8 in float32) and cast back once, so integer sums wrap exactly as in the tensor's own dtype.
 * ``prescale_factor`` multiplies before the reduction and ``postscale_factor`` after it (integers: computed in
   float64 and truncated toward zero, as Horovod's C++ scaling does).
 * float16/bfloat16 ``Sum``/``Average``/``Product`` on CPU tensors are reduced in float32 and cast back once.
@@ -81,6 +104,7 @@ Glossary:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import numbers
@@ -93,7 +117,7 @@ import torch
 import torch.distributed as dist
 
 from . import exchange, plain, runtime, stall
-from .algorithms import start_allreduce
+from .algorithms import start_adasum, start_allreduce
 from .errors import MismatchError, NotInitializedError, RankFailureError, ShoalError, format_ranks
 from .registration import hash64
 from .ops import Adasum, Average, Max, Min, Product, ReduceOp, Sum, resolve_op
@@ -118,6 +142,7 @@ __all__ = [
     "grouped_allreduce_async_",
     "allgather",
     "allgather_async",
+    "sparse_allreduce_async",
     "broadcast",
     "broadcast_",
     "broadcast_async",
@@ -159,7 +184,12 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 # ---------------------------------------------------------------------------------------------------------
 
 _KINDS = ("allreduce", "grouped_allreduce", "allgather", "broadcast", "alltoall", "reducescatter",
-          "barrier", "broadcast_object", "allgather_object")
+          "barrier", "broadcast_object", "allgather_object", "join")
+#: The signature of a member inside ``join()`` (constraint 9).
+_JOIN_KIND = _KINDS.index("join") + 1
+#: What a joined member takes part in: reductions to which it adds zeros (Horovod's semantics).
+_JOINABLE_KINDS = ("allreduce", "grouped_allreduce")
+_JOINABLE_OPS = (ReduceOp.Sum, ReduceOp.Average, ReduceOp.Adasum)
 #: Collectives whose first dimension may differ across ranks.
 _RAGGED_KINDS = ("allgather", "alltoall")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
@@ -178,6 +208,28 @@ _FIELD_NAMES = {_F_KIND: "collective", _F_NAME: "name", _F_OP: "op", _F_DTYPE: "
 _MODE_PICKLE, _MODE_PLAIN = 1, 2
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
+#: Dtypes every backend carries (gloo's list is the shortest). Others move as bytes (constraint "Numerics").
+_NATIVE = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
+                     torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128})
+#: Reductions of dtypes the backend lacks: the dtype they are reduced in. Integer sums and products taken in
+#: a wider two's-complement type have the same low bits, so the cast back wraps exactly as the narrow type's
+#: own arithmetic would; Min/Max are exact for every value the narrow type holds (uint64: below 2**63).
+_WIDER = {torch.int16: torch.int32, torch.uint16: torch.int32, torch.uint32: torch.int64,
+          torch.uint64: torch.int64,
+          **{d: torch.float32 for d in (getattr(torch, n, None) for n in (
+              "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")) if d is not None}}
+
+
+def _as_bytes(t: torch.Tensor, keep_dim0: bool = True) -> torch.Tensor:
+    """``t`` itself when the backend carries its dtype; else a uint8 view of its memory (contiguous ``t``):
+    ``(dim0, bytes per row)`` when ``keep_dim0``, flat otherwise."""
+    if t.dtype in _NATIVE:
+        return t
+    if keep_dim0 and t.dim() > 0:
+        rows = t.reshape(t.shape[0], math.prod(t.shape[1:]))  # explicit: -1 is ambiguous for empty tensors
+    else:
+        rows = t.reshape(t.numel())
+    return rows.view(torch.uint8)
 
 
 def _dtype_code(dtype: Optional[torch.dtype]) -> int:
@@ -215,6 +267,8 @@ class _Call:
     seq: int = 0
     #: Object collectives: _MODE_PICKLE or _MODE_PLAIN (constraint 8).
     mode: int = 0
+    #: The caller gave the name (generated names are unique; given ones may collide, constraint 4).
+    named: bool = False
 
     @property
     def label(self) -> str:
@@ -269,7 +323,22 @@ class _Call:
             "text": f"{self.label}: {', '.join(parts)}" if parts else self.label,
             "entries": [(_short(d), list(s)) for d, s in self.entries],
             "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
+            "wire": self.wire_buffers(),
         }
+
+    def wire_buffers(self) -> list:
+        """What a reduction puts on the wire, for a joined member to add zeros of the same shape (constraint
+        9): ``[dtype, numel, tensor sizes]`` per flat buffer, in the order the data path reduces them."""
+        if self.kind not in _JOINABLE_KINDS or self.op is None or self.error is not None:
+            return []
+        dev = torch.device(self.device or "cpu")
+        if self.kind == "allreduce":
+            numel = math.prod(self.shape or ())
+            return [[_short(_wire_dtype(self.dtype, dev, self.op)), numel, [numel]]]
+        buckets: dict[torch.dtype, list[int]] = {}
+        for d, shape in self.entries:
+            buckets.setdefault(d, []).append(math.prod(shape))
+        return [[_short(_wire_dtype(d, dev, self.op)), sum(sizes), sizes] for d, sizes in buckets.items()]
 
 
 #: Calls so far on each process set (by id), for generated names (constraint 4).
@@ -324,7 +393,29 @@ def _begin(kind: str, name: Any, process_set: Any) -> _Call:
             "`if process_set.included():`.")
     # Counted whether or not a name is given, so that generated names stay aligned across ranks.
     _counters[key] = count + 1
-    return _Call(kind=kind, name=name if name is not None else f"{kind}.{count}", ps=ps, seq=count, error=error)
+    if name is not None and error is None:
+        error = _in_flight_error(kind, name, ps)
+    return _Call(kind=kind, name=name if name is not None else f"{kind}.{count}", ps=ps, seq=count, error=error,
+                 named=name is not None)
+
+
+#: Operations posted with a name of the caller's and not yet synchronized, by (process set id, name)
+#: (constraint 4). Strong references: a handle dropped unsynchronized stays until its data has moved.
+_in_flight: dict[tuple[Optional[int], str], "Handle"] = {}
+
+
+def _in_flight_error(kind: str, name: str, ps: ProcessSet) -> Optional[ValueError]:
+    """Horovod's error for a name still in flight on ``ps`` (constraint 4), or None."""
+    key = (ps.process_set_id, name)
+    other = _in_flight.get(key)
+    if other is None:
+        return None
+    if other.poll():
+        del _in_flight[key]
+        return None
+    return ValueError(f"shoal: {kind} of '{name}': an operation with this name is still in flight on process set "
+                      f"{list(ps.ranks)} ({other._call.label}, posted and not yet synchronized). HINT: give "
+                      "concurrent operations distinct names, or synchronize the first one before reusing its name.")
 
 
 @contextlib.contextmanager
@@ -361,25 +452,58 @@ def _ctl_device() -> torch.device:
 
 def _negotiate(call: _Call) -> Optional[list[list[int]]]:
     """Exchange signatures; raise on any mismatch. Returns every member's signature (a list per member,
-    in set order), or None when checking is off."""
+    in set order), or None when checking is off. Members inside ``join()`` answer with the join
+    signature (constraint 9): a reduction goes on with their zeros, a barrier is passed, anything else
+    raises here naming them."""
     if not runtime.config().check_collectives:
         if call.error is not None:
             raise call.error
         return None
     ps = call.ps
-    n = len(ps.ranks)
-    mine = torch.tensor(call.signature(), dtype=torch.int64, device=_ctl_device())
-    gathered = torch.empty(n * _SIG_LEN, dtype=torch.int64, device=_ctl_device())
     try:
-        with _converting(call):
-            _all_gather_single(gathered, mine, group=ps.group)
+        rows = _exchange_signatures(call, waiting_on_joined=True)
     except RankFailureError as exc:
         if call.error is not None:  # this rank's own arguments are what to fix first
             raise call.error from exc
         raise
+    joined = [r for r, row in zip(ps.ranks, rows) if row[_F_KIND] == _JOIN_KIND]
+    differing, rejected = _compare(call, rows)
+    if not joined and not differing and not rejected:
+        return rows
+    log.debug("shoal: %s: signatures differ in fields %s, a rank rejected it, or ranks %s joined; "
+              "gathering details", call.label, differing, joined)
+    details = _gather_descriptions(call)
+    if call.error is not None:
+        raise call.error
+    if differing or rejected:
+        active = [(r, d) for r, d in zip(ps.ranks, details) if r not in joined]
+        rejecting = [r for r, row in zip(ps.ranks, rows) if row[_F_ERROR]]
+        raise MismatchError(_mismatch_message([r for r, _ in active], [d for _, d in active], differing),
+                            culprit_ranks=rejecting)
+    if call.kind == "barrier" or (call.kind in _JOINABLE_KINDS and call.op in _JOINABLE_OPS):
+        return rows
+    raise MismatchError(
+        f"shoal: {call.label} on process set {list(ps.ranks)}: {format_ranks(joined)} called join() (out of "
+        f"data) and take{'s' if len(joined) == 1 else ''} part only in allreduce (adding zeros, as Horovod's "
+        f"joined ranks do) and barrier; a {call.kind} needs every member's data. HINT: call {call.kind} "
+        "before join(), or let every rank reach it (e.g. give every rank the same number of batches).",
+        culprit_ranks=joined)
+
+
+def _exchange_signatures(call: _Call, waiting_on_joined: bool) -> list[list[int]]:
+    """The all_gather of every member's signature (one int64 row each), as Python lists."""
+    ps = call.ps
+    n = len(ps.ranks)
+    mine = torch.tensor(call.signature(), dtype=torch.int64, device=_ctl_device())
+    gathered = torch.empty(n * _SIG_LEN, dtype=torch.int64, device=_ctl_device())
+    with _converting(call):
+        work = _all_gather_single(gathered, mine, group=ps.group, async_op=True)
+        if waiting_on_joined:
+            _wait_waking_joined(work, call)
+        else:
+            work.wait()
     # One host copy, then plain Python: comparing columns with torch ops cost ~0.2 ms per call (profiled).
     rows = gathered.view(n, _SIG_LEN).tolist()
-    first = rows[0]
     not_sig = [ps.ranks[i] for i, row in enumerate(rows) if row[_F_MAGIC] != _MAGIC]
     if not_sig:
         # The peer is inside some other, unchecked collective: a second exchange could not pair up.
@@ -388,25 +512,129 @@ def _negotiate(call: _Call) -> Optional[list[list[int]]]:
             "checked Shoal collective at this point (they ran another torch.distributed call, or "
             "check_collectives differs across ranks). HINT: set SHOAL_CHECK_COLLECTIVES the same on every "
             "rank and call the same collectives in the same order.")
+    return rows
+
+
+#: How long a member waits on the signature exchange before it looks for joined members, and then between
+#: looks (constraint 9): the delay a call pays while a member is joined, and the store requests a rank
+#: makes while its peers are slow to arrive (one per 50 ms of waiting).
+_JOIN_POLL = datetime.timedelta(milliseconds=50)
+
+
+def _wait_waking_joined(work: Any, call: _Call) -> None:
+    """Wait for the signature exchange; while it lasts, look every ``_JOIN_POLL`` whether a member of the
+    set is inside ``join()``, and if so ask it (once) to answer this call (constraint 9).
+
+    A timed ``wait`` on gloo is a condition-variable wait that leaves the operation running; the normal
+    path (every member arrives within 50 ms) pays one such wait. Under NCCL (a device control tensor) a
+    timed wait may tear the communicator down, so the wait stays the plain one there."""
+    if _ctl_device().type != "cpu":
+        work.wait()
+        return
+    from . import join as _join  # noqa: PLC0415 (join imports this module)
+
+    while True:
+        try:
+            work.wait(_JOIN_POLL)
+            return
+        except RuntimeError:
+            if work.is_completed():  # a real failure (or it finished just now): wait() says which
+                work.wait()
+                return
+        if _join.wake_joined(call.ps, call.seq):
+            work.wait()  # a joined member answers now; a dead one fails the exchange by the group's timeout
+            return
+
+
+def _compare(call: _Call, rows: list[list[int]]) -> tuple[list[int], bool]:
+    """Fields that differ among the members not inside ``join()``, and whether one rejected the call."""
+    active = [row for row in rows if row[_F_KIND] != _JOIN_KIND] or rows
+    first = active[0]
     compared = [_F_KIND, _F_NAME, _F_OP, _F_DTYPE, _F_NDIM, _F_DIM0, _F_REST, _F_ROOT, _F_COUNT, _F_DEVICE,
                 _F_MODE]
-    if call.kind in _RAGGED_KINDS and all(row[_F_KIND] == first[_F_KIND] for row in rows):
+    kind = _KINDS[first[_F_KIND] - 1] if 1 <= first[_F_KIND] <= len(_KINDS) else ""
+    if kind in _RAGGED_KINDS and all(row[_F_KIND] == first[_F_KIND] for row in active):
         compared.remove(_F_DIM0)
-    differing = [c for c in compared if any(row[c] != first[c] for row in rows)]
-    rejected = any(row[_F_ERROR] for row in rows)
-    if not differing and not rejected:
-        return rows
-    log.debug("shoal: %s: signatures differ in fields %s or a rank rejected it; gathering details",
-              call.label, differing)
-    # JSON, never pickle (constraint 8); each member's description is checked before the message uses it.
+    differing = [c for c in compared if any(row[c] != first[c] for row in active)]
+    return differing, any(row[_F_ERROR] for row in active)
+
+
+def _gather_descriptions(call: _Call) -> list[dict]:
+    """Every member's :meth:`_Call.describe`, as JSON, never pickle (constraint 8), each checked."""
     with _converting(call):
-        payloads = exchange.allgather_bytes(exchange.encode(call.describe()), group=ps.group,
+        payloads = exchange.allgather_bytes(exchange.encode(call.describe()), group=call.ps.group,
                                             device=_ctl_device())
-    details = [_read_description(data) for data in payloads]
-    if call.error is not None:
-        raise call.error
-    rejecting = [r for r, row in zip(ps.ranks, rows) if row[_F_ERROR]]
-    raise MismatchError(_mismatch_message(ps.ranks, details, differing), culprit_ranks=rejecting)
+    return [_read_description(data) for data in payloads]
+
+
+def next_call_number(process_set: ProcessSet) -> int:
+    """The number the next collective on ``process_set`` will get (constraint 4)."""
+    return _counters.get(process_set.process_set_id, 0)
+
+
+def _joined(rows: Optional[list[list[int]]]) -> bool:
+    """Whether a member answered with the join signature (constraint 9)."""
+    return rows is not None and any(row[_F_KIND] == _JOIN_KIND for row in rows)
+
+
+def serve_joined(process_set: Optional[ProcessSet]) -> bool:
+    """One answer of a member inside ``join()`` to the others' next user collective (constraint 9):
+    exchange the join signature; when every member is joined, return True; otherwise add zeros to
+    their reduction (or nothing, for a barrier or a call they will refuse) and return False.
+
+    Called by :func:`shoal.core.join.join` only, when another member asked for it or every member has
+    joined. Raises what the exchanges raise (a dead peer, the group's timeout).
+    """
+    call = _begin("join", None, process_set)
+    ps = call.ps
+    rows = _exchange_signatures(call, waiting_on_joined=False)
+    joined = [r for r, row in zip(ps.ranks, rows) if row[_F_KIND] == _JOIN_KIND]
+    if len(joined) == len(ps.ranks):
+        return True
+    differing, rejected = _compare(call, rows)
+    details = _gather_descriptions(call)
+    active = [(row, d) for row, d in zip(rows, details) if row[_F_KIND] != _JOIN_KIND]
+    row, desc = active[0]
+    kind = _KINDS[row[_F_KIND] - 1] if 1 <= row[_F_KIND] <= len(_KINDS) else ""
+    op = row[_F_OP]
+    if differing or rejected or kind not in _JOINABLE_KINDS or op not in [int(o) for o in _JOINABLE_OPS]:
+        return False  # the others raise (a mismatch, a rejection, a collective a joined rank cannot join)
+    _add_zeros(call, ReduceOp(op), _wire_from(desc, call))
+    return False
+
+
+def _wire_from(desc: dict, call: _Call) -> list[tuple[torch.dtype, int, list[int]]]:
+    """The wire buffers a peer described (:meth:`_Call.wire_buffers`), checked: a peer's bytes are data."""
+    out = []
+    wire = desc.get("wire")
+    for entry in wire if isinstance(wire, list) else [None]:
+        ok = (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+              and type(entry[1]) is int and entry[1] >= 0 and isinstance(entry[2], list)
+              and all(type(v) is int and v >= 0 for v in entry[2]) and sum(entry[2]) == entry[1])
+        dtype = getattr(torch, entry[0], None) if ok else None
+        if not isinstance(dtype, torch.dtype):
+            raise MismatchError(f"shoal: rank {runtime.rank()} (inside join()) received a description of "
+                                f"{call.label}'s buffers that is not Shoal's. HINT: every rank must run the "
+                                "same version of Shoal.")
+        out.append((dtype, entry[1], entry[2]))
+    return out
+
+
+def _add_zeros(call: _Call, op: ReduceOp, wire: list[tuple[torch.dtype, int, list[int]]]) -> None:
+    """Take part in the others' reduction with zeros, along their exact data path (same buffers, same
+    algorithm, same order), and wait for it."""
+    ps = call.ps
+    device = _ctl_device()
+    works = []
+    with torch.no_grad(), _converting(call):
+        for dtype, numel, sizes in wire:
+            buf = torch.zeros(numel, dtype=dtype, device=device)
+            if op is ReduceOp.Adasum:
+                works.append(start_adasum(buf, ps, sizes))
+            else:  # flat on the set's group, as the others do when a member has joined
+                works.append(dist.all_reduce(buf, op=_TORCH_OPS[op], group=ps.group, async_op=True))
+        for w in works:
+            w.wait()
 
 
 def _read_description(data: bytes) -> dict:
@@ -484,6 +712,8 @@ class Handle:
         self._finish = finish
         self._result: Any = None
         self._done = False
+        if call.named and self._works:
+            _in_flight[(call.ps.process_set_id, call.name)] = self
 
     @property
     def name(self) -> str:
@@ -503,7 +733,14 @@ class Handle:
             self._done = True
             self._works = []
             self._finish = None
+            key = (self._call.ps.process_set_id, self._call.name)
+            if _in_flight.get(key) is self:
+                del _in_flight[key]
         return self._result
+
+    def __call__(self) -> Any:
+        """The same as :meth:`wait` (Horovod's ``sparse_allreduce_async`` returns a function to call)."""
+        return self.wait()
 
     def __repr__(self) -> str:
         state = "done" if self._done else "in flight"
@@ -579,14 +816,21 @@ def _check_reducible(call: _Call, dtype: torch.dtype, op: ReduceOp) -> None:
     if dtype == torch.bool and op not in (ReduceOp.Min, ReduceOp.Max):
         raise ValueError(f"shoal: {call.label}: op {op.name} is not defined for bool tensors. HINT: use "
                          "op=hvd.Min (logical and) or op=hvd.Max (logical or), or cast to an integer dtype.")
+    if op is ReduceOp.Adasum and not (dtype.is_floating_point and dtype.itemsize >= 2):
+        raise ValueError(f"shoal: {call.label}: Adasum combines gradients by their dot products and needs "
+                         f"floating-point tensors, got {_short(dtype)}. HINT: use op=hvd.Sum for integers.")
+    if dtype == torch.uint64 and op in (ReduceOp.Min, ReduceOp.Max):
+        raise ValueError(f"shoal: {call.label}: op {op.name} of uint64 is not supported (no backend compares "
+                         "unsigned 64-bit integers). HINT: cast to int64 when the values are below 2**63.")
 
 
 def _wire_dtype(dtype: torch.dtype, device: torch.device, op: ReduceOp) -> torch.dtype:
-    """float32 for 16-bit floats summed on CPU (see "Numerics" in the module docstring)."""
-    if dtype in _HALF_TYPES and device.type == "cpu" and op in (ReduceOp.Sum, ReduceOp.Average,
-                                                                 ReduceOp.Product):
+    """The dtype a reduction runs in (see "Numerics" in the module docstring): float32 for 16-bit floats
+    summed on CPU and for Adasum of 16-bit floats anywhere; a wider dtype for those the backend lacks."""
+    if dtype in _HALF_TYPES and (op is ReduceOp.Adasum or device.type == "cpu" and op in (
+            ReduceOp.Sum, ReduceOp.Average, ReduceOp.Product)):
         return torch.float32
-    return dtype
+    return _WIDER.get(dtype, dtype)
 
 
 def _scale_(buf: torch.Tensor, factor: float) -> None:
@@ -604,7 +848,7 @@ def _post_reduce_(buf: torch.Tensor, op: ReduceOp, set_size: int, postscale_fact
         if buf.is_floating_point() or buf.is_complex():
             buf.div_(set_size)
         else:
-            buf.div_(set_size, rounding_mode="floor")
+            buf.div_(set_size, rounding_mode="trunc")
     _scale_(buf, postscale_factor)
 
 
@@ -627,7 +871,7 @@ def _start_allreduce(tensor: torch.Tensor, average: Optional[bool], name: Option
         _check_reducible(call, tensor.dtype, call.op)
         prescale_factor = _check_factor(call, prescale_factor, "prescale_factor")
         postscale_factor = _check_factor(call, postscale_factor, "postscale_factor")
-    _negotiate(call)
+    joined = _joined(_negotiate(call))
     rop, n = call.op, len(call.ps.ranks)
     with torch.no_grad():
         src = tensor.detach()
@@ -635,7 +879,12 @@ def _start_allreduce(tensor: torch.Tensor, average: Optional[bool], name: Option
         buf = src if inplace and wire == src.dtype and src.is_contiguous() else _wire_copy(src, wire)
         _scale_(buf, prescale_factor)
         with _converting(call):
-            work = start_allreduce(buf, call.ps, _TORCH_OPS[rop])  # hierarchical when configured
+            if rop is ReduceOp.Adasum:
+                work = start_adasum(buf, call.ps)
+            elif joined:  # flat on the set's group: the stream groups carry the joined ranks' shadow steps
+                work = dist.all_reduce(buf, op=_TORCH_OPS[rop], group=call.ps.group, async_op=True)
+            else:
+                work = start_allreduce(buf, call.ps, _TORCH_OPS[rop])  # hierarchical when configured
 
     def finish() -> torch.Tensor:
         with torch.no_grad():
@@ -739,7 +988,10 @@ def _start_grouped(tensors: Sequence[torch.Tensor], average: Optional[bool], nam
                 flat = flat.to(wire)
             _scale_(flat, prescale_factor)
             with _converting(call):
-                works.append(dist.all_reduce(flat, op=_TORCH_OPS[rop], group=call.ps.group, async_op=True))
+                if rop is ReduceOp.Adasum:  # tensor by tensor inside the flat buffer
+                    works.append(start_adasum(flat, call.ps, [tensors[i].numel() for i in idx]))
+                else:
+                    works.append(dist.all_reduce(flat, op=_TORCH_OPS[rop], group=call.ps.group, async_op=True))
             flats.append((idx, flat))
 
     def finish() -> list[torch.Tensor]:
@@ -840,7 +1092,7 @@ def allgather_async(tensor: torch.Tensor, name: Optional[str] = None,
         inp = src.new_zeros((most, *rest))
         inp[: src.shape[0]] = src
     with _converting(call):
-        work = _all_gather_single(out, inp, group=ps.group, async_op=True)
+        work = _all_gather_single(_as_bytes(out), _as_bytes(inp), group=ps.group, async_op=True)
 
     def finish() -> torch.Tensor:
         if total == n * most:
@@ -860,6 +1112,63 @@ def allgather(tensor: torch.Tensor, name: Optional[str] = None,
         >>> hvd.allgather(torch.full((hvd.rank() + 1, 2), hvd.rank()))   # 2 ranks -> shape [3, 2]
     """
     return allgather_async(tensor, name, process_set).wait()
+
+
+def sparse_allreduce_async(tensor: torch.Tensor, name: Optional[str] = None, op: Any = ReduceOp.Average,
+                           process_set: _ProcessSetArg = None) -> Handle:
+    """Start reducing a sparse COO tensor as Horovod does: allgather its indices and its values (no dense
+    copy); ``synchronize`` (or calling the handle, Horovod's form) returns the uncoalesced sum, divided by
+    the set size for Average.
+
+    Args:
+        tensor: a ``torch.sparse_coo`` tensor, the same dense shape on every member (any number of entries).
+        name: names the two allgathers ``<name>.indices`` and ``<name>.values``.
+        op: Average (default) or Sum.
+
+    Raises:
+        TypeError: ``tensor`` is not a sparse COO tensor. ValueError: another op. (Carried by the first
+            allgather's exchange, so that the other members raise at once: constraint 3.)
+
+    Example:
+        >>> h = hvd.sparse_allreduce_async(emb.weight.grad, name="emb", op=hvd.Average)
+        >>> grad = h()        # or hvd.synchronize(h)
+    """
+    if not runtime.is_initialized():
+        raise NotInitializedError("sparse_allreduce")
+    base = name if isinstance(name, str) else None
+    error: Optional[BaseException] = None
+    rop = ReduceOp.Average
+    if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.sparse_coo:
+        error = TypeError(f"shoal: sparse_allreduce_async needs a sparse COO tensor, got {_type_name(tensor)}"
+                          f"{'' if not isinstance(tensor, torch.Tensor) else ' with layout ' + str(tensor.layout)}"
+                          ". HINT: allreduce_async() reduces dense tensors.")
+    else:
+        try:
+            rop = resolve_op(op, None, "sparse_allreduce_async")
+        except (TypeError, ValueError) as exc:
+            error = exc
+        if error is None and rop not in (ReduceOp.Average, ReduceOp.Sum):
+            error = ValueError(f"shoal: sparse_allreduce_async supports op=Average or Sum, got {rop.name}. "
+                               "HINT: reduce tensor.to_dense() for other ops.")
+    if error is not None:
+        call = _begin("allgather", None if base is None else f"{base}.indices", process_set)
+        call.error = call.error or error
+        _negotiate(call)  # raises this rank's error; the peers' first allgather raises MismatchError
+        raise error
+    t = tensor.detach()
+    # allgather concatenates along the first dimension: the indices travel transposed (one row per entry).
+    h_idx = allgather_async(t._indices().t().contiguous(), None if base is None else f"{base}.indices", process_set)
+    h_val = allgather_async(t._values().contiguous(), None if base is None else f"{base}.values", process_set)
+    n = runtime.get_process_set(process_set).size()
+
+    def finish() -> torch.Tensor:
+        indices, values = h_idx.wait(), h_val.wait()
+        if rop is ReduceOp.Average:
+            values = values / n if values.is_floating_point() or values.is_complex() else \
+                values.div(n, rounding_mode="trunc")
+        return torch.sparse_coo_tensor(indices.t(), values, t.shape)
+
+    return Handle(h_val._call, h_idx._works + h_val._works, finish)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -897,7 +1206,8 @@ def _start_broadcast(tensor: torch.Tensor, root_rank: int, name: Optional[str], 
     src = tensor.detach()
     buf = src if inplace and src.is_contiguous() else _wire_copy(src, src.dtype)
     with _converting(call):
-        work = dist.broadcast(buf, src=call.root, group=call.ps.group, async_op=True)
+        work = dist.broadcast(_as_bytes(buf, keep_dim0=False), src=call.root, group=call.ps.group,
+                              async_op=True)
 
     def finish() -> torch.Tensor:
         if buf is src:
@@ -1000,8 +1310,8 @@ def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: Optional[str]
     src = tensor.detach().contiguous()
     out = src.new_empty((sum(recv), *src.shape[1:]))
     with _converting(call):
-        work = dist.all_to_all_single(out, src, output_split_sizes=recv, input_split_sizes=send,
-                                      group=call.ps.group, async_op=True)
+        work = dist.all_to_all_single(_as_bytes(out), _as_bytes(src), output_split_sizes=recv,
+                                      input_split_sizes=send, group=call.ps.group, async_op=True)
     if isinstance(splits, torch.Tensor):
         received = torch.tensor(recv, dtype=splits.dtype, device=splits.device)
     else:
@@ -1047,6 +1357,10 @@ def reducescatter_async(tensor: torch.Tensor, name: Optional[str] = None, op: An
         _check_tensor(call, tensor, min_ndim=1)
         call.dtype, call.shape, call.device = tensor.dtype, tuple(tensor.shape), tensor.device.type
         call.op = resolve_op(op, None, call.label)
+        if call.op is ReduceOp.Adasum:
+            raise NotImplementedError(f"shoal: {call.label}: reducescatter has no Adasum (as in Horovod: each "
+                                      "member would need every other's whole tensor). HINT: use op=hvd.Sum or "
+                                      "hvd.Average, or allreduce(..., op=hvd.Adasum) and slice.")
         _check_reducible(call, tensor.dtype, call.op)
         prescale_factor = _check_factor(call, prescale_factor, "prescale_factor")
         postscale_factor = _check_factor(call, postscale_factor, "postscale_factor")

@@ -29,6 +29,7 @@ Writing variables (NCCL/gloo network settings) happens in ``shoal.init`` through
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import logging
@@ -36,7 +37,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 from .config import ENV_PREFIX, ShoalConfig, env_name, knob_type
 
@@ -388,6 +389,26 @@ def set_default_env(name: str, value: str, reason: str) -> bool:
     os.environ[name] = value
     log.info("shoal: set %s=%s (%s)", name, value, reason)
     return True
+
+
+@contextlib.contextmanager
+def exported(values: Mapping[str, str], secret: Optional[str] = None) -> Iterator[None]:
+    """Set ``values`` (and the job's secret) for the processes started inside the block; put every
+    variable back as it was on leaving it. For :func:`shoal.run`, which starts its workers from the
+    user's own process (``shoal run`` exports for good: its process ends with the job)."""
+    names = list(values) + ([JOB_SECRET] if secret is not None else [])
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        os.environ.update(values)
+        if secret is not None:
+            os.environ[JOB_SECRET] = secret
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def export_env(values: Mapping[str, str], reason: str) -> None:

@@ -18,6 +18,8 @@ __all__ = [
     "MismatchError",
     "RankFailureError",
     "StallError",
+    "HorovodInternalError",
+    "HostsUpdatedInterrupt",
     "format_ranks",
     "shown",
 ]
@@ -61,18 +63,26 @@ class MismatchError(ShoalError):
 
 class HorovodInternalError(ShoalError):
     """A collective failed because of another rank: it died, hung, left or lost its connection (Horovod's
-    name, which elastic scripts catch). :class:`RankFailureError` and :class:`StallError` are its kinds.
-    Under elastic training (``hvd.elastic.run``) it is recoverable: the survivors go on in a new world."""
+    name, which Horovod users catch, e.g. around an elastic training loop). Shoal raises its subclasses
+    :class:`RankFailureError` and :class:`StallError`, so ``except hvd.HorovodInternalError`` catches both.
+    Under elastic training (``hvd.elastic.run``) it is recoverable: the survivors go on in a new world. (A
+    mismatch of arguments is :class:`MismatchError`: a bug to fix, not a failure to recover from.)"""
 
 
 class HostsUpdatedInterrupt(ShoalError):
     """The elastic job's membership changes at this commit: workers join or leave (Horovod's name).
     Raised on every rank alike by ``state.commit()`` / ``state.check_host_updates()``; ``hvd.elastic.run``
-    handles it. ``skip_sync``: nobody joined, so every rank already holds the same state."""
+    handles it.
 
-    def __init__(self, skip_sync: bool = False):
-        super().__init__("shoal: the elastic job's membership changes at this commit (workers join or leave)")
+    Attributes:
+        skip_sync: True when the state need not be synchronized again (nobody joined, so every rank already
+            holds the same state), as in Horovod.
+    """
+
+    def __init__(self, skip_sync: bool = False, message: Optional[str] = None):
         self.skip_sync = bool(skip_sync)
+        super().__init__(message or "shoal: the elastic job's membership changes at this commit (workers join "
+                                    "or leave); hvd.elastic.run restores or syncs the state and goes on")
 
 
 class RankFailureError(HorovodInternalError):

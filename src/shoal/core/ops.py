@@ -31,7 +31,7 @@ class ReduceOp(enum.IntEnum):
 
     Average = 0
     Sum = 1
-    #: Horovod's adaptive summation; not implemented here (raises with a HINT).
+    #: Horovod's adaptive summation (allreduce of floating-point tensors; :mod:`shoal.core.algorithms.adasum`).
     Adasum = 2
     Min = 3
     Max = 4
@@ -61,8 +61,8 @@ Product = ReduceOp.Product
 _FROM_TORCH = {"SUM": ReduceOp.Sum, "AVG": ReduceOp.Average, "MIN": ReduceOp.Min, "MAX": ReduceOp.Max,
                "PRODUCT": ReduceOp.Product}
 
-_OPS_HINT = ("use hvd.Average, hvd.Sum, hvd.Min, hvd.Max or hvd.Product, or torch.distributed.ReduceOp.SUM, "
-             "AVG, MIN, MAX or PRODUCT.")
+_OPS_HINT = ("use hvd.Average, hvd.Sum, hvd.Adasum, hvd.Min, hvd.Max or hvd.Product, or "
+             "torch.distributed.ReduceOp.SUM, AVG, MIN, MAX or PRODUCT.")
 
 
 def _brief(value: Any) -> str:
@@ -88,7 +88,6 @@ def resolve_op(op: Any, average: Optional[bool] = None, what: str = "allreduce")
         ValueError: both given; an integer that is no op; a torch op Shoal cannot honour (BAND, BOR, BXOR,
             PREMUL_SUM).
         TypeError: something that is not an op (a string, a float, ...): Horovod's ops are constants.
-        NotImplementedError: Adasum.
     """
     if op is not None and average is not None:
         raise ValueError(f"shoal: {what}: pass op= or the deprecated average=, not both. HINT: use "
@@ -125,9 +124,6 @@ def resolve_op(op: Any, average: Optional[bool] = None, what: str = "allreduce")
                  if isinstance(op, str) else "")
         raise TypeError(f"shoal: {what}: op={_brief(op)} is {_a(op)}, not a reduce op.{extra} "
                         f"HINT: {_OPS_HINT}")
-    if resolved is ReduceOp.Adasum:
-        raise NotImplementedError("shoal: Adasum is not implemented. HINT: use op=hvd.Average (the usual "
-                                  "data-parallel reduction) or op=hvd.Sum.")
     return resolved
 
 

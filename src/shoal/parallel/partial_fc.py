@@ -80,6 +80,8 @@ _FORMAT = "shoal.partial_fc/2"
 #: Format 1 (no save id, shards overwritten in place) still loads, with a warning.
 _FORMAT_1 = "shoal.partial_fc/1"
 _INDEX_FILE = "partial_fc.json"
+#: Where ``state_dict()`` keeps the shard layout: its metadata, next to torch's ``version``.
+_LAYOUT_KEY = "shoal_partial_fc"
 #: ``partial_fc.<save id>.shardRRRRR-of-NNNNN.pt``, its temporary files (``.<name>.<random>.tmp``, see
 #: :mod:`shoal.core.files`) and format 1's ``partial_fc.shardRRRRR-of-NNNNN.pt``.
 _SHARD_RE = re.compile(r"^(?P<tmp>\.)?partial_fc\.(?:(?P<save>[0-9a-f]{16})\.)?"
@@ -281,11 +283,17 @@ class PartialFC(nn.Module):
     Each rank holds rows ``[class_start, class_end)`` of the ``(num_classes, embedding_size)`` weight.
     ``forward(embeddings, labels)`` takes this rank's local batch and returns the global-batch loss.
 
+    Also takes insightface's argument order, ``PartialFC(margin_loss, embedding_size, num_classes,
+    sample_rate, fp16)`` (``PartialFC_V2`` in arcface_torch's ``train_v2.py``), recognized by the margin
+    coming first, and insightface's margin modules (see ``margin_loss``).
+
     Args:
         embedding_size: dimension of the embeddings.
         num_classes: total number of classes (identities), over all ranks; at least the number of ranks.
-        margin_loss: a :class:`~shoal.parallel.MarginLoss` (ArcFace, CosFace, CombinedMargin) or any module
-            ``(cos, targets) -> logits`` with the same contract.
+        margin_loss: a :class:`~shoal.parallel.MarginLoss` (ArcFace, CosFace, CombinedMargin), or another
+            module in insightface's shape ``(logits, labels) -> logits``: cosines clamped to [-1, 1] and
+            labels of shape ``(rows, 1)``, -1 where the target is on another shard (e.g. arcface_torch's
+            ``CombinedMarginLoss``, which may modify the logits in place; it gets a copy).
         sample_rate: fraction of each shard's classes used per training step (1.0: all). Classes present in
             the global batch are always used. Call :meth:`bind_optimizer` so that only used rows are stepped.
         process_set: the ranks sharing the classifier (default: all). Every member must call ``forward``.
@@ -309,6 +317,21 @@ class PartialFC(nn.Module):
                  process_set=None, fp16: bool = False, seed: int = 0,
                  device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
+        if callable(embedding_size) and not isinstance(embedding_size, int):
+            # insightface's order: (margin_loss, embedding_size, num_classes, sample_rate, fp16); its fifth
+            # positional argument lands in process_set.
+            embedding_size, num_classes, margin_loss = num_classes, margin_loss, embedding_size
+            if isinstance(process_set, bool):
+                fp16, process_set = process_set, None
+        if isinstance(embedding_size, bool) or not isinstance(embedding_size, int) or \
+                isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise TypeError(f"shoal: PartialFC(embedding_size={embedding_size!r}, num_classes={num_classes!r}): "
+                            "both must be ints. HINT: PartialFC(embedding_size, num_classes, margin_loss, ...) or "
+                            "insightface's PartialFC(margin_loss, embedding_size, num_classes, sample_rate, fp16).")
+        if not callable(margin_loss):
+            raise TypeError(f"shoal: PartialFC margin_loss={margin_loss!r} is not a module. HINT: pass "
+                            "shoal.parallel.ArcFace(...), CosFace(...), CombinedMargin(...) or insightface's "
+                            "CombinedMarginLoss(...).")
         if embedding_size < 1:
             raise ValueError(f"shoal: PartialFC embedding_size must be >= 1, got {embedding_size}.")
         if not 0.0 < sample_rate <= 1.0:
@@ -365,7 +388,8 @@ class PartialFC(nn.Module):
 
         Args:
             embeddings: ``(batch, embedding_size)`` this rank's embeddings (the same batch on every rank).
-            labels: ``(batch,)`` integer class ids in ``[0, num_classes)``.
+            labels: ``(batch,)`` or ``(batch, 1)`` (insightface's loaders) integer class ids in
+                ``[0, num_classes)``; never modified (insightface squeezes them in place).
 
         Returns:
             The scalar mean loss over the global batch, identical on every rank.
@@ -378,9 +402,12 @@ class PartialFC(nn.Module):
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"shoal: PartialFC embeddings on rank {self.rank} have shape "
                              f"{tuple(embeddings.shape)}, expected (batch, {self.embedding_size}).")
+        if labels.dim() == 2 and labels.shape[1] == 1:
+            labels = labels.reshape(-1)
         if labels.shape != embeddings.shape[:1]:
             raise ValueError(f"shoal: PartialFC labels on rank {self.rank} have shape {tuple(labels.shape)}, "
-                             f"expected ({embeddings.shape[0]},) to match the embeddings.")
+                             f"expected ({embeddings.shape[0]},) or ({embeddings.shape[0]}, 1) to match the "
+                             "embeddings.")
         self._check_batch_sizes(embeddings.shape[0])
         w = self.weight
         # Normalize before the gather: same result as after, with 1/size of the work on each rank.
@@ -396,7 +423,10 @@ class PartialFC(nn.Module):
         else:
             weight = w
         cos = self._cosine(gathered, weight)
-        logits = self.margin_loss(cos, targets)
+        if isinstance(self.margin_loss, MarginLoss):
+            logits = self.margin_loss(cos, targets)
+        else:  # insightface's contract: clamped cosines (a copy: its margins work in place), (rows, 1) labels
+            logits = self.margin_loss(cos.clamp(-1, 1), targets.view(-1, 1))
         return _ShardedSoftmaxCrossEntropy.apply(logits, targets, self._shards)
 
     def _cosine(self, embeddings: Tensor, weight: Tensor) -> Tensor:
@@ -523,19 +553,35 @@ class PartialFC(nn.Module):
         return _Binding(self, handles)
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def get_extra_state(self) -> dict:
-        """The shard layout, stored in ``state_dict()`` next to the weight shard."""
+    def _layout(self) -> dict:
+        """The shard layout: in every shard file, and in ``state_dict()``'s metadata."""
         return {"format": _FORMAT, "num_classes": self.num_classes, "embedding_size": self.embedding_size,
                 "class_start": self.class_start, "class_end": self.class_end, "world_size": self.world_size}
 
-    def set_extra_state(self, state: dict) -> None:
-        mine = (self.class_start, self.class_end, self.num_classes)
-        theirs = (state.get("class_start"), state.get("class_end"), state.get("num_classes"))
-        if theirs != mine:
-            raise ShoalError(
-                f"shoal: PartialFC state_dict on rank {self.rank} holds classes [{theirs[0]}, {theirs[1]}) of "
-                f"{theirs[2]} but this rank owns [{mine[0]}, {mine[1]}) of {mine[2]}. HINT: a state_dict is one "
-                "rank's shard; to change the number of ranks use save_sharded()/load_sharded().")
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # The layout rides in the state_dict's metadata (torch keeps it through torch.save/load), not in a
+        # key: insightface's PartialFC_V2 has the weight alone, and strict loading in either direction
+        # fails on a key the other lacks. Its values are plain ints and strings (weights_only loads them).
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.setdefault(prefix[:-1], {})[_LAYOUT_KEY] = self._layout()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        layout = (local_metadata or {}).get(_LAYOUT_KEY)
+        legacy = state_dict.pop(prefix + "_extra_state", None)  # Shoal before the layout moved to metadata
+        theirs = layout if isinstance(layout, dict) else legacy if isinstance(legacy, dict) else None
+        if theirs is not None:
+            mine = (self.class_start, self.class_end, self.num_classes)
+            held = (theirs.get("class_start"), theirs.get("class_end"), theirs.get("num_classes"))
+            if held != mine:
+                raise ShoalError(
+                    f"shoal: PartialFC state_dict on rank {self.rank} holds classes [{held[0]}, {held[1]}) of "
+                    f"{held[2]} but this rank owns [{mine[0]}, {mine[1]}) of {mine[2]}. HINT: a state_dict is one "
+                    "rank's shard; to change the number of ranks use save_sharded()/load_sharded().")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def save_sharded(self, directory: str | os.PathLike,
                      optimizer: Optional[torch.optim.Optimizer] = None) -> str:
@@ -604,7 +650,7 @@ class PartialFC(nn.Module):
         return save_id
 
     def _shard_payload(self, save_id: str, optimizer: Optional[torch.optim.Optimizer]) -> dict:
-        payload = dict(self.get_extra_state())
+        payload = dict(self._layout())
         payload["save_id"] = save_id
         payload["rank"] = self.rank
         payload["weight"] = self.weight.detach().cpu()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import socket
-from typing import Any
+from typing import Any, Callable, Union
 
 import torch.distributed as dist
 from torch.distributed.elastic.agent.server.api import WorkerSpec
@@ -140,16 +140,18 @@ def open_store(master_addr: str, master_port: int, is_server: bool, secret: str,
 
 
 def make_agent(*, store: dist.Store, master_addr: str, master_port: int, node_rank: int, nnodes: int,
-               nproc: int, run_id: str, start_timeout_s: float, argv: list[str], logs: DefaultLogsSpecs,
-               monitor_interval_s: float, shutdown_timeout_s: int, log_line_prefix_template: str,
-               sentinel: Sentinel) -> LocalElasticAgent:
+               nproc: int, run_id: str, start_timeout_s: float, argv: Union[list[str], tuple[Callable, tuple]],
+               logs: DefaultLogsSpecs, monitor_interval_s: float, shutdown_timeout_s: int,
+               log_line_prefix_template: str, sentinel: Sentinel) -> LocalElasticAgent:
     """torch's agent for this host's ranks (constraint 1), as ``launch_agent`` builds it.
 
-    ``argv`` is the workers' command; torch sets their RANK, WORLD_SIZE, MASTER_ADDR/PORT (the job's
-    store), TORCHELASTIC_*. No restarts.
+    ``argv`` is the workers' command, or ``(function, args)`` for workers that call a function
+    (:func:`shoal.run`; torch spawns them and returns what the function returns); torch sets their RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT (the job's store), TORCHELASTIC_*. No restarts.
     """
     handler = _JobRendezvous(store, master_addr, master_port, node_rank, nnodes, run_id, start_timeout_s)
-    spec = WorkerSpec(role="worker", local_world_size=nproc, entrypoint=argv[0], args=tuple(argv[1:]),
+    entrypoint, args = (argv[0], tuple(argv[1])) if callable(argv[0]) else (argv[0], tuple(argv[1:]))
+    spec = WorkerSpec(role="worker", local_world_size=nproc, entrypoint=entrypoint, args=args,
                       rdzv_handler=handler, max_restarts=0, monitor_interval=monitor_interval_s,
                       master_addr=master_addr, master_port=master_port)
     return _WatchedAgent(spec=spec, logs_specs=logs, start_method="spawn",

@@ -41,7 +41,6 @@ from shoal.core.collectives import (
     broadcast_async,
     broadcast_async_,
     broadcast_object,
-    grouped_allreduce,
     grouped_allreduce_,
     grouped_allreduce_async,
     grouped_allreduce_async_,
@@ -49,23 +48,24 @@ from shoal.core.collectives import (
     grouped_reducescatter_async,
     poll,
     reducescatter_async,
+    sparse_allreduce_async,
     synchronize,
 )
 from shoal.core.checks import NonFiniteGradientError, NonFiniteReport
-from shoal.core.compression import Compression
 from shoal.core.timeline import stop_timeline
-from shoal.core.errors import MismatchError, NotInitializedError, RankFailureError, ShoalError, StallError
+from shoal.core.errors import (HorovodInternalError, HostsUpdatedInterrupt, MismatchError, NotInitializedError,
+                               RankFailureError, ShoalError, StallError)
+from shoal.torch.compression import BF16Compressor, Compression, Compressor, FP16Compressor, NoneCompressor
 from shoal.torch._api import (ccl_built, cuda_built, ddl_built, gloo_built, gloo_enabled, init, join, mpi_built,
                               mpi_enabled, mpi_threads_supported, nccl_built, rocm_built, start_timeline)
 from shoal.torch.nan_drilldown import NanDrilldown, drill_down
 from shoal.torch.functions import (allgather, allreduce, alltoall, broadcast, grouped_allgather,
-                                   grouped_reducescatter, reducescatter)
+                                   grouped_allreduce, grouped_reducescatter, reducescatter)
 from shoal.torch.comm_hook import comm_hook
 from shoal.torch.sync_batch_norm import SyncBatchNorm
 from shoal.torch.broadcast_state import broadcast_optimizer_state, broadcast_parameters
 from shoal.torch.optimizer import DistributedOptimizer
 from shoal.torch import elastic
-from shoal.core.errors import HorovodInternalError, HostsUpdatedInterrupt
 
 __all__ = [
     "DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "Compression", "comm_hook",
@@ -81,7 +81,9 @@ __all__ = [
     "alltoall", "alltoall_async", "reducescatter", "reducescatter_async", "barrier",
     "broadcast_object", "allgather_object", "poll", "synchronize",
     "ShoalError", "MismatchError", "NotInitializedError", "RankFailureError", "StallError", "join",
-    "start_timeline", "stop_timeline", "elastic", "HorovodInternalError", "HostsUpdatedInterrupt",
+    "HorovodInternalError", "HostsUpdatedInterrupt", "Compressor", "NoneCompressor", "FP16Compressor",
+    "BF16Compressor", "sparse_allreduce_async",
+    "start_timeline", "stop_timeline", "elastic",
     "NonFiniteGradientError", "NonFiniteReport", "NanDrilldown", "drill_down",
     "nccl_built", "gloo_built", "mpi_built", "cuda_built", "rocm_built", "ddl_built", "ccl_built",
     "mpi_enabled", "gloo_enabled", "mpi_threads_supported",

@@ -37,12 +37,12 @@ import torch
 from shoal.core import runtime
 from shoal.core import timeline as _timeline
 from shoal.core.buckets import TensorSpec
-from shoal.core.compression import Compression, resolve_compression
 from shoal.core.errors import ShoalError
 from shoal.core.no_sync import NO_SYNC_ATTR
-from shoal.core.ops import ReduceOp, gradient_op
+from shoal.core.ops import ReduceOp, gradient_op, resolve_op
 from shoal.core.step import EngineInfo, StepOwner, StepResult, resolve_settings
 
+from .compression import Compression, engine_compression
 from .overlap import OverlapStepper, can_step_in_parts
 
 __all__ = ["DistributedOptimizer"]
@@ -58,7 +58,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         compression: ``Compression.none`` / ``.fp16`` / ``.bf16`` / ``.mixed_fp16`` / ``.mixed_bf16``
             (wire format of buckets; see docs/compression.md).
         backward_passes_per_step: backward passes to accumulate locally before reducing.
-        op: ``Average`` (default) or ``Sum``.
+        op: ``Average`` (default) or ``Sum``; ``Adasum`` gives Horovod's Adasum optimizer
+            (:class:`shoal.torch.adasum.AdasumOptimizer`: each step's parameter deltas are combined by
+            Adasum).
         gradient_predivide_factor: divide by this before the sum and by ``size/factor`` after
             (Horovod's meaning; only with Average).
         groups: explicit buckets: a list of lists of parameters, or an int (that many buckets).
@@ -80,12 +82,24 @@ class DistributedOptimizer(torch.optim.Optimizer):
         >>> loss.backward(); opt.step(); opt.zero_grad()
     """
 
+    def __new__(cls, optimizer=None, named_parameters=None, compression=Compression.none,
+                backward_passes_per_step: int = 1, op=None, *args, **kwargs):
+        if cls is DistributedOptimizer and _is_adasum(op):
+            # Horovod's DistributedOptimizer(op=Adasum) is another optimizer (horovod/torch/optimizer.py
+            # _DistributedAdasumOptimizer): the deltas of each step are combined, not the gradients.
+            from .adasum import AdasumOptimizer  # noqa: PLC0415 (it subclasses this one)
+
+            return super().__new__(AdasumOptimizer)
+        return super().__new__(cls)
+
     def __init__(self, optimizer: torch.optim.Optimizer, named_parameters=None,
                  compression=Compression.none, backward_passes_per_step: int = 1, op=None,
                  gradient_predivide_factor: float = 1.0, groups=None, sparse_as_dense: bool = False,
                  process_set: Optional[runtime.ProcessSet] = None, **engine_options):
         # Deliberately not calling Optimizer.__init__: this object is a view of `optimizer`.
         self._inner = optimizer
+        # Names first, as Horovod checks them: a bad named_parameters is a ValueError even before init().
+        self._params, self._names = self._name_parameters(named_parameters)
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -108,12 +122,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 groups = num_groups
         #: Step bucket by bucket while later buckets are on the wire (constraint 6); None: the config's.
         self.overlap_step: Optional[bool] = engine_options.pop("overlap_step", None)
-        given = {**engine_options, "compression": resolve_compression(compression)}
+        given = {**engine_options, "compression": engine_compression(compression)}
         settings = resolve_settings(given, "DistributedOptimizer")  # now, not when step 1 builds the buckets
         #: Steps skipped on every rank by ``nan_check="skip"`` (steps a GradScaler skipped are its own).
         self.skipped_steps = 0
-        self._params, self._names = self._name_parameters(named_parameters)
         self._index = {id(p): i for i, p in enumerate(self._params)}
+        #: sparse_as_dense: the parameters whose gradient was sparse this step (handed back sparse).
+        self._sparse_as_dense = bool(sparse_as_dense)
+        self._was_sparse: set[int] = set()
         self._should_synchronize = True
         self._result: Optional[StepResult] = None  # of the last synchronization
         self._hooks = []
@@ -259,6 +275,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         def hook(param: torch.Tensor) -> None:
             if not self._should_synchronize and self._owner.synchronized:
                 return
+            if self._sparse_as_dense and param.grad is not None and param.grad.is_sparse:
+                self._was_sparse.add(i)
             view = self._owner.ready(i, param.grad)
             if view is not None:
                 # A fresh gradient (after zero_grad(set_to_none=True)) was copied in with the 1/n fused; one
@@ -291,7 +309,29 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 view = owner.view(i)
                 if view is not None and p.grad is not view:
                     p.grad = view
+        # sparse_as_dense reduces a sparse gradient as a dense one; the optimizer gets it back sparse, as
+        # the gradient it produced (SparseAdam accepts nothing else).
+        for i in self._was_sparse:
+            p = self._params[i]
+            if p.grad is not None and not p.grad.is_sparse:
+                p.grad = p.grad.to_sparse()
+        self._was_sparse.clear()
         self._result = result
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        """Change the number of backward passes accumulated locally per step (Horovod's method); call it
+        on every rank, between steps.
+
+        Raises:
+            ValueError: ``passes`` < 1. ShoalError: called between ``backward()`` and ``step()``.
+        """
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+            raise ValueError(f"shoal: set_backward_passes_per_step({passes!r}): passes must be an int >= 1")
+        if self._owner.pending and not self._owner.synchronized:
+            raise ShoalError("shoal: set_backward_passes_per_step() between backward() and step(). HINT: "
+                             "call it between steps, on every rank.")
+        self.backward_passes_per_step = passes
+        self._owner.passes = passes
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -387,3 +427,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     p.grad.detach_()
                     p.grad.zero_()
         owner.reset_counts()
+
+
+def _is_adasum(op) -> bool:
+    """Whether ``op`` means Adasum (anything else, valid or not, is the gradient engine's to check)."""
+    if isinstance(op, str):
+        return op.lower() == "adasum"
+    try:
+        return resolve_op(op, None, "DistributedOptimizer") is ReduceOp.Adasum
+    except (TypeError, ValueError):
+        return False

@@ -18,12 +18,14 @@ import torch.distributed as dist
 
 from .. import runtime
 from ..compression import get_compressor
+from ..ops import ReduceOp
+from .adasum import allreduce_adasum
 from .compressed import allreduce_bf16, allreduce_fp16
 from .flat import allreduce_flat
 from .hierarchical import StreamNodeGroups, allreduce_hierarchical, use_hierarchical
 
 __all__ = ["ReduceContext", "Algorithm", "get_algorithm", "allreduce_flat", "allreduce_fp16", "allreduce_bf16",
-           "allreduce_hierarchical", "use_hierarchical", "start_allreduce"]
+           "allreduce_hierarchical", "allreduce_adasum", "use_hierarchical", "start_allreduce", "start_adasum"]
 
 
 @dataclass(slots=True)
@@ -43,13 +45,17 @@ class ReduceContext:
     #: Per-bucket state that persists across steps (e.g. error-feedback residuals); owned by the caller,
     #: reset when the bucket plan changes.
     state: dict = field(default_factory=dict)
+    #: Sizes (numel) of the bucket's tensors, in buffer order, for algorithms that work tensor by tensor
+    #: (Adasum); None: the buffer is one tensor.
+    segments: Optional[list[int]] = None
 
 
 Algorithm = Callable[["torch.Tensor", ReduceContext], "torch.futures.Future"]  # noqa: F821
 
 
 def get_algorithm(compression: str, hierarchical: str, process_set: runtime.ProcessSet, *,
-                  num_streams: Optional[int] = None, error_feedback: Optional[bool] = None) -> Algorithm:
+                  num_streams: Optional[int] = None, error_feedback: Optional[bool] = None,
+                  op: ReduceOp = ReduceOp.Sum) -> Algorithm:
     """Pick the algorithm for a reducer (or the DDP hook) from its settings.
 
     Call it on every rank in the same order: with hierarchical allreduce it creates the per-stream node
@@ -62,6 +68,9 @@ def get_algorithm(compression: str, hierarchical: str, process_set: runtime.Proc
         num_streams: the caller's stream count (default: the config's); hierarchical needs it to map
             each stream group to that stream's node groups.
         error_feedback: keep what 16-bit rounding drops, per bucket (default: the config's).
+        op: ``ReduceOp.Adasum`` selects :func:`allreduce_adasum` (full precision, flat: its exchanges are
+            point to point and per tensor, so compression and hierarchy do not apply; the caller sets
+            ``ctx.segments``); any other op sums (Average is a sum and a postscale).
 
     Returns:
         ``algorithm(buffer, ctx) -> Future``. Full precision on one level: :func:`allreduce_flat`
@@ -72,6 +81,8 @@ def get_algorithm(compression: str, hierarchical: str, process_set: runtime.Proc
         >>> algo = get_algorithm("mixed_fp16", "auto", runtime.global_process_set)
         >>> algo(bucket, ctx).wait()
     """
+    if op == ReduceOp.Adasum:
+        return allreduce_adasum
     cfg = runtime.config()
     comp = get_compressor(compression)
     ef = bool(getattr(cfg, "error_feedback", False) if error_feedback is None else error_feedback)
@@ -133,6 +144,14 @@ def start_allreduce(buffer: torch.Tensor, process_set: runtime.ProcessSet, op) -
             ctx = ReduceContext(group=runtime.stream_groups(process_set, 1)[0], process_set=process_set)
             return _FutureWork(algorithm(buffer.view(-1), ctx))
     return dist.all_reduce(buffer, op=op, group=process_set.group, async_op=True)
+
+
+def start_adasum(buffer: torch.Tensor, process_set: runtime.ProcessSet,
+                 segments: Optional[list[int]] = None) -> _FutureWork:
+    """Adasum of the user collectives (``op=hvd.Adasum``): :func:`allreduce_adasum` of ``buffer`` (flat,
+    floating point) on the process set's own group, in the caller's thread; complete when it returns."""
+    ctx = ReduceContext(group=process_set.group, process_set=process_set, segments=segments)
+    return _FutureWork(allreduce_adasum(buffer.view(-1), ctx))
 
 
 def _spans_nodes(process_set: runtime.ProcessSet) -> bool:
