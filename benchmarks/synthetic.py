@@ -18,7 +18,8 @@ Modes (``--modes``; unavailable ones are reported as such):
                  --powersgd-start-step)
     ddp          torch DistributedDataParallel, defaults (25 MB buckets)
     ddp_fp16     DDP + torch's fp16_compress_hook
-    ddp_powersgd DDP + torch's powerSGD_hook at the same rank and start step (error feedback, warm start)
+    ddp_powersgd DDP + torch's powerSGD_hook at the same rank and start step (error feedback, warm start),
+                 with one DDP bucket: the only layout in which the hook runs correctly on gloo (see DDP())
     ddp_shoal_powersgd  DDP + shoal.torch.comm_hook(compression=Compression.powersgd(...)): Shoal's
                  PowerSGD under DDP's own bucketing
     naive        one allreduce per gradient tensor after backward
@@ -140,7 +141,11 @@ class DDP(Mode):
     def __init__(self, model, lr: float, hook: str = "none"):
         from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
 
-        ddp = DistributedDataParallel(model)
+        # torch's powerSGD_hook issues its P and Q allreduces from completion callbacks, on one process
+        # group; with several DDP buckets on gloo those interleave differently on different ranks (here:
+        # "Received data size doesn't match expected size. 5120 vs 4000" in its first steps). One bucket
+        # is the configuration in which it runs correctly on gloo.
+        ddp = DistributedDataParallel(model, **({"bucket_cap_mb": 4096} if hook == "powersgd" else {}))
         if hook == "fp16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: PLC0415
 

@@ -173,3 +173,15 @@ def test_powersgd_compresses_matrices_that_gain_and_keeps_the_rest_in_runs():
     assert plan_matrices(100, None, rank=1) == ([], [(0, 100)])
     # A higher rank gains on fewer: at 16 the conv's factors (67 x 16 x 2 = 2144) exceed its 1080 values.
     assert [(m.rows, m.cols) for m in plan_matrices(7400, layout, rank=16)[0]] == [(64, 96)]
+
+
+def test_doctor_says_when_compression_pays_on_this_link():
+    from shoal.runner.doctor import _CROSSOVER_MBPS, _compression_advice  # noqa: PLC0415
+
+    slow, fast = 1000, 2 * max(_CROSSOVER_MBPS.values())
+    assert "powersgd" in _compression_advice("none", slow, False).split(";")[0]  # worth trying here
+    assert "as fast" in _compression_advice("none", fast, False)
+    assert "pays on this link" in _compression_advice("powersgd:rank=2", slow, False)
+    assert "no faster" in _compression_advice("mixed_int8", fast, True)
+    assert "mixed_*" in _compression_advice("int8", slow, True)  # hierarchy on: says what mixed does
+    assert "link speed unknown" in _compression_advice("fp16", None, False)

@@ -54,8 +54,10 @@ def allreduce_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futur
     ctx = ReduceContext(group=state.streams[bucket.index() % len(state.streams)],
                         process_set=state.process_set, prescale=1.0,
                         postscale=1.0 / state.process_set.size(), bucket_index=bucket.index(),
-                        state=state.bucket_state.setdefault(bucket.index(), {}), step=state.steps + 1,
-                        layout=lambda: _layout(bucket))
+                        state=state.bucket_state.setdefault(bucket.index(), {}), step=state.steps + 1)
+    if state.compression != "none":  # read now: the algorithm may run after DDP let go of `bucket`
+        layout = _layout(bucket)
+        ctx.layout = lambda: layout
     if state.nan_check is not None:  # before the bucket leaves the rank (shoal.core.checks)
         state.nan_check.check_bucket(bucket.index(), buffer, lambda: [
             (state.param_names.get(id(p), f"<unnamed {tuple(p.shape)}>"), g)
