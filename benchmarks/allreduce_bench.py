@@ -182,10 +182,10 @@ def worker(args) -> int:
         print(f"allreduce of {args.size_mb:g} MB float32, {report['layout']}, link: {report['link']}; "
               f"{args.buckets} bucket(s), {args.num_streams} streams, chunks: {report['chunk_mb']} MB; "
               f"torch {torch.__version__}; {report['cores']} cores; median of {args.rounds} rounds")
-        print(f"{'mode':<16} {'median ms':>10} {'min':>8} {'max':>8} {'vs flat':>8} {'CPU ms':>8} {'max |diff|':>11}")
+        print(f"{'mode':<20} {'median ms':>10} {'min':>8} {'max':>8} {'vs flat':>8} {'CPU ms':>8} {'max |diff|':>11}")
         for mode, m in result.items():
             diff = m["max_abs_diff_vs_flat"]
-            print(f"{mode:<16} {m['median_ms']:>10.0f} {m['min_ms']:>8.0f} {m['max_ms']:>8.0f} "
+            print(f"{mode:<20} {m['median_ms']:>10.0f} {m['min_ms']:>8.0f} {m['max_ms']:>8.0f} "
                   f"{m['speedup_vs_flat'] or 0:>7.2f}x {m['cpu_ms_all_ranks']:>8.0f} "
                   f"{'' if diff is None else f'{diff:.2e}':>11}")
         print("CPU ms: process CPU time (all threads) of every rank together, median over rounds; the "
