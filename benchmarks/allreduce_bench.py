@@ -1,4 +1,4 @@
-"""Allreduce benchmark: flat vs hierarchical, full precision vs 16-bit and mixed compression.
+"""Allreduce benchmark: flat vs hierarchical, full precision vs 16-bit, 8-bit, low-rank and mixed compression.
 
 One buffer (``--size-mb``, default 100 MB of float32) is reduced by each mode in turn, in interleaved
 rounds (a noisy neighbour hurts every mode alike), through the same algorithms the gradient engine uses
@@ -15,6 +15,14 @@ Modes (``--modes``):
     hier_fp16         hierarchical, float16 inside and across nodes
     hier_mixed        hierarchical, float32 inside the node, float16 across nodes (mixed_fp16)
     hier_mixed_bf16   the same with bfloat16 across nodes
+    flat_int8         8-bit blocks on the wire (a float32 scale per 256 values, error feedback), summed in
+                      float32 (shoal.core.algorithms.allreduce_int8)
+    hier_int8         hierarchical, 8 bits inside and across nodes
+    hier_mixed_int8   hierarchical, float32 inside the node, 8 bits across nodes (mixed_int8)
+    flat_powersgd     PowerSGD at rank 4 from the first round, each bucket seen as one near-square
+                      matrix (random data is the worst case for a low-rank approximation: its
+                      difference from flat says nothing about gradients; the time is the point)
+    hier_mixed_powersgd  float32 inside the node, PowerSGD across nodes (mixed_powersgd)
 
 Launch (2 nodes x 2 ranks in an emulated cluster, 1 Gbit/s between nodes; needs root)::
 
@@ -54,6 +62,11 @@ MODES = {
     "hier_fp16": ("fp16", "on"),
     "hier_mixed": ("mixed_fp16", "on"),
     "hier_mixed_bf16": ("mixed_bf16", "on"),
+    "flat_int8": ("int8", "off"),
+    "hier_int8": ("int8", "on"),
+    "hier_mixed_int8": ("mixed_int8", "on"),
+    "flat_powersgd": ("powersgd:rank=4,start_step=0", "off"),
+    "hier_mixed_powersgd": ("mixed_powersgd:rank=4,start_step=0", "on"),
 }
 DEFAULT_MODES = ["flat", "flat_fp16", "hier", "hier_fp16", "hier_mixed"]
 
@@ -74,6 +87,12 @@ def _cpu() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _matrix(numel: int):
+    """The bucket as one near-square matrix, for the PowerSGD modes (the rest of it a vector)."""
+    rows = max(1, int(numel ** 0.5))
+    return lambda: [(0, (rows, numel // rows))]
 
 
 def worker(args) -> int:
@@ -112,7 +131,7 @@ def worker(args) -> int:
         for b in range(args.buckets):
             part = buf[b * per_bucket:(b + 1) * per_bucket]
             ctx = ReduceContext(group=streams[b % len(streams)], process_set=ps, postscale=1.0 / world,
-                                bucket_index=b, state=states[mode][b])
+                                bucket_index=b, state=states[mode][b], layout=_matrix(part.numel()))
             futs.append(algos[mode](part, ctx))
         for f in futs:
             f.wait()
@@ -163,10 +182,10 @@ def worker(args) -> int:
         print(f"allreduce of {args.size_mb:g} MB float32, {report['layout']}, link: {report['link']}; "
               f"{args.buckets} bucket(s), {args.num_streams} streams, chunks: {report['chunk_mb']} MB; "
               f"torch {torch.__version__}; {report['cores']} cores; median of {args.rounds} rounds")
-        print(f"{'mode':<16} {'median ms':>10} {'min':>8} {'max':>8} {'vs flat':>8} {'CPU ms':>8} {'max |diff|':>11}")
+        print(f"{'mode':<20} {'median ms':>10} {'min':>8} {'max':>8} {'vs flat':>8} {'CPU ms':>8} {'max |diff|':>11}")
         for mode, m in result.items():
             diff = m["max_abs_diff_vs_flat"]
-            print(f"{mode:<16} {m['median_ms']:>10.0f} {m['min_ms']:>8.0f} {m['max_ms']:>8.0f} "
+            print(f"{mode:<20} {m['median_ms']:>10.0f} {m['min_ms']:>8.0f} {m['max_ms']:>8.0f} "
                   f"{m['speedup_vs_flat'] or 0:>7.2f}x {m['cpu_ms_all_ranks']:>8.0f} "
                   f"{'' if diff is None else f'{diff:.2e}':>11}")
         print("CPU ms: process CPU time (all threads) of every rank together, median over rounds; the "

@@ -13,14 +13,22 @@ Modes (``--modes``; unavailable ones are reported as such):
     shoal_overlap the same with overlap_step=True: the optimizer steps bucket by bucket while later
                  buckets are still on the wire, not after the last one
     shoal_fp16   the same with compression=Compression.fp16
+    shoal_int8   the same with compression=Compression.int8 (8 bits, a scale per block, error feedback)
+    shoal_powersgd  the same with compression=Compression.powersgd(rank=R, start_step=K) (--powersgd-rank,
+                 --powersgd-start-step)
     ddp          torch DistributedDataParallel, defaults (25 MB buckets)
     ddp_fp16     DDP + torch's fp16_compress_hook
+    ddp_powersgd DDP + torch's powerSGD_hook at the same rank and start step (error feedback, warm start),
+                 with one DDP bucket: the only layout in which the hook runs correctly on gloo (see DDP())
+    ddp_shoal_powersgd  DDP + shoal.torch.comm_hook(compression=Compression.powersgd(...)): Shoal's
+                 PowerSGD under DDP's own bucketing
     naive        one allreduce per gradient tensor after backward
     nocomm       no communication at all: the compute floor
     horovod      horovod.torch.DistributedOptimizer, when ``import horovod.torch`` works
     wire         one flat fp32 allreduce of as many bytes as the model's gradients: the wire limit
     wire_16      one flat fp32 allreduce of half those bytes: the wire limit of 16-bit gradients
                  (fp32 on purpose: gloo's own fp16 sum is slower than the wire, see the compression issue)
+    wire_8       the same with a quarter of the bytes: the wire limit of 8-bit gradients
 
 Launch (2 ranks on one host, loopback)::
 
@@ -61,6 +69,13 @@ class Unavailable(Exception):
 #: ``--optimizer``: the torch optimizer every mode trains with (set once by ``main``).
 OPTIMIZER = "sgd"
 OPTIMIZERS = ("sgd", "momentum", "adam")
+#: ``--powersgd-rank`` / ``--powersgd-start-step``: the same for Shoal's PowerSGD and torch's hook.
+POWERSGD = {"rank": 4, "start_step": 2}
+
+
+def powersgd_name() -> str:
+    """Shoal's compression value for the run's PowerSGD settings."""
+    return f"powersgd:rank={POWERSGD['rank']},start_step={POWERSGD['start_step']}"
 
 
 def make_optimizer(params, lr: float):
@@ -75,7 +90,7 @@ def make_optimizer(params, lr: float):
 class Mode:
     """One way of training: ``step(x, y)`` runs forward, backward, reduction and the update."""
 
-    #: "fp32" or "fp16": which wire limit this mode is compared with.
+    #: "fp32", "fp16", "int8" or "lowrank": which wire limit this mode is compared with (none for lowrank).
     wire_precision = "fp32"
 
     def __init__(self, model, lr: float):
@@ -123,15 +138,35 @@ class Naive(Mode):
 
 
 class DDP(Mode):
-    def __init__(self, model, lr: float, fp16: bool = False):
+    def __init__(self, model, lr: float, hook: str = "none"):
         from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
 
-        ddp = DistributedDataParallel(model)
-        if fp16:
+        # torch's powerSGD_hook issues its P and Q allreduces from completion callbacks, on one process
+        # group; with several DDP buckets on gloo those interleave differently on different ranks (here:
+        # "Received data size doesn't match expected size. 5120 vs 4000" in its first steps). One bucket
+        # is the configuration in which it runs correctly on gloo.
+        ddp = DistributedDataParallel(model, **({"bucket_cap_mb": 4096} if hook == "powersgd" else {}))
+        if hook == "fp16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: PLC0415
 
             ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
             self.wire_precision = "fp16"
+        elif hook == "powersgd":  # torch's own, at the run's rank and start step
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook  # noqa: PLC0415
+
+            state = powerSGD_hook.PowerSGDState(process_group=None,
+                                                matrix_approximation_rank=POWERSGD["rank"],
+                                                start_powerSGD_iter=POWERSGD["start_step"])
+            ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+            self.wire_precision = "lowrank"
+        elif hook == "shoal_powersgd":
+            try:
+                import shoal.torch as sh  # noqa: PLC0415
+            except ImportError as exc:
+                raise Unavailable(f"no shoal.torch here ({exc})") from None
+            sh.init()
+            ddp.register_comm_hook(*sh.comm_hook(compression=powersgd_name()))
+            self.wire_precision = "lowrank"
         self.model = ddp
         self.optimizer = make_optimizer(ddp.parameters(), lr)
 
@@ -146,10 +181,10 @@ class Shoal(Mode):
         super().__init__(model, lr)
         sh.init()
         self.optimizer = sh.DistributedOptimizer(self.optimizer, named_parameters=model.named_parameters(),
-                                                 compression=getattr(sh.Compression, compression),
-                                                 overlap_step=overlap_step)
+                                                 compression=compression, overlap_step=overlap_step)
         sh.broadcast_parameters(model.state_dict(), root_rank=0)
-        self.wire_precision = "fp32" if compression == "none" else "fp16"
+        family = compression.partition(":")[0]
+        self.wire_precision = {"none": "fp32", "int8": "int8", "powersgd": "lowrank"}.get(family, "fp16")
 
     def settle(self, x, y) -> Optional[dict]:
         # The tuner is on by default and explores for up to 50 steps (shoal.core.autotune). Timing those
@@ -200,7 +235,7 @@ class Wire(Mode):
 
         numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.flat = torch.ones(max(1, int(numel * fraction)))
-        self.wire_precision = "fp32" if fraction == 1.0 else "fp16"
+        self.wire_precision = {1.0: "fp32", 0.5: "fp16"}.get(fraction, "int8")
 
     def step(self, x, y):
         import torch.distributed as dist  # noqa: PLC0415
@@ -214,13 +249,18 @@ MODES: dict[str, tuple[Callable[..., Mode], str]] = {
     "shoal": (lambda m, lr: Shoal(m, lr), "shoal.torch.DistributedOptimizer"),
     "shoal_overlap": (lambda m, lr: Shoal(m, lr, overlap_step=True), "... stepping bucket by bucket"),
     "shoal_fp16": (lambda m, lr: Shoal(m, lr, compression="fp16"), "... with Compression.fp16"),
+    "shoal_int8": (lambda m, lr: Shoal(m, lr, compression="int8"), "... with Compression.int8"),
+    "shoal_powersgd": (lambda m, lr: Shoal(m, lr, compression=powersgd_name()), "... with Compression.powersgd"),
     "ddp": (lambda m, lr: DDP(m, lr), "torch DDP, defaults"),
-    "ddp_fp16": (lambda m, lr: DDP(m, lr, fp16=True), "DDP + fp16_compress_hook"),
+    "ddp_fp16": (lambda m, lr: DDP(m, lr, hook="fp16"), "DDP + fp16_compress_hook"),
+    "ddp_powersgd": (lambda m, lr: DDP(m, lr, hook="powersgd"), "DDP + torch's powerSGD_hook"),
+    "ddp_shoal_powersgd": (lambda m, lr: DDP(m, lr, hook="shoal_powersgd"), "DDP + shoal's comm_hook, PowerSGD"),
     "naive": (lambda m, lr: Naive(m, lr), "one allreduce per gradient"),
     "nocomm": (lambda m, lr: NoComm(m, lr), "no communication (compute floor)"),
     "horovod": (lambda m, lr: Horovod(m, lr), "horovod.torch.DistributedOptimizer"),
     "wire": (lambda m, lr: Wire(m, lr), "flat allreduce of the gradient bytes"),
     "wire_16": (lambda m, lr: Wire(m, lr, fraction=0.5), "flat allreduce of half the bytes"),
+    "wire_8": (lambda m, lr: Wire(m, lr, fraction=0.25), "flat allreduce of a quarter of the bytes"),
 }
 
 
@@ -364,7 +404,8 @@ def add_ratios(info: dict, samples_per_step: int) -> None:
         if m["status"] != "ok":
             continue
         m["vs_ddp"] = m["median_ms"] / base if base else None
-        wire = modes.get("wire" if m["wire_precision"] == "fp32" else "wire_16", {}).get("median_ms")
+        wire_mode = {"fp32": "wire", "fp16": "wire_16", "int8": "wire_8"}.get(m["wire_precision"])
+        wire = modes.get(wire_mode, {}).get("median_ms") if wire_mode else None
         m["vs_wire"] = m["median_ms"] / wire if wire and not name.startswith("wire") else None
         m["samples_per_s"] = None if name.startswith("wire") else samples_per_step / (m["median_ms"] / 1e3)
 
@@ -394,8 +435,9 @@ def worker(args) -> int:
                      "env://" if world > 1 else "none"),
         "hardware": hardware(), "threads_per_rank": args.threads, "torch": torch.__version__,
         "python": platform.python_version(), "world_size": world, "link": link,
-        "settings": {k: getattr(args, k) for k in ("warmup", "steps", "rounds", "lr", "seed", "batch_size",
-                                                   "optimizer")},
+        "settings": {**{k: getattr(args, k) for k in ("warmup", "steps", "rounds", "lr", "seed", "batch_size",
+                                                      "optimizer")},
+                     "powersgd": dict(POWERSGD)},
         # Other processes on the machine inflate every mode's compute; recorded so a reader can tell.
         "load_avg_start": [round(v, 2) for v in os.getloadavg()],
     }
@@ -473,7 +515,8 @@ def print_table(console, report: dict) -> None:
     from rich.table import Table  # noqa: PLC0415
 
     table = Table(title=f"median step time (slowest rank), {report['world_size']} ranks, link: {report['link']}",
-                  caption="ratios < 1 are faster; vs wire: against `wire`, or `wire_16` for 16-bit modes")
+                  caption="ratios < 1 are faster; vs wire: against `wire`, `wire_16` for 16-bit modes, `wire_8` "
+                          "for 8-bit ones")
     for col in ("model", "mode", "median ms", "p10", "p90", "vs ddp", "vs wire", "samples/s", "final loss"):
         table.add_column(col, justify="left" if col in ("model", "mode") else "right")
     missing = []
@@ -566,6 +609,11 @@ def parse_args(argv: list[str]):
     ap.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                     help="what every mode trains with: plain SGD (default), SGD with momentum, Adam")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--powersgd-rank", type=int, default=POWERSGD["rank"],
+                    help="rank of the PowerSGD modes (Shoal's and torch's hook alike)")
+    ap.add_argument("--powersgd-start-step", type=int, default=POWERSGD["start_step"],
+                    help="full-precision steps before PowerSGD starts (torch's start_powerSGD_iter; >= 2, "
+                         "which torch's hook requires with error feedback)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--name", default=None, help="results file name (default: the link, e.g. loopback)")
     ap.add_argument("--plot", action="store_true", help="also write a PNG bar chart next to the JSON")
@@ -597,6 +645,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     global OPTIMIZER
     OPTIMIZER = args.optimizer
+    POWERSGD.update(rank=args.powersgd_rank, start_step=args.powersgd_start_step)
     from shoal.core.env import get_env  # noqa: PLC0415
 
     if args.link and get_env("RANK") is None:

@@ -44,8 +44,9 @@ def parse_args():
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.02, help="per rank; scaled by the number of ranks")
-    p.add_argument("--compression", choices=["none", "fp16", "bf16", "mixed_fp16", "mixed_bf16"], default="none",
-                   help="wire format of gradients; mixed_*: 16 bits only across nodes")
+    p.add_argument("--compression", default="none",
+                   help="wire format of gradients: none, fp16, bf16, int8, powersgd[:rank=R,start_step=K]; "
+                        "mixed_<name>: compressed only across nodes (docs/compression.md)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
     return p.parse_args()
@@ -65,9 +66,10 @@ def main():
 
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * hvd.size(), momentum=0.9)
-    compression = getattr(hvd.Compression, args.compression)
+    # hvd.Compression.<name> or its name; parameters after a colon: "powersgd:rank=2,start_step=50" is
+    # hvd.Compression.powersgd(rank=2, start_step=50).
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
-                                         compression=compression)
+                                         compression=args.compression)
     # Every rank starts from rank 0's weights and optimizer state.
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)

@@ -49,7 +49,8 @@ def test_fp16_overflows_where_bf16_does_not():
 
 
 def test_names_and_resolution():
-    assert COMPRESSION_NAMES == ("none", "fp16", "bf16", "mixed_fp16", "mixed_bf16")
+    assert COMPRESSION_NAMES == ("none", "fp16", "bf16", "mixed_fp16", "mixed_bf16", "int8", "mixed_int8",
+                                 "powersgd", "mixed_powersgd")
     for name in COMPRESSION_NAMES:
         assert get_compressor(name).name == name
         assert resolve_compression(name) == name
@@ -59,7 +60,7 @@ def test_names_and_resolution():
     with pytest.raises(ValueError, match="mixed_bf16"):
         get_compressor("fp8")
     with pytest.raises(ValueError, match="unknown compression"):
-        resolve_compression("int8")
+        resolve_compression("int4")
 
 
 def test_config_accepts_every_compression_and_error_feedback():

@@ -29,7 +29,12 @@ ENV_PREFIX = "SHOAL_"
 # launcher's flags read them from there, and the owners (compression, checks, negotiation, algorithms)
 # import the same tuples.
 Backend = Literal["gloo", "nccl", "mpi"]
-CompressionName = Literal["none", "fp16", "bf16", "mixed_fp16", "mixed_bf16"]
+#: A compression value is one of these names, optionally followed by its parameters after a colon
+#: (``powersgd:rank=4,start_step=10``): the parameters are part of the value, so that ranks that differ in
+#: them differ in the setting (the registration digest) and nothing else has to carry them.
+#: :mod:`shoal.core.compression` parses them.
+CompressionName = Literal["none", "fp16", "bf16", "mixed_fp16", "mixed_bf16", "int8", "mixed_int8", "powersgd",
+                          "mixed_powersgd"]
 Hierarchical = Literal["auto", "on", "off"]
 NanPolicy = Literal["raise", "skip", "warn", "off"]
 NegotiationMode = Literal["auto", "always", "off"]
@@ -86,10 +91,13 @@ class ShoalConfig:
     num_streams: int = _knob(
         2, "How many buckets may be in flight at once, each on its own process group.")
     compression: CompressionName = _knob(
-        "none", "Wire compression of gradients: fp16/bf16 on every stage, mixed_fp16/mixed_bf16 only across "
-                "nodes (full precision inside a node).")
+        "none", "Wire compression of gradients: fp16/bf16 (16 bits), int8 (8 bits, a scale per block, error "
+                "feedback), powersgd[:rank=R,start_step=K] (low rank with error feedback and warm start, after K "
+                "full-precision steps) on every stage; mixed_* only across nodes (full precision inside a "
+                "node). docs/compression.md says when each pays.")
     error_feedback: bool = _knob(
-        False, "With 16-bit compression: keep what rounding drops, per bucket, and add it back next step.")
+        False, "With 16-bit compression: keep what rounding drops, per bucket, and add it back next step "
+               "(int8 and powersgd always do).")
     hierarchical: Hierarchical = _knob(
         "auto", "Two-level allreduce (inside node, then across nodes): auto, on or off.")
     nan_check: NanPolicy = _knob(
@@ -140,7 +148,7 @@ class ShoalConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             choices = choices_of(f)
-            if choices and value is not None and value not in choices:
+            if choices and value is not None and _choice(f.name, value) not in choices:
                 raise ValueError(
                     f"shoal: {f.name}={value!r} is not one of {', '.join(choices)} "
                     f"(set by keyword, {env_name(f.name)} or {flag_name(f.name)})")
@@ -163,11 +171,25 @@ class ShoalConfig:
         if self.stall_timeout_s < 0:
             raise ValueError(f"shoal: stall_timeout_s must be >= 0 (0: 90% of timeout_s), got "
                              f"{self.stall_timeout_s!r} (HINT: check {env_name('stall_timeout_s')})")
+        if ":" in self.compression:  # its parameters: the compression module's grammar, checked here
+            from .compression import get_compressor  # noqa: PLC0415 (it imports this module)
+
+            try:
+                get_compressor(self.compression)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (set by keyword, {env_name('compression')} or "
+                                 f"{flag_name('compression')})") from None
         if self.num_streams < 1:
             raise ValueError(f"shoal: num_streams must be >= 1, got {self.num_streams}")
         if self.local_size is not None and self.local_size < 1:
             raise ValueError(f"shoal: local_size must be >= 1, got {self.local_size}")
         return self
+
+
+def _choice(field_name: str, value: str) -> str:
+    """The part of a choice knob's value that must be one of its choices: a compression's name without
+    its parameters (``powersgd:rank=4`` -> ``powersgd``), any other knob's whole value."""
+    return value.partition(":")[0] if field_name == "compression" and isinstance(value, str) else value
 
 
 def env_name(field_name: str) -> str:

@@ -366,7 +366,9 @@ class GradientReducer:
         ctx = ReduceContext(group=self._streams[b % self.num_streams], process_set=self.process_set,
                             prescale=1.0, postscale=1.0, bucket_index=b,  # applied on load (constraint 6)
                             names=lambda plan=plan: [self.specs[t].name for t in plan.tensor_ids],
-                            state=self._bucket_state[b])
+                            state=self._bucket_state[b], step=self._steps() + 1,
+                            layout=lambda plan=plan: [(off, self.specs[t].shape)
+                                                      for t, off in zip(plan.tensor_ids, plan.offsets)])
         self._futures[b] = fut = self._algorithm(buf, ctx)
         for cb in self._calls["after_launch"]:
             cb(self, b, fut)

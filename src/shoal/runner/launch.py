@@ -201,9 +201,22 @@ def _knob_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
             continue
+        if f.name == "compression":  # a name, maybe with parameters: powersgd:rank=4 (shoal.core.compression)
+            group.add_argument(flag_name(f.name), dest=f.name, type=_compression_flag, default=None,
+                               metavar="{" + ",".join(choices_of(f)) + "}[:PARAMS]", help=help_text)
+            continue
         group.add_argument(flag_name(f.name), dest=f.name, type=base, default=None,
                            choices=choices_of(f), metavar=_knob_metavar(f, base)
                            if not choices_of(f) else None, help=help_text)
+
+
+def _compression_flag(value: str) -> str:
+    """``--compression``: one of the names, parameters allowed after a colon (checked with the other
+    knobs by :func:`knob_environment`); argparse's own wording for an unknown name."""
+    names = choices_of(next(f for f in knobs() if f.name == "compression"))
+    if value.partition(":")[0] not in names:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(names)})")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

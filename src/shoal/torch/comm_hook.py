@@ -6,6 +6,11 @@ on separate process groups). One line changes in the user's script::
 
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     ddp.register_comm_hook(*shoal.torch.comm_hook(compression=shoal.torch.Compression.fp16))
+
+PowerSGD through the same hook (compare it with torch's ``powerSGD_hook`` at the same rank and start)::
+
+    ddp.register_comm_hook(*shoal.torch.comm_hook(compression=shoal.torch.Compression.powersgd(
+        rank=4, start_step=10)))
 """
 
 from dataclasses import dataclass, field
@@ -36,8 +41,10 @@ class CommHookState:
     nan_check: Optional[FiniteCheck] = None
     param_names: dict = field(default_factory=dict)
     nan_report: Optional[NonFiniteReport] = None
-    #: Per bucket index: state that persists across steps (error-feedback residuals).
+    #: Per bucket index: state that persists across steps (error-feedback residuals, PowerSGD's factors).
     bucket_state: dict = field(default_factory=dict)
+    #: Steps whose last bucket went through the hook (PowerSGD's warm-up counts them).
+    steps: int = 0
 
 
 # No `from __future__ import annotations` here: DDP checks these annotations against the real classes.
@@ -47,7 +54,10 @@ def allreduce_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futur
     ctx = ReduceContext(group=state.streams[bucket.index() % len(state.streams)],
                         process_set=state.process_set, prescale=1.0,
                         postscale=1.0 / state.process_set.size(), bucket_index=bucket.index(),
-                        state=state.bucket_state.setdefault(bucket.index(), {}))
+                        state=state.bucket_state.setdefault(bucket.index(), {}), step=state.steps + 1)
+    if state.compression != "none":  # read now: the algorithm may run after DDP let go of `bucket`
+        layout = _layout(bucket)
+        ctx.layout = lambda: layout
     if state.nan_check is not None:  # before the bucket leaves the rank (shoal.core.checks)
         state.nan_check.check_bucket(bucket.index(), buffer, lambda: [
             (state.param_names.get(id(p), f"<unnamed {tuple(p.shape)}>"), g)
@@ -58,7 +68,18 @@ def allreduce_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futur
         # "warn") the hook only logs, and the caller skips when state.nan_report is not None.
         state.nan_report = state.nan_check.finish_step()
         apply_nan_policy(state.nan_report)
+    if bucket.is_last():
+        state.steps += 1
     return fut
+
+
+def _layout(bucket: dist.GradBucket) -> list:
+    """``(offset, shape)`` of the bucket's gradients: DDP lays them out back to back, in this order."""
+    out, offset = [], 0
+    for p in bucket.parameters():
+        out.append((offset, tuple(p.shape)))
+        offset += p.numel()
+    return out
 
 
 def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None,
@@ -68,8 +89,9 @@ def comm_hook(process_set: Optional[runtime.ProcessSet] = None, compression=None
 
     Args:
         process_set: must span the same ranks as the DDP module's process group (default: all).
-        compression: ``Compression.none`` / ``.fp16`` / ``.bf16`` / ``.mixed_fp16`` / ``.mixed_bf16``;
-            default from the config.
+        compression: ``Compression.none`` / ``.fp16`` / ``.bf16`` / ``.int8`` / ``.powersgd(rank=,
+            start_step=)`` / a ``mixed_`` variant; default from the config. PowerSGD counts its warm-up
+            in steps of this hook (one per backward whose last bucket it reduced).
         hierarchical: ``auto`` / ``on`` / ``off``; default from the config.
         num_streams: buckets in flight at once; default from the config.
         nan_check: ``raise`` / ``skip`` / ``warn`` / ``off``; default from the config. Under ``skip`` the

@@ -20,12 +20,14 @@ from .. import runtime
 from ..compression import get_compressor
 from ..ops import ReduceOp
 from .adasum import allreduce_adasum
-from .compressed import allreduce_bf16, allreduce_fp16
+from .compressed import allreduce_bf16, allreduce_fp16, allreduce_int8
 from .flat import allreduce_flat
 from .hierarchical import StreamNodeGroups, allreduce_hierarchical, use_hierarchical
+from .powersgd import allreduce_powersgd
 
 __all__ = ["ReduceContext", "Algorithm", "get_algorithm", "allreduce_flat", "allreduce_fp16", "allreduce_bf16",
-           "allreduce_hierarchical", "allreduce_adasum", "use_hierarchical", "start_allreduce", "start_adasum"]
+           "allreduce_int8", "allreduce_powersgd", "allreduce_hierarchical", "allreduce_adasum",
+           "use_hierarchical", "start_allreduce", "start_adasum"]
 
 
 @dataclass(slots=True)
@@ -48,6 +50,13 @@ class ReduceContext:
     #: Sizes (numel) of the bucket's tensors, in buffer order, for algorithms that work tensor by tensor
     #: (Adasum); None: the buffer is one tensor.
     segments: Optional[list[int]] = None
+    #: The 1-based number of the step this bucket belongs to (the caller's step counter: PowerSGD's
+    #: warm-up counts it); None: the algorithm counts this bucket's calls itself (in ``state``).
+    step: Optional[int] = None
+    #: Lazily lists ``(offset, shape)`` of the bucket's tensors in the buffer, in elements (for algorithms
+    #: that treat tensors by shape or keep what follows the last tensor exact: PowerSGD, 8 bits); None:
+    #: the buffer is one vector.
+    layout: Optional[Callable[[], list[tuple[int, tuple[int, ...]]]]] = None
 
 
 Algorithm = Callable[["torch.Tensor", ReduceContext], "torch.futures.Future"]  # noqa: F821
@@ -62,20 +71,23 @@ def get_algorithm(compression: str, hierarchical: str, process_set: runtime.Proc
     groups on first use (collective over the world).
 
     Args:
-        compression: a name of :data:`shoal.core.compression.COMPRESSION_NAMES`.
+        compression: a name of :data:`shoal.core.compression.COMPRESSION_NAMES`, parameters included
+            (``powersgd:rank=2``).
         hierarchical: ``auto`` / ``on`` / ``off`` (:func:`.hierarchical.use_hierarchical`).
         process_set: the ranks to reduce over.
         num_streams: the caller's stream count (default: the config's); hierarchical needs it to map
             each stream group to that stream's node groups.
-        error_feedback: keep what 16-bit rounding drops, per bucket (default: the config's).
+        error_feedback: keep what 16-bit rounding drops, per bucket (default: the config's; 8 bits and
+            PowerSGD always keep it).
         op: ``ReduceOp.Adasum`` selects :func:`allreduce_adasum` (full precision, flat: its exchanges are
             point to point and per tensor, so compression and hierarchy do not apply; the caller sets
             ``ctx.segments``); any other op sums (Average is a sum and a postscale).
 
     Returns:
         ``algorithm(buffer, ctx) -> Future``. Full precision on one level: :func:`allreduce_flat`
-        (one ``all_reduce``, no thread hop). 16 bits, or two levels: a chunked chain on the stream's
-        worker (:mod:`._levels`).
+        (one ``all_reduce``, no thread hop). 16 or 8 bits, or two levels: a chunked chain on the stream's
+        worker (:mod:`._levels`). PowerSGD: :func:`allreduce_powersgd` around the full-precision
+        algorithm of the same hierarchy (its warm-up).
 
     Example:
         >>> algo = get_algorithm("mixed_fp16", "auto", runtime.global_process_set)
@@ -86,6 +98,8 @@ def get_algorithm(compression: str, hierarchical: str, process_set: runtime.Proc
     cfg = runtime.config()
     comp = get_compressor(compression)
     ef = bool(getattr(cfg, "error_feedback", False) if error_feedback is None else error_feedback)
+    if comp.low_rank:
+        return _powersgd(comp, hierarchical, process_set, int(num_streams or cfg.num_streams))
     if use_hierarchical(hierarchical, process_set):
         nodes = StreamNodeGroups(process_set, int(num_streams or cfg.num_streams))
         return functools.partial(allreduce_hierarchical, nodes=nodes,
@@ -93,8 +107,27 @@ def get_algorithm(compression: str, hierarchical: str, process_set: runtime.Proc
                                  cross_dtype=comp.wire_dtype, error_feedback=ef)
     if comp.wire_dtype is None or (comp.cross_node_only and not _spans_nodes(process_set)):
         return allreduce_flat
+    if comp.wire_dtype == torch.int8:
+        return allreduce_int8
     sixteen = allreduce_fp16 if comp.wire_dtype == torch.float16 else allreduce_bf16
     return functools.partial(sixteen, error_feedback=ef)
+
+
+def _powersgd(comp, hierarchical: str, process_set: runtime.ProcessSet, num_streams: int) -> Algorithm:
+    """PowerSGD around the full-precision algorithm of the same hierarchy (its warm-up): flat over the
+    process set, or, for ``mixed_powersgd`` with hierarchy, after a full-precision sum inside the node."""
+    rank, start = comp.param("rank"), comp.param("start_step")
+    if use_hierarchical(hierarchical, process_set):
+        nodes = StreamNodeGroups(process_set, num_streams)
+        fp32 = functools.partial(allreduce_hierarchical, nodes=nodes)
+        if comp.cross_node_only:
+            return functools.partial(allreduce_powersgd, rank=rank, start_step=start, full_precision=fp32,
+                                     node_level=lambda g: nodes.levels(g, None, None)[0],
+                                     cross_group=lambda g: nodes.levels(g, None, None)[1].group)
+        return functools.partial(allreduce_powersgd, rank=rank, start_step=start, full_precision=fp32)
+    if comp.cross_node_only and not _spans_nodes(process_set):
+        return allreduce_flat
+    return functools.partial(allreduce_powersgd, rank=rank, start_step=start, full_precision=allreduce_flat)
 
 
 #: Below this size a user allreduce stays one flat ``all_reduce``: two levels pay off on bandwidth, while

@@ -1,5 +1,6 @@
 """A bucket's reduction as a chain of levels: reduce-scatter up the levels, allreduce at the top,
-allgather back down; each level in full precision or with 16 bits on the wire.
+allgather back down; each level in full precision or compressed on the wire (16 bits, or 8 bits with a
+scale per block).
 
 Flat 16-bit compression is a chain of one level (the stream's group); hierarchical allreduce is two
 levels, the node (local group) below the cross-node group; mixed precision is a full-precision node
@@ -40,6 +41,12 @@ Design constraints:
    and allgather become one exchange of the whole 16-bit piece, both ranks add the same two rounded
    values in float32 and keep the float32 sum: the same bytes on the wire (the piece each way), one stage
    and one wake-up less per chunk, and one rounding less.
+9. 8 bits (``wire_dtype=torch.int8``) is one more wire format with the same guarantees: every piece
+   travels as int8 blocks with a float32 scale each (:func:`shoal.core.compression.encode_int8`), the
+   owner decodes and sums in float32 (no int8 sum can overflow, no scale is lost), the rounded sum is
+   gathered as int8 blocks. A chunk's length is then a multiple of the levels' sizes times the block, so
+   every piece is whole blocks and pieces concatenate without re-packing. Decoded values are added as
+   two rounded operands (never a fused multiply-add), so both members of a pair compute the same bits.
 
 What lives elsewhere: worker threads, chunk schedule and scratch (:mod:`._pipeline`), choosing the
 levels (:func:`shoal.core.algorithms.get_algorithm`).
@@ -55,6 +62,7 @@ import torch
 import torch.distributed as dist
 
 from .. import timeline as _timeline
+from ..compression import INT8_BLOCK, decode_int8, encode_int8, int8_wire_nbytes
 from ._pipeline import Worker, chunk_bounds, run_stages
 
 __all__ = ["Level", "make_level", "reduce_chain", "scale_factors", "CHUNK_NBYTES"]
@@ -85,7 +93,7 @@ class Level:
     ranks: tuple[int, ...]
     #: This rank's position in ``ranks``.
     index: int
-    #: None: the bucket's own precision; else the 16-bit dtype that travels.
+    #: None: the bucket's own precision; else the dtype that travels (float16, bfloat16, or int8 blocks).
     wire_dtype: Optional[torch.dtype] = None
     #: The backend sums ``wire_dtype`` well (NCCL): one ``all_reduce`` in 16 bits at the top level.
     native_sum: bool = False
@@ -99,7 +107,7 @@ def make_level(group, wire_dtype: Optional[torch.dtype] = None) -> Level:
     """The :class:`Level` of this rank in ``group``."""
     ranks = tuple(dist.get_process_group_ranks(group))
     return Level(group, ranks, ranks.index(dist.get_rank()), wire_dtype,
-                 native_sum=wire_dtype is not None and dist.get_backend(group) == "nccl")
+                 native_sum=wire_dtype in (torch.float16, torch.bfloat16) and dist.get_backend(group) == "nccl")
 
 
 def scale_factors(prescale: float, postscale: float, world: int, compressed: bool) -> tuple[float, float]:
@@ -116,14 +124,17 @@ def scale_factors(prescale: float, postscale: float, world: int, compressed: boo
     return prescale / world, postscale * world
 
 
-def _cast(dst16: torch.Tensor, src: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
-    """``dst16 = src`` rounded; with a residual: round ``src + residual`` and keep what was dropped."""
+def _cast(dst16: torch.Tensor, src: torch.Tensor, residual: Optional[torch.Tensor],
+          work: Optional[torch.Tensor] = None) -> None:
+    """``dst16 = src`` rounded; with a residual: round ``src + residual`` and keep what was dropped.
+    A uint8 ``dst16`` is an int8 wire (:func:`encode_int8`; ``work``: its float32 scratch)."""
     tl = _timeline.active()
     if tl is not None:  # compression on the timeline, on this stream's worker thread
-        with tl.span("compression", f"cast to {dst16.dtype}", _track(), {"numel": src.numel()}):
-            _cast_now(dst16, src, residual)
+        name = "encode int8" if dst16.dtype == torch.uint8 else f"cast to {dst16.dtype}"
+        with tl.span("compression", name, _track(), {"numel": src.numel()}):
+            _cast_now(dst16, src, residual, work)
         return
-    _cast_now(dst16, src, residual)
+    _cast_now(dst16, src, residual, work)
 
 
 def _track() -> str:
@@ -131,13 +142,38 @@ def _track() -> str:
     return threading.current_thread().name
 
 
-def _cast_now(dst16: torch.Tensor, src: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
+def _cast_now(dst16: torch.Tensor, src: torch.Tensor, residual: Optional[torch.Tensor],
+              work: Optional[torch.Tensor] = None) -> None:
+    if dst16.dtype == torch.uint8:
+        encode_int8(dst16, src, residual, work)
+        return
     if residual is None:
         dst16.copy_(src)
         return
     residual.add_(src)
     dst16.copy_(residual)
     residual.sub_(dst16)
+
+
+def _wire_numel(wire_dtype: torch.dtype, numel: int) -> int:
+    """Elements of the wire buffer that carries ``numel`` values."""
+    return int8_wire_nbytes(numel) if wire_dtype == torch.int8 else numel
+
+
+def _buffer_dtype(wire_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a wire buffer (int8 blocks with their scales travel as bytes)."""
+    return torch.uint8 if wire_dtype == torch.int8 else wire_dtype
+
+
+def _widen(dst: torch.Tensor, wire: torch.Tensor, add: bool = False,
+           work: Optional[torch.Tensor] = None) -> None:
+    """``dst`` (float) = (or +=) the values of ``wire``; ``dst`` may be shorter (a padded chunk)."""
+    if wire.dtype == torch.uint8:  # decode_int8 adds two rounded operands (constraint 9)
+        decode_int8(dst, wire, add=add, work=work)
+    elif add:
+        dst.add_(wire[:dst.numel()])
+    else:
+        dst.copy_(wire[:dst.numel()])
 
 
 class _Works:
@@ -209,8 +245,11 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
     for lo, hi in zip(levels, levels[1:]):
         if lo.wire_dtype is not None and hi.wire_dtype is None:
             raise ValueError("reduce_chain: a full-precision level above a 16-bit one")
+    if len({lv.wire_dtype for lv in levels if lv.wire_dtype is not None}) > 1:
+        raise ValueError("reduce_chain: compressed levels with different wire formats")
     sizes = [lv.size for lv in levels]
-    divisor = math.prod(sizes)
+    eight = any(lv.wire_dtype == torch.int8 for lv in levels)
+    divisor = math.prod(sizes) * (INT8_BLOCK if eight else 1)  # constraint 9: pieces of whole blocks
     chunk_nbytes = chunk_nbytes or CHUNK_NBYTES or min(_CHUNK_MAX_NBYTES, max(
         _CHUNK_MIN_NBYTES, numel * buffer.element_size() // _CHUNKS_PER_BUCKET))
     chunk_numel = max(1, chunk_nbytes // buffer.element_size())
@@ -244,6 +283,14 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
     def scratch(role: str, level: int, slot: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         return worker.scratch((role, level, slot), n, dtype, device)
 
+    def wire(role: str, level: int, slot: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A wire buffer for ``n`` values in ``dtype``'s format."""
+        return worker.scratch((role, level, slot), _wire_numel(dtype, n), _buffer_dtype(dtype), device)
+
+    def work(n: int) -> Optional[torch.Tensor]:
+        """float32 scratch for 8-bit encoding and decoding, used within one stage only."""
+        return worker.scratch(("int8 work",), n, torch.float32, device) if eight else None
+
     def residual(site: str, depth: int, k: int, n: int) -> Optional[torch.Tensor]:
         if residuals is None:
             return None
@@ -257,7 +304,10 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
 
     def add_parts(own: torch.Tensor, parts: list) -> None:
         for part in parts:
-            own.add_(part)
+            if part.dtype == torch.uint8:
+                _widen(own, part, add=True, work=work(own.numel()))
+            else:
+                own.add_(part)
 
     def reduce_scatter(i: int, k: int, stage: int) -> _Works:
         """Level ``i``: send every member its piece of ``wide``; keep ours as the next ``wide``."""
@@ -269,13 +319,13 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
             send = pieces
             recv = scratch("recv", i, slot, n, src.dtype).view(lv.size, -1)
         else:
-            send16 = scratch("send", i, slot, n, lv.wire_dtype)
+            send16 = wire("send", i, slot, n, lv.wire_dtype)
             res = residual(f"cast{i}", i, k, n)
-            _cast(send16, src, res)
+            _cast(send16, src, res, work(n))
             if res is not None:  # our own piece does not travel: nothing of it was dropped
                 res.view(lv.size, -1)[lv.index].zero_()
             send = send16.view(lv.size, -1)
-            recv = scratch("recv", i, slot, n, lv.wire_dtype).view(lv.size, -1)
+            recv = wire("recv", i, slot, n, lv.wire_dtype).view(lv.size, -1)
         own = pieces[lv.index]
         pending[slot] = lambda: add_parts(own, [recv[j] for j in range(lv.size) if j != lv.index])
         wide[slot] = own
@@ -287,10 +337,15 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
         slot, lv = k % slots, levels[top]
         src = wide[slot]
         n = src.numel()
-        send16 = scratch("send", top, slot, n, lv.wire_dtype)
-        _cast(send16, src, residual(f"cast{top}", top, k, n))
-        recv16 = scratch("recv", top, slot, n, lv.wire_dtype)
-        pending[slot] = lambda: src.copy_(send16).add_(recv16)
+        send16 = wire("send", top, slot, n, lv.wire_dtype)
+        _cast(send16, src, residual(f"cast{top}", top, k, n), work(n))
+        recv16 = wire("recv", top, slot, n, lv.wire_dtype)
+
+        def pair_sum() -> None:
+            _widen(src, send16)
+            _widen(src, recv16, add=True, work=work(n))
+
+        pending[slot] = pair_sum
         return _exchange(lv, [send16] * 2, [recv16] * 2, _TAG + stage)
 
     # -------------------------------------------------------------------------------------- stages
@@ -329,9 +384,9 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
         slot, lv = k % slots, levels[top]
         finish_sum(slot)
         own = wide[slot]
-        out = scratch("send", top, slot, own.numel() * lv.size, lv.wire_dtype)  # its sends completed
+        out = wire("send", top, slot, own.numel() * lv.size, lv.wire_dtype)  # its sends completed
         pieces = out.view(lv.size, -1)
-        _cast(pieces[lv.index], own, residual(f"sum{top}", top + 1, k, own.numel()))
+        _cast(pieces[lv.index], own, residual(f"sum{top}", top + 1, k, own.numel()), work(own.numel()))
         narrow[slot] = out
         return _exchange(lv, [pieces[lv.index]] * lv.size, pieces, _TAG + stage)
 
@@ -344,16 +399,16 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
             # Our piece of this level's input is the level above's input: x's pieces, in place.
             pieces = wide_of(slot, i).view(lv.size, -1)
             if above is not None:  # a 16-bit result from above: widen it into our piece
-                pieces[lv.index].copy_(above)
+                _widen(pieces[lv.index], above)
                 narrow[slot] = None
             return _exchange(lv, [pieces[lv.index]] * lv.size, pieces, _TAG + stage)
         mine = wide_of(slot, i + 1)  # this level's share; the level above's result if that was float32
-        out = scratch("send", i, slot, mine.numel() * lv.size, lv.wire_dtype)  # its sends completed
+        out = wire("send", i, slot, mine.numel() * lv.size, lv.wire_dtype)  # its sends completed
         pieces = out.view(lv.size, -1)
-        if above is not None:
+        if above is not None:  # the same wire format: our piece's bytes as they are (constraint 9)
             pieces[lv.index].copy_(above)
         else:  # a float32 result from the top (a pair exchange): round it once for this 16-bit level
-            _cast(pieces[lv.index], mine, residual(f"result{top}", i + 1, k, mine.numel()))
+            _cast(pieces[lv.index], mine, residual(f"result{top}", i + 1, k, mine.numel()), work(mine.numel()))
         narrow[slot] = out
         return _exchange(lv, [pieces[lv.index]] * lv.size, pieces, _TAG + stage)
 
@@ -371,7 +426,7 @@ def reduce_chain(buffer: torch.Tensor, levels: Sequence[Level], before: float, a
         x, target = xs[slot], buffer[lo:hi]
         if narrow[slot] is not None:  # every level was 16-bit: widen the whole chunk
             with _timeline.span("decompression", "widen", _track()):
-                target.copy_(narrow[slot][:hi - lo])
+                _widen(target, narrow[slot])
         elif x.data_ptr() != target.data_ptr():
             target.copy_(x[:hi - lo])
         _scale(target, after)

@@ -16,8 +16,10 @@ Design constraints:
 4. Only for layouts where it is defined: every node runs the same number of ranks, and the process set
    is the whole world (groups cannot be created for a subset on its members alone). Otherwise
    :func:`use_hierarchical` says no and the caller uses the flat algorithm.
-5. Compression composes: 16 bits inside and across nodes (``fp16``/``bf16``), or full precision inside
-   the node and 16 bits across (``mixed_*``); the cross stage's 16-bit sum is accumulated in float32.
+5. Compression composes: 16 or 8 bits inside and across nodes (``fp16``/``bf16``/``int8``), or full
+   precision inside the node and 16 or 8 bits across (``mixed_*``); the cross stage's sum is accumulated
+   in float32. With 8 bits, what follows the bucket's last tensor travels in full precision
+   (:func:`.compressed.exact_tail`). PowerSGD composes in :mod:`.powersgd`.
 
 What lives elsewhere: the chain runner (:mod:`._levels`), worker threads and chunk schedule
 (:mod:`._pipeline`), the layout (:mod:`shoal.core.topology`).
@@ -33,6 +35,7 @@ import torch
 from .. import runtime
 from ..errors import ShoalError
 from ._levels import Level, make_level, reduce_chain, scale_factors
+from .compressed import exact_tail
 from ._pipeline import worker_for
 
 __all__ = ["StreamNodeGroups", "allreduce_hierarchical", "use_hierarchical"]
@@ -113,7 +116,8 @@ def allreduce_hierarchical(buffer: torch.Tensor, ctx, *, nodes: StreamNodeGroups
         buffer: a flat bucket.
         ctx: a :class:`~shoal.core.algorithms.ReduceContext`; ``ctx.group`` picks the stream.
         nodes: the per-stream node groups (:class:`StreamNodeGroups`).
-        local_dtype / cross_dtype: 16-bit wire dtype inside / across nodes (None: full precision).
+        local_dtype / cross_dtype: wire dtype inside / across nodes: float16, bfloat16, int8 (8-bit
+            blocks, error feedback always on), or None (full precision).
         error_feedback: keep and re-add what each 16-bit rounding drops.
 
     Returns:
@@ -125,4 +129,7 @@ def allreduce_hierarchical(buffer: torch.Tensor, ctx, *, nodes: StreamNodeGroups
     before, after = scale_factors(ctx.prescale, ctx.postscale, ctx.process_set.size(), compressed)
     worker = worker_for(ctx.group)
     state = ctx.state
+    if torch.int8 in (local_dtype, cross_dtype):
+        return worker.submit(lambda: exact_tail(buffer, ctx, lambda part: reduce_chain(
+            part, levels, before, after, state, worker, True)))
     return worker.submit(lambda: reduce_chain(buffer, levels, before, after, state, worker, error_feedback))
