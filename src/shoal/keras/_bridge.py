@@ -32,11 +32,20 @@ Design constraints:
    XLA off for the train step before the first trace, which is where Keras lets anyone do so).
 5. JAX callbacks are ``ordered=True``: XLA may otherwise reorder, merge or drop an unordered callback whose
    result it can see through, and two ranks must make the same calls in the same order.
+6. The same order in a TF1 graph (``tf.compat.v1``, run by a session; ``shoal.tensorflow`` supports it):
+   inside ``tf.function`` the automatic control dependencies run stateful ops, ``tf.py_function``
+   included, in program order, but a TF1 graph has none, and one ``session.run`` fetching several host
+   calls ran them in a different order on each rank (measured with Horovod's "fused" tests: mismatch
+   errors, or, for calls of one shape and dtype with generated names, values silently exchanged between
+   them). So in a TF1 graph each host call gets a control dependency on the one created before it in that
+   graph: program order again. The price: fetching a later call alone runs the earlier ones again, on
+   every rank alike.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -203,6 +212,9 @@ def in_xla_trace() -> bool:
 
 _HostFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
+#: Constraint 6: the last host call created in each TF1 graph.
+_last_host_op: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
 
 def run_on_host(fn: _HostFn, tensors: Sequence[Any], out_specs: Sequence[tuple[tuple[int, ...], str]],
                 backend: str, *, what: str) -> list[Any]:
@@ -238,7 +250,15 @@ def run_on_host(fn: _HostFn, tensors: Sequence[Any], out_specs: Sequence[tuple[t
                 "jit_compile=False), or pass shoal.keras.callbacks.BroadcastGlobalVariablesCallback(0) to "
                 "fit(), which turns XLA off for the train step (Keras' jit_compile='auto' turns it on "
                 "whenever a GPU is visible).")
-        outs = tf.py_function(host, tensors, Tout=[tf.as_dtype(d) for _, d in out_specs], name="shoal_host")
+        graph = tf.compat.v1.get_default_graph()
+        # Constraint 6: a TF1 graph, outside its control-flow constructs (whose bodies cannot depend on an op
+        # outside them).
+        chain = not tf.inside_function() and getattr(graph, "_get_control_flow_context", lambda: None)() is None
+        previous = _last_host_op.get(graph) if chain else None
+        with tf.control_dependencies([previous] if previous is not None else []):
+            outs = tf.py_function(host, tensors, Tout=[tf.as_dtype(d) for _, d in out_specs], name="shoal_host")
+        if chain and outs:
+            _last_host_op[graph] = outs[0].op
         for o, (shape, _) in zip(outs, out_specs):
             o.set_shape(shape)
         return list(outs)

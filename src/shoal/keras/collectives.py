@@ -44,9 +44,10 @@ def _value(x: Any) -> Any:
     return x
 
 
-def _spec(x: Any) -> tuple[tuple[int, ...], str]:
+def _spec(x: Any) -> tuple[tuple[Optional[int], ...], str]:
+    """``(shape, dtype name)`` of a backend tensor; a dimension unknown while tracing (TF) is None."""
     keras = _bridge.import_keras()
-    return tuple(int(d) for d in x.shape), keras.backend.standardize_dtype(x.dtype)
+    return tuple(None if d is None else int(d) for d in x.shape), keras.backend.standardize_dtype(x.dtype)
 
 
 def _backend_tensor(value: Any) -> Optional[Any]:

@@ -24,10 +24,12 @@ Design constraints:
 3. A value that is not a tensor and cannot become one (a dict, a string) goes to the core as it is, which
    refuses it after its exchange, so a bad value on one rank fails every rank at once (constraint 3 of
    :mod:`shoal.core.collectives`).
-4. TensorFlow's unsigned 16/32/64-bit integers have no code in the core's signature; the collectives that
-   do no arithmetic (allgather, broadcast, alltoall) carry them as their signed twins (bit for bit) and
-   view them back. A workaround here until the core knows them: ``torch.uint16`` exists, gloo has no
-   reduction for it.
+4. 16-bit integers and TensorFlow's unsigned 16/32/64-bit integers: the core's signature has no code for
+   the unsigned ones, and gloo has no kernel for 16-bit integers ("Invalid scalar type", measured with
+   torch 2.13). The collectives that do no arithmetic (allgather, broadcast, alltoall) carry them as
+   bytes, one more trailing dimension of ``element_size`` uint8 (bit for bit), and view them back. A
+   workaround here until the core widens them on the wire; their allreduce still fails, with the core's
+   error.
 
 What lives elsewhere: gradient averaging for training (:mod:`shoal.tensorflow.tape`, through the engine's step
 owner), the collectives themselves (:mod:`shoal.core.collectives`).
@@ -59,8 +61,8 @@ _TF = "tensorflow"
 #: convert every function a tf.function calls, and warns when it cannot).
 _host_code = tf.autograph.experimental.do_not_convert
 
-#: Constraint 4: TensorFlow dtypes the core's signature has no code for, and the twin they travel as.
-_SIGNED_TWIN = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+#: Constraint 4: dtypes that travel as bytes in the collectives that do no arithmetic.
+_AS_BYTES = (torch.int16, torch.uint16, torch.uint32, torch.uint64)
 
 
 def _as_tensor(value: Any) -> Optional[tf.Tensor]:
@@ -96,13 +98,16 @@ def _host(fn, tensors: Sequence[tf.Tensor], out_specs, what: str) -> list:
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:
-    """Constraint 4: an unsigned tensor as its signed twin (a view, no copy)."""
-    twin = _SIGNED_TWIN.get(t.dtype)
-    return t if twin is None else t.view(twin)
+    """Constraint 4: a tensor of ``_AS_BYTES`` as uint8, one trailing dimension more (a view)."""
+    if t.dtype not in _AS_BYTES:
+        return t
+    return t.contiguous().reshape(*t.shape, 1).view(torch.uint8)
 
 
 def _unwire(t: torch.Tensor, like: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == like else t.view(like)
+    if like not in _AS_BYTES:
+        return t
+    return t.contiguous().view(like).reshape(t.shape[:-1])
 
 
 def _compressor(compression: Any) -> Optional[tf.DType]:
@@ -380,8 +385,10 @@ def broadcast_(variables: Sequence[Any], root_rank: int, name: Optional[str] = N
     values = _broadcast_values(variables, root_rank, process_set)
     out = []
     for v, new in zip(variables, values):
-        v.assign(new)
-        out.append(_read(v) if tf.executing_eagerly() else tf.identity(new))
+        assigned = v.assign(new)
+        # In a graph, the value returned must depend on the assignment: reading it then runs the assign,
+        # and the variable holds the root's value afterwards (as Horovod's in-place op guarantees).
+        out.append(_read(v) if tf.executing_eagerly() else tf.identity(assigned))
     return out
 
 

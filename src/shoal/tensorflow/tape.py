@@ -48,7 +48,7 @@ import torch
 from shoal.core import runtime
 from shoal.core.buckets import TensorSpec
 from shoal.core.compression import Compression, resolve_compression
-from shoal.core.errors import ShoalError
+from shoal.core.errors import MismatchError, ShoalError
 from shoal.core.ops import ReduceOp, gradient_op
 from shoal.core.step import StepOwner, resolve_settings
 from shoal.keras import _bridge
@@ -339,6 +339,12 @@ class _Exchange:
                                  "planned. HINT: give the tf.function an input_signature with static shapes, or "
                                  "differentiate with respect to variables.")
             specs.append((_source_name(s, i), shape, tf.as_dtype(s.dtype).name))
+        seen: dict[str, int] = {}
+        for i, (name, shape, dtype) in enumerate(specs):  # the engine wants unique names: 'Variable', 'Variable#1'
+            k = seen.get(name, 0)
+            seen[name] = k + 1
+            if k:
+                specs[i] = (f"{name}#{k}", shape, dtype)
         key = (tuple(specs), None if groups is None else tuple(map(tuple, groups)))
         eager = tf.executing_eagerly()
         dense, sparse, ins = [], [], []
@@ -385,12 +391,20 @@ class _Exchange:
         owner = self.owners.get(key)
         if owner is None:
             device = runtime.device()
-            owner = StepOwner(
-                [TensorSpec(n, shape, getattr(torch, dtype), device) for n, shape, dtype in specs],
-                settings=self.settings, process_set=self.process_set, op=self.op, prescale=self.prescale,
-                postscale=self.postscale, groups=groups, sparse_as_dense=self.sparse_as_dense, fixed=self.fixed,
-                what="shoal.tensorflow DistributedGradientTape",
-                registered_as=[f"source {i}" for i in range(len(specs))])
+            try:
+                owner = StepOwner(
+                    [TensorSpec(n, shape, getattr(torch, dtype), device) for n, shape, dtype in specs],
+                    settings=self.settings, process_set=self.process_set, op=self.op, prescale=self.prescale,
+                    postscale=self.postscale, groups=groups, sparse_as_dense=self.sparse_as_dense,
+                    fixed=self.fixed, what="shoal.tensorflow DistributedGradientTape",
+                    registered_as=[f"source {i}" for i in range(len(specs))])
+            except MismatchError as exc:
+                here = "; ".join(f"source {i}: '{n}'" for i, (n, _, _) in list(enumerate(specs))[:4])
+                raise MismatchError(
+                    f"{exc} TensorFlow: sources are compared by position in tape.gradient(target, sources) "
+                    "(layer names may differ across processes), with the tape's settings (compression, op, "
+                    f"groups, sparse_as_dense, nan_check); on rank {runtime.rank()}: {here}"
+                    + (" ..." if len(specs) > 4 else "") + ".", culprit_ranks=exc.culprit_ranks) from None
             self.owners[key] = owner
         return owner
 
