@@ -8,8 +8,10 @@ afterwards).
     python tests/compat/run_horovod_tf.py tests --horovod ~/src/horovod --json /tmp/hvd-tf.json
     # an example with only its import changed (`import horovod.tensorflow as hvd` -> `import shoal.tensorflow
     # as hvd`); --set OLD=NEW edits a step count the same visible way:
-    python tests/compat/run_horovod_tf.py example --horovod ~/src/horovod tensorflow2_mnist.py \\
+    python tests/compat/run_horovod_tf.py example --horovod ~/src/horovod --legacy-keras tensorflow2_mnist.py \\
         --set '10000 // hvd.size()=400 // hvd.size()'
+    python tests/compat/run_horovod_tf.py example --horovod ~/src/horovod --legacy-keras \\
+        tensorflow2_synthetic_benchmark.py -- --no-cuda --model MobileNetV2 --batch-size 8 --num-iters 2
 
 How each is run:
 - ``tests``: ``shoal run -np 2 python -m pytest test_tensorflow.py`` with ``tests/compat`` first on the path, so
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
     e.add_argument("--legacy-keras", action="store_true", help="TF_USE_LEGACY_KERAS=1 (Keras 2 via tf_keras)")
     e.add_argument("--timeout-s", type=float, default=1800)
     e.add_argument("name")
-    e.add_argument("args", nargs=argparse.REMAINDER)
+    e.add_argument("args", nargs="*", help="the example's own arguments, after --")
     args = p.parse_args(argv)
     return run_tests(args) if args.mode == "tests" else run_example(args)
 
