@@ -17,8 +17,9 @@ How each is run:
 - ``tests``: ``shoal run -np 2 python -m pytest test_tensorflow.py`` with ``tests/compat`` first on the path, so
   ``import horovod.tensorflow as hvd`` is ``shoal.tensorflow`` (plus the two private helpers the tests import,
   see tests/compat/horovod/tensorflow/__init__.py); the two helpers it imports from Horovod's
-  test/utils/common.py are written here (that file needs horovod.runner). ``HOROVOD_RANK`` / ``HOROVOD_SIZE`` are set from the
-  launcher's ``RANK`` / ``WORLD_SIZE`` (horovodrun sets them; test_horovod_rank reads them). Each rank writes
+  test/utils/common.py are written here (that file needs horovod.runner). ``HOROVOD_RANK`` /
+  ``HOROVOD_SIZE`` are set from the launcher's ``RANK`` / ``WORLD_SIZE`` (horovodrun sets them;
+  test_horovod_rank reads them). Each rank writes
   every test's outcome, with the first line of its reason, to a JSON file; the summary lists the failures of
   rank 0 and the tests whose outcome differs across ranks. Each test has a deadline (pytest-timeout).
 - ``example``: the example is copied with the import line changed (the script checks that it changed exactly

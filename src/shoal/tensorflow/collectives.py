@@ -79,22 +79,18 @@ def _as_tensor(value: Any) -> Optional[tf.Tensor]:
     return None
 
 
-def _spec(x: tf.Tensor, dim0: Any = "same") -> tuple[tuple, str]:
-    shape = tuple(x.shape.as_list()) if x.shape.rank is not None else None
-    if shape is not None and dim0 != "same" and shape:
-        shape = (dim0,) + shape[1:]
-    return shape, x.dtype.name
+def _spec(x: tf.Tensor, ragged: bool = False) -> tuple[Optional[tuple], str]:
+    """``(shape, dtype name)`` of a host call's output like ``x`` (None: unknown rank); ``ragged``: the
+    first dimension depends on the other ranks."""
+    if x.shape.rank is None:
+        return None, x.dtype.name
+    shape = tuple(x.shape.as_list())
+    return ((None,) + shape[1:] if ragged and shape else shape), x.dtype.name
 
 
 def _host(fn, tensors: Sequence[tf.Tensor], out_specs, what: str) -> list:
-    """The bridge's host call for TensorFlow (an unknown rank in a spec: no static shape set)."""
-    specs = [(s if s is not None else (), d) for s, d in out_specs]
-    outs = _bridge.run_on_host(fn, list(tensors), specs, _TF, what=what)
-    if not tf.executing_eagerly():
-        for o, (shape, _) in zip(outs, out_specs):
-            if shape is None:
-                o.set_shape(tf.TensorShape(None))
-    return outs
+    """The bridge's host call, with TensorFlow as the backend (a None shape: unknown rank)."""
+    return _bridge.run_on_host(fn, list(tensors), list(out_specs), _TF, what=what)
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:
@@ -308,7 +304,7 @@ def grouped_allgather(tensors: Sequence[Any], name: Optional[str] = None, ignore
 
     @tf.custom_gradient
     def gather(*args):
-        ys = _host(host, args, [_spec(a, dim0=None) for a in args], "allgather")
+        ys = _host(host, args, [_spec(a, ragged=True) for a in args], "allgather")
 
         def grad(*dys):
             dys = [_ones_if_none(d, y) for d, y in zip(dys, ys)]
@@ -478,7 +474,7 @@ def alltoall(tensor: Any, splits: Any = None, name: Optional[str] = None, ignore
     @tf.custom_gradient
     def exchange(a):
         ins = [a, s] if given else [a]
-        y, received = _host(host_fn(name, given), ins, [_spec(a, dim0=None), ((n,), "int32")], "alltoall")
+        y, received = _host(host_fn(name, given), ins, [_spec(a, ragged=True), ((n,), "int32")], "alltoall")
 
         def grad(dy, _received_grad=None):  # the received splits are integers: no gradient
             back, _ = alltoall(_ones_if_none(dy, y), splits=received, process_set=process_set)
