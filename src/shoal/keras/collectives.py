@@ -13,6 +13,12 @@ the core as it is, which refuses it after its exchange, so that a bad value on o
 at once (constraint 3 of :mod:`shoal.core.collectives`). No exchange here carries objects: only tensors,
 through the core.
 
+16-bit integers and the unsigned 16/32/64-bit ones (TensorFlow and JAX have them): the core's signature has no
+code for the unsigned ones, and gloo no kernel for 16-bit integers ("Invalid scalar type", torch 2.13). The
+collectives that do no arithmetic (allgather, broadcast; ``shoal.tensorflow``'s alltoall) carry them as bytes,
+one more trailing dimension of ``element_size`` uint8, bit for bit (``_as_bytes`` / ``_from_bytes``); their
+allreduce still fails, with the core's error. A workaround here until the core widens them on the wire.
+
 The host side of each collective takes the backend by argument (``_allreduce_on``, ``_allgather_on``,
 ``_broadcast_on``, ``_broadcast_values``): :mod:`shoal.tensorflow` calls the same functions with
 ``"tensorflow"`` whatever ``KERAS_BACKEND`` says, so both frontends run one code path per collective.
@@ -35,6 +41,24 @@ from shoal.core.errors import ShoalError
 from . import _bridge
 
 __all__ = ["allreduce", "allgather", "broadcast", "broadcast_variables"]
+
+
+#: Dtypes that travel as bytes in the collectives that do no arithmetic (see the module docstring).
+_AS_BYTES = (torch.int16, torch.uint16, torch.uint32, torch.uint64)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``_AS_BYTES`` as uint8 with one more trailing dimension (a view); others as they are."""
+    if t.dtype not in _AS_BYTES:
+        return t
+    return t.contiguous().reshape(*t.shape, 1).view(torch.uint8)
+
+
+def _from_bytes(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`_as_bytes` for a tensor that was ``dtype``."""
+    if dtype not in _AS_BYTES:
+        return t
+    return t.contiguous().view(dtype).reshape(t.shape[:-1])
 
 
 def _value(x: Any) -> Any:
@@ -128,7 +152,9 @@ def _allgather_on(backend: str, x: Any, *, name: Optional[str] = None,
     shape, dtype = _spec(x)
 
     def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [_coll.allgather(ts[0].to(runtime.device()), name=name, process_set=process_set).to(ts[0].device)]
+        t = ts[0]
+        out = _coll.allgather(_as_bytes(t).to(runtime.device()), name=name, process_set=process_set)
+        return [_from_bytes(out.to(t.device), t.dtype)]
 
     return _bridge.run_on_host(host, [x], [((None,) + shape[1:], dtype)], backend, what="allgather")[0]
 
@@ -152,8 +178,9 @@ def _broadcast_on(backend: str, x: Any, root_rank: int, *, name: Optional[str] =
     """:func:`broadcast` of the ``backend`` tensor ``x`` (eager or symbolic), through the host call."""
 
     def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [_coll.broadcast(ts[0].to(runtime.device()), root_rank, name=name,
-                                process_set=process_set).to(ts[0].device)]
+        t = ts[0]
+        out = _coll.broadcast(_as_bytes(t).to(runtime.device()), root_rank, name=name, process_set=process_set)
+        return [_from_bytes(out.to(t.device), t.dtype)]
 
     return _bridge.run_on_host(host, [x], [_spec(x)], backend, what="broadcast")[0]
 

@@ -24,12 +24,8 @@ Design constraints:
 3. A value that is not a tensor and cannot become one (a dict, a string) goes to the core as it is, which
    refuses it after its exchange, so a bad value on one rank fails every rank at once (constraint 3 of
    :mod:`shoal.core.collectives`).
-4. 16-bit integers and TensorFlow's unsigned 16/32/64-bit integers: the core's signature has no code for
-   the unsigned ones, and gloo has no kernel for 16-bit integers ("Invalid scalar type", measured with
-   torch 2.13). The collectives that do no arithmetic (allgather, broadcast, alltoall) carry them as
-   bytes, one more trailing dimension of ``element_size`` uint8 (bit for bit), and view them back. A
-   workaround here until the core widens them on the wire; their allreduce still fails, with the core's
-   error.
+4. 16-bit and unsigned integers travel as bytes in the collectives that do no arithmetic (allgather,
+   broadcast, alltoall), as :mod:`shoal.keras.collectives` explains (``_as_bytes``).
 
 What lives elsewhere: gradient averaging for training (:mod:`shoal.tensorflow.tape`, through the engine's step
 owner), the collectives themselves (:mod:`shoal.core.collectives`).
@@ -61,10 +57,6 @@ _TF = "tensorflow"
 #: convert every function a tf.function calls, and warns when it cannot).
 _host_code = tf.autograph.experimental.do_not_convert
 
-#: Constraint 4: dtypes that travel as bytes in the collectives that do no arithmetic.
-_AS_BYTES = (torch.int16, torch.uint16, torch.uint32, torch.uint64)
-
-
 def _as_tensor(value: Any) -> Optional[tf.Tensor]:
     """``value`` as a tf.Tensor (variables read, lists and numbers converted); None when it cannot be one
     (constraint 3)."""
@@ -91,19 +83,6 @@ def _spec(x: tf.Tensor, ragged: bool = False) -> tuple[Optional[tuple], str]:
 def _host(fn, tensors: Sequence[tf.Tensor], out_specs, what: str) -> list:
     """The bridge's host call, with TensorFlow as the backend (a None shape: unknown rank)."""
     return _bridge.run_on_host(fn, list(tensors), list(out_specs), _TF, what=what)
-
-
-def _wire(t: torch.Tensor) -> torch.Tensor:
-    """Constraint 4: a tensor of ``_AS_BYTES`` as uint8, one trailing dimension more (a view)."""
-    if t.dtype not in _AS_BYTES:
-        return t
-    return t.contiguous().reshape(*t.shape, 1).view(torch.uint8)
-
-
-def _unwire(t: torch.Tensor, like: torch.dtype) -> torch.Tensor:
-    if like not in _AS_BYTES:
-        return t
-    return t.contiguous().view(like).reshape(t.shape[:-1])
 
 
 def _compressor(compression: Any) -> Optional[tf.DType]:
@@ -296,15 +275,15 @@ def grouped_allgather(tensors: Sequence[Any], name: Optional[str] = None, ignore
 
     def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
         dev = runtime.device()
-        if len(ts) == 1:
-            outs = [_coll.allgather(_wire(ts[0]).to(dev), name=name, process_set=process_set)]
-        else:
-            outs = _coll.grouped_allgather([_wire(t).to(dev) for t in ts], name=name, process_set=process_set)
-        return [_unwire(o.to(t.device), t.dtype) for o, t in zip(outs, ts)]
+        outs = _coll.grouped_allgather([_kc._as_bytes(t).to(dev) for t in ts], name=name, process_set=process_set)
+        return [_kc._from_bytes(o.to(t.device), t.dtype) for o, t in zip(outs, ts)]
 
     @tf.custom_gradient
     def gather(*args):
-        ys = _host(host, args, [_spec(a, ragged=True) for a in args], "allgather")
+        if len(args) == 1:  # the shared host side of shoal.keras.allgather
+            ys = [_kc._allgather_on(_TF, args[0], name=name, process_set=process_set)]
+        else:
+            ys = _host(host, args, [_spec(a, ragged=True) for a in args], "allgather")
 
         def grad(*dys):
             dys = [_ones_if_none(d, y) for d, y in zip(dys, ys)]
@@ -344,14 +323,9 @@ def broadcast(tensor: Any, root_rank: int, name: Optional[str] = None, ignore_na
     if x is None:
         return _coll.broadcast(tensor, root_rank, name=name, process_set=process_set)
 
-    def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        t = ts[0]
-        out = _coll.broadcast(_wire(t).to(runtime.device()), root_rank, name=name, process_set=process_set)
-        return [_unwire(out.to(t.device), t.dtype)]
-
     @tf.custom_gradient
     def bcast(a):
-        y = _host(host, [a], [_spec(a)], "broadcast")[0]
+        y = _kc._broadcast_on(_TF, a, root_rank, name=name, process_set=process_set)
 
         def grad(dy):
             reduced = allreduce(_ones_if_none(dy, y), op=ReduceOp.Average, process_set=process_set)
@@ -463,10 +437,10 @@ def alltoall(tensor: Any, splits: Any = None, name: Optional[str] = None, ignore
     def host_fn(nm, with_splits):
         def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
             t = ts[0]
-            out, received = _coll.alltoall_async(_wire(t).to(runtime.device()),
+            out, received = _coll.alltoall_async(_kc._as_bytes(t).to(runtime.device()),
                                                  ts[1].to(torch.int64).tolist() if with_splits else None,
                                                  name=nm, process_set=process_set).wait()
-            return [_unwire(out.to(t.device), t.dtype), received.to(torch.int32)]
+            return [_kc._from_bytes(out.to(t.device), t.dtype), received.to(torch.int32)]
         return host
 
     n = runtime.get_process_set(process_set).size()
