@@ -53,16 +53,26 @@ def test_relative_imports_are_resolved_by_the_check():
     assert "shoal.core.runtime" in names and "shoal.core.algorithms.flat" in names, names
 
 
+#: shoal.tensorflow is built on shoal.keras (its bridge and collectives; shoal.tensorflow.keras IS shoal.keras),
+#: and, as a marked workaround until they move to a module both frontends import, re-exports Horovod's
+#: init and build queries from shoal.torch._api (in tensorflow/_api.py only).
+_TF_MAY_IMPORT = {"tensorflow/_api.py": ("shoal.torch._api",)}
+
+
 def test_frontends_import_the_engine_not_each_other():
-    """Imports flow one way: shoal.torch and shoal.keras use shoal.core, never each other or shoal.parallel
-    (the no-sync mark lives in core); the optimizer wrappers leave negotiation, tuning and checks to the
-    step owner (shoal.core.step)."""
+    """Imports flow one way: shoal.torch and shoal.keras use shoal.core, never each other, shoal.tensorflow or
+    shoal.parallel (the no-sync mark lives in core); shoal.tensorflow uses shoal.core and shoal.keras (see
+    _TF_MAY_IMPORT); the optimizer wrappers and the tape leave negotiation, tuning and checks to the step
+    owner (shoal.core.step)."""
     bad = []
-    for frontend, others in (("torch", ("shoal.keras", "shoal.parallel")),
-                             ("keras", ("shoal.torch", "shoal.parallel"))):
+    for frontend, others in (("torch", ("shoal.keras", "shoal.tensorflow", "shoal.parallel")),
+                             ("keras", ("shoal.torch", "shoal.tensorflow", "shoal.parallel")),
+                             ("tensorflow", ("shoal.torch", "shoal.parallel"))):
         for path in (SRC / frontend).rglob("*.py"):
-            bad += [f"{path.relative_to(SRC)}: {n}" for n in _imported_modules(path) if n.startswith(others)]
-    for rel in ("torch/optimizer.py", "keras/optimizer.py"):
+            allowed = _TF_MAY_IMPORT.get(path.relative_to(SRC).as_posix(), ())
+            bad += [f"{path.relative_to(SRC)}: {n}" for n in _imported_modules(path)
+                    if n.startswith(others) and not n.startswith(allowed)]
+    for rel in ("torch/optimizer.py", "keras/optimizer.py", "tensorflow/tape.py"):
         bad += [f"{rel}: {n}" for n in _imported_modules(SRC / rel)
                 if n in ("shoal.core.negotiation", "shoal.core.autotune", "shoal.core.checks",
                          "shoal.core.reducer", "shoal.core.registration")]

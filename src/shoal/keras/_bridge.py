@@ -36,11 +36,20 @@ Design constraints:
    error (TensorFlow's ``UnknownError``, JAX's ``XlaRuntimeError``) with only its text: the bridge keeps
    the original (:func:`take_host_error`), so that elastic training (:mod:`shoal.keras.elastic`) still sees
    a lost peer as a :class:`~shoal.core.errors.HorovodInternalError`.
+7. The same order in a TF1 graph (``tf.compat.v1``, run by a session; ``shoal.tensorflow`` supports it):
+   inside ``tf.function`` the automatic control dependencies run stateful ops, ``tf.py_function``
+   included, in program order, but a TF1 graph has none, and one ``session.run`` fetching several host
+   calls ran them in a different order on each rank (measured with Horovod's "fused" tests: mismatch
+   errors, or, for calls of one shape and dtype with generated names, values silently exchanged between
+   them). So in a TF1 graph each host call gets a control dependency on the one created before it in that
+   graph: program order again. The price: fetching a later call alone runs the earlier ones again, on
+   every rank alike.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -224,6 +233,10 @@ def take_host_error() -> "BaseException | None":
     return exc
 
 
+#: Constraint 7: the last host call created in each TF1 graph.
+_last_host_op: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def run_on_host(fn: _HostFn, tensors: Sequence[Any], out_specs: Sequence[tuple[tuple[int, ...], str]],
                 backend: str, *, what: str) -> list[Any]:
     """Run ``fn`` on torch views of ``tensors`` and return its outputs as backend tensors, from eager or
@@ -262,7 +275,15 @@ def run_on_host(fn: _HostFn, tensors: Sequence[Any], out_specs: Sequence[tuple[t
                 "jit_compile=False), or pass shoal.keras.callbacks.BroadcastGlobalVariablesCallback(0) to "
                 "fit(), which turns XLA off for the train step (Keras' jit_compile='auto' turns it on "
                 "whenever a GPU is visible).")
-        outs = tf.py_function(host, tensors, Tout=[tf.as_dtype(d) for _, d in out_specs], name="shoal_host")
+        graph = tf.compat.v1.get_default_graph()
+        # Constraint 7: a TF1 graph, outside its control-flow constructs (whose bodies cannot depend on an op
+        # outside them).
+        chain = not tf.inside_function() and getattr(graph, "_get_control_flow_context", lambda: None)() is None
+        previous = _last_host_op.get(graph) if chain else None
+        with tf.control_dependencies([previous] if previous is not None else []):
+            outs = tf.py_function(host, tensors, Tout=[tf.as_dtype(d) for _, d in out_specs], name="shoal_host")
+        if chain and outs:
+            _last_host_op[graph] = outs[0].op
         for o, (shape, _) in zip(outs, out_specs):
             o.set_shape(shape)
         return list(outs)

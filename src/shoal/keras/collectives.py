@@ -13,6 +13,16 @@ the core as it is, which refuses it after its exchange, so that a bad value on o
 at once (constraint 3 of :mod:`shoal.core.collectives`). No exchange here carries objects: only tensors,
 through the core.
 
+16-bit integers and the unsigned 16/32/64-bit ones (TensorFlow and JAX have them): the core's signature has no
+code for the unsigned ones, and gloo no kernel for 16-bit integers ("Invalid scalar type", torch 2.13). The
+collectives that do no arithmetic (allgather, broadcast; ``shoal.tensorflow``'s alltoall) carry them as bytes,
+one more trailing dimension of ``element_size`` uint8, bit for bit (``_as_bytes`` / ``_from_bytes``); their
+allreduce still fails, with the core's error. A workaround here until the core widens them on the wire.
+
+The host side of each collective takes the backend by argument (``_allreduce_on``, ``_allgather_on``,
+``_broadcast_on``, ``_broadcast_values``): :mod:`shoal.tensorflow` calls the same functions with
+``"tensorflow"`` whatever ``KERAS_BACKEND`` says, so both frontends run one code path per collective.
+
 What lives elsewhere: the collectives themselves (:mod:`shoal.core.collectives`), gradient averaging
 (:mod:`shoal.keras.optimizer`).
 """
@@ -33,6 +43,24 @@ from . import _bridge
 __all__ = ["allreduce", "allgather", "broadcast", "broadcast_variables"]
 
 
+#: Dtypes that travel as bytes in the collectives that do no arithmetic (see the module docstring).
+_AS_BYTES = (torch.int16, torch.uint16, torch.uint32, torch.uint64)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``_AS_BYTES`` as uint8 with one more trailing dimension (a view); others as they are."""
+    if t.dtype not in _AS_BYTES:
+        return t
+    return t.contiguous().reshape(*t.shape, 1).view(torch.uint8)
+
+
+def _from_bytes(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`_as_bytes` for a tensor that was ``dtype``."""
+    if dtype not in _AS_BYTES:
+        return t
+    return t.contiguous().view(dtype).reshape(t.shape[:-1])
+
+
 def _value(x: Any) -> Any:
     """A keras.Variable's backend value; anything else as it is."""
     if isinstance(x, _bridge.import_keras().Variable):
@@ -40,9 +68,10 @@ def _value(x: Any) -> Any:
     return x
 
 
-def _spec(x: Any) -> tuple[tuple[int, ...], str]:
+def _spec(x: Any) -> tuple[tuple[Optional[int], ...], str]:
+    """``(shape, dtype name)`` of a backend tensor; a dimension unknown while tracing (TF) is None."""
     keras = _bridge.import_keras()
-    return tuple(int(d) for d in x.shape), keras.backend.standardize_dtype(x.dtype)
+    return tuple(None if d is None else int(d) for d in x.shape), keras.backend.standardize_dtype(x.dtype)
 
 
 def _backend_tensor(value: Any) -> Optional[Any]:
@@ -77,13 +106,22 @@ def allreduce(value: Any, name: Optional[str] = None, op: Any = None, average: O
     if x is None:
         return _coll.allreduce(value, average=average, name=name, op=op, prescale_factor=prescale_factor,
                                postscale_factor=postscale_factor, process_set=process_set)
+    return _allreduce_on(keras.backend.backend(), x, name=name, op=op, average=average,
+                         prescale_factor=prescale_factor, postscale_factor=postscale_factor,
+                         process_set=process_set)
+
+
+def _allreduce_on(backend: str, x: Any, *, name: Optional[str] = None, op: Any = None,
+                  average: Optional[bool] = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                  process_set: Optional[runtime.ProcessSet] = None) -> Any:
+    """:func:`allreduce` of the ``backend`` tensor ``x`` (eager or symbolic), through the host call."""
 
     def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
         return [_coll.allreduce(ts[0].to(runtime.device()), average=average, name=name, op=op,
                                 prescale_factor=prescale_factor, postscale_factor=postscale_factor,
                                 process_set=process_set).to(ts[0].device)]
 
-    return _bridge.run_on_host(host, [x], [_spec(x)], keras.backend.backend(), what="allreduce")[0]
+    return _bridge.run_on_host(host, [x], [_spec(x)], backend, what="allreduce")[0]
 
 
 def allgather(value: Any, name: Optional[str] = None,
@@ -105,10 +143,18 @@ def allgather(value: Any, name: Optional[str] = None,
         raise ShoalError("shoal: allgather inside jax.jit: its first dimension depends on the other ranks, "
                          "and JAX needs output shapes at trace time. HINT: call it outside jit (e.g. in a "
                          "callback), or allreduce a fixed-size tensor instead.")
+    return _allgather_on(backend, x, name=name, process_set=process_set)
+
+
+def _allgather_on(backend: str, x: Any, *, name: Optional[str] = None,
+                  process_set: Optional[runtime.ProcessSet] = None) -> Any:
+    """:func:`allgather` of the ``backend`` tensor ``x`` (eager, or symbolic in TF), through the host call."""
     shape, dtype = _spec(x)
 
     def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [_coll.allgather(ts[0].to(runtime.device()), name=name, process_set=process_set).to(ts[0].device)]
+        t = ts[0]
+        out = _coll.allgather(_as_bytes(t).to(runtime.device()), name=name, process_set=process_set)
+        return [_from_bytes(out.to(t.device), t.dtype)]
 
     return _bridge.run_on_host(host, [x], [((None,) + shape[1:], dtype)], backend, what="allgather")[0]
 
@@ -124,12 +170,19 @@ def broadcast(value: Any, root_rank: int, name: Optional[str] = None,
     x = _backend_tensor(value)
     if x is None:
         return _coll.broadcast(value, root_rank, name=name, process_set=process_set)
+    return _broadcast_on(keras.backend.backend(), x, root_rank, name=name, process_set=process_set)
+
+
+def _broadcast_on(backend: str, x: Any, root_rank: int, *, name: Optional[str] = None,
+                  process_set: Optional[runtime.ProcessSet] = None) -> Any:
+    """:func:`broadcast` of the ``backend`` tensor ``x`` (eager or symbolic), through the host call."""
 
     def host(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [_coll.broadcast(ts[0].to(runtime.device()), root_rank, name=name,
-                                process_set=process_set).to(ts[0].device)]
+        t = ts[0]
+        out = _coll.broadcast(_as_bytes(t).to(runtime.device()), root_rank, name=name, process_set=process_set)
+        return [_from_bytes(out.to(t.device), t.dtype)]
 
-    return _bridge.run_on_host(host, [x], [_spec(x)], keras.backend.backend(), what="broadcast")[0]
+    return _bridge.run_on_host(host, [x], [_spec(x)], backend, what="broadcast")[0]
 
 
 def broadcast_variables(variables: Sequence[Any], root_rank: int = 0,
@@ -148,12 +201,27 @@ def broadcast_variables(variables: Sequence[Any], root_rank: int = 0,
         return
     # np.ascontiguousarray would turn 0-d values (the iteration counter) into shape (1,)
     arrays = [np.asarray(keras.ops.convert_to_numpy(v), order="C") for v in variables]
-    chunks = [torch.from_numpy(a.reshape(-1).view(np.uint8)) for a in arrays]
+    raw = _broadcast_values([torch.from_numpy(a.reshape(-1).view(np.uint8)) for a in arrays], root_rank,
+                            process_set=process_set)
+    for v, a, t in zip(variables, arrays, raw):
+        v.assign(t.numpy().view(a.dtype).reshape(a.shape))
+
+
+def _broadcast_values(values: Sequence[torch.Tensor], root_rank: int, *,
+                      process_set: Optional[runtime.ProcessSet] = None) -> list[torch.Tensor]:
+    """``root_rank``'s ``values`` on every rank, in ONE collective: the tensors travel as raw bytes in one
+    flat buffer (a broadcast does no arithmetic, so one buffer serves every dtype). Returns new CPU tensors
+    of the same shapes and dtypes (host side of :func:`broadcast_variables` and of
+    ``shoal.tensorflow.broadcast_variables``)."""
+    values = [t.detach().contiguous().cpu() for t in values]
+    chunks = [t.reshape(-1).view(torch.uint8) for t in values]
     flat = torch.cat(chunks).to(runtime.device()) if chunks else torch.empty(0, dtype=torch.uint8)
-    _coll.broadcast_(flat, root_rank, name=f"broadcast_variables.{len(variables)}", process_set=process_set)
+    _coll.broadcast_(flat, root_rank, name=f"broadcast_variables.{len(values)}", process_set=process_set)
     flat = flat.cpu()
-    offset = 0
-    for v, a in zip(variables, arrays):
-        n = a.nbytes
-        v.assign(flat[offset:offset + n].numpy().view(a.dtype).reshape(a.shape))
+    out, offset = [], 0
+    for t in values:
+        n = t.numel() * t.element_size()
+        # A copy per value: torch views bytes as a wider dtype only from an aligned offset.
+        out.append(flat[offset:offset + n].clone().view(t.dtype).reshape(t.shape))
         offset += n
+    return out
