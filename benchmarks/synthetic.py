@@ -12,6 +12,8 @@ Modes (``--modes``; unavailable ones are reported as such):
     shoal        shoal.torch.DistributedOptimizer (fp32 on the wire)
     shoal_overlap the same with overlap_step=True: the optimizer steps bucket by bucket while later
                  buckets are still on the wire, not after the last one
+    shoal_elastic the same under elastic training: hvd.elastic.TorchState(model, optimizer) committed every
+                 --commit-every steps (launch with shoal run --min-np/--max-np for the elastic world itself)
     shoal_fp16   the same with compression=Compression.fp16
     shoal_int8   the same with compression=Compression.int8 (8 bits, a scale per block, error feedback)
     shoal_powersgd  the same with compression=Compression.powersgd(rank=R, start_step=K) (--powersgd-rank,
@@ -211,6 +213,29 @@ class Shoal(Mode):
                 "settle_steps": steps}
 
 
+#: ``--commit-every``: steps between commits of the ``shoal_elastic`` mode (set once by ``main``).
+COMMIT_EVERY = 50
+
+
+class ShoalElastic(Shoal):
+    """Shoal's optimizer with an elastic state committed every ``COMMIT_EVERY`` steps: the steady-state cost
+    of elastic training (the commit's copy of the model and optimizer state, and its check for joiners)."""
+
+    def __init__(self, model, lr: float):
+        super().__init__(model, lr)
+        import shoal.torch as sh  # noqa: PLC0415
+
+        self.state = sh.elastic.TorchState(model, self.optimizer)
+        self.steps = 0
+
+    def step(self, x, y):
+        loss = super().step(x, y)
+        self.steps += 1
+        if self.steps % COMMIT_EVERY == 0:
+            self.state.commit()
+        return loss
+
+
 class Horovod(Mode):
     def __init__(self, model, lr: float):
         import torch.distributed as dist  # noqa: PLC0415
@@ -248,6 +273,7 @@ class Wire(Mode):
 MODES: dict[str, tuple[Callable[..., Mode], str]] = {
     "shoal": (lambda m, lr: Shoal(m, lr), "shoal.torch.DistributedOptimizer"),
     "shoal_overlap": (lambda m, lr: Shoal(m, lr, overlap_step=True), "... stepping bucket by bucket"),
+    "shoal_elastic": (lambda m, lr: ShoalElastic(m, lr), "... with an elastic state committed every N steps"),
     "shoal_fp16": (lambda m, lr: Shoal(m, lr, compression="fp16"), "... with Compression.fp16"),
     "shoal_int8": (lambda m, lr: Shoal(m, lr, compression="int8"), "... with Compression.int8"),
     "shoal_powersgd": (lambda m, lr: Shoal(m, lr, compression=powersgd_name()), "... with Compression.powersgd"),
@@ -309,7 +335,11 @@ def init_world(timeout_s: float):
     from shoal.core.env import get_env  # noqa: PLC0415
 
     timeout = dt.timedelta(seconds=timeout_s)
-    if get_env("RANK") is not None:
+    if get_env("SHOAL_ELASTIC"):  # shoal run --min-np: the membership decides the ranks, shoal.init() asks it
+        import shoal.torch as sh  # noqa: PLC0415
+
+        sh.init()
+    elif get_env("RANK") is not None:
         dist.init_process_group("gloo", timeout=timeout)  # env:// from the launcher
     else:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -431,12 +461,13 @@ def worker(args) -> int:
                               + ["python", _repo_relative(sys.argv[0]), *sys.argv[1:]]),
         "shoal_env": knobs,
         "launcher": ("shoal.testing.cluster" if get_env("SHOAL_CLUSTER_LINK")
+                     else "shoal run --min-np (elastic)" if get_env("SHOAL_ELASTIC")
                      else "torchrun / shoal run" if get_env("TORCHELASTIC_RUN_ID") else
                      "env://" if world > 1 else "none"),
         "hardware": hardware(), "threads_per_rank": args.threads, "torch": torch.__version__,
         "python": platform.python_version(), "world_size": world, "link": link,
         "settings": {**{k: getattr(args, k) for k in ("warmup", "steps", "rounds", "lr", "seed", "batch_size",
-                                                      "optimizer")},
+                                                      "optimizer", "commit_every")},
                      "powersgd": dict(POWERSGD)},
         # Other processes on the machine inflate every mode's compute; recorded so a reader can tell.
         "load_avg_start": [round(v, 2) for v in os.getloadavg()],
@@ -614,6 +645,8 @@ def parse_args(argv: list[str]):
     ap.add_argument("--powersgd-start-step", type=int, default=POWERSGD["start_step"],
                     help="full-precision steps before PowerSGD starts (torch's start_powerSGD_iter; >= 2, "
                          "which torch's hook requires with error feedback)")
+    ap.add_argument("--commit-every", type=int, default=COMMIT_EVERY,
+                    help="steps between the shoal_elastic mode's commits")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--name", default=None, help="results file name (default: the link, e.g. loopback)")
     ap.add_argument("--plot", action="store_true", help="also write a PNG bar chart next to the JSON")
@@ -643,8 +676,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     args = parse_args(argv)
-    global OPTIMIZER
+    global OPTIMIZER, COMMIT_EVERY
     OPTIMIZER = args.optimizer
+    COMMIT_EVERY = args.commit_every
     POWERSGD.update(rank=args.powersgd_rank, start_step=args.powersgd_start_step)
     from shoal.core.env import get_env  # noqa: PLC0415
 

@@ -49,6 +49,7 @@ from .errors import HorovodInternalError, HostsUpdatedInterrupt, ShoalError
 from .membership import ElasticMembershipError
 
 __all__ = ["State", "ObjectState", "run", "check_host_updates", "reset", "leaving", "forming", "request_leave",
+           "generation",
            "note_partial_update", "ResetOutcome", "recovery_times", "entered", "register_unwrapper"]
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,26 @@ def note_partial_update() -> None:
     _dirty = True
 
 
+def generation() -> int:
+    """The number of the elastic job's current generation (0: the first; one more at each change of
+    membership). Outside an elastic job: the number of ``init()`` calls of this process so far."""
+    return runtime.generation()
+
+
 def recovery_times() -> dict[str, float]:
-    """Seconds of each phase of the last recovery: ``detect`` (from the failure to the reset), ``agree``,
-    ``rebuild`` (new groups), ``restore`` and ``sync`` (the state), ``first_step`` (the first step of the new
-    world: new buckets), ``total``."""
+    """The last change of membership on this rank, phase by phase, in seconds: ``leave`` (the old world's
+    groups torn down), ``agree`` (the next generation, in the job's store), ``rebuild`` (its groups),
+    ``restore`` (back to the last commit, 0 when the state was kept), ``sync`` (the state copied from rank
+    0), ``since_failure`` (from catching the failure to the end of ``restore``). Two stamps: ``failed_at``
+    (``time.time()`` when this rank caught the failure or the interrupt: compare it with the time of the
+    fault itself to get the detection time) and ``kept`` (1.0 when the survivors kept their state, 0.0
+    when it went back to the last commit). Empty before the first change.
+
+    Example:
+        >>> hvd.elastic.recovery_times()
+        {'leave': 0.004, 'agree': 0.41, 'rebuild': 0.09, 'restore': 0.0, 'since_failure': 0.51,
+         'failed_at': 1796543210.2, 'kept': 1.0, 'sync': 0.03}
+    """
     return dict(_times)
 
 
@@ -351,20 +368,20 @@ def run(func: Callable) -> Callable:
                     raise
                 if _leaving:
                     _leave_now()
+                caught = time.time()
                 _times.clear()
-                _times["detect"] = 0.0
                 outcome = reset()
+                _times.update(restore=0.0, failed_at=caught, kept=1.0)
                 skip_sync = exc.skip_sync and outcome.member.size == outcome.member.survivors
             except HorovodInternalError as exc:
                 if not runtime.elastic():
                     raise
-                failed_at = time.monotonic()
+                failed_at, caught = time.monotonic(), time.time()
                 text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 log.warning("shoal: rank %d: %s (the elastic job goes on without the ranks it names)",
                             runtime.rank(), text[len("shoal: "):] if text.startswith("shoal: ") else text)
                 _times.clear()
                 outcome = reset()
-                _times["detect"] = 0.0
                 t_restore = time.monotonic()
                 if outcome.keep and not state.keeps_progress():
                     log.info("shoal: the state goes back to its last commit all the same: it does not hold the "
@@ -372,7 +389,8 @@ def run(func: Callable) -> Callable:
                 if not outcome.keep or not state.keeps_progress():
                     state.restore()
                 _times["restore"] = time.monotonic() - t_restore
-                _times["since_failure"] = time.monotonic() - failed_at
+                _times.update(since_failure=time.monotonic() - failed_at, failed_at=caught,
+                              kept=float(outcome.keep and state.keeps_progress()))
                 skip_sync = False
             state.on_reset()
     return wrapper

@@ -42,14 +42,14 @@ from typing import Any, Optional
 import numpy as np
 
 from shoal.core import elastic as _elastic
-from shoal.core.elastic import ObjectState, State, run
+from shoal.core.elastic import ObjectState, State, generation, recovery_times, run
 from shoal.core.errors import HorovodInternalError, HostsUpdatedInterrupt
 
 from . import _bridge
 from .collectives import broadcast_variables
 
 __all__ = ["KerasState", "CommitStateCallback", "UpdateBatchStateCallback", "UpdateEpochStateCallback", "run",
-           "State", "ObjectState", "HorovodInternalError", "HostsUpdatedInterrupt"]
+           "State", "ObjectState", "HorovodInternalError", "HostsUpdatedInterrupt", "generation", "recovery_times"]
 
 _keras = _bridge.import_keras()
 

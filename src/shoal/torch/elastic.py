@@ -34,13 +34,13 @@ from typing import Any, Iterator, Optional
 import torch
 
 from shoal.core import runtime
-from shoal.core.elastic import ObjectState, State, run
+from shoal.core.elastic import ObjectState, State, generation, recovery_times, run
 from shoal.core.errors import HorovodInternalError, HostsUpdatedInterrupt
 
 from .broadcast_state import broadcast_optimizer_state, broadcast_parameters
 
 __all__ = ["TorchState", "ElasticSampler", "State", "ObjectState", "run", "HorovodInternalError",
-           "HostsUpdatedInterrupt"]
+           "HostsUpdatedInterrupt", "generation", "recovery_times"]
 
 
 class ElasticSampler(torch.utils.data.Sampler):
@@ -149,6 +149,23 @@ class ElasticSampler(torch.utils.data.Sampler):
         return self.num_samples
 
 
+def _copy_into(saved: Any, live: Any) -> Any:
+    """A copy of ``live`` (a state dict: dicts, lists, tensors, plain values) that reuses the tensors of
+    ``saved`` (an earlier copy) where shape, dtype and device match."""
+    if isinstance(live, torch.Tensor):
+        if (isinstance(saved, torch.Tensor) and saved.shape == live.shape and saved.dtype == live.dtype
+                and saved.device == live.device):
+            return saved.copy_(live.detach())
+        return live.detach().clone()
+    if isinstance(live, dict):
+        old = saved if isinstance(saved, dict) else {}
+        return {k: _copy_into(old.get(k), v) for k, v in live.items()}
+    if type(live) in (list, tuple):
+        old = saved if type(saved) is type(live) and len(saved) == len(live) else [None] * len(live)
+        return type(live)(_copy_into(o, v) for o, v in zip(old, live))
+    return copy.deepcopy(live)
+
+
 class TorchState(ObjectState):
     """The model's and optimizer's state plus plain fields (Horovod's ``hvd.elastic.TorchState``).
 
@@ -179,10 +196,12 @@ class TorchState(ObjectState):
         self.save()
 
     def save(self) -> None:
+        # Into the previous commit's tensors, where shapes match: a commit then allocates nothing (for a
+        # model of 100 MB, deepcopy's fresh pages cost more than the copy itself).
         if self.model is not None:
-            self._saved_model = copy.deepcopy(self.model.state_dict())
+            self._saved_model = _copy_into(self._saved_model, self.model.state_dict())
         if self.optimizer is not None:
-            self._saved_optimizer = copy.deepcopy(self.optimizer.state_dict())
+            self._saved_optimizer = _copy_into(self._saved_optimizer, self.optimizer.state_dict())
         self._saved_samplers = {k: s.state_dict() for k, s in self._samplers.items()}
         super().save()
 
