@@ -133,6 +133,7 @@ class Row:
     within_bound: bool
     ok: bool
     first_line: str = ""
+    exit_ok: bool = True            # the exit code is the one the case expects
 
 
 # ---------------------------------------------------------------------------------- rank side
@@ -308,7 +309,7 @@ def run_case(case: Case, timeout_s: float = 3.0, verbose: bool = False) -> Row:
         named = code == 0  # nothing to blame: the job ended well
     within = ttf is not None and ttf <= bound
     row = Row(case.name, case.what, None if ttf is None else round(ttf, 2), code, named, abort, len(left),
-              within, code_ok and named and not abort and not left and within, first)
+              within, code_ok and named and not abort and not left and within, first, exit_ok=code_ok)
     if verbose or not row.ok:
         print(f"--- {case.name}: exit {code}\n{stdout[-3000:]}\n{stderr[-6000:]}", file=sys.stderr)
     return row
