@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per setting per round")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds (off, on, on, off, ...)")
     ap.add_argument("--timeout-s", type=float, default=1200.0)
+    ap.add_argument("--micro-reps", type=int, default=15, help="repetitions of the 25 MB micro-benchmark")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu: 2 gloo ranks (default); cuda: a world of one on the GPU (NCCL)")
     ap.add_argument("--cuda", action="store_true", help="the same as --device cuda")
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
     load_before = _load()
     cfg = {"models": args.models, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds}
     torch.set_num_threads(1)
-    micro = _micro()
+    micro = _micro(args.micro_reps)
     if args.cuda:
         world = 1
         result = _bench_cuda(cfg)

@@ -1,4 +1,5 @@
-"""Python helpers of scripts/gpu_check.sh: ``env`` (what the machine has) and ``summary`` (the table at the end).
+"""Python helpers of scripts/gpu_check.sh: ``doctor`` (what the machine has: the interpreter, torch, the GPUs,
+then `shoal doctor`'s report, as text and as JSON, from one probe) and ``summary`` (the table at the end).
 
 ``summary`` reads what this run wrote into the results folder (files newer than the run's start, so that an
 earlier run of the same day is never reported), prints a Markdown summary and saves it as
@@ -48,8 +49,9 @@ def _verdict(value: float, target: float) -> str:
     return f"meets the target (<= {target:g}%)" if value <= target else f"ABOVE the target ({target:g}%)"
 
 
-def print_env() -> int:
-    """Print the interpreter, torch, its CUDA and NCCL, the GPUs and the CPU (the first lines of the results)."""
+def doctor(json_out: Path) -> int:
+    """Print the interpreter, torch, its CUDA and NCCL, the GPUs and the CPU, then `shoal doctor`'s report;
+    write the report as JSON to ``json_out`` (one probe for both: torch's import is the slow part)."""
     import torch  # noqa: PLC0415
 
     print("python", sys.version.split()[0], sys.executable)
@@ -64,6 +66,14 @@ def print_env() -> int:
                              capture_output=True, text=True, timeout=10)
         print("nvidia-smi:", smi.stdout.strip() or smi.stderr.strip())
     print("cpu", platform.processor() or platform.machine(), os.cpu_count(), "cores")
+    print()
+    from shoal.core.files import atomic_write  # noqa: PLC0415 (src/ is on PYTHONPATH: gpu_check.sh)
+    from shoal.runner.doctor import collect, render  # noqa: PLC0415
+
+    report = collect()
+    render(report)
+    with atomic_write(json_out) as f:
+        f.write(json.dumps(report, indent=2, default=str) + "\n")
     return 0
 
 
@@ -152,7 +162,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("env", help="what this machine has")
+    dp = sub.add_parser("doctor", help="what this machine has")
+    dp.add_argument("--json-out", required=True, type=Path)
     sp = sub.add_parser("summary", help="the table at the end of the check")
     sp.add_argument("--out", required=True, type=Path)
     sp.add_argument("--date", required=True)
@@ -160,16 +171,16 @@ def main(argv=None) -> int:
     sp.add_argument("--since", required=True, type=float, help="the run's start (epoch seconds)")
     sp.add_argument("--mode", default="gpu", choices=("gpu", "dry"))
     args = ap.parse_args(argv)
-    if args.command == "env":
-        return print_env()
+    if args.command == "doctor":
+        return doctor(args.json_out)
     global _DRY
     _DRY = args.mode == "dry"
     out, since = args.out, args.since - 1
     lines = [f"# Shoal GPU check, {args.date} ({'GPU run' if args.mode == 'gpu' else 'dry run on the CPU, tiny sizes'})",
              ""]
-    env = out / f"{args.date}-gpu-env.txt"
-    if env.exists():
-        lines += ["```", *env.read_text(errors="replace").strip().splitlines(), "```", ""]
+    head = out / f"{args.date}-gpu-doctor.txt"
+    if head.exists():  # its first lines, up to the blank line before shoal doctor's tables
+        lines += ["```", *head.read_text(errors="replace").split("\n\n")[0].strip().splitlines(), "```", ""]
     lines += ["## Stages", "", *_table(["stage", "outcome", "time"], _stages(args.stages)), ""]
     lines += [*_tests(out, args.date), ""]
     numbers: list[list[str]] = []

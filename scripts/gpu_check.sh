@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (docs/gpu.md): Shoal's CUDA paths proven on one GPU in one go, the results left in files.
 #
-#   scripts/gpu_check.sh [--out DIR]   on a GPU machine: the environment, `shoal doctor`, tests/gpu, the GPU
+#   scripts/gpu_check.sh [--out DIR]   on a GPU machine: the machine and `shoal doctor`, tests/gpu, the GPU
 #                                      benchmarks, a table; within 8 minutes; exit status 1 when a stage failed
 #   scripts/gpu_check.sh --dry-run     every stage on the CPU with tiny sizes (what a machine without CUDA runs)
 #   scripts/gpu_check.sh --fetch-wheels  with a network: the pure-Python wheels the check needs (pytest, rich,
@@ -10,7 +10,7 @@
 # Needs only this checkout and the machine's own torch (a CUDA build): Shoal runs from src/ (PYTHONPATH);
 # pytest and rich come from the machine, else from .gpu-wheels/ (unpacked into a temporary folder). PYTHON
 # picks the interpreter (default: the first of python3, python that has torch). Results: DIR (default
-# benchmarks/results; the dry run: a new temporary folder), named <date>-gpu-*: env.txt, doctor.txt/.json,
+# benchmarks/results; the dry run: a new temporary folder), named <date>-gpu-*: doctor.txt/.json,
 # tests.txt/.xml, nan_check.json, world_of_one.json, partial_fc.json/.md, fp16_cast.json, summary.md,
 # check.log, and each stage's console output (.txt). Without CUDA the script says so, runs the dry run and
 # exits 0 when that passes.
@@ -34,8 +34,7 @@ WHEEL_NAMES=(pytest pluggy iniconfig packaging exceptiongroup tomli pytest-timeo
              pygments typing_extensions)
 #: Seconds for the whole GPU run (8 minutes, less a margin for the start and the table), and per stage.
 TOTAL_S=465
-declare -A BUDGET_S=([env]=20 [doctor]=30 [tests]=210 [nan_check]=70 [world_of_one]=45 [partial_fc]=70
-                     [fp16_cast]=20)
+declare -A BUDGET_S=([doctor]=40 [tests]=210 [nan_check]=70 [world_of_one]=45 [partial_fc]=70 [fp16_cast]=20)
 
 usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
@@ -141,9 +140,7 @@ note "Shoal GPU check, $MODE run, $(date -Is) on $(hostname), $PY; results in $O
 [[ -n $MISSING ]] && note "missing Python packages: $MISSING (HINT: run scripts/gpu_check.sh --fetch-wheels where" \
   "there is a network and carry .gpu-wheels/ with the checkout)"
 
-run_stage env "$D-gpu-env.txt" "$PY" scripts/_gpu_check.py env
-run_stage doctor "$D-gpu-doctor.txt" "$PY" -m shoal.runner.cli doctor
-"$PY" -m shoal.runner.cli doctor --json > "$OUT/$D-gpu-doctor.json" 2>/dev/null || true
+run_stage doctor "$D-gpu-doctor.txt" "$PY" scripts/_gpu_check.py doctor --json-out "$OUT/$D-gpu-doctor.json"
 
 # tests/gpu. The dry run runs the CUDA tests' code on CPU tensors (GPU_CHECK_DEVICE=cpu, tests/gpu/_gpu.py).
 if [[ " $MISSING " == *" pytest "* ]]; then
@@ -165,7 +162,7 @@ if [[ $MODE == gpu ]]; then
   PFC_ARGS=(--classes 1000000 --steps 4 --warmup 1 --memory-worlds 2 --modes dp_full,pfc,pfc_s0.1)
   CAST_ARGS=(--sizes-mb 1 16 64 256)
 else
-  NAN_ARGS=(--models many_small --rounds 1 --steps 1 --warmup 1)
+  NAN_ARGS=(--models many_small --rounds 1 --steps 1 --warmup 1 --micro-reps 2)
   W1_ARGS=(--models many_small --modes nocomm shoal --rounds 1 --steps 2 --warmup 1 --batch-size 16)
   PFC_ARGS=(--classes 2000 --dim 16 --batch 8 --steps 1 --warmup 1 --memory-worlds 2 --modes dp_full,pfc,pfc_s0.1)
   CAST_ARGS=(--sizes-mb 1 --reps 3 --blocks 2)
