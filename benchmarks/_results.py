@@ -17,21 +17,23 @@ __all__ = ["RESULTS_DIR", "save_report", "write_result"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def save_report(report: dict, name: str) -> Path:
+def save_report(report: dict, name: str, directory: str | Path | None = None) -> Path:
     """Write ``report`` to ``results/<today>-<name>.json`` (``-2``, ``-3``, ... when taken) and return the path.
 
-    Each name is created exclusively (``shoal.core.files.create_new``): a name taken meanwhile, or a link
-    planted there, moves on to the next number instead of being written through.
+    ``directory`` replaces ``results/`` (a benchmark's ``--out``: scripts/gpu_check.sh's dry run writes to a
+    temporary folder). Each name is created exclusively (``shoal.core.files.create_new``): a name taken
+    meanwhile, or a link planted there, moves on to the next number instead of being written through.
     """
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    folder = RESULTS_DIR if directory is None else Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-{name}"
-    path, n = RESULTS_DIR / f"{stem}.json", 2
+    path, n = folder / f"{stem}.json", 2
     while True:
         try:
             f = create_new(path, "w")
             break
         except FileExistsError:
-            path, n = RESULTS_DIR / f"{stem}-{n}.json", n + 1
+            path, n = folder / f"{stem}-{n}.json", n + 1
     with f:
         f.write(json.dumps(report, indent=1) + "\n")
     return path

@@ -17,10 +17,11 @@ Launch (2 ranks on one host; the script starts them itself through shoal.testing
     python benchmarks/nan_check_bench.py
     python benchmarks/nan_check_bench.py --models mlp_big --rounds 6
 
-or under a launcher: ``shoal run -np 2 python benchmarks/nan_check_bench.py``. On a GPU, ``--cuda`` runs
-a world of one on NCCL (``op=Sum`` keeps the optimizer's reducer, and so the check, active), timing 20
-steps between synchronizations so that the check's one host sync per step shows.
-Results: a table on the console and JSON under ``benchmarks/results/<date>-nan_check.json``.
+or under a launcher: ``shoal run -np 2 python benchmarks/nan_check_bench.py``. On a GPU, ``--device cuda``
+(or ``--cuda``) runs a world of one on NCCL (``op=Sum`` keeps the optimizer's reducer, and so the check,
+active), timing 20 steps between synchronizations so that the check's one host sync per step shows.
+Results: a table on the console and JSON under ``benchmarks/results/<date>-nan_check.json`` (``--name``,
+``--out`` change the name and the folder; scripts/gpu_check.sh writes ``<date>-gpu-nan_check.json``).
 """
 
 from __future__ import annotations
@@ -199,8 +200,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per setting per round")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds (off, on, on, off, ...)")
     ap.add_argument("--timeout-s", type=float, default=1200.0)
-    ap.add_argument("--cuda", action="store_true", help="a world of one on the GPU (NCCL) instead")
+    ap.add_argument("--micro-reps", type=int, default=15, help="repetitions of the 25 MB micro-benchmark")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: 2 gloo ranks (default); cuda: a world of one on the GPU (NCCL)")
+    ap.add_argument("--cuda", action="store_true", help="the same as --device cuda")
+    ap.add_argument("--name", default=None, help="results name (default nan_check, or nan_check-cuda)")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
+    args.cuda = args.cuda or args.device == "cuda"
     import torch  # noqa: PLC0415
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
@@ -208,11 +215,14 @@ def main(argv=None) -> int:
     from shoal.core.env import get_env  # noqa: PLC0415
     from shoal.testing import run_ranks  # noqa: PLC0415
 
+    if args.cuda and not torch.cuda.is_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False. HINT: run it on a GPU machine with a CUDA "
+                 "build of torch (`shoal doctor` says what this one has), or use --device cpu")
     console = Console()
     load_before = _load()
     cfg = {"models": args.models, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds}
     torch.set_num_threads(1)
-    micro = _micro()
+    micro = _micro(args.micro_reps)
     if args.cuda:
         world = 1
         result = _bench_cuda(cfg)
@@ -230,7 +240,7 @@ def main(argv=None) -> int:
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "hardware": {"cpu": cpu, "cores": os.cpu_count()}, "torch": torch.__version__,
-              "world_size": world, "threads_per_rank": 1, "settings": cfg,
+              "world_size": world, "device": "cuda" if args.cuda else "cpu", "threads_per_rank": 1, "settings": cfg,
               "loadavg_before": load_before, "loadavg_after": _load(),
               "micro_25mb_bucket_ms": micro, **result}
     console.print(f"[bold]NaN check overhead[/]  {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; "
@@ -254,7 +264,7 @@ def main(argv=None) -> int:
     console.print(t)
     from _results import save_report  # noqa: PLC0415
 
-    path = save_report(report, f"nan_check{'-cuda' if args.cuda else ''}")
+    path = save_report(report, args.name or f"nan_check{'-cuda' if args.cuda else ''}", args.out)
     console.print(f"results: {path}")
     return 0
 

@@ -22,12 +22,19 @@ Two measurements, each in real gloo ranks started by ``shoal.testing.run_ranks``
 Each step: margin softmax forward and backward from fixed embeddings (the backbone is not timed), the
 classifier's communication, an SGD(momentum=0.9) step. Each rank uses one thread (2 ranks on 2 cores).
 
+``--device cuda``: the classifier, the batches and the optimizer state on the GPU; both ranks share the
+one GPU through gloo (NCCL refuses two ranks on one device), each step timed up to a
+``torch.cuda.synchronize()``; memory per rank is then also measured: the peak of
+``torch.cuda.max_memory_allocated()`` over one step of each mode (weight, gradient, state, logits).
+
 Run::
 
     python benchmarks/partial_fc_bench.py              # ~10 minutes on 2 cores, ~10 GB of RAM
     python benchmarks/partial_fc_bench.py --classes 100000 --steps 3 --warmup 1   # a quick look
+    python benchmarks/partial_fc_bench.py --device cuda --steps 4 --memory-worlds 1,2   # on one GPU
 
-Results: a table on the console, JSON and Markdown under ``benchmarks/results/partial_fc_<date>.*``.
+Results: a table on the console, JSON and Markdown under ``benchmarks/results/partial_fc_<date>.*``
+(``--name`` replaces the ``partial_fc_<date>`` stem, ``--out`` the folder).
 """
 
 from __future__ import annotations
@@ -66,9 +73,15 @@ def _margin() -> ArcFace:
     return ArcFace(s=64.0, m=0.5)
 
 
-def _batch(step: int, rank: int, batch: int, dim: int, classes: int):
+def _batch(step: int, rank: int, batch: int, dim: int, classes: int, device: str = "cpu"):
     g = torch.Generator().manual_seed(_BATCH_SEED_BASE + 10_000 * step + rank)
-    return torch.randn(batch, dim, generator=g), torch.randint(0, classes, (batch,), generator=g)
+    return torch.randn(batch, dim, generator=g).to(device), torch.randint(0, classes, (batch,), generator=g).to(device)
+
+
+def _sync(device: str) -> None:
+    """Wait for the GPU's queued work (the CPU's ops are synchronous)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _classifier_nbytes(weight: torch.Tensor, opt: torch.optim.Optimizer) -> dict:
@@ -84,8 +97,8 @@ class _DataParallelFull:
     ``fused``: PartialFC's kernels (the margin is the same module in both variants, already fused).
     """
 
-    def __init__(self, classes: int, dim: int, fused: bool = False):
-        self.weight = torch.nn.Parameter(_init_rows(0, classes, dim, 0, torch.float32))
+    def __init__(self, classes: int, dim: int, fused: bool = False, device: str = "cpu"):
+        self.weight = torch.nn.Parameter(_init_rows(0, classes, dim, 0, torch.float32).to(device))
         self.opt = torch.optim.SGD([self.weight], lr=0.1, momentum=0.9)
         self.margin = _margin()
         self.fused = fused
@@ -107,8 +120,9 @@ class _DataParallelFull:
 
 
 class _Sharded:
-    def __init__(self, classes: int, dim: int, sample_rate: float):
-        self.pfc = PartialFC(dim, classes, _margin(), sample_rate=sample_rate)  # same seed-0 init as above
+    def __init__(self, classes: int, dim: int, sample_rate: float, device: str = "cpu"):
+        # The same seed-0 init as above.
+        self.pfc = PartialFC(dim, classes, _margin(), sample_rate=sample_rate, device=device)
         self.weight = self.pfc.weight
         self.opt = torch.optim.SGD(self.pfc.parameters(), lr=0.1, momentum=0.9)
         self.pfc.bind_optimizer(self.opt)
@@ -121,38 +135,48 @@ class _Sharded:
         return loss.detach()
 
 
-def _rank_memory(classes: int, dim: int, batch: int) -> dict:
+def _rank_memory(classes: int, dim: int, batch: int, device: str = "cpu") -> dict:
     torch.set_num_threads(1)
     rank = dist.get_rank()
     out = {}
-    makers = [("pfc", lambda: _Sharded(classes, dim, 1.0)), ("dp_full", lambda: _DataParallelFull(classes, dim))]
+    makers = [("pfc", lambda: _Sharded(classes, dim, 1.0, device)),
+              ("dp_full", lambda: _DataParallelFull(classes, dim, device=device))]
     for name, make in makers:
         if name == "dp_full" and dist.get_world_size() == 1:
             continue  # identical to pfc on one rank
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         mode = make()
-        mode.step(*_batch(0, rank, batch, dim, classes))
+        mode.step(*_batch(0, rank, batch, dim, classes, device))
         out[name] = _classifier_nbytes(mode.weight, mode.opt)
+        if device == "cuda":  # everything the step held at its peak, logits and softmax included
+            out[name]["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / MIB
         del mode
     return out
 
 
-def _rank_timing(classes: int, dim: int, batch: int, warmup: int, steps: int, modes: list[str]) -> dict:
+def _rank_timing(classes: int, dim: int, batch: int, warmup: int, steps: int, modes: list[str],
+                 device: str = "cpu") -> dict:
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    makers = {"dp_full": lambda: _DataParallelFull(classes, dim),
-              "dp_full_fused": lambda: _DataParallelFull(classes, dim, fused=True),
-              "pfc": lambda: _Sharded(classes, dim, 1.0), "pfc_s0.1": lambda: _Sharded(classes, dim, 0.1)}
+    makers = {"dp_full": lambda: _DataParallelFull(classes, dim, device=device),
+              "dp_full_fused": lambda: _DataParallelFull(classes, dim, fused=True, device=device),
+              "pfc": lambda: _Sharded(classes, dim, 1.0, device),
+              "pfc_s0.1": lambda: _Sharded(classes, dim, 0.1, device)}
     runners = {m: makers[m]() for m in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
     first_loss = {}
     load_avg = []
     for step in range(warmup + steps):
         load_avg.append(os.getloadavg()[0])
-        emb, labels = _batch(step, rank, batch, dim, classes)
+        emb, labels = _batch(step, rank, batch, dim, classes, device)
         for m in modes:
+            _sync(device)
             dist.barrier()
             t0 = time.perf_counter()
             loss = runners[m].step(emb, labels)
+            _sync(device)
             dist.barrier()
             dt = torch.tensor([time.perf_counter() - t0])
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
@@ -167,15 +191,19 @@ def _rank_timing(classes: int, dim: int, batch: int, warmup: int, steps: int, mo
     return {"times_s": times, "first_loss": first_loss, "memory": memory, "load_avg_1min_per_round": load_avg}
 
 
-def _hardware() -> dict:
+def _hardware(device: str = "cpu") -> dict:
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "backend": "gloo", "threads_per_rank": 1, "load_avg_1min_at_start": os.getloadavg()[0]}
+    hw = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+          "backend": "gloo", "device": device, "threads_per_rank": 1, "load_avg_1min_at_start": os.getloadavg()[0]}
+    if device == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name()
+        hw["backend"] = "gloo (CUDA tensors, both ranks on one GPU)"
+    return hw
 
 
 def main() -> None:
@@ -189,10 +217,17 @@ def main() -> None:
     parser.add_argument("--memory-worlds", default="1,2,3", help="world sizes of the memory measurement")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON/Markdown results")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
+    parser.add_argument("--name", default=None, help="file name stem (default partial_fc_<date>)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the classifier lives; cuda: both ranks on the one GPU, through gloo")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False. HINT: run it on a GPU machine with a "
+                     "CUDA build of torch (`shoal doctor` says what this one has), or use --device cpu")
     modes = args.modes.split(",")
-    hw = _hardware()
-    print(f"hardware: {hw['cpu']}, {hw['cores']} cores; torch {hw['torch']}; gloo; 1 thread per rank; "
+    hw = _hardware(args.device)
+    print(f"hardware: {hw['cpu']}, {hw['cores']} cores{', ' + hw['gpu'] if 'gpu' in hw else ''}; torch "
+          f"{hw['torch']}; {hw['backend']}; 1 thread per rank; "
           f"load average {hw['load_avg_1min_at_start']:.1f} at start (other processes skew absolute times)")
     print(f"classifier {args.classes} x {args.dim}, {args.batch} samples per rank, ArcFace(s=64, m=0.5), "
           f"SGD momentum 0.9")
@@ -200,12 +235,15 @@ def main() -> None:
     memory = {}
     worlds = [int(w) for w in args.memory_worlds.split(",")]
     for world in worlds:
-        res = run_ranks(_rank_memory, world_size=world, timeout_s=600, args=(args.classes, args.dim, args.batch))
+        res = run_ranks(_rank_memory, world_size=world, timeout_s=600,
+                        args=(args.classes, args.dim, args.batch, args.device))
         memory[world] = res[0]
-    print("\nmemory per rank (MiB): weight + optimizer state [+ gradient]")
+    print("\nmemory per rank (MiB): weight + optimizer state [+ gradient]"
+          + ("; peak CUDA memory of a step" if args.device == "cuda" else ""))
     for world, res in memory.items():
         for name, m in res.items():
-            print(f"  {world} rank(s) {name:8s} {m['weight_plus_state_mib']:9.1f}  [+ {m['grad_mib']:.1f}]")
+            peak = f"  peak {m['peak_cuda_mib']:.1f}" if "peak_cuda_mib" in m else ""
+            print(f"  {world} rank(s) {name:8s} {m['weight_plus_state_mib']:9.1f}  [+ {m['grad_mib']:.1f}]{peak}")
     one = memory[worlds[0]]["pfc"]["weight_plus_state_mib"] * worlds[0]
     shrink = {w: memory[w]["pfc"]["weight_plus_state_mib"] / one for w in worlds}
     for w in worlds:
@@ -213,7 +251,7 @@ def main() -> None:
 
     world = 2
     res = run_ranks(_rank_timing, world_size=world, timeout_s=600,
-                    args=(args.classes, args.dim, args.batch, args.warmup, args.steps, modes))[0]
+                    args=(args.classes, args.dim, args.batch, args.warmup, args.steps, modes, args.device))[0]
     med = {m: statistics.median(ts) for m, ts in res["times_s"].items()}
     print(f"\nstep time on {world} ranks (median of {args.steps} after {args.warmup} warm-up, slowest rank); "
           f"load average per round {min(res['load_avg_1min_per_round']):.1f}-"
@@ -234,7 +272,8 @@ def main() -> None:
         print(f"  sample_rate 0.1 vs 1.0: x{med['pfc'] / med['pfc_s0.1']:.2f}")
 
     hw["load_avg_1min_at_end"] = os.getloadavg()[0]
-    result = {"benchmark": "partial_fc", "date": args.date, "hardware": hw, "world_size_timing": world,
+    result = {"benchmark": "partial_fc", "date": args.date, "hardware": hw, "device": args.device,
+              "world_size_timing": world,
               "command": " ".join(["python", "benchmarks/partial_fc_bench.py", *sys.argv[1:]]),
               "classes": args.classes, "dim": args.dim, "batch_per_rank": args.batch, "warmup": args.warmup,
               "steps": args.steps, "memory_per_rank": {str(k): v for k, v in memory.items()},
@@ -244,7 +283,7 @@ def main() -> None:
               else None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"partial_fc_{args.date}"
+    stem = out / (args.name or f"partial_fc_{args.date}")
     from _results import write_result  # noqa: PLC0415 (this folder is on sys.path: the script's own)
 
     write_result(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
@@ -255,17 +294,20 @@ def main() -> None:
 def _markdown(r: dict) -> str:
     hw = r["hardware"]
     lines = [f"# PartialFC benchmark, {r['date']}", "",
-             f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, gloo, {hw['threads_per_rank']} thread per "
+             f"{hw['cpu']}, {hw['cores']} cores{', ' + hw['gpu'] if 'gpu' in hw else ''}, torch {hw['torch']}, "
+             f"{hw['backend']}, {hw['threads_per_rank']} thread per "
              f"rank. Classifier {r['classes']:,} x {r['dim']}, {r['batch_per_rank']} samples per rank, "
              "ArcFace(s=64, m=0.5), SGD momentum 0.9. Load average (1 min) "
              f"{hw['load_avg_1min_at_start']:.1f} at start, {hw['load_avg_1min_at_end']:.1f} at end: a load above "
              "the core count inflates every absolute time; the modes run interleaved, so ratios suffer less.", "",
              f"Command: `{r['command']}`", "",
              "## Classifier memory per rank (weight + optimizer state)", "",
-             "| ranks | mode | weight + state (MiB) | gradient (MiB) |", "|---|---|---|---|"]
+             "| ranks | mode | weight + state (MiB) | gradient (MiB) | peak CUDA memory of a step (MiB) |",
+             "|---|---|---|---|---|"]
     for world, res in r["memory_per_rank"].items():
         for name, m in res.items():
-            lines.append(f"| {world} | {name} | {m['weight_plus_state_mib']:.1f} | {m['grad_mib']:.1f} |")
+            peak = f"{m['peak_cuda_mib']:.1f}" if "peak_cuda_mib" in m else "-"
+            lines.append(f"| {world} | {name} | {m['weight_plus_state_mib']:.1f} | {m['grad_mib']:.1f} | {peak} |")
     lines += [""] + [f"Sharded, {w} rank(s): x{f:.3f} of the whole classifier per rank (ideal {1 / int(w):.3f})."
                      for w, f in r["memory_fraction_of_whole_per_rank"].items()]
     loads = r["load_avg_1min_per_round"]

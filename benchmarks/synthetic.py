@@ -44,6 +44,10 @@ inside :class:`shoal.testing.cluster.EmulatedCluster`)::
 
 Plain ``python benchmarks/synthetic.py`` runs a world of one (the cost of a wrapper with nothing to
 reduce). Each rank uses one thread (``--threads``): 2 ranks on 2 cores.
+
+On GPUs, ``--device cuda``: models and batches on each rank's GPU (``LOCAL_RANK``), the process group on
+NCCL, each step timed up to a ``torch.cuda.synchronize()``. ``python benchmarks/synthetic.py --device cuda
+--modes nocomm shoal ddp`` is a world of one on one GPU against the bare optimizer (scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -259,7 +263,7 @@ class Wire(Mode):
         import torch  # noqa: PLC0415
 
         numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.flat = torch.ones(max(1, int(numel * fraction)))
+        self.flat = torch.ones(max(1, int(numel * fraction)), device=next(model.parameters()).device)
         self.wire_precision = {1.0: "fp32", 0.5: "fp16"}.get(fraction, "int8")
 
     def step(self, x, y):
@@ -311,14 +315,19 @@ def summarize(steps_s: list[float]) -> dict:
 
 # ------------------------------------------------------------------------------------ the worker
 
-def hardware() -> dict:
+def hardware(device: str = "cpu") -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+    if device == "cuda":
+        import torch  # noqa: PLC0415
+
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
 def _repo_relative(path: str) -> str:
@@ -328,21 +337,25 @@ def _repo_relative(path: str) -> str:
         return path
 
 
-def init_world(timeout_s: float):
+def init_world(timeout_s: float, device: str = "cpu"):
     import datetime as dt  # noqa: PLC0415
 
+    import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
     from shoal.core.env import get_env  # noqa: PLC0415
 
     timeout = dt.timedelta(seconds=timeout_s)
+    backend = "nccl" if device == "cuda" else "gloo"
     if get_env("SHOAL_ELASTIC"):  # shoal run --min-np: the membership decides the ranks, shoal.init() asks it
         import shoal.torch as sh  # noqa: PLC0415
 
         sh.init()
     elif get_env("RANK") is not None:
-        dist.init_process_group("gloo", timeout=timeout)  # env:// from the launcher
+        if device == "cuda":  # one GPU per rank of a node
+            torch.cuda.set_device(int(get_env("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group(backend, timeout=timeout)  # env:// from the launcher
     else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -351,7 +364,8 @@ def agree(ok: bool) -> bool:
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
-    flag = torch.tensor([1 if ok else 0])
+    # NCCL reduces device tensors only.
+    flag = torch.tensor([1 if ok else 0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -364,6 +378,9 @@ def bench_model(name: str, args, rank: int, world: int, progress) -> dict:
 
     spec = MODELS[name]
     batch = args.batch_size or spec.batch_size
+    dev = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    # CUDA runs asynchronously: a step's time is the time until its kernels have finished.
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     probe = build_model(name, args.seed)
     params = [p for p in probe.parameters() if p.requires_grad]
     info = {"description": spec.description, "batch_size": batch,
@@ -371,12 +388,12 @@ def bench_model(name: str, args, rank: int, world: int, progress) -> dict:
             "grad_bytes": sum(p.numel() * p.element_size() for p in params), "modes": {}}
     del probe
     # Each rank its own data, so that averaging changes the gradients (and the loss shows it).
-    x, y = synthetic_batch(name, batch, seed=args.seed + 1 + rank)
+    x, y = (t.to(dev) for t in synthetic_batch(name, batch, seed=args.seed + 1 + rank))
     modes: dict[str, Mode] = {}
     for mode in args.modes:
         reason = None
         try:
-            modes[mode] = MODES[mode][0](build_model(name, args.seed), args.lr)
+            modes[mode] = MODES[mode][0](build_model(name, args.seed).to(dev), args.lr)
             # One untimed step right away (every mode takes it, so all stay on the same trajectory):
             # a mode whose engine refuses the configuration (say, a compression not implemented
             # yet) fails here, on every rank alike, and is reported instead of ending the run.
@@ -408,6 +425,7 @@ def bench_model(name: str, args, rank: int, world: int, progress) -> dict:
                 loss = runner.step(x, y)
                 if i == warmup + args.steps - 1:
                     runner.finish_round()
+                sync()
                 dt = time.perf_counter() - t0
                 if i >= warmup:
                     times[mode].append(dt)
@@ -448,7 +466,7 @@ def worker(args) -> int:
     from shoal.core.env import env_name, explicit_knobs, get_env  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
-    rank, world = init_world(args.timeout_s)
+    rank, world = init_world(args.timeout_s, args.device)
     knobs = {env_name(k): get_env(env_name(k)) for k in sorted(explicit_knobs())}
     console = Console()
     if not console.is_terminal:
@@ -464,8 +482,8 @@ def worker(args) -> int:
                      else "shoal run --min-np (elastic)" if get_env("SHOAL_ELASTIC")
                      else "torchrun / shoal run" if get_env("TORCHELASTIC_RUN_ID") else
                      "env://" if world > 1 else "none"),
-        "hardware": hardware(), "threads_per_rank": args.threads, "torch": torch.__version__,
-        "python": platform.python_version(), "world_size": world, "link": link,
+        "hardware": hardware(args.device), "threads_per_rank": args.threads, "torch": torch.__version__,
+        "python": platform.python_version(), "world_size": world, "link": link, "device": args.device,
         "settings": {**{k: getattr(args, k) for k in ("warmup", "steps", "rounds", "lr", "seed", "batch_size",
                                                       "optimizer", "commit_every")},
                      "powersgd": dict(POWERSGD)},
@@ -539,7 +557,7 @@ class _Bar:
 def save(report: dict, args) -> Path:
     from _results import save_report  # noqa: PLC0415
 
-    return save_report(report, args.name)
+    return save_report(report, args.name, args.out)
 
 
 def print_table(console, report: dict) -> None:
@@ -649,6 +667,9 @@ def parse_args(argv: list[str]):
                     help="steps between the shoal_elastic mode's commits")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--name", default=None, help="results file name (default: the link, e.g. loopback)")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where models and batches live; cuda: each rank's GPU (LOCAL_RANK) over NCCL")
     ap.add_argument("--plot", action="store_true", help="also write a PNG bar chart next to the JSON")
     ap.add_argument("--link", default=None, metavar="RATE",
                     help="run in an emulated cluster, nodes joined by a RATE link (tc units, e.g. 1gbit)")
@@ -662,6 +683,12 @@ def parse_args(argv: list[str]):
     bad = [m for m in args.models if m not in MODELS]
     if bad:
         ap.error(f"unknown model(s) {bad}; choose from {', '.join(MODELS)}")
+    if args.device == "cuda":
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch.cuda.is_available() is False. HINT: run it on a GPU machine with a "
+                     "CUDA build of torch (`shoal doctor` says what this one has), or use --device cpu")
     if args.plot:
         import importlib.util  # noqa: PLC0415
 

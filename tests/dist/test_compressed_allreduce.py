@@ -54,7 +54,8 @@ def _reference(tensors: list, op_sum: bool = False) -> list:
     return out
 
 
-def _compare_with_fp32(compression: str, hierarchical: str, sizes: tuple, chunk_nbytes: int = 64 * 1024):
+def _compare_with_fp32(compression: str, hierarchical: str, sizes: tuple, chunk_nbytes: int = 64 * 1024,
+                       device: str = "cpu"):
     import torch.distributed as dist  # noqa: PLC0415
 
     import shoal.core.algorithms._levels as levels  # noqa: PLC0415
@@ -63,7 +64,7 @@ def _compare_with_fp32(compression: str, hierarchical: str, sizes: tuple, chunk_
     torch.set_num_threads(1)
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(100 + rank)
-    tensors = [torch.randn(n, generator=g) * (1 + rank) for n in sizes]
+    tensors = [(torch.randn(n, generator=g) * (1 + rank)).to(device) for n in sizes]
     refs = _reference(tensors)
     max_abs = [torch.tensor([t.abs().max().item()]) for t in tensors]
     for m in max_abs:
@@ -74,11 +75,18 @@ def _compare_with_fp32(compression: str, hierarchical: str, sizes: tuple, chunk_
     return errors, tols, [o.tolist()[:50] + o.tolist()[-50:] for o in outs]
 
 
+#: Below one chunk, odd (padding), and several 64 KB chunks (the pipeline), on 2 streams.
+FLAT_SIZES = (1, 7, 1001, 5 * 16 * 1024 + 5)
+
+
 @pytest.mark.parametrize("compression,world", [("fp16", 2), ("bf16", 2), ("fp16", 3), ("bf16", 3)])
 def test_flat_16bit_equals_fp32_within_tolerance(compression, world):
-    # Sizes: below one chunk, odd (padding), and several 64 KB chunks (the pipeline), on 2 streams.
-    sizes = (1, 7, 1001, 5 * 16 * 1024 + 5)
-    results = run_ranks(_compare_with_fp32, world_size=world, timeout_s=60, args=(compression, "off", sizes))
+    _check_flat_16bit(run_ranks(_compare_with_fp32, world_size=world, timeout_s=60,
+                                args=(compression, "off", FLAT_SIZES)))
+
+
+def _check_flat_16bit(results) -> None:
+    """What :func:`_compare_with_fp32` must show (tests/gpu checks its CUDA runs with this too)."""
     for errors, tols, _ in results:
         for e, t in zip(errors, tols):
             assert e <= t, (errors, tols)
@@ -149,12 +157,12 @@ def test_error_feedback_accumulates_what_was_dropped(world):
         assert err_plain > 5 * err_ef, (err_ef, err_plain)
 
 
-def _optimizer_run(compression: str, steps: int):
+def _optimizer_run(compression: str, steps: int, device: str = "cpu"):
     import shoal.torch as hvd  # noqa: PLC0415
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)).to(device)
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                    named_parameters=model.named_parameters(),
                                    compression=getattr(hvd.Compression, compression),
@@ -162,13 +170,13 @@ def _optimizer_run(compression: str, steps: int):
     g = torch.Generator().manual_seed(hvd.rank())
     losses = []
     for _ in range(steps):
-        x, y = torch.randn(32, 16, generator=g), torch.randn(32, 4, generator=g)
+        x, y = torch.randn(32, 16, generator=g).to(device), torch.randn(32, 4, generator=g).to(device)
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return [p.detach().clone() for p in model.parameters()], losses
+    return [p.detach().cpu().clone() for p in model.parameters()], losses
 
 
 _OPT_STEPS = 8
@@ -184,6 +192,11 @@ def _optimizer_reference():
 def test_distributed_optimizer_with_compression_trains_like_fp32(compression):
     ref = _optimizer_reference()
     got = run_ranks(_optimizer_run, world_size=2, timeout_s=60, args=(compression, _OPT_STEPS), env=_OPT_ENV)
+    _check_compressed_training(compression, got, ref)
+
+
+def _check_compressed_training(compression: str, got, ref) -> None:
+    """A compressed run of :func:`_optimizer_run` against the fp32 one (tests/gpu: the same on CUDA)."""
     # Ranks agree bitwise; parameters stay within 16-bit rounding of the fp32 run (8 SGD steps, lr 0.1,
     # gradients ~0.1: a relative gradient error of 2u moves a parameter by far less than 1e-2).
     for a, b in zip(got[0][0], got[1][0]):

@@ -48,7 +48,7 @@ def _run(compression: str, hierarchical: str, tensors, num_streams: int = 2, op_
     return tensors, algo is allreduce_flat
 
 
-def _versus_flat(compression: str, integer: bool, chunk_nbytes: int = 64 * 1024):
+def _versus_flat(compression: str, integer: bool, chunk_nbytes: int = 64 * 1024, device: str = "cpu"):
     import torch.distributed as dist  # noqa: PLC0415
 
     import shoal.core.algorithms._levels as levels  # noqa: PLC0415
@@ -57,7 +57,7 @@ def _versus_flat(compression: str, integer: bool, chunk_nbytes: int = 64 * 1024)
     levels.CHUNK_NBYTES = chunk_nbytes  # several chunks in flight with small tensors
     torch.set_num_threads(1)
     sizes = (1, 5, 999, 5 * 16 * 1024 + 3)
-    data = _data(rt.rank(), sizes, integer)
+    data = [t.to(device) for t in _data(rt.rank(), sizes, integer)]
     flat, _ = _run("none", "off", [t.clone() for t in data])
     hier, fell_back = _run(compression, "on", [t.clone() for t in data])
     bound = []
@@ -107,6 +107,11 @@ def test_hierarchical_with_compression_within_16bit_tolerance(compression, world
     # 2 nodes (the cross level is one exchange) and 3 nodes (reduce-scatter + allgather across nodes).
     results = run_ranks(_versus_flat, world_size=world, timeout_s=60, args=(compression, False),
                         env={"SHOAL_LOCAL_SIZE": "2"})
+    _check_compressed_versus_flat(compression, world, results)
+
+
+def _check_compressed_versus_flat(compression: str, world: int, results) -> None:
+    """What :func:`_versus_flat` must show with 16 bits on the wire (tests/gpu: the same on CUDA)."""
     # Sum over n ranks (op_sum): 16-bit values are divided by n before the cast and multiplied after,
     # so the absolute bound scales with n; "fp16" rounds the node's partial sum once more.
     u, n = _U[compression], world

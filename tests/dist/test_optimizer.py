@@ -74,7 +74,7 @@ def _make_opt(kind: str, params):
 
 
 def _params(m: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in m.parameters()]
+    return [p.detach().cpu().clone() for p in m.parameters()]
 
 
 def _assert_ranks_equal(results, key="params"):
@@ -84,17 +84,18 @@ def _assert_ranks_equal(results, key="params"):
 
 
 # --------------------------------------------------------------------------------- plain training
-def _rank_train(kind: str, engine_options: dict):
+def _rank_train(kind: str, engine_options: dict, device: str = "cpu"):
+    """``device``: where the model and batches live (tests/gpu runs it with ``"cuda"`` over gloo)."""
     import shoal.torch as hvd  # noqa: PLC0415
 
     rank, world = _setup()
-    model = _mlp()
+    model = _mlp().to(device)
     ref = copy.deepcopy(model)
     opt = hvd.DistributedOptimizer(_make_opt(kind, model.parameters()),
                                    named_parameters=model.named_parameters(), **engine_options)
     ref_opt = _make_opt(kind, ref.parameters())
     for step in range(_STEPS):
-        x, y = _batch(step)
+        x, y = (t.to(device) for t in _batch(step))
         opt.zero_grad()
         _loss(model, _half(x, rank, world), _half(y, rank, world)).backward()
         opt.step()
@@ -102,7 +103,8 @@ def _rank_train(kind: str, engine_options: dict):
         _loss(ref, x, y).backward()
         ref_opt.step()
     return {"diff": _max_diff(model, ref), "scale": _scale(ref), "params": _params(model),
-            "buckets": opt.engine.num_buckets, "moved": _max_diff(model, _mlp())}
+            "buckets": opt.engine.num_buckets, "moved": _max_diff(model, _mlp().to(device)),
+            "device": str(next(model.parameters()).device)}
 
 
 _ENGINES = {
@@ -121,10 +123,14 @@ _ENGINES = {
     ("adam", "tiny_buckets_3_streams"), ("sgd", "groups_3"), ("sgd", "num_groups_2")])
 def test_training_equals_single_process(kind, engine):
     options, buckets = _ENGINES[engine]
-    results = run_ranks(_rank_train, world_size=2, timeout_s=60, args=(kind, options))
+    _check_training(run_ranks(_rank_train, world_size=2, timeout_s=60, args=(kind, options)), buckets)
+
+
+def _check_training(results, buckets: int, atol: float = _ATOL) -> None:
+    """What :func:`_rank_train` must show on every rank (tests/gpu checks its CUDA runs with this too)."""
     for r in results:
         assert r["moved"] > 1e-3, "training did not move the parameters; the comparison would be empty"
-        assert r["diff"] <= _ATOL * r["scale"], r["diff"]
+        assert r["diff"] <= atol * r["scale"], (r["diff"], r["device"])
         assert r["buckets"] == buckets
     _assert_ranks_equal(results)
 

@@ -77,14 +77,15 @@ def _me_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _one_step(num_classes: int, sample_rate: float) -> dict:
-    """Each margin, one forward/backward on this rank; returns what the parent compares."""
+def _one_step(num_classes: int, sample_rate: float, device: str = "cpu") -> dict:
+    """Each margin, one forward/backward on this rank; returns what the parent compares (on the CPU)."""
     me, world = _me_and_world()
-    x, labels, backbone_w, weight = _data(world, num_classes)
+    x, labels, backbone_w, weight = (t.to(device) for t in _data(world, num_classes))
     mine = slice(me * LOCAL_BATCH, (me + 1) * LOCAL_BATCH)
     out = {}
     for name, make in MARGINS.items():
-        pfc = PartialFC(DIM, num_classes, make(), sample_rate=sample_rate, dtype=torch.float64, seed=3)
+        pfc = PartialFC(DIM, num_classes, make(), sample_rate=sample_rate, dtype=torch.float64, seed=3,
+                        device=device)
         if sample_rate < 1:
             pfc.bind_optimizer(torch.optim.SGD(pfc.parameters(), lr=0.1))  # binding alone changes nothing
         assert getattr(pfc.weight, "_shoal_no_sync") is True
@@ -100,35 +101,37 @@ def _one_step(num_classes: int, sample_rate: float) -> dict:
             dist.all_reduce(bw.grad)
             bw.grad /= world
         out[name] = {
-            "range": (pfc.class_start, pfc.class_end), "loss": loss.detach(), "emb_grad": emb.grad,
-            "backbone_grad": bw.grad, "weight_grad": pfc.weight.grad,
-            "sampled": pfc.last_sampled_classes, "num_sample": pfc.num_sample,
+            "range": (pfc.class_start, pfc.class_end), "loss": loss.detach().cpu(), "emb_grad": emb.grad.cpu(),
+            "backbone_grad": bw.grad.cpu(), "weight_grad": pfc.weight.grad.cpu(),
+            "sampled": None if pfc.last_sampled_classes is None else pfc.last_sampled_classes.cpu(),
+            "num_sample": pfc.num_sample,
         }
     return out
 
 
-def _fp16_and_predict() -> tuple:
+def _fp16_and_predict(device: str = "cpu") -> tuple:
+    """fp16=True against float32 (on CUDA the logits are float16, on the CPU bfloat16), and predict()."""
     me, world = _me_and_world()
-    x, labels, backbone_w, weight = _data(world, FULL_CLASSES)
+    x, labels, backbone_w, weight = (t.to(device) for t in _data(world, FULL_CLASSES))
     mine = slice(me * LOCAL_BATCH, (me + 1) * LOCAL_BATCH)
     emb = (x[mine] @ backbone_w.T).float()
     losses = {}
     for fp16 in (False, True):
-        pfc = PartialFC(DIM, FULL_CLASSES, CosFace(s=16.0, m=0.35), fp16=fp16)
+        pfc = PartialFC(DIM, FULL_CLASSES, CosFace(s=16.0, m=0.35), fp16=fp16, device=device)
         with torch.no_grad():
             pfc.weight.copy_(weight[pfc.class_start:pfc.class_end])
         e = emb.clone().requires_grad_()
         loss = pfc(e, labels[mine])
         loss.backward()
-        losses[fp16] = (loss.item(), e.grad, pfc.weight.grad)
+        losses[fp16] = (loss.item(), e.grad.cpu(), pfc.weight.grad.cpu())
     ids, cos = pfc.predict(emb)
-    return losses, ids, cos
+    return losses, ids.cpu(), cos.cpu()
 
 
-def _rank_all_steps() -> dict:
+def _rank_all_steps(device: str = "cpu") -> dict:
     """One launch per world size serves every numerical test (launches dominate the test time)."""
-    return {"full": _one_step(FULL_CLASSES, 1.0), "sampled": _one_step(SAMPLED_CLASSES, SAMPLE_RATE),
-            "fp16": _fp16_and_predict()}
+    return {"full": _one_step(FULL_CLASSES, 1.0, device), "sampled": _one_step(SAMPLED_CLASSES, SAMPLE_RATE, device),
+            "fp16": _fp16_and_predict(device)}
 
 
 _RUNS: dict[int, list] = {}
@@ -143,7 +146,11 @@ def _run(world: int) -> list[dict]:
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_equals_single_process_full_softmax(world):
-    results = [res["full"] for res in _run(world)]
+    _check_full_softmax(world, [res["full"] for res in _run(world)])
+
+
+def _check_full_softmax(world: int, results: list[dict]) -> None:
+    """Every rank's :func:`_one_step` at sample rate 1 against :func:`_reference` (tests/gpu: also on CUDA)."""
     x, labels, backbone_w, weight = _data(world, FULL_CLASSES)
     starts = [shard_range(FULL_CLASSES, world, r)[0] for r in range(world)]
     assert [res["arcface"]["range"][0] for res in results] == starts
@@ -163,7 +170,11 @@ def test_equals_single_process_full_softmax(world):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sampling_equals_softmax_restricted_to_sampled_classes(world):
-    results = [res["sampled"] for res in _run(world)]
+    _check_sampled_softmax(world, [res["sampled"] for res in _run(world)])
+
+
+def _check_sampled_softmax(world: int, results: list[dict]) -> None:
+    """Every rank's sampled :func:`_one_step` against the softmax over the sampled classes."""
     x, labels, backbone_w, weight = _data(world, SAMPLED_CLASSES)
     for name, make in MARGINS.items():
         sampled = torch.cat([res[name]["sampled"] for res in results])
@@ -191,7 +202,11 @@ def test_sampling_equals_softmax_restricted_to_sampled_classes(world):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_fp16_logits_and_predict(world):
-    results = [res["fp16"] for res in _run(world)]
+    _check_fp16_and_predict(world, [res["fp16"] for res in _run(world)])
+
+
+def _check_fp16_and_predict(world: int, results: list) -> None:
+    """Every rank's :func:`_fp16_and_predict` against float32 and the full cosine matrix."""
     x, labels, backbone_w, weight = _data(world, FULL_CLASSES)
     full_cos = F.linear(F.normalize((x @ backbone_w.T).float()), F.normalize(weight.float()))
     for r, (losses, ids, cos) in enumerate(results):
@@ -206,15 +221,16 @@ def test_fp16_logits_and_predict(world):
         assert (full_cos[rows].gather(1, ids.unsqueeze(1)).squeeze(1) >= best - 3e-2).all()
 
 
-def _rank_distributed_optimizer_step():
+def _rank_distributed_optimizer_step(device: str = "cpu"):
     """One SGD step (momentum, weight decay) of backbone + sampled PartialFC through DistributedOptimizer."""
     import shoal.torch as hvd  # noqa: PLC0415
 
     me, world = _me_and_world()
-    x, labels, backbone_w, weight = _data(world, SAMPLED_CLASSES)
+    x, labels, backbone_w, weight = (t.to(device) for t in _data(world, SAMPLED_CLASSES))
     mine = slice(me * LOCAL_BATCH, (me + 1) * LOCAL_BATCH)
-    backbone = nn.Linear(IN_DIM, DIM, bias=False, dtype=torch.float64)
-    pfc = PartialFC(DIM, SAMPLED_CLASSES, CosFace(s=16.0, m=0.35), sample_rate=SAMPLE_RATE, dtype=torch.float64)
+    backbone = nn.Linear(IN_DIM, DIM, bias=False, dtype=torch.float64, device=device)
+    pfc = PartialFC(DIM, SAMPLED_CLASSES, CosFace(s=16.0, m=0.35), sample_rate=SAMPLE_RATE, dtype=torch.float64,
+                    device=device)
     with torch.no_grad():
         backbone.weight.copy_(backbone_w)
         pfc.weight.copy_(weight[pfc.class_start:pfc.class_end])
@@ -224,12 +240,15 @@ def _rank_distributed_optimizer_step():
     pfc.bind_optimizer(opt)  # the wrapper's inner optimizer is the one bound
     pfc(backbone(x[mine]), labels[mine]).backward()
     opt.step()
-    return backbone.weight.detach(), pfc.weight.detach(), pfc.last_sampled_classes
+    return backbone.weight.detach().cpu(), pfc.weight.detach().cpu(), pfc.last_sampled_classes.cpu()
 
 
 def test_with_distributed_optimizer_one_step_equals_single_process_step():
-    world = 2
-    results = run_ranks(_rank_distributed_optimizer_step, world_size=world, timeout_s=60)
+    _check_optimizer_step(2, run_ranks(_rank_distributed_optimizer_step, world_size=2, timeout_s=60))
+
+
+def _check_optimizer_step(world: int, results: list) -> None:
+    """:func:`_rank_distributed_optimizer_step` on every rank against one single-process SGD step."""
     x, labels, backbone_w, weight = _data(world, SAMPLED_CLASSES)
     sampled = torch.cat([res[2] for res in results])
     margin = CosFace(s=16.0, m=0.35)
