@@ -1,6 +1,6 @@
 """Compression below 16 bits on real gloo ranks: PowerSGD against a single-process implementation of the same
 rounds, 8 bits against the float64 mean and its error feedback's running sum, both through the optimizer
-(negotiation, NaN check, timeline, a parameter mismatch) and the DDP hook.
+(negotiation, NaN check, timeline, the tuner's re-planning, a parameter mismatch) and the DDP hook.
 
 Tolerances (written out).
 
@@ -297,6 +297,43 @@ def test_timeline_shows_the_compression_work(tmp_path):
     assert ("compression", "powersgd P") in names and ("decompression", "powersgd P Q^T") in names, names
     names = run_ranks(_timeline, world_size=2, timeout_s=60, args=("int8",), env=env)[0]
     assert ("compression", "encode int8") in names, names
+
+
+def _tuned(compression: str, steps: int):
+    import shoal.torch as hvd  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(12):  # 3 MB of gradients in 24 tensors: the tuner's 1/2/4 MB buckets plan differently
+        layers += [torch.nn.Linear(256, 256), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                   named_parameters=model.named_parameters(), compression=compression)
+    g = torch.Generator().manual_seed(100 + hvd.rank())
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(torch.randn(16, 256, generator=g)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return {"params": [p.detach().clone() for p in model.parameters()], "summary": opt.engine.autotune,
+            "losses": losses, "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters())}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("compression", ["int8", "powersgd:rank=2,start_step=3"])
+def test_the_tuner_replans_buckets_under_low_bits(compression):
+    # The tuner tries bucket plans while the step runs compressed: each new plan restarts the buckets'
+    # state (residuals, Q), and the ranks must still agree bitwise and keep training.
+    got = run_ranks(_tuned, world_size=2, timeout_s=180, args=(compression, 55))
+    assert all(torch.equal(a, b) for a, b in zip(got[0]["params"], got[1]["params"]))
+    s0, s1 = got[0]["summary"], got[1]["summary"]
+    assert s0["state"] == "settled" and s0["choice"] == s1["choice"] and s0["trials"] == s1["trials"]
+    assert len({t["bucket_mb"] for t in s0["trials"]}) >= 2, s0["trials"]  # the plan really changed
+    assert got[0]["finite"]
+    assert sum(got[0]["losses"][-5:]) < sum(got[0]["losses"][:5]), got[0]["losses"]
 
 
 def _mismatch():

@@ -366,24 +366,26 @@ def _rank_sparse(sparse_as_dense: bool):
                                    named_parameters=model.named_parameters(), sparse_as_dense=sparse_as_dense)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     layouts = []
-    for step in range(_STEPS):
-        g = torch.Generator().manual_seed(step)
-        # Indices 0..14 on rank 0 and 10..29 on rank 1 overlap on 10..14 (values summed across ranks),
-        # with repeats inside a rank (summed by coalescing).
-        x = torch.cat([torch.randint(0, 15, (_BATCH // 2,), generator=g),
-                       torch.randint(10, 30, (_BATCH // 2,), generator=g)])
-        y = torch.randn(_BATCH, 4, generator=g)
-        opt.zero_grad()
-        _loss(model, _half(x, rank, world), _half(y, rank, world)).backward()
-        opt.synchronize()
-        layouts.append(str(model.emb.weight.grad.layout))
-        with opt.skip_synchronize():
-            opt.step()
-        ref_opt.zero_grad()
-        _loss(ref, x, y).backward()
-        ref_opt.step()
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", FutureWarning)  # the sparse exchange used a name torch 2.13 renamed
+        for step in range(_STEPS):
+            g = torch.Generator().manual_seed(step)
+            # Indices 0..14 on rank 0 and 10..29 on rank 1 overlap on 10..14 (values summed across ranks),
+            # with repeats inside a rank (summed by coalescing).
+            x = torch.cat([torch.randint(0, 15, (_BATCH // 2,), generator=g),
+                           torch.randint(10, 30, (_BATCH // 2,), generator=g)])
+            y = torch.randn(_BATCH, 4, generator=g)
+            opt.zero_grad()
+            _loss(model, _half(x, rank, world), _half(y, rank, world)).backward()
+            opt.synchronize()
+            layouts.append(str(model.emb.weight.grad.layout))
+            with opt.skip_synchronize():
+                opt.step()
+            ref_opt.zero_grad()
+            _loss(ref, x, y).backward()
+            ref_opt.step()
     return {"diff": _max_diff(model, ref), "scale": _scale(ref), "params": _params(model),
-            "layouts": layouts}
+            "layouts": layouts, "warned": [str(w.message) for w in warned if "deprecated" in str(w.message)]}
 
 
 @pytest.mark.parametrize("sparse_as_dense", [False, True])
@@ -393,6 +395,7 @@ def test_sparse_embedding_gradients(sparse_as_dense):
     # ("convert back to sparse before applying the update"): SparseAdam accepts nothing else.
     for r in results:
         assert set(r["layouts"]) == {"torch.sparse_coo"}
+        assert not r["warned"], r["warned"]
         assert r["diff"] <= _ATOL * r["scale"], r["diff"]
     _assert_ranks_equal(results)
 

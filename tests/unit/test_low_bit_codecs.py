@@ -12,6 +12,7 @@ relative 2**-23 or so to each bound (the division and the product are each round
 from __future__ import annotations
 
 import argparse
+import pathlib
 
 import pytest
 import torch
@@ -176,12 +177,21 @@ def test_powersgd_compresses_matrices_that_gain_and_keeps_the_rest_in_runs():
 
 
 def test_doctor_says_when_compression_pays_on_this_link():
-    from shoal.runner.doctor import _CROSSOVER_MBPS, _compression_advice  # noqa: PLC0415
+    from shoal.runner.doctor import _CROSSOVER_EVIDENCE, _CROSSOVER_MBPS, _compression_advice  # noqa: PLC0415
 
     slow, fast = 1000, 2 * max(_CROSSOVER_MBPS.values())
     assert "powersgd" in _compression_advice("none", slow, False).split(";")[0]  # worth trying here
-    assert "as fast" in _compression_advice("none", fast, False)
+    assert "int8" not in _compression_advice("none", slow, False).split(";")[0]  # measured 0.95x there
+    assert "no compression was measured faster" in _compression_advice("none", fast, False)
     assert "pays on this link" in _compression_advice("powersgd:rank=2", slow, False)
-    assert "no faster" in _compression_advice("mixed_int8", fast, True)
+    assert "pays on this link" in _compression_advice("mixed_fp16", 4000, False)
+    assert "no gain measured" in _compression_advice("mixed_int8", fast, True)
     assert "mixed_*" in _compression_advice("int8", slow, True)  # hierarchy on: says what mixed does
     assert "link speed unknown" in _compression_advice("fp16", None, False)
+    # Every crossover is a measured one, and the section the advice cites exists (the first version
+    # shipped placeholders of 0 Mbit/s: "fp16 below ~0 Gbit/s", and a link to a missing section).
+    assert " 0 Gbit/s" not in _compression_advice("none", slow, False)
+    assert _CROSSOVER_MBPS["fp16"] > slow and _CROSSOVER_MBPS["powersgd"] >= slow
+    assert {f for f in _CROSSOVER_MBPS if f != "bf16"} == set(_CROSSOVER_EVIDENCE)
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "compression.md").read_text()
+    assert "\n## When compression pays\n" in doc

@@ -31,6 +31,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single and the old name warns (FutureWarning on
+# every rank at every registration); earlier versions have the old name only.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 __all__ = ["encode", "decode", "allgather_json", "broadcast_json", "allgather_bytes", "broadcast_bytes"]
 
 
@@ -74,14 +78,14 @@ def allgather_bytes(data: bytes, group: Optional[dist.ProcessGroup] = None,
     dev = _device(group, device)
     n = dist.get_world_size(group)
     sizes = torch.zeros(n, dtype=torch.int64, device=dev)
-    dist.all_gather_into_tensor(sizes, torch.tensor([len(data)], dtype=torch.int64, device=dev), group=group)
+    _all_gather_single(sizes, torch.tensor([len(data)], dtype=torch.int64, device=dev), group=group)
     lengths = sizes.tolist()
     width = max(max(lengths) if lengths else 0, 1)
     mine = torch.zeros(width, dtype=torch.uint8)
     if data:
         mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     out = torch.empty(n * width, dtype=torch.uint8, device=dev)
-    dist.all_gather_into_tensor(out, mine.to(dev), group=group)
+    _all_gather_single(out, mine.to(dev), group=group)
     rows = out.view(n, width).cpu()
     return [rows[i, :lengths[i]].numpy().tobytes() for i in range(n)]
 

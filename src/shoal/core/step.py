@@ -61,6 +61,9 @@ from .negotiation import Negotiator
 from .ops import ReduceOp
 from .reducer import GradientReducer, ReducerObserver, TimelineObserver
 
+# torch 2.13 renamed all_gather_into_tensor (the old name warns); earlier versions have the old name only.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 __all__ = ["StepOwner", "StepResult", "EngineInfo", "resolve_settings", "ENGINE_OPTIONS", "completed_steps"]
 
 log = logging.getLogger(__name__)
@@ -524,7 +527,7 @@ class StepOwner:
             g = g.coalesce()
             idx, val = g.indices(), g.values()
             counts_t = torch.zeros(n, dtype=torch.int64)
-            dist.all_gather_into_tensor(counts_t, torch.tensor([idx.shape[1]], dtype=torch.int64), group=group)
+            _all_gather_single(counts_t, torch.tensor([idx.shape[1]], dtype=torch.int64), group=group)
             counts = counts_t.tolist()
             top = max(counts)
             pad_idx = torch.zeros((idx.shape[0], top), dtype=idx.dtype)

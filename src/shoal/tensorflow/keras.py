@@ -13,12 +13,13 @@ import sys
 import shoal.keras as _keras
 
 __all__ = [
-    "DistributedOptimizer", "is_distributed", "exchange_stats", "callbacks", "Compression", "join",
+    "DistributedOptimizer", "is_distributed", "exchange_stats", "callbacks", "elastic", "Compression", "join",
     "allreduce", "allgather", "broadcast", "broadcast_variables", "broadcast_object", "allgather_object",
     "barrier", "ReduceOp", "Average", "Sum", "Min", "Max", "Product",
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank",
     "cross_size", "is_homogeneous", "ProcessSet", "global_process_set", "add_process_set",
     "remove_process_set", "ShoalError", "MismatchError", "NotInitializedError", "RankFailureError", "StallError",
+    "HorovodInternalError", "HostsUpdatedInterrupt",
 ]
 
 # The import system returns what sys.modules holds for this name once the module has run, so
