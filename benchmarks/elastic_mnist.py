@@ -12,8 +12,8 @@ Scenarios (one job each, in one run, same seed and data):
 
 The launcher starts a replacement for every worker lost (target: 4), which joins at a commit and is
 caught up from rank 0. Per scenario: the test accuracy at the end and its difference to ``none``
-(acceptance: within 0.3 points), the samples trained (every epoch's samples once, plus the batches
-redone after a restore), the seconds from the fault to the first step the survivors complete in the new
+(acceptance: within 0.3 points), the samples trained (batch x world size summed over the steps: every
+epoch's samples once, plus the batches redone after a restore and the padding of uneven dealings), the seconds from the fault to the first step the survivors complete in the new
 world (acceptance: within 5 s, except ``hang``, which waits ``SHOAL_TIMEOUT_S`` by design), the recovery's
 phases as the survivors measured them (``hvd.elastic.recovery_times()``: leave, agree, rebuild, restore,
 sync, first step), whether the state was kept or restored, and whether every worker, the replacements

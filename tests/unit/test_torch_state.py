@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from shoal.torch.elastic import TorchState
+from shoal.torch.elastic import ElasticSampler, TorchState
 
 
 def _train(model, opt, steps: int) -> None:
@@ -50,3 +50,19 @@ def test_a_commit_reuses_the_previous_commits_tensors():
     assert state._saved_model["weight"].data_ptr() == before
     assert torch.equal(state._saved_model["weight"], model.weight.detach())
     assert state._saved_model["weight"].data_ptr() != model.weight.data_ptr()
+
+
+def test_a_reset_deals_what_is_left_of_the_epoch_without_a_sync():
+    """A change of membership with only leavers skips sync(): on_reset itself must deal the rest of the
+    epoch over the new world (here a world of one), or the old dealing would start over from its first
+    batch and its samples be trained twice."""
+    sampler = ElasticSampler(list(range(400)), shuffle=True, seed=3)
+    sampler.reset(4, 1)  # the dealing of a world of 4, as rank 1
+    state = TorchState(sampler=sampler, epoch=0)
+    done = set()
+    for batch in range(3):  # every rank of the 4 finished 3 batches of 10
+        done.update(sampler.get_indices(batch, 10))
+        sampler.record_batch(batch, 10)
+    state.on_reset()
+    left = list(sampler)
+    assert len(left) == 400 - 4 * 3 * 10 and not done & set(left)

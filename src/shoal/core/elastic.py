@@ -185,6 +185,8 @@ def check_host_updates() -> None:
     if _store is None or not runtime.is_initialized() or not runtime.elastic():
         return
     joins = membership.pending_joins(_store) > 0
+    if _leaving:  # recorded before the others learn of it, so that their agreement never waits for this rank
+        membership.note_leave(_store, membership.worker_id())
     flags = torch.tensor([int(joins), int(_leaving)], dtype=torch.int64)
     try:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=runtime.control_group(runtime.global_process_set))
@@ -376,6 +378,8 @@ def run(func: Callable) -> Callable:
             except HorovodInternalError as exc:
                 if not runtime.elastic():
                     raise
+                if _leaving:  # it asked to leave (and recorded it at the commit): it goes, failure or not
+                    _leave_now()
                 failed_at, caught = time.monotonic(), time.time()
                 text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 log.warning("shoal: rank %d: %s (the elastic job goes on without the ranks it names)",
