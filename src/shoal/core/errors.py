@@ -82,7 +82,9 @@ class HostsUpdatedInterrupt(ShoalError):
     def __init__(self, skip_sync: bool = False, message: Optional[str] = None):
         self.skip_sync = bool(skip_sync)
         super().__init__(message or "shoal: the elastic job's membership changes at this commit (workers join "
-                                    "or leave); hvd.elastic.run restores or syncs the state and goes on")
+                                    "or leave); hvd.elastic.run restores or syncs the state and goes on. HINT: "
+                                    "seen outside hvd.elastic.run, the commit ran in a function that is not "
+                                    "decorated with @hvd.elastic.run; decorate the training function")
 
 
 class RankFailureError(HorovodInternalError):

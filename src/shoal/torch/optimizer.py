@@ -351,9 +351,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         stepper = None
         if self._should_synchronize:
             if owner.synchronized and owner.active:
-                warnings.warn("shoal: optimizer.step() after optimizer.synchronize() without "
-                              "skip_synchronize(): the gradients are already reduced, nothing is redone.",
-                              stacklevel=2)
+                # Horovod's words first: filters written for its warning (``warnings.filterwarnings(
+                # "ignore", message="optimizer.step\\(\\) called without ...")``) match from the start.
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
+                              "optimizer.synchronize() (shoal: the gradients are already reduced, nothing "
+                              "is redone). HINT: step inside `with optimizer.skip_synchronize():` after an "
+                              "explicit synchronize().", stacklevel=2)
             else:
                 if closure is None and self._stepper is not None and owner.built and \
                         can_step_in_parts(self._inner, owner.settings.nan_check):
