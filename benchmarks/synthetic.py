@@ -122,6 +122,10 @@ class Mode:
     def finish_round(self) -> None:
         """End of a mode's round (timed with its last step): nothing left in flight for the next mode."""
 
+    def extra(self) -> dict:
+        """What else to record about the mode after its rounds (e.g. the elastic mode's commit times)."""
+        return {}
+
     def settle(self, x, y) -> Optional[dict]:
         """Untimed steps before the rounds, for modes that adapt during their first steps (the tuner);
         returns what to record about it, or None."""
@@ -231,13 +235,20 @@ class ShoalElastic(Shoal):
 
         self.state = sh.elastic.TorchState(model, self.optimizer)
         self.steps = 0
+        self.commit_ms: list[float] = []
 
     def step(self, x, y):
         loss = super().step(x, y)
         self.steps += 1
         if self.steps % COMMIT_EVERY == 0:
+            t0 = time.perf_counter()
             self.state.commit()
+            self.commit_ms.append((time.perf_counter() - t0) * 1e3)
         return loss
+
+    def extra(self) -> dict:
+        return {"commit_every": COMMIT_EVERY, "commits": len(self.commit_ms),
+                "commit_ms_median": statistics.median(self.commit_ms) if self.commit_ms else None}
 
 
 class Horovod(Mode):
@@ -309,7 +320,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def summarize(steps_s: list[float]) -> dict:
     ms = [t * 1e3 for t in steps_s]
-    return {"median_ms": statistics.median(ms), "p10_ms": percentile(ms, 10), "p90_ms": percentile(ms, 90),
+    return {"median_ms": statistics.median(ms), "mean_ms": statistics.fmean(ms), "p10_ms": percentile(ms, 10),
+            "p90_ms": percentile(ms, 90),
             "steps_ms": [round(t, 2) for t in ms]}
 
 
@@ -438,7 +450,7 @@ def bench_model(name: str, args, rank: int, world: int, progress) -> dict:
     for mode in modes:
         worst = [max(per_rank[mode][i] for per_rank in everyone) for i in range(len(times[mode]))]
         info["modes"][mode] = {"status": "ok", "wire_precision": modes[mode].wire_precision,
-                               "loss": losses[mode], **summarize(worst)}
+                               "loss": losses[mode], **summarize(worst), **modes[mode].extra()}
     info["modes"] = {m: info["modes"][m] for m in args.modes if m in info["modes"]}
     modes.clear()
     gc.collect()
