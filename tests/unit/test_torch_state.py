@@ -44,12 +44,12 @@ def test_a_commit_reuses_the_previous_commits_tensors():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     _train(model, opt, 1)
     state = TorchState(model, opt)
-    before = state._saved_model["weight"].data_ptr()
+    before = state._snapshots["model"]["weight"].data_ptr()
     _train(model, opt, 1)
     state.save()
-    assert state._saved_model["weight"].data_ptr() == before
-    assert torch.equal(state._saved_model["weight"], model.weight.detach())
-    assert state._saved_model["weight"].data_ptr() != model.weight.data_ptr()
+    assert state._snapshots["model"]["weight"].data_ptr() == before
+    assert torch.equal(state._snapshots["model"]["weight"], model.weight.detach())
+    assert state._snapshots["model"]["weight"].data_ptr() != model.weight.data_ptr()
 
 
 def test_a_reset_deals_what_is_left_of_the_epoch_without_a_sync():

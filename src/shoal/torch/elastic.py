@@ -212,52 +212,69 @@ def _copy_into(saved: Any, live: Any) -> Any:
     return copy.deepcopy(live)
 
 
-class TorchState(ObjectState):
-    """The model's and optimizer's state plus plain fields (Horovod's ``hvd.elastic.TorchState``).
+#: What TorchState saves, restores and copies through the object's own ``state_dict()`` rather than as a
+#: plain field (Horovod's handler types): any field holding one of these, the model and optimizer included.
+_HANDLED = (torch.nn.Module, torch.optim.Optimizer, ElasticSampler)
 
-    Saved in memory at ``commit()`` (deep copies of ``state_dict()``), restored after a failure when the
-    survivors had not all finished the same step, copied from rank 0 at every change of membership
-    (``broadcast_parameters``, ``broadcast_optimizer_state``: no pickle). An :class:`ElasticSampler` among
-    the fields takes rank 0's record at sync and deals what is left over the new world.
+
+class TorchState(ObjectState):
+    """Models, optimizers and samplers plus plain fields (Horovod's ``hvd.elastic.TorchState``).
+
+    Any field that holds a ``torch.nn.Module``, a ``torch.optim.Optimizer`` (Shoal's
+    ``DistributedOptimizer`` too) or an :class:`ElasticSampler` (``model`` and ``optimizer``, and as many
+    more as the keyword arguments name: a GAN's two of each) is saved in memory at ``commit()`` (a copy of
+    its ``state_dict()``, into the previous commit's tensors), restored after a failure when the survivors
+    had not all finished the same step, and copied from rank 0 at every change of membership
+    (``broadcast_parameters``, ``broadcast_optimizer_state``, the sampler's two numbers: no pickle), after
+    which every sampler deals what is left of its epoch over the new world. Assigning another object to such
+    a field (``state.model = other``) takes its current state as the committed one, as Horovod does. Other
+    fields are plain data (:class:`~shoal.core.elastic.ObjectState`).
 
     Args:
         model: a ``torch.nn.Module`` (or None).
         optimizer: a ``torch.optim.Optimizer`` or Shoal's ``DistributedOptimizer`` (or None).
-        **kwargs: other fields (``epoch=0``, ``batch=0``, a sampler, ...).
+        **kwargs: other fields (``epoch=0``, ``batch=0``, a sampler, a second model, ...).
+
+    Example:
+        >>> state = hvd.elastic.TorchState(model, optimizer, train_sampler=sampler, epoch=0, batch=0)
+        >>> state.register_reset_callbacks([lambda: scale_lr(hvd.size())])
     """
 
     def __init__(self, model: Optional[torch.nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
                  **kwargs: Any):
-        samplers = {k: v for k, v in kwargs.items() if isinstance(v, ElasticSampler)}
-        plain = {k: v for k, v in kwargs.items() if k not in samplers}
+        fields = {"model": model, "optimizer": optimizer, **kwargs}
+        handled = [name for name, value in fields.items() if isinstance(value, _HANDLED)]
+        object.__setattr__(self, "_handled", handled)
+        object.__setattr__(self, "_snapshots", {})
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "optimizer", optimizer)
-        object.__setattr__(self, "_samplers", samplers)
-        for name, sampler in samplers.items():
-            object.__setattr__(self, name, sampler)
-        super().__init__(**plain)
-        self._saved_model = None
-        self._saved_optimizer = None
-        self._saved_samplers: dict[str, dict] = {}
+        for name in handled:
+            object.__setattr__(self, name, fields[name])
+        super().__init__(**{k: v for k, v in kwargs.items() if k not in handled})
         self.save()
 
-    def save(self) -> None:
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in self.__dict__.get("_handled", ()):
+            self._save_one(name)  # the new object's state is the committed one (a restore must fit it)
+
+    def _save_one(self, name: str) -> None:
         # Into the previous commit's tensors, where shapes match: a commit then allocates nothing (for a
         # model of 100 MB, deepcopy's fresh pages cost more than the copy itself).
-        if self.model is not None:
-            self._saved_model = _copy_into(self._saved_model, self.model.state_dict())
-        if self.optimizer is not None:
-            self._saved_optimizer = _copy_into(self._saved_optimizer, self.optimizer.state_dict())
-        self._saved_samplers = {k: s.state_dict() for k, s in self._samplers.items()}
+        obj = getattr(self, name)
+        self._snapshots[name] = _copy_into(self._snapshots.get(name), obj.state_dict()) \
+            if isinstance(obj, _HANDLED) else None
+
+    def save(self) -> None:
+        for name in self._handled:
+            self._save_one(name)
         super().save()
 
     def restore(self) -> None:
-        if self.model is not None and self._saved_model is not None:
-            self.model.load_state_dict(self._saved_model)
-        if self.optimizer is not None and self._saved_optimizer is not None:
-            self.optimizer.load_state_dict(self._saved_optimizer)
-        for name, saved in self._saved_samplers.items():
-            self._samplers[name].load_state_dict(saved)
+        for name in self._handled:
+            obj, saved = getattr(self, name), self._snapshots.get(name)
+            if isinstance(obj, _HANDLED) and saved is not None:
+                obj.load_state_dict(saved)
         super().restore()
 
     def on_reset(self) -> None:
@@ -266,23 +283,27 @@ class TorchState(ObjectState):
         # the old dealing over (measured: 23% more samples in an epoch with a SIGTERM). Every survivor
         # finished the same batches of the dealing, so the record is the same on each; sync() then takes
         # rank 0's anyway.
-        for sampler in self._samplers.values():
-            sampler.load_state_dict(sampler.state_dict())
+        for name in self._handled:
+            sampler = getattr(self, name)
+            if isinstance(sampler, ElasticSampler):
+                sampler.load_state_dict(sampler.state_dict())
         super().on_reset()
 
     def sync(self) -> None:
-        if runtime.size() > 1:
-            if self.model is not None:
-                broadcast_parameters(self.model.state_dict(), root_rank=0)
-            if self.optimizer is not None:
-                broadcast_optimizer_state(self.optimizer, root_rank=0)
-            from shoal.core.collectives import broadcast_object  # noqa: PLC0415
+        from shoal.core.collectives import broadcast_object  # noqa: PLC0415
 
-            for name, sampler in self._samplers.items():
-                # Rank 0's record says what the whole previous world processed (ElasticSampler).
-                sampler.load_state_dict(broadcast_object(sampler.state_dict(), root_rank=0,
-                                                         name=f"elastic.{name}", trusted=False))
-        else:
-            for sampler in self._samplers.values():
-                sampler.reset()
+        many = runtime.size() > 1
+        for name in self._handled:
+            obj = getattr(self, name)
+            if isinstance(obj, ElasticSampler):
+                # Rank 0's count says what the whole previous world processed (ElasticSampler, constraint 2);
+                # loading it deals the rest over this world, also when this world is rank 0 alone.
+                record = obj.state_dict()
+                if many:
+                    record = broadcast_object(record, root_rank=0, name=f"elastic.{name}", trusted=False)
+                obj.load_state_dict(record)
+            elif many and isinstance(obj, torch.optim.Optimizer):
+                broadcast_optimizer_state(obj, root_rank=0)
+            elif many and isinstance(obj, torch.nn.Module):
+                broadcast_parameters(obj.state_dict(), root_rank=0)
         super().sync()
