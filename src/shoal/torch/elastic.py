@@ -273,8 +273,13 @@ class TorchState(ObjectState):
     def restore(self) -> None:
         for name in self._handled:
             obj, saved = getattr(self, name), self._snapshots.get(name)
-            if isinstance(obj, _HANDLED) and saved is not None:
-                obj.load_state_dict(saved)
+            if isinstance(obj, torch.optim.Optimizer) and saved is not None:
+                # A fresh copy: torch's Optimizer.load_state_dict keeps the tensors it is given (``.to()`` of
+                # a tensor already in place is the tensor), so the steps after a restore would write into the
+                # commit, and a second restore would not go back to it.
+                obj.load_state_dict(_copy_into(None, saved))
+            elif isinstance(obj, _HANDLED) and saved is not None:
+                obj.load_state_dict(saved)  # Module.load_state_dict copies into the parameters
         super().restore()
 
     def on_reset(self) -> None:
