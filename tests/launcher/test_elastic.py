@@ -150,3 +150,16 @@ def test_hung_worker_is_evicted_and_the_job_goes_on(run_cli, tmp_path):
     done = _done(_events(r.stdout))
     assert len(done) >= 2 and 1 not in {e["wid"] for e in done}, done
     _assert_same_weights(done)
+
+
+@pytest.mark.parametrize("hosts", ["-H", "--hostfile"])
+def test_elastic_mode_refuses_several_hosts(run_cli, tmp_path, hosts):
+    # Elastic mode is one host for now: several hosts are a usage error before anything starts.
+    where = "node-a:1,node-b:1"
+    if hosts == "--hostfile":
+        where = str(tmp_path / "hosts")
+        (tmp_path / "hosts").write_text("node-a slots=1\nnode-b slots=1\n")
+    r = run_cli(["run", "-np", "2", "--min-np", "1", "--max-np", "2", hosts, where, "python", "-c", "pass"],
+                timeout_s=60)
+    assert r.returncode == 2, r.describe()
+    assert "elastic mode runs on one host" in r.stderr and "-H / --hostfile" in r.stderr, r.stderr
