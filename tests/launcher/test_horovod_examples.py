@@ -17,6 +17,12 @@ example runs through ``tests/compat/run_horovod_tf.py _rank`` (MNIST from the lo
 downloads it); on Keras 3 one more visible edit, ``opt.variables()`` -> ``opt.variables`` (the examples' own
 Keras 2 call), and unchanged but for the import on Keras 2 (``TF_USE_LEGACY_KERAS=1`` with ``tf_keras``).
 
+Horovod's elastic examples (``examples/elastic/pytorch``, also only with ``COMPAT_HOROVOD_SRC``) run under
+``shoal run -np 2 --min-np 1 --max-np 2`` twice each: uninterrupted, and with worker 1 SIGKILLed from outside
+once rank 0 has printed its progress a second time. The job must then finish, exit 0, and the launcher's
+summary must say it recovered; the replacement the launcher starts joins if it comes up before the training
+ends, and is stopped otherwise.
+
 The whole Horovod test suites run through ``python tests/compat/horovod_shim.py suite`` (docs/horovod.md) and
 ``python tests/compat/run_horovod_tf.py`` (docs/tensorflow.md).
 """
@@ -29,6 +35,8 @@ import pathlib
 import signal
 import subprocess
 import sys
+import uuid
+from typing import Optional
 
 import pytest
 
@@ -36,6 +44,7 @@ _ROOT = pathlib.Path(__file__).resolve().parents[2]
 _STYLE = _ROOT / "tests" / "fixtures" / "horovod_style_training.py"
 _EXAMPLES = os.path.join(os.environ.get("COMPAT_HOROVOD_SRC", ""), "examples", "pytorch")
 _TF_EXAMPLES = os.path.join(os.environ.get("COMPAT_HOROVOD_SRC", ""), "examples", "tensorflow2")
+_ELASTIC = os.path.join(os.environ.get("COMPAT_HOROVOD_SRC", ""), "examples", "elastic", "pytorch")
 
 needs_horovod_src = pytest.mark.skipif(
     not os.path.exists(os.path.join(_EXAMPLES, "pytorch_synthetic_benchmark.py")),
@@ -100,6 +109,85 @@ def test_pytorch_mnist_runs_with_only_the_import_changed(run_cli, tmp_path):
                        "HOME": str(tmp_path)})
     assert res.returncode == 0, res.describe()
     assert "Test set: Average loss" in res.stdout, res.describe()
+
+
+#: Marks the processes of one elastic run, so that a test kills a worker of its own run only.
+_KILL_MARK = "HOROVOD_EXAMPLE_TEST_RUN"
+
+
+def _sigkill_worker(marker: str, wid: int) -> list[int]:
+    """SIGKILL every process of elastic worker ``wid`` (``SHOAL_ELASTIC_ID``) of the run marked ``marker``."""
+    wanted = {f"{_KILL_MARK}={marker}".encode(), f"SHOAL_ELASTIC_ID={wid}".encode()}
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                environ = set(fh.read().split(b"\0"))
+        except OSError:
+            continue
+        if wanted <= environ:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def _run_elastic(run_cli, tmp_path, name: str, args: list[str], kill_on: Optional[str],
+                 env: Optional[dict] = None):
+    """``shoal run -np 2 --min-np 1 --max-np 2 python <examples/elastic/pytorch/name> args``; with ``kill_on``,
+    worker 1 is SIGKILLed when that text first appears on the job's stdout."""
+    script = os.path.join(_ELASTIC, name)
+    if not os.path.exists(script):
+        pytest.skip(f"{script} is not in this Horovod checkout")
+    marker = uuid.uuid4().hex
+    killed: list[int] = []
+
+    def watch(line: str) -> None:
+        if kill_on and not killed and kill_on in line:
+            killed.extend(_sigkill_worker(marker, 1) or [-1])
+
+    home = tmp_path / "home"  # the MNIST example takes a FileLock on ~/.horovod_lock
+    home.mkdir()
+    full_env = {"PYTHONPATH": _shim_path(tmp_path / "shim"), _KILL_MARK: marker, "HOME": str(home), **(env or {})}
+    res = run_cli(["run", "-np", "2", "--min-np", "1", "--max-np", "2", "python", script, *args],
+                  timeout_s=150, env=full_env, on_stdout=watch)
+    if kill_on:
+        assert killed and killed != [-1], f"worker 1 was not found to kill:\n{res.describe()}"
+        assert res.returncode == 0, res.describe()
+        assert "recovered from 1 failure(s): worker 1 (killed by SIGKILL" in res.stderr, res.describe()
+        assert "elastic generation 1: rank 0 of " in res.stderr, res.describe()  # the survivor went on
+    else:
+        assert res.returncode == 0, res.describe()
+        assert "recovered" not in res.stderr, res.describe()
+    return res
+
+
+@needs_horovod_src
+@pytest.mark.parametrize("fault", ["uninterrupted", "worker_killed"])
+def test_pytorch_synthetic_benchmark_elastic(run_cli, tmp_path, fault):
+    killed = fault == "worker_killed"
+    res = _run_elastic(run_cli, tmp_path, "pytorch_synthetic_benchmark_elastic.py",
+                       ["--model", "small_cnn", "--batch-size", "4", "--num-warmup-batches", "2",
+                        "--num-batches-per-iter", "4", "--num-iters", "20" if killed else "3"],
+                       kill_on="[rank0]: Iter #1:" if killed else None)
+    assert ("Total img/sec on " if killed else "Total img/sec on 2 CPU(s)") in res.stdout, res.describe()
+
+
+@needs_horovod_src
+@pytest.mark.parametrize("fault", ["uninterrupted", "worker_killed"])
+def test_pytorch_mnist_elastic(run_cli, tmp_path, fault):
+    # 2560 images: 40 steps of 32 per rank on 2 ranks; rank 0 prints every 5 steps ("[160/..." is step 5).
+    # The parsed MNIST cache stays where it is (HOME moves to tmp_path for the example's lock file).
+    env = {"COMPAT_MNIST_LIMIT": "2560",
+           "COMPAT_MNIST_CACHE_DIR": os.path.join(os.path.expanduser("~"), ".cache", "shoal")}
+    res = _run_elastic(run_cli, tmp_path, "pytorch_mnist_elastic.py",
+                       ["--epochs", "1", "--batch-size", "32", "--log-interval", "5"],
+                       kill_on="[rank0]: Train Epoch: 1 [160/" if fault == "worker_killed" else None, env=env)
+    assert "Test set: Average loss:" in res.stdout, res.describe()
 
 
 def _tf_example(name: str, tmp_path: pathlib.Path, keras: str, edits=()) -> tuple[list[str], dict]:

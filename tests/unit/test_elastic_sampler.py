@@ -5,6 +5,9 @@ remaining samples do not divide over the ranks, as torch's DistributedSampler do
 from __future__ import annotations
 
 import collections
+import random
+
+import pytest
 
 from shoal.torch.elastic import ElasticSampler
 
@@ -55,3 +58,56 @@ def test_restored_record_deals_the_uncommitted_work_again():
         s.record_batch(2, 4)  # a step after the commit, lost with a rank
     survivors = _deal(40, 1, committed)
     assert len(survivors[0].indices) == 40 - 16
+
+
+# Horovod's contract (horovod/torch/elastic/sampler.py): progress is ``processed_num``, samples of the epoch
+# processed by the whole job; ``record_batch`` adds ``batch_size * num_replicas`` per call; ``state_dict`` is
+# ``{"epoch", "processed_num"}``; the epoch's order is ``random.Random(seed + epoch)``'s shuffle.
+
+def _horovod_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed + epoch).shuffle(order)
+    return order
+
+
+def test_progress_is_horovods_processed_num():
+    ranks = _deal(40, 2)
+    assert [s.processed_num for s in ranks] == [0, 0]
+    for s in ranks:
+        s.record_batch(0, 4)
+        s.record_batch(1, 4)
+    assert [s.processed_num for s in ranks] == [16, 16]  # 2 batches x 4 samples x 2 ranks
+    assert ranks[0].state_dict() == {"epoch": 0, "processed_num": 16}
+    ranks[0].set_epoch(1)  # outside a job: dealt over one rank
+    assert ranks[0].state_dict() == {"epoch": 1, "processed_num": 0} and len(ranks[0]) == 40
+
+
+def test_order_and_state_dict_match_horovods():
+    # A state taken under Horovod names the same samples here: same order, same meaning of the count.
+    sampler = ElasticSampler(list(range(30)), seed=7)
+    sampler.load_state_dict({"epoch": 2, "processed_num": 12}, 1, 0)
+    assert list(iter(sampler)) == _horovod_order(30, 7, 2)[12:]
+    plain = ElasticSampler(list(range(10)), shuffle=False)
+    plain.load_state_dict({"epoch": 0, "processed_num": 4}, 2, 1)
+    assert list(iter(plain)) == [5, 7, 9]
+    with pytest.raises(KeyError, match="processed_num"):
+        plain.load_state_dict({"epoch": 0})
+
+
+def test_batch_numbers_may_count_on_across_a_change_of_membership():
+    # Horovod counts calls: a script that numbers its batches from the epoch's start (not from the last
+    # dealing) loses no sample when the world changes (before: batches 2 and 3 of the second dealing were
+    # taken as its 3rd and 4th, so the third dealing skipped 6 samples).
+    seen: list[int] = []
+    ranks = _deal(24, 2)
+    for b in range(2):
+        for s in ranks:
+            seen += s.get_indices(b, 3)
+            s.record_batch(b, 3)
+    (alone,) = _deal(24, 1, ranks[0].state_dict())
+    for step, b in enumerate(range(2, 4)):  # the script's numbering goes on: 2, 3
+        seen += alone.get_indices(step, 3)
+        alone.record_batch(b, 3)
+    assert alone.state_dict() == {"epoch": 0, "processed_num": 18}
+    ranks = _deal(24, 2, alone.state_dict())
+    assert sorted(seen + ranks[0].indices + ranks[1].indices) == list(range(24))

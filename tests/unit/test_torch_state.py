@@ -44,12 +44,12 @@ def test_a_commit_reuses_the_previous_commits_tensors():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     _train(model, opt, 1)
     state = TorchState(model, opt)
-    before = state._saved_model["weight"].data_ptr()
+    before = state._snapshots["model"]["weight"].data_ptr()
     _train(model, opt, 1)
     state.save()
-    assert state._saved_model["weight"].data_ptr() == before
-    assert torch.equal(state._saved_model["weight"], model.weight.detach())
-    assert state._saved_model["weight"].data_ptr() != model.weight.data_ptr()
+    assert state._snapshots["model"]["weight"].data_ptr() == before
+    assert torch.equal(state._snapshots["model"]["weight"], model.weight.detach())
+    assert state._snapshots["model"]["weight"].data_ptr() != model.weight.data_ptr()
 
 
 def test_a_reset_deals_what_is_left_of_the_epoch_without_a_sync():
@@ -66,3 +66,22 @@ def test_a_reset_deals_what_is_left_of_the_epoch_without_a_sync():
     state.on_reset()
     left = list(sampler)
     assert len(left) == 400 - 4 * 3 * 10 and not done & set(left)
+
+
+def test_restoring_twice_brings_the_optimizer_back_to_the_commit_both_times():
+    # torch's Optimizer.load_state_dict keeps the tensors it is given: restore hands it a copy, or the steps
+    # after the first restore would write into the commit (before: the second restore kept their moments).
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    _train(model, opt, 1)
+    state = TorchState(model, opt)
+    moments = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    for _ in range(2):
+        _train(model, opt, 2)
+        state.restore()
+        assert all(torch.equal(v, moments[k]) for k, v in opt.state_dict()["state"][0].items())
+    state.save()  # and a commit after a restore still copies (nothing of the live state is the commit)
+    _train(model, opt, 1)
+    state.restore()
+    assert all(torch.equal(v, moments[k]) for k, v in opt.state_dict()["state"][0].items())

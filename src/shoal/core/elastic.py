@@ -219,7 +219,12 @@ class State:
         nobody restores when every survivor finished the same step). Every rank must answer alike."""
         return True
 
+    def reset(self) -> None:
+        """Called after every change of membership, before the reset callbacks (Horovod's hook for
+        subclasses: rebuild what depends on the world's size)."""
+
     def on_reset(self) -> None:
+        self.reset()
         for callback in self._reset_callbacks:
             callback()
 
