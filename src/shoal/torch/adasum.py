@@ -29,7 +29,6 @@ What lives elsewhere: the algorithm (:mod:`shoal.core.algorithms.adasum`), the c
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -71,12 +70,7 @@ class AdasumOptimizer(DistributedOptimizer):
                  process_set: Optional[runtime.ProcessSet] = None, **engine_options):
         del op, groups, sparse_as_dense  # Adasum by construction; no buckets to group (as in Horovod)
         self._inner = optimizer
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._init_hooks()
         self._params, self._names = self._name_parameters(named_parameters)
         if gradient_predivide_factor != 1.0:
             raise ValueError("shoal: gradient_predivide_factor needs op=Average (Horovod refuses it with Adasum)")

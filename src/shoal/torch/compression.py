@@ -75,32 +75,32 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return (tensor.to(dtype) if tensor.dtype.is_floating_point else tensor), original
 
 
-class FP16Compressor(Compressor):
+class _CastCompressor(Compressor):
+    """Floating-point tensors travel as ``dtype``; others as they are; back to their own dtype after."""
+
+    dtype: torch.dtype
+
+    @classmethod
+    def compress(cls, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        return _cast(tensor, cls.dtype)
+
+    @staticmethod
+    def decompress(tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
+        return tensor.to(ctx) if ctx is not None and ctx.is_floating_point else tensor
+
+
+class FP16Compressor(_CastCompressor):
     """Floating-point tensors travel as float16; others as they are (Horovod's ``Compression.fp16``)."""
 
     name = "fp16"
-
-    @staticmethod
-    def compress(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        return _cast(tensor, torch.float16)
-
-    @staticmethod
-    def decompress(tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
-        return tensor.to(ctx) if ctx is not None and ctx.is_floating_point else tensor
+    dtype = torch.float16
 
 
-class BF16Compressor(Compressor):
+class BF16Compressor(_CastCompressor):
     """Floating-point tensors travel as bfloat16 (float32's range, 8 bits of mantissa)."""
 
     name = "bf16"
-
-    @staticmethod
-    def compress(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        return _cast(tensor, torch.bfloat16)
-
-    @staticmethod
-    def decompress(tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
-        return tensor.to(ctx) if ctx is not None and ctx.is_floating_point else tensor
+    dtype = torch.bfloat16
 
 
 class Compression(_core.Compression):

@@ -100,12 +100,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._inner = optimizer
         # Names first, as Horovod checks them: a bad named_parameters is a ValueError even before init().
         self._params, self._names = self._name_parameters(named_parameters)
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._init_hooks()
         process_set = runtime.get_process_set(process_set, "DistributedOptimizer")
         if backward_passes_per_step < 1:
             raise ValueError(f"shoal: backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
@@ -212,6 +207,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
         raise TypeError("shoal: a DistributedOptimizer cannot be pickled; save state_dict() instead")
 
     # ------------------------------------------------------------------------- set-up helpers
+    def _init_hooks(self) -> None:
+        """The hook registries torch.optim.Optimizer.__init__ would create (it is not called: this object is
+        a view of the wrapped optimizer), so that register_step_pre_hook and friends work."""
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+
     def _name_parameters(self, named_parameters):
         opt_params = [p for g in self._inner.param_groups for p in g["params"]]
         if named_parameters is None:
