@@ -42,10 +42,10 @@ def _tuned_vs_fixed():
     tuned, fixed = _model(), _model()
     opt_t = hvd.DistributedOptimizer(torch.optim.SGD(tuned.parameters(), lr=0.05, momentum=0.9),
                                      named_parameters=tuned.named_parameters())
-    # Both knobs given to the optimizer: fixed by the user, so no tuner.
+    # Every knob given to the optimizer: fixed by the user, so no tuner (and one step at the end).
     opt_f = hvd.DistributedOptimizer(torch.optim.SGD(fixed.parameters(), lr=0.05, momentum=0.9),
                                      named_parameters=fixed.named_parameters(),
-                                     fusion_threshold_mb=25.0, num_streams=2)
+                                     fusion_threshold_mb=25.0, num_streams=2, overlap_step=False)
     _train(opt_t, tuned, _STEPS, rank)
     _train(opt_f, fixed, _STEPS, rank)
     assert opt_f.engine.autotune is None
@@ -69,6 +69,8 @@ def test_tuned_training_equals_untuned_and_ranks_agree():
     # The search really changed the plan: more than one bucket size and stream count were tried.
     assert len({t["bucket_mb"] for t in s0["trials"]}) >= 2
     assert len({t["num_streams"] for t in s0["trials"]}) >= 2
+    # The overlapped step (momentum SGD: exact) was tried too, and changed no value either.
+    assert s0["tune_overlap"] is True and {t["overlap_step"] for t in s0["trials"]} == {False, True}
 
 
 def _which_dims(kwargs: dict):
@@ -80,18 +82,23 @@ def _which_dims(kwargs: dict):
                                    named_parameters=model.named_parameters(), **kwargs)
     _train(opt, model, 2, hvd.rank())
     t = opt.engine.autotune
-    return None if t is None else (t["tune_bucket"], t["tune_streams"])
+    return None if t is None else (t["tune_bucket"], t["tune_streams"], t["tune_overlap"])
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("env, kwargs, expected", [
-    ({}, {}, (True, True)),
+    ({}, {}, (True, True, True)),
     ({"SHOAL_AUTOTUNE": "0"}, {}, None),
-    ({"SHOAL_NUM_STREAMS": "2"}, {}, (True, False)),             # env var, even at the default value
-    ({"SHOAL_FUSION_THRESHOLD_MB": "8"}, {}, (False, True)),
-    ({}, {"fusion_threshold_mb": 4.0}, (False, True)),           # optimizer keyword
-    ({}, {"num_streams": 3, "fusion_threshold_mb": 4.0}, None),  # nothing left to tune
-], ids=["default", "autotune-off", "env-streams", "env-bucket", "kwarg-bucket", "kwarg-both"])
+    ({"SHOAL_NUM_STREAMS": "2"}, {}, (True, False, True)),             # env var, even at the default value
+    ({"SHOAL_FUSION_THRESHOLD_MB": "8"}, {}, (False, True, True)),
+    ({}, {"fusion_threshold_mb": 4.0}, (False, True, True)),           # optimizer keyword
+    ({}, {"num_streams": 3, "fusion_threshold_mb": 4.0}, (False, False, True)),  # only the step left
+    ({"SHOAL_OVERLAP_STEP": "0"}, {}, (True, True, False)),
+    ({}, {"overlap_step": False}, (True, True, False)),
+    ({}, {"num_streams": 3, "fusion_threshold_mb": 4.0, "overlap_step": True}, None),  # nothing left
+    ({"SHOAL_NAN_CHECK": "skip"}, {}, (True, True, False)),           # not exact with the check on
+], ids=["default", "autotune-off", "env-streams", "env-bucket", "kwarg-bucket", "kwarg-both", "env-overlap",
+        "kwarg-overlap", "kwarg-all", "nan-check"])
 def test_user_fixed_knobs_are_kept(env, kwargs, expected):
     results = run_ranks(_which_dims, world_size=2, timeout_s=60, env=env, args=(kwargs,))
     assert results == [expected, expected]

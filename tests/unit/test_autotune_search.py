@@ -142,8 +142,9 @@ def test_summary_is_plain_data():
     _run(tuner, MAX_TUNING_STEPS)
     s = tuner.summary()
     assert s["choice"] == "8 MB x 2 streams" and s["choice_bucket_mb"] == 8.0 and s["choice_num_streams"] == 2
-    assert all(set(t) == {"setting", "bucket_mb", "num_streams", "median_ms", "score_ms", "samples"}
-               for t in s["trials"])
+    assert all(set(t) == {"setting", "bucket_mb", "num_streams", "overlap_step", "median_ms", "score_ms",
+                          "samples"} for t in s["trials"])
+    assert s["tune_overlap"] is False and s["choice_overlap_step"] is False
     assert [h["kind"] for h in s["history"]][-1] == "settle"
 
 
@@ -164,3 +165,55 @@ def test_a_burst_of_load_during_the_best_trial_does_not_decide():
     tuner = Autotuner(red, clock=noisy)
     _run(tuner, MAX_TUNING_STEPS)
     assert burst["left"] == 0 and tuner.choice == Setting(8.0, 2)
+
+
+class _Switch:
+    """The frontend's overlapped-step switch: the clock reads it, the tuner flips it."""
+
+    def __init__(self):
+        self.on, self.calls = None, []
+
+    def __call__(self, on: bool) -> None:
+        self.on = on
+        self.calls.append(on)
+
+
+def _with_overlap(red: _Reducer, switch: _Switch, cost):
+    """Step time as ``cost(bucket_mb, streams, overlapped)``."""
+    return _Clock(red, lambda mb, s: cost(mb, s, bool(switch.on)))
+
+
+def test_tries_the_overlapped_step_and_keeps_it_where_it_wins_with_the_stream_count_that_suits_it():
+    # As on a slow wire with momentum SGD: the overlapped step hides ~40 ms, and with it one stream is
+    # best (the big bucket goes first, a small one lands last); without it, 2 streams.
+    def cost(mb, s, ov):
+        base = 0.100 + 0.005 * abs(math.log2(mb / 8.0))
+        return base + (0.003 * abs(s - 1) if ov else 0.040 + 0.003 * abs(s - 2))
+    red, switch = _Reducer(), _Switch()
+    tuner = Autotuner(red, clock=_with_overlap(red, switch, cost), overlap=switch)
+    assert switch.calls == [False]  # the switch starts where the search starts
+    _run(tuner, MAX_TUNING_STEPS)
+    assert tuner.state == "settled" and tuner.choice == Setting(8.0, 1, True) and switch.on is True
+    assert tuner.settled_at <= MAX_TUNING_STEPS
+    assert tuner.summary()["choice"] == "8 MB x 1 stream, overlapped step"
+    assert tuner.summary()["choice_overlap_step"] is True
+
+
+def test_leaves_the_overlapped_step_off_where_it_loses():
+    # As on loopback with ranks sharing cores: the overlapped step competes with gloo's threads.
+    def cost(mb, s, ov):
+        return 0.100 + 0.005 * abs(math.log2(mb / 4.0)) + 0.003 * abs(s - 2) + (0.020 if ov else 0.0)
+    red, switch = _Reducer(), _Switch()
+    tuner = Autotuner(red, clock=_with_overlap(red, switch, cost), overlap=switch)
+    _run(tuner, MAX_TUNING_STEPS)
+    assert tuner.choice == Setting(4.0, 2, False) and switch.on is False
+    assert True in switch.calls  # it was tried
+    assert any(t.overlap for t in tuner.trials)
+
+
+def test_the_worst_case_with_the_overlapped_step_still_fits_50_steps():
+    red, switch = _Reducer(tensors=200, tensor_mb=0.5), _Switch()
+    tuner = Autotuner(red, clock=_with_overlap(red, switch, lambda mb, s, ov: 0.1), overlap=switch,
+                      sizes_mb=(1, 2, 4, 8, 16, 32, 64, 128), streams=(1, 2, 3, 4))
+    _run(tuner, MAX_TUNING_STEPS)
+    assert tuner.state == "settled" and tuner.settled_at <= MAX_TUNING_STEPS

@@ -1,6 +1,8 @@
-"""Online tuning of the gradient engine's bucket size and stream count ("adaptive fusion").
+"""Online tuning of the gradient engine's bucket size and stream count ("adaptive fusion"), and of whether
+the optimizer steps bucket by bucket while later buckets are on the wire (``overlap_step``).
 
-This module owns the search: which (bucket size, stream count) settings to try during the first steps,
+This module owns the search: which (bucket size, stream count, overlapped step) settings to try during the
+first steps,
 how they are scored, when the search settles and when it starts again. Applying a setting is the
 reducer's job (:meth:`shoal.core.reducer.GradientReducer.reconfigure`); calling :meth:`Autotuner.end_step`
 once per step, after the reduction, is the step owner's (:class:`shoal.core.step.StepOwner`).
@@ -34,6 +36,16 @@ Design constraints:
 8. Stream counts are tuned only when the process set is the whole world: creating a process group is
    collective over the world, and ranks outside the set do not take part in this optimizer's steps.
    The groups for every count tried are created once, when the tuner is built.
+9. The overlapped step is a choice measured like the others, not a fixed default, because which way it
+   goes depends on where the time is. Where the wire is the bottleneck (1 Gbit/s, momentum SGD or Adam:
+   a 30-70 ms optimizer step over mlp_big's 26 M parameters) the step of the buckets that landed runs
+   while the CPU would otherwise wait for the last ones; where the CPU is the bottleneck (loopback, ranks
+   sharing cores) the same step competes with gloo's threads and was measured slower (docs/engine.md).
+   It is tried right after the sizes, at the best size, and before the stream counts: the stream count
+   that suits it differs (one stream sends the big late bucket first, so that a smaller one lands last
+   and less of the step is left after the wire). It changes no collective and no value (bitwise one step
+   at the end, :mod:`shoal.torch.overlap`), so it needs no agreement beyond constraint 2. The frontend
+   offers it (a switch, ``overlap=``) only where it is exact and the user did not set ``overlap_step``.
 
 What lives elsewhere: bucket plans (:mod:`shoal.core.buckets`), moving values between plans
 (:mod:`shoal.core.reducer`), the timeline that shows each trial (:mod:`shoal.core.timeline`).
@@ -98,7 +110,7 @@ RETUNE_COOLDOWN_STEPS = 500
 
 #: Steps not scored after each change (constraint 4), scored steps per trial, leaders in the run-off and
 #: scored steps each gets there. Worst case with the defaults: 8 sizes x 3 + 3 stream counts x 3 +
-#: 3 x 4 + the discovery step + the final change = 47 steps.
+#: 3 x 4 + the discovery step + the final change = 47 steps; 50 with the overlapped step's trial (3).
 _WARMUP_STEPS = 1
 _TRIAL_STEPS = 2
 _RUNOFF = 3
@@ -111,9 +123,12 @@ class Setting:
 
     bucket_mb: float
     num_streams: int
+    #: The optimizer steps each bucket's parameters as soon as the bucket is reduced (constraint 9).
+    overlap: bool = False
 
     def label(self) -> str:
-        return f"{self.bucket_mb:g} MB x {self.num_streams} stream{'s' if self.num_streams != 1 else ''}"
+        return (f"{self.bucket_mb:g} MB x {self.num_streams} stream{'s' if self.num_streams != 1 else ''}"
+                + (", overlapped step" if self.overlap else ""))
 
 
 @dataclass(slots=True)
@@ -146,6 +161,10 @@ class Autotuner:
         reducer: the :class:`~shoal.core.reducer.GradientReducer` to tune (its plan follows the agreed
             ready order already).
         tune_bucket / tune_streams: which dimensions are free.
+        overlap: the frontend's switch of the overlapped step (called with True/False between steps, on
+            every rank alike), offered where the overlapped step is exact and not set by the user; None:
+            not tuned (constraint 9).
+        overlap_initial: whether the overlapped step is on when the tuner starts.
         sizes_mb / streams: the grid (defaults :data:`BUCKET_SIZES_MB`, :data:`STREAM_COUNTS`).
         max_steps: the settle bound (default :data:`MAX_TUNING_STEPS`); the size grid is trimmed to fit.
         warmup_steps / trial_steps / runoff / runoff_steps: the schedule (constraint 4).
@@ -166,8 +185,11 @@ class Autotuner:
                  trial_steps: int = _TRIAL_STEPS, runoff: int = _RUNOFF, runoff_steps: int = _RUNOFF_STEPS,
                  drift_window_steps: int = DRIFT_WINDOW_STEPS, drift_ratio: float = DRIFT_RATIO,
                  drift_windows: int = DRIFT_WINDOWS, retune_cooldown_steps: int = RETUNE_COOLDOWN_STEPS,
-                 clock: Callable[[], float] = time.perf_counter, steps: Optional[Callable[[], int]] = None):
+                 clock: Callable[[], float] = time.perf_counter, steps: Optional[Callable[[], int]] = None,
+                 overlap: Optional[Callable[[bool], None]] = None, overlap_initial: bool = False):
         self.reducer = reducer
+        self._set_overlap = overlap
+        self.tune_overlap = overlap is not None
         self._own_step = 0
         self._steps = steps
         self.tune_bucket = bool(tune_bucket)
@@ -184,7 +206,9 @@ class Autotuner:
         self.drift_windows = int(drift_windows)
         self.retune_cooldown_steps = int(retune_cooldown_steps)
         self._clock = clock
-        self.initial = Setting(reducer.bucket_nbytes / _MB, reducer.num_streams)
+        self.initial = Setting(reducer.bucket_nbytes / _MB, reducer.num_streams, bool(overlap_initial))
+        if overlap is not None:  # the frontend's switch starts where the search does (a new world's tuner too)
+            overlap(self.initial.overlap)
         self.sizes_mb = self._fit_sizes(sorted({float(s) for s in sizes_mb} | {self.initial.bucket_mb})
                                         if tune_bucket else [self.initial.bucket_mb])
         #: "tuning" or "settled".
@@ -254,12 +278,14 @@ class Autotuner:
         """What the tuner did, for logs and benchmarks (the same on every rank)."""
         return {
             "state": self.state, "step": self.step, "settled_at": self.settled_at, "searches": self.searches,
-            "tune_bucket": self.tune_bucket, "tune_streams": self.tune_streams,
+            "tune_bucket": self.tune_bucket, "tune_streams": self.tune_streams, "tune_overlap": self.tune_overlap,
             "initial": self.initial.label(), "choice": self.choice.label() if self.choice else None,
             "choice_bucket_mb": self.choice.bucket_mb if self.choice else None,
             "choice_num_streams": self.choice.num_streams if self.choice else None,
+            "choice_overlap_step": self.choice.overlap if self.choice else None,
             "trials": [{"setting": t.setting.label(), "bucket_mb": t.setting.bucket_mb,
-                        "num_streams": t.setting.num_streams, "median_ms": round(t.median_s * 1e3, 3),
+                        "num_streams": t.setting.num_streams, "overlap_step": t.setting.overlap,
+                        "median_ms": round(t.median_s * 1e3, 3),
                         "score_ms": round(t.score_s * 1e3, 3),
                         "samples": len(t.samples_s)} for t in self.trials.values()],
             "history": list(self.history),
@@ -268,8 +294,9 @@ class Autotuner:
     # ------------------------------------------------------------------------------------- search
     def _worst_case_steps(self, n_sizes: int) -> int:
         per = self.warmup_steps + self.trial_steps
-        runoff = min(self.runoff, n_sizes + len(self.streams) - 1) if self.runoff > 1 else 0
-        return (1 + n_sizes * per + (len(self.streams) - 1) * per
+        flips = 1 if self.tune_overlap else 0
+        runoff = min(self.runoff, n_sizes + flips + len(self.streams) - 1) if self.runoff > 1 else 0
+        return (1 + n_sizes * per + flips * per + (len(self.streams) - 1) * per
                 + runoff * (self.warmup_steps + self.runoff_steps) + 1)
 
     def _fit_sizes(self, sizes: list[float]) -> list[float]:
@@ -304,22 +331,31 @@ class Autotuner:
         self._phase = "sizes"
         first = self.current
         sizes = [first.bucket_mb] + [s for s in self.sizes_mb if s != first.bucket_mb]
-        self._queue = [(Setting(s, first.num_streams), self.trial_steps) for s in sizes]
+        self._queue = [(Setting(s, first.num_streams, first.overlap), self.trial_steps) for s in sizes]
         self._record("search", f"search {self.searches}: {len(sizes)} bucket sizes at "
-                               f"{first.num_streams} stream(s), then stream counts")
+                               f"{first.num_streams} stream(s), "
+                               + ("then the overlapped step on and off, " if self.tune_overlap else "")
+                               + "then stream counts")
         self._next()
 
     def _next(self) -> None:
         """Start the next trial of this phase, or the next phase, or settle."""
         while not self._queue:
-            if self._phase == "sizes":
+            if self._phase == "sizes" and self.tune_overlap:
+                self._phase = "overlap"
+                best = self._best()
+                flipped = Setting(best.bucket_mb, best.num_streams, not best.overlap)
+                if flipped not in self.trials:
+                    self._queue = [(flipped, self.trial_steps)]
+            elif self._phase in ("sizes", "overlap"):
                 self._phase = "streams"
                 best = self._best()
                 # More streams than buckets is the same as one stream per bucket: not tried twice.
                 limit = self._num_buckets(best.bucket_mb)
-                done = {min(t.num_streams, limit) for t in self.trials if t.bucket_mb == best.bucket_mb}
+                done = {min(t.num_streams, limit) for t in self.trials
+                        if t.bucket_mb == best.bucket_mb and t.overlap == best.overlap}
                 counts = sorted({min(s, limit) for s in self.streams} - done)
-                self._queue = [(Setting(best.bucket_mb, s), self.trial_steps) for s in counts]
+                self._queue = [(Setting(best.bucket_mb, s, best.overlap), self.trial_steps) for s in counts]
             elif self._phase == "streams":
                 self._phase = "runoff"
                 leaders = sorted(self.trials.values(), key=lambda t: t.score_s)[:self.runoff]
@@ -346,7 +382,7 @@ class Autotuner:
                               f"{trial.median_s * 1e3:.1f} ms ({len(trial.samples_s)} steps)",
                      score_ms=round(trial.score_s * 1e3, 3), median_ms=round(trial.median_s * 1e3, 3),
                      bucket_mb=setting.bucket_mb,
-                     num_streams=setting.num_streams)
+                     num_streams=setting.num_streams, overlap_step=setting.overlap)
 
     def _best(self) -> Setting:
         # Ties (equal scores) go to the earlier trial: the configured setting comes first.
@@ -397,13 +433,15 @@ class Autotuner:
 
     # ------------------------------------------------------------------------------------- helpers
     def _apply(self, setting: Setting, why: str) -> None:
-        if setting != self.current:
+        if (setting.bucket_mb, setting.num_streams) != (self.current.bucket_mb, self.current.num_streams):
             changed = self.reducer.reconfigure(bucket_nbytes=int(setting.bucket_mb * _MB),
                                                num_streams=setting.num_streams)
             self._views_changed = self._views_changed or changed
-            self.current = setting
+        if setting.overlap != self.current.overlap and self._set_overlap is not None:
+            self._set_overlap(setting.overlap)
+        self.current = setting
         self._record("apply", f"{why} {setting.label()}", bucket_mb=setting.bucket_mb,
-                     num_streams=setting.num_streams)
+                     num_streams=setting.num_streams, overlap_step=setting.overlap)
 
     def _changed_and_clear(self) -> bool:
         changed, self._views_changed = self._views_changed, False
@@ -428,13 +466,14 @@ def fixed_by_user(config: ShoalConfig, options: Iterable[str]) -> frozenset[str]
     Frontends use it to tell ranks' settings apart from what the tuner would change."""
     default = ShoalConfig()
     names = set(_env.explicit_knobs()) | {k for k in options}
-    for name in ("fusion_threshold_mb", "num_streams"):
+    for name in ("fusion_threshold_mb", "num_streams", "overlap_step"):
         if getattr(config, name) != getattr(default, name):
             names.add(name)
     return frozenset(names)
 
 
-def make_autotuner(reducer, fixed: Iterable[str] = (), **kwargs) -> Optional[Autotuner]:
+def make_autotuner(reducer, fixed: Iterable[str] = (), overlap: Optional[Callable[[bool], None]] = None,
+                   **kwargs) -> Optional[Autotuner]:
     """The tuner for ``reducer``, or None when tuning is off or nothing is left to tune.
 
     Call on every rank of the reducer's process set at the same point (it may create process groups).
@@ -443,12 +482,14 @@ def make_autotuner(reducer, fixed: Iterable[str] = (), **kwargs) -> Optional[Aut
         reducer: a built :class:`~shoal.core.reducer.GradientReducer` (after its first re-plan).
         fixed: the engine keywords the frontend got from the user (e.g. ``fusion_threshold_mb``): those
             are fixed.
+        overlap: the frontend's switch of the overlapped step, where it offers one (constraint 9); left
+            alone when the user set ``overlap_step`` (environment, flag or ``init()``).
         **kwargs: passed to :class:`Autotuner` (schedule and grid, for tests and benchmarks).
 
     Returns:
-        An :class:`Autotuner`, or None: ``autotune`` is off, the process set has one rank, or both the
-        bucket size and the stream count are fixed (by the user, or by ``groups=``, or a process set
-        that is not the world for the stream count).
+        An :class:`Autotuner`, or None: ``autotune`` is off, the process set has one rank, or the
+        bucket size, the stream count and the overlapped step are all fixed (by the user, or by
+        ``groups=``, or a process set that is not the world for the stream count, or no switch).
     """
     cfg = runtime.config()
     if not cfg.autotune or reducer.world < 2:
@@ -457,9 +498,12 @@ def make_autotuner(reducer, fixed: Iterable[str] = (), **kwargs) -> Optional[Aut
     tune_bucket = "fusion_threshold_mb" not in fixed and reducer.groups is None
     whole_world = reducer.process_set.ranks == tuple(range(runtime.size()))
     tune_streams = "num_streams" not in fixed and whole_world
-    if not tune_bucket and not tune_streams:
+    if "overlap_step" in fixed:
+        overlap = None
+    if not tune_bucket and not tune_streams and overlap is None:
         return None
     if tune_streams:
         # Constraint 8: every group a trial may use exists before the first trial.
         runtime.stream_groups(reducer.process_set, max(kwargs.get("streams", STREAM_COUNTS)))
-    return Autotuner(reducer, tune_bucket=tune_bucket, tune_streams=tune_streams, **kwargs)
+    return Autotuner(reducer, tune_bucket=tune_bucket, tune_streams=tune_streams, overlap=overlap,
+                     overlap_initial=bool(cfg.overlap_step) if overlap is not None else False, **kwargs)

@@ -125,8 +125,9 @@ class ShoalConfig:
         False, "Step the optimizer on each bucket's parameters as soon as that bucket is reduced, while "
                "later buckets are still on the wire (element-wise torch.optim optimizers without step hooks, "
                "nan_check off, step() without a closure); bitwise the same result as one step at the end. "
-               "Off by default: on CPU ranks sharing cores the step then competes with gloo's threads "
-               "(measured slower on loopback, docs/engine.md).")
+               "Unless set, the tuner tries it on and off and keeps the faster (it wins where the wire is the "
+               "bottleneck and loses where ranks share cores with gloo's threads, docs/autotune.md); with "
+               "autotune off, off.")
     elastic_timeout_s: float = _knob(
         10.0, "Elastic training: how long the survivors of a failure wait for a member that is alive but has "
               "not come to the next generation (hung, or on a host whose liveness cannot be seen) before going "

@@ -204,6 +204,9 @@ class StepOwner:
         #: True between a synchronization and the end of the frontend's step (``close()``).
         self.synchronized = False
         self._observers: list[ReducerObserver] = []
+        #: The frontend's switch of its overlapped optimizer step, where it offers the tuner one
+        #: (:func:`shoal.core.autotune.make_autotuner`); None: the tuner leaves the step alone.
+        self.overlap_control: Optional[Callable[[bool], None]] = None
         self.negotiator: Optional[Negotiator] = None
         self._generation: Optional[int] = None  # the world the registration check ran in
         self._reset_for_world()
@@ -308,6 +311,17 @@ class StepOwner:
         return EngineInfo(self)
 
     # ------------------------------------------------------------------------------------- observers
+    def offer_overlap(self, switch: Callable[[bool], None]) -> bool:
+        """The frontend offers its overlapped optimizer step to the tuner: ``switch(on)`` is then called
+        between steps, on every rank alike, to try and choose it (:mod:`shoal.core.autotune`, constraint
+        9). Call before the first step, only where the overlapped step is exact. Returns whether the
+        tuner took it: not when ``autotune`` is off or the user set ``overlap_step``."""
+        cfg = self.settings
+        if not cfg.autotune or "overlap_step" in _autotune.fixed_by_user(cfg, self.fixed):
+            return False
+        self.overlap_control = switch
+        return True
+
     def add_observer(self, observer: ReducerObserver) -> None:
         """Have ``observer`` hear the reducer's events (now, or from when step 1 builds the reducer)."""
         self._observers.append(observer)
@@ -481,7 +495,8 @@ class StepOwner:
             observers=observers + self._observers, steps=lambda: self.step)
         red.rebucket([self._slot[i] for i in full_order])
         self._reducer = red
-        self._tuner = _autotune.make_autotuner(red, self.fixed, steps=lambda: self.step)
+        self._tuner = _autotune.make_autotuner(red, self.fixed, steps=lambda: self.step,
+                                               overlap=self.overlap_control)
         for j, i in enumerate(self._dense):
             red.load(j, local(i))
 
@@ -573,7 +588,8 @@ class StepOwner:
         if self._reducer is None:
             raise ShoalError(f"shoal: start_autotune() before the first step of {self.what}: the buckets do "
                              "not exist yet. HINT: call it after the first optimizer step.")
-        self._tuner = _autotune.make_autotuner(self._reducer, self.fixed, steps=lambda: self.step, **schedule)
+        self._tuner = _autotune.make_autotuner(self._reducer, self.fixed, steps=lambda: self.step,
+                                               overlap=self.overlap_control, **schedule)
 
 
 class EngineInfo:

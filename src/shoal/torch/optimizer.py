@@ -135,9 +135,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
             backward_passes_per_step=self.backward_passes_per_step, sparse_as_dense=sparse_as_dense,
             fixed={k for k, v in given.items() if v is not None}, what="DistributedOptimizer")
         self._stepper: Optional[OverlapStepper] = None
+        #: Whether step() steps bucket by bucket (the user's choice, or the tuner's).
+        self._overlap_on = False
         if self._owner.active or runtime.elastic():  # elastic: the world may grow past one rank later
             overlap = self.overlap_step if self.overlap_step is not None else runtime.config().overlap_step
-            if overlap:
+            # Not set by the user and exact for this optimizer: the tuner tries it (shoal.core.autotune).
+            tunable = (self.overlap_step is None and can_step_in_parts(self._inner, self._owner.settings.nan_check)
+                       and self._owner.offer_overlap(self._switch_overlap))
+            self._overlap_on = bool(overlap)
+            if overlap or tunable:
                 self._stepper = OverlapStepper(self._inner, self._param_of)
                 self._owner.add_observer(self._stepper)
             for i, p in enumerate(self._params):
@@ -363,7 +369,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                               "is redone). HINT: step inside `with optimizer.skip_synchronize():` after an "
                               "explicit synchronize().", stacklevel=2)
             else:
-                if closure is None and self._stepper is not None and owner.built and \
+                if closure is None and self._stepper is not None and self._overlap_on and owner.built and \
                         can_step_in_parts(self._inner, owner.settings.nan_check):
                     stepper = self._stepper
                     stepper.arm()
@@ -391,6 +397,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 return self._inner.step(closure) if closure is not None else self._inner.step()
         finally:
             owner.close()
+
+    def _switch_overlap(self, on: bool) -> None:
+        """The tuner's switch of the overlapped step (between steps, every rank alike)."""
+        self._overlap_on = bool(on)
 
     @property
     def autotune_summary(self) -> Optional[dict]:
