@@ -269,6 +269,7 @@ def test_sigkill_of_the_coordinator_leaves_nothing_on_any_host(run_cli, hosts, t
     r = run_cli([*args, "python", str(script)], prefix=prefix, timeout_s=90, interrupt_on="ready",
                 interrupt_signal=signal.SIGKILL, settle_s=8.0)
     assert r.returncode == -signal.SIGKILL, r.describe()
+    print(f"\ncoordinator SIGKILLed: every agent and worker on both hosts gone {r.drained_s:.2f} s later")
     assert r.drained_s < 5.0, f"agents or workers outlived the coordinator by {r.drained_s:.1f} s\n{r.describe()}"
     for ns in hosts.node_ns:  # nothing at all left in either host (run_cli checks the job's own processes)
         inode = os.stat(f"/run/netns/{ns}").st_ino

@@ -23,8 +23,8 @@ Design constraints:
    one small interface (start a worker with the id and local rank the policy chose, report each worker's
    end, stop a worker). One host runs in this process (:class:`_InProcessHost`, as before: no extra
    process, no extra hop); several hosts get one agent each (:class:`_RemoteHost`), started through the
-   remote command exactly as the static launcher starts its agents (:func:`shoal.runner.launch.
-   start_remote_agent`: the secret on stdin, host names validated and quoted). The agent is a thin
+   remote command exactly as the static launcher starts its agents (the same function of
+   :mod:`shoal.runner.launch`: the secret on stdin, host names validated and quoted). The agent is a thin
    executor (:func:`serve_host`) around the same :class:`_LocalWorkers` the in-process host uses.
 4. No new transport: coordinator <-> agent messages are JSON records in the job's c10d store (commands
    ``shoal/el/host/<i>/cmd/<k>``, events ``shoal/el/host/<i>/event/<k>``, each stream with a counter written
@@ -370,7 +370,7 @@ class _RemoteHost(_Host):
 
     def __init__(self, index: int, name: str, slots: int, plan: ElasticPlan, secret: str, store: Any,
                  run_id: str, port: int):
-        from .launch import _encode_json, start_remote_agent  # noqa: PLC0415 (launch imports this module)
+        from .launch import _encode_json, _start_remote_agent  # noqa: PLC0415 (launch imports this module)
 
         self.index, self.name, self.slots, self.store = index, name, slots, store
         self._cmds = 0
@@ -379,7 +379,7 @@ class _RemoteHost(_Host):
         agent = {"index": index, "host": name, "command": plan.command, "env": plan.env, "run_id": run_id,
                  "master_addr": plan.master_addr, "master_port": port, "np": plan.np, "min_np": plan.min_np,
                  "log_dir": plan.log_dir, "start_timeout_s": plan.start_timeout_s, "verbose": plan.verbose}
-        self.proc, self.pump = start_remote_agent(plan.remote_command, name, ["--elastic-agent", _encode_json(agent)],
+        self.proc, self.pump = _start_remote_agent(plan.remote_command, name, ["--elastic-agent", _encode_json(agent)],
                                                   secret, 0, queue.Queue(), [], self.tails)
         self._closing_since: Optional[float] = None
         self._termed: set[int] = set()

@@ -35,7 +35,8 @@ Glossary:
     coordinator  the ``shoal run`` process of a multi-host job: starts the agents and watches them
     sentinel     a small process per agent that stops its workers if the agent dies first
 
-What lives elsewhere: subcommand dispatch (:mod:`shoal.runner.cli`), the knobs themselves
+What lives elsewhere: elastic mode, on one host or several (:mod:`shoal.runner.elastic`: its agents start
+through :func:`_start_remote_agent` too), subcommand dispatch (:mod:`shoal.runner.cli`), the knobs themselves
 (:mod:`shoal.core.config`), reading the environment (:mod:`shoal.core.env`), what workers do with
 their variables (:func:`shoal.init`). Importing this module imports no torch (``shoal --help`` stays fast).
 """
@@ -140,7 +141,9 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
                              "remote command). Example for network namespaces: 'ip netns exec {host}'.")
     parser.add_argument("--master-addr", dest="master_addr", metavar="ADDR",
                         help="Address of the first host, where the rendezvous store listens "
-                             "(default: the first host's name).")
+                             "(default: the first host's name). Elastic mode: an address of this host, "
+                             "which holds the job's store (default: this host's address on the route to "
+                             "the first other host).")
     parser.add_argument("--master-port", dest="master_port", type=int, default=_DEFAULT_MASTER_PORT,
                         metavar="PORT", help="Port of the rendezvous store (default: %(default)s).")
     parser.add_argument("--start-timeout-s", dest="start_timeout_s", type=float, default=120.0,
@@ -157,8 +160,10 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", dest="verbose", action="store_true",
                         help="Show the elastic agent's own log lines.")
     elastic = parser.add_argument_group(
-        "elastic training", "Any of these makes the job elastic: a dead, hung or leaving worker costs "
-        "seconds, not the job; new workers join at the next commit (docs/elastic.md).")
+        "elastic training", "Any of these makes the job elastic: a dead, hung or leaving worker, or a lost "
+        "host, costs seconds, not the job; new workers join at the next commit. With -H/--hostfile this "
+        "process coordinates one agent per host and holds the job's store: its own loss ends the job "
+        "(docs/elastic.md).")
     elastic.add_argument("--elastic", dest="elastic", action="store_true",
                          help="Elastic mode with -np as both the minimum and the maximum.")
     elastic.add_argument("--min-np", dest="min_np", type=int, metavar="N",
@@ -166,8 +171,10 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
     elastic.add_argument("--max-np", dest="max_np", type=int, metavar="N",
                          help="Most workers the job runs with (default: -np).")
     elastic.add_argument("--host-discovery-script", dest="host_discovery_script", metavar="SCRIPT",
-                         help="Prints 'host:slots' lines; the job keeps as many workers as this host's "
-                              "slots (between --min-np and --max-np), checked every second.")
+                         help="Prints 'host:slots' lines, checked every second; the job keeps as many "
+                              "workers as the listed slots (between --min-np and --max-np). Hosts other "
+                              "than this one get an agent through --remote-command as they appear; a host "
+                              "that disappears has its workers leave at their next commit. Not with -H.")
     elastic.add_argument("--max-restarts", dest="max_restarts", type=int, default=10, metavar="N",
                          help="Most workers started to replace failed or departed ones (default: "
                               "%(default)s).")
@@ -595,7 +602,7 @@ def _signal_group(proc: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def start_remote_agent(remote_command: str, host: str, entry: list[str], secret: str, index: int,
+def _start_remote_agent(remote_command: str, host: str, entry: list[str], secret: str, index: int,
                        reports: "queue.Queue", exited_ok: list[int],
                        tails: list[str]) -> tuple[subprocess.Popen, threading.Thread]:
     """Start ``python -m shoal.runner.launch ENTRY...`` on ``host`` through ``remote_command`` (constraint 6):
@@ -648,7 +655,7 @@ def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int, se
     try:
         try:
             for i, plan in enumerate(plans):
-                proc, t = start_remote_agent(remote_command, plan.host, ["--agent", _encode_plan(plan)], secret,
+                proc, t = _start_remote_agent(remote_command, plan.host, ["--agent", _encode_plan(plan)], secret,
                                              i, reports, exited_ok, tails)
                 procs.append(proc)
                 pumps.append(t)
