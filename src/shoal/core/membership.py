@@ -68,7 +68,7 @@ from .config import ShoalConfig
 from .errors import ShoalError
 
 __all__ = ["Member", "enter", "agree", "worker_id", "note_leave", "pending_joins", "current_generation",
-           "ElasticMembershipError", "started", "FORM_ATTEMPTS"]
+           "ElasticMembershipError", "started", "FORM_ATTEMPTS", "gone_count"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,11 @@ def pending_joins(store: dist.Store) -> int:
     return max(0, joins - admitted)
 
 
+def gone_count(store: dist.Store) -> int:
+    """How many workers the launcher reported gone so far (``gone/<id>``, constraint 2)."""
+    return int(store.add(_key("gone"), 0))
+
+
 def note_leave(store: dist.Store, wid: str) -> None:
     """Record that worker ``wid`` leaves on purpose: the others do not wait for it (constraint 2)."""
     store.set(_key(f"leave/{wid}"), "1")
@@ -207,7 +212,7 @@ class _Gone:
         self.store, self.ids, self.count, self.wids = store, ids, -1, set()
 
     def __call__(self) -> set[str]:
-        count = int(self.store.add(_key("gone"), 0))
+        count = gone_count(self.store)
         if count != self.count:
             self.count = count
             self.wids = {w for w, i in self.ids.items() if i >= 0 and _exists(self.store, f"gone/{i}")}
