@@ -80,7 +80,8 @@ def _kill_marked(marker: str) -> list[int]:
 
 def run_cli(args: Sequence[str], timeout_s: float = 60.0, env: Optional[dict[str, str]] = None,
             interrupt_on: Optional[str] = None, interrupt_signal: int = signal.SIGINT,
-            on_stdout: Optional[Callable[[str], None]] = None, settle_s: float = 2.0) -> CliResult:
+            on_stdout: Optional[Callable[[str], None]] = None, settle_s: float = 2.0,
+            prefix: Sequence[str] = ()) -> CliResult:
     """Run ``shoal <args>`` in its own session and return what it printed.
 
     Args:
@@ -93,12 +94,14 @@ def run_cli(args: Sequence[str], timeout_s: float = 60.0, env: Optional[dict[str
             it raises fails the test after the run.
         settle_s: how long the launcher's processes may take to go after it exited; any left then
             is a leak.
+        prefix: words before the command, e.g. ``["ip", "netns", "exec", "ns0"]`` to launch from inside a
+            network namespace (it must exec the command: signals go to its pid).
     """
     marker = uuid.uuid4().hex
     full_env = {**os.environ, **(env or {}), _MARK: marker,
                 "PATH": _BIN + os.pathsep + os.environ.get("PATH", "")}  # `python` = this venv's
     t0 = time.monotonic()
-    proc = subprocess.Popen([*_cli_argv(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([*prefix, *_cli_argv(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=full_env, start_new_session=True)
     chunks: dict[str, list[str]] = {"out": [], "err": []}
     seen = threading.Event()

@@ -156,19 +156,6 @@ def test_hung_worker_is_evicted_and_the_job_goes_on(run_cli, tmp_path):
     _assert_same_weights(done)
 
 
-@pytest.mark.parametrize("hosts", ["-H", "--hostfile"])
-def test_elastic_mode_refuses_several_hosts(run_cli, tmp_path, hosts):
-    # Elastic mode is one host for now: several hosts are a usage error before anything starts.
-    where = "node-a:1,node-b:1"
-    if hosts == "--hostfile":
-        where = str(tmp_path / "hosts")
-        (tmp_path / "hosts").write_text("node-a slots=1\nnode-b slots=1\n")
-    r = run_cli(["run", "-np", "2", "--min-np", "1", "--max-np", "2", hosts, where, "python", "-c", "pass"],
-                timeout_s=60)
-    assert r.returncode == 2, r.describe()
-    assert "elastic mode runs on one host" in r.stderr and "-H / --hostfile" in r.stderr, r.stderr
-
-
 def test_a_worker_that_died_on_its_own_is_a_failure_even_when_the_others_went_on_first(tmp_path):
     # The survivors of a SIGKILL form their next generation in milliseconds, sometimes before the launcher's
     # poll has seen the death: the launcher then "stopped" a worker that was already dead, and its failure was

@@ -50,7 +50,8 @@ from .membership import ElasticMembershipError
 
 __all__ = ["State", "ObjectState", "run", "check_host_updates", "reset", "leaving", "forming", "request_leave",
            "generation",
-           "note_partial_update", "ResetOutcome", "recovery_times", "entered", "register_unwrapper"]
+           "note_partial_update", "ResetOutcome", "recovery_times", "entered", "register_unwrapper",
+           "peer_reported_gone"]
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,30 @@ _leaving = False
 _dirty = False
 #: completed_steps() when this generation began: survivors compare the steps done in it (constraint 2).
 _steps_base = 0
+#: membership.gone_count() when this generation began (peer_reported_gone).
+_gone_base = 0
 #: Seconds of each phase of the last reset (detect, agree, rebuild, restore, first step), for reports.
 _times: dict[str, float] = {}
 
 
 def entered(store: dist.Store, member: membership.Member) -> None:
     """Called by ``init()`` of an elastic worker once it is in a generation."""
-    global _store, _member, _steps_base
+    global _store, _member, _steps_base, _gone_base
     _store, _member = store, member
     _steps_base = _completed_steps()
+    _gone_base = membership.gone_count(store)
+
+
+def peer_reported_gone() -> bool:
+    """Whether the launcher reported a worker gone since this generation began: a failure then need not wait
+    to see a dead peer on this host (the one that died may be on another host, whose pids cannot be seen
+    from here: :func:`shoal.core.runtime.explain_failure` waited its whole grace for it, 2 s per failure)."""
+    if _store is None:
+        return False
+    try:
+        return membership.gone_count(_store) > _gone_base
+    except RuntimeError:
+        return False
 
 
 def forming() -> bool:
@@ -141,7 +157,7 @@ def reset() -> ResetOutcome:
         ElasticMembershipError: this worker is not in the next generation (evicted), or too few are left.
         ShoalError: not an elastic worker.
     """
-    global _member, _dirty, _steps_base
+    global _member, _dirty, _steps_base, _gone_base
     if _member is None or _store is None:
         raise ShoalError("shoal: elastic reset outside an elastic job. HINT: launch with shoal run --min-np/"
                          "--max-np (or -np with --elastic), or catch the error yourself.")
@@ -172,6 +188,7 @@ def reset() -> ResetOutcome:
     keep = bool(survivors) and len({r.get("steps") for r in survivors}) == 1 and \
         not any(r.get("dirty") for r in survivors)
     _member, _dirty, _steps_base = member, False, _completed_steps()
+    _gone_base = membership.gone_count(_store)
     _times.update({"leave": t_left - start, "agree": t_agreed - t_left, "rebuild": t_built - t_agreed})
     log.warning("shoal: elastic generation %d: rank %d of %d (%d survivors, %d joined); %s", member.generation,
                 member.rank, member.size, member.survivors, member.size - member.survivors,

@@ -148,6 +148,7 @@ class ElasticWorker:
     worker_id: str  # "-" outside an elastic launcher
     np: int
     min_np: int
+    local_slot: int = -1  # the launcher's slot for it on its host (LOCAL_RANK: a device each), -1 unknown
 
 
 def elastic_worker(environ: Optional[Mapping[str, str]] = None) -> ElasticWorker:
@@ -162,8 +163,9 @@ def elastic_worker(environ: Optional[Mapping[str, str]] = None) -> ElasticWorker
             raise ValueError(f"{name}={raw!r} is not an integer; it is set by `shoal run --min-np`, "
                              f"unset it or launch with shoal run") from None
 
+    slot = env.get("LOCAL_RANK", "")
     return ElasticWorker(env.get("SHOAL_ELASTIC_ID", "-") or "-", number("SHOAL_ELASTIC_NP"),
-                         number("SHOAL_ELASTIC_MIN_NP"))
+                         number("SHOAL_ELASTIC_MIN_NP"), int(slot) if slot.isdigit() else -1)
 
 
 #: Unknown names already warned about in this process (init() twice warns once).
@@ -332,7 +334,9 @@ def detect_world(environ: Optional[Mapping[str, str]] = None, *, quiet: bool = F
     port = _int(env, "MASTER_PORT")
     if env.get(ELASTIC) == "1":
         # Rank and size are agreed in the job's store when init() joins (shoal.core.membership).
-        return WorldInfo(-1, _int(env, "SHOAL_ELASTIC_NP") or 0, None, None, "elastic://", addr, port, "elastic")
+        # LOCAL_RANK: the launcher's free slot on this host (a device each); local_size comes from the layout.
+        return WorldInfo(-1, _int(env, "SHOAL_ELASTIC_NP") or 0, _int(env, "LOCAL_RANK"), None, "elastic://", addr,
+                         port, "elastic")
     if env.get("SHOAL_INIT_FILE"):
         return WorldInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), _int(env, "LOCAL_RANK"),
                          _int(env, "LOCAL_WORLD_SIZE"), "file://" + env["SHOAL_INIT_FILE"],

@@ -13,13 +13,19 @@ Design constraints:
    interface; ranks by sorted node descriptor, so a fresh joiner could become rank 0 and be the one the
    others copy their state from).
 2. Fast when a rank dies, bounded when one hangs. A survivor closes the generation as soon as every worker
-   it expects has arrived: the old members minus those that left (``leave/<wid>``) and those it sees dead
-   (pid gone, same host), plus the registered joiners. A member that is alive but does not arrive (hung,
-   or on a host whose liveness cannot be seen from here) is waited for ``elastic_timeout_s`` at most, then
-   left out: it is evicted (the launcher stops it).
+   it expects has arrived: the old members minus those that left (``leave/<wid>``), those it sees dead
+   (pid gone, same host) and those the launcher reports gone (``gone/<id>``: their host's agent saw them
+   end, or their whole host was lost; read while waiting, so a report that comes late still ends the
+   wait), plus the registered joiners. A member that is alive but does not arrive (hung, or on a host
+   whose liveness cannot be seen from here and not reported) is waited for ``elastic_timeout_s`` at most,
+   then left out: it is evicted (the launcher stops it).
 3. Survivors first. The member list puts the previous generation's members first, in their old rank
    order, then joiners in arrival order: rank 0 of a new generation is always a survivor when there is
-   one, so the state everyone copies (``sync()``) comes from a worker that has it.
+   one, so the state everyone copies (``sync()``) comes from a worker that has it. Then the list is grouped
+   by host, hosts in the order of their first member, and each host's members are ordered by the slot the
+   launcher gave them there (``LOCAL_RANK``), rank 0 kept first: a host's ranks are contiguous, as
+   hierarchical allreduce expects, and ``local_rank()`` equals the slot (the device a worker chose at
+   start) whenever a host's slots are 0..n-1, also after a replacement took a dead worker's slot.
 4. Generation 0 forms when the launcher's ``-np`` workers have arrived or ended (ranks in launcher id
    order, so they match the local ranks the launcher gave), or with ``--min-np`` of them after
    ``FIRST_GENERATION_WAIT_S`` (starting is slow on a loaded machine; ``elastic_timeout_s`` is about
@@ -37,6 +43,8 @@ Store keys, under the job's secret (``shoal/el/``)::
     admitted             joiners taken into some generation so far
     leave/<wid>          a worker that left on purpose
     ended                counter of workers that ended (the launcher's)
+    gone/<id>            the launcher saw worker <id> (its launcher id) end, or lost its host; ``gone``
+                         counts them, so that waiters read the keys only when it moved
 
 What lives elsewhere: building each generation's groups (:mod:`shoal.core.runtime`), when a change of
 membership happens and what the state does (:mod:`shoal.core.elastic`), starting and stopping workers
@@ -60,7 +68,7 @@ from .config import ShoalConfig
 from .errors import ShoalError
 
 __all__ = ["Member", "enter", "agree", "worker_id", "note_leave", "pending_joins", "current_generation",
-           "ElasticMembershipError", "started", "FORM_ATTEMPTS"]
+           "ElasticMembershipError", "started", "FORM_ATTEMPTS", "gone_count"]
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +97,7 @@ class Member:
         generation: the generation's number.
         rank, size: this worker's rank and the generation's size.
         workers: every member's worker id, in rank order.
-        survivors: how many of them (the first ones) were members of the previous generation.
+        survivors: how many of them were members of the previous generation (rank 0 is one of them when any is).
         records: every member's arrival record, in rank order (steps, dirty, host, pid).
     """
 
@@ -142,6 +150,11 @@ def pending_joins(store: dist.Store) -> int:
     return max(0, joins - admitted)
 
 
+def gone_count(store: dist.Store) -> int:
+    """How many workers the launcher reported gone so far (``gone/<id>``, constraint 2)."""
+    return int(store.add(_key("gone"), 0))
+
+
 def note_leave(store: dist.Store, wid: str) -> None:
     """Record that worker ``wid`` leaves on purpose: the others do not wait for it (constraint 2)."""
     store.set(_key(f"leave/{wid}"), "1")
@@ -149,7 +162,7 @@ def note_leave(store: dist.Store, wid: str) -> None:
 
 def _record(wid: str, prev: int, prev_rank: int, info: Optional[dict]) -> dict:
     return {"wid": wid, "host": socket.gethostname(), "pid": os.getpid(), "prev": prev, "prev_rank": prev_rank,
-            "launcher_id": _launcher_id(), **(info or {})}
+            "launcher_id": _launcher_id(), "slot": env.elastic_worker().local_slot, **(info or {})}
 
 
 def _arrive(store: dist.Store, gen: int, record: dict) -> None:
@@ -173,6 +186,39 @@ def _is_dead(host: str, pid: int) -> bool:
     return dead(pid)
 
 
+def _by_host(records: list[dict]) -> list[dict]:
+    """``records`` grouped by host, hosts in the order of their first record, each group by launcher slot,
+    the first record kept first (constraint 3).
+
+    Example:
+        >>> [r["wid"] for r in _by_host([{"wid": "a", "host": "x", "slot": 1}, {"wid": "b", "host": "y", "slot": 0},
+        ...                              {"wid": "c", "host": "x", "slot": 0}])]
+        ['a', 'c', 'b']
+    """
+    hosts: dict[str, list[dict]] = {}
+    for r in records:
+        hosts.setdefault(str(r.get("host", "")), []).append(r)
+    out = []
+    for i, group in enumerate(hosts.values()):
+        head, rest = (group[:1], group[1:]) if i == 0 else ([], group)
+        out += head + sorted(rest, key=lambda r: int(r.get("slot", -1)))  # stable: unknown slots keep their order
+    return out
+
+
+class _Gone:
+    """The workers the launcher reported gone (constraint 2), read from the store only when its counter moved."""
+
+    def __init__(self, store: dist.Store, ids: dict[str, int]):
+        self.store, self.ids, self.count, self.wids = store, ids, -1, set()
+
+    def __call__(self) -> set[str]:
+        count = gone_count(self.store)
+        if count != self.count:
+            self.count = count
+            self.wids = {w for w, i in self.ids.items() if i >= 0 and _exists(self.store, f"gone/{i}")}
+        return self.wids
+
+
 def _close(store: dist.Store, gen: int, workers: list[dict], survivors: int, handled_joins: int) -> dict:
     """Try to close generation ``gen`` with ``workers``; returns the closed record, ours or a faster
     closer's (constraint 1: one compare_set decides). The closer marks the join requests it considered as
@@ -191,15 +237,19 @@ def _close(store: dist.Store, gen: int, workers: list[dict], survivors: int, han
 
 
 def _wait_closed(store: dist.Store, gen: int, wid: str, deadline_s: float, want: int, minimum: int,
-                 expected: Optional[set[str]], order_key, handled_joins: int = 0) -> Member:
+                 expected: Optional[set[str]], order_key, handled_joins: int = 0,
+                 gone: Optional[_Gone] = None) -> Member:
     """Wait until generation ``gen`` closes (closing it ourselves when every expected worker arrived, or at
-    the deadline with at least ``minimum``), and return this worker's place in it."""
+    the deadline with at least ``minimum``), and return this worker's place in it. Workers that ``gone``
+    reports leave ``expected`` as soon as it does (constraint 2)."""
     delay = _POLL_FIRST_S
     start = time.monotonic()
     while True:
         if _exists(store, f"g{gen}/members"):
             closed = _get_json(store, f"g{gen}/members")
             break
+        if expected is not None and gone is not None:
+            expected = expected - (gone() - {wid})
         arrived = _arrivals(store, gen)
         wids = {r["wid"] for r in arrived}
         late = time.monotonic() - start > deadline_s
@@ -210,6 +260,7 @@ def _wait_closed(store: dist.Store, gen: int, wid: str, deadline_s: float, want:
             members = sorted(arrived, key=order_key)
             if expected is not None:
                 members = [r for r in members if r["wid"] in expected or r["prev"] < 0]
+            members = _by_host(members)
             survivors = sum(1 for r in members if r["prev"] >= 0)
             closed = _close(store, gen, members, survivors, handled_joins)
             break
@@ -299,12 +350,17 @@ def agree(store: dist.Store, previous: Member, info: dict, cfg: ShoalConfig) -> 
     leaving = {w for w in previous.workers if _exists(store, f"leave/{w}")}
     old = {r["wid"]: r for r in previous.records} if previous.records else {}
     dead = {w for w, r in old.items() if _is_dead(r.get("host", ""), int(r.get("pid", -1)))}
-    expected = (set(previous.workers) - leaving - dead) | {wid}
+    ids = {w: int(r.get("launcher_id", -1)) for w, r in old.items()}
     joins = int(store.add(_key("joins"), 0))
     admitted = int(store.add(_key("admitted"), 0))
+    joiners = set()
     for k in range(admitted + 1, joins + 1):  # the joiners that asked and were not taken in yet
         if store.check([_key(f"join/{k}")]):
-            expected.add(json.loads(store.get(_key(f"join/{k}")).decode())["wid"])
+            record = json.loads(store.get(_key(f"join/{k}")).decode())
+            joiners.add(record["wid"])
+            ids[record["wid"]] = int(record.get("launcher_id", -1))
+    gone = _Gone(store, ids)
+    expected = ((set(previous.workers) | joiners) - leaving - dead - gone()) | {wid}
     minimum = env.elastic_worker().min_np or 1
     position = {w: i for i, w in enumerate(previous.workers)}
 
@@ -313,7 +369,7 @@ def agree(store: dist.Store, previous: Member, info: dict, cfg: ShoalConfig) -> 
         return (0, position.get(r["wid"], len(position)), "") if r["prev"] >= 0 else (1, 0, r["wid"])
 
     member = _wait_closed(store, gen, wid, cfg.elastic_timeout_s, len(expected), minimum, expected, order,
-                          handled_joins=joins)
+                          handled_joins=joins, gone=gone)
     if member.size < minimum:
         raise ElasticMembershipError(
             f"shoal: generation {gen} of the elastic job has {member.size} workers, below the minimum of "

@@ -665,6 +665,15 @@ def _dead_local_peers(rt: "_Runtime", peers: Sequence[int], me: int) -> list[int
     return [r for r in peers if r != me and rt.hosts[r] == host and _is_dead(rt.pids[r])]
 
 
+def _gone_elsewhere() -> bool:
+    """Elastic: the launcher reported a worker gone (maybe on another host): no need to wait to see one here."""
+    if not elastic():
+        return False
+    from . import elastic as _elastic  # noqa: PLC0415 (elastic imports this module)
+
+    return _elastic.peer_reported_gone()
+
+
 def explain_failure(exc: BaseException, what: str, ranks: Optional[Sequence[int]] = None, *,
                     grace_s: Optional[float] = None) -> RankFailureError:
     """Turn a backend error of a collective into a :class:`RankFailureError` naming the cause.
@@ -687,7 +696,7 @@ def explain_failure(exc: BaseException, what: str, ranks: Optional[Sequence[int]
     dead = _dead_local_peers(rt, peers, me)
     if not dead and peer_closed(exc):
         deadline = time.monotonic() + (_EXIT_GRACE_S if grace_s is None else grace_s)
-        while not dead and time.monotonic() < deadline:
+        while not dead and time.monotonic() < deadline and not _gone_elsewhere():
             time.sleep(0.05)
             dead = _dead_local_peers(rt, peers, me)
     remote = [r for r in peers if r != me and rt.hosts[r] != socket.gethostname()]

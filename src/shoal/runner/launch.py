@@ -35,7 +35,8 @@ Glossary:
     coordinator  the ``shoal run`` process of a multi-host job: starts the agents and watches them
     sentinel     a small process per agent that stops its workers if the agent dies first
 
-What lives elsewhere: subcommand dispatch (:mod:`shoal.runner.cli`), the knobs themselves
+What lives elsewhere: elastic mode, on one host or several (:mod:`shoal.runner.elastic`: its agents start
+through :func:`_start_remote_agent` too), subcommand dispatch (:mod:`shoal.runner.cli`), the knobs themselves
 (:mod:`shoal.core.config`), reading the environment (:mod:`shoal.core.env`), what workers do with
 their variables (:func:`shoal.init`). Importing this module imports no torch (``shoal --help`` stays fast).
 """
@@ -140,7 +141,9 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
                              "remote command). Example for network namespaces: 'ip netns exec {host}'.")
     parser.add_argument("--master-addr", dest="master_addr", metavar="ADDR",
                         help="Address of the first host, where the rendezvous store listens "
-                             "(default: the first host's name).")
+                             "(default: the first host's name). Elastic mode: an address of this host, "
+                             "which holds the job's store (default: this host's address on the route to "
+                             "the first other host).")
     parser.add_argument("--master-port", dest="master_port", type=int, default=_DEFAULT_MASTER_PORT,
                         metavar="PORT", help="Port of the rendezvous store (default: %(default)s).")
     parser.add_argument("--start-timeout-s", dest="start_timeout_s", type=float, default=120.0,
@@ -157,8 +160,10 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", dest="verbose", action="store_true",
                         help="Show the elastic agent's own log lines.")
     elastic = parser.add_argument_group(
-        "elastic training", "Any of these makes the job elastic: a dead, hung or leaving worker costs "
-        "seconds, not the job; new workers join at the next commit (docs/elastic.md).")
+        "elastic training", "Any of these makes the job elastic: a dead, hung or leaving worker, or a lost "
+        "host, costs seconds, not the job; new workers join at the next commit. With -H/--hostfile this "
+        "process coordinates one agent per host and holds the job's store: its own loss ends the job "
+        "(docs/elastic.md).")
     elastic.add_argument("--elastic", dest="elastic", action="store_true",
                          help="Elastic mode with -np as both the minimum and the maximum.")
     elastic.add_argument("--min-np", dest="min_np", type=int, metavar="N",
@@ -166,8 +171,10 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
     elastic.add_argument("--max-np", dest="max_np", type=int, metavar="N",
                          help="Most workers the job runs with (default: -np).")
     elastic.add_argument("--host-discovery-script", dest="host_discovery_script", metavar="SCRIPT",
-                         help="Prints 'host:slots' lines; the job keeps as many workers as this host's "
-                              "slots (between --min-np and --max-np), checked every second.")
+                         help="Prints 'host:slots' lines, checked every second; the job keeps as many "
+                              "workers as the listed slots (between --min-np and --max-np). Hosts other "
+                              "than this one get an agent through --remote-command as they appear; a host "
+                              "that disappears has its workers leave at their next commit. Not with -H.")
     elastic.add_argument("--max-restarts", dest="max_restarts", type=int, default=10, metavar="N",
                          help="Most workers started to replace failed or departed ones (default: "
                               "%(default)s).")
@@ -281,9 +288,13 @@ class _AgentPlan:
     verbose: bool = False
 
 
-def _encode_plan(plan: _AgentPlan) -> str:
+def _encode_json(value: Any) -> str:
     """One token of [A-Za-z0-9_-=]: survives ssh's re-joining of arguments and any remote shell."""
-    return base64.urlsafe_b64encode(json.dumps(dataclasses.asdict(plan)).encode()).decode()
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
+
+
+def _encode_plan(plan: _AgentPlan) -> str:
+    return _encode_json(dataclasses.asdict(plan))
 
 
 def _decode_plan(token: str) -> _AgentPlan:
@@ -514,6 +525,28 @@ def _agent_main(token: str) -> int:
     return result.code
 
 
+def _elastic_agent_main(token: str) -> int:
+    """Entry of an elastic job's agent on a host (:func:`shoal.runner.elastic.serve_host`), secret on stdin."""
+    plan = json.loads(base64.urlsafe_b64decode(token.encode()))
+    secret = _read_secret(float(plan["start_timeout_s"]))
+    if secret is None:
+        print(f"shoal: agent on host {plan['host']}: no job secret arrived on the agent's stdin. HINT: the "
+              "--remote-command must pass stdin through to the remote command (ssh and 'ip netns exec' do; "
+              "ssh -n does not)", file=sys.stderr, flush=True)
+        return EXIT_LAUNCHER
+    threading.Thread(target=_stop_when_stdin_closes, name="shoal-stdin-watch", daemon=True).start()
+    try:
+        _env.export_env(plan["env"], "shoal run flags")
+        _check_program(plan["command"])
+        argv = _worker_argv(plan["command"])
+    except _UsageError as exc:  # e.g. the command is not on this host's PATH: the coordinator shows this line
+        print(f"{exc} (on host {plan['host']})", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    from .elastic import serve_host  # noqa: PLC0415 (imports torch)
+
+    return serve_host(plan, argv, secret)
+
+
 def _stop_when_stdin_closes() -> None:
     # ssh does not pass signals to the remote command, but it closes the remote stdin when the
     # local ssh client dies; the coordinator stops a remote agent by killing that client.
@@ -569,6 +602,35 @@ def _signal_group(proc: subprocess.Popen, signum: int) -> None:
         pass
 
 
+def _start_remote_agent(remote_command: str, host: str, entry: list[str], secret: str, index: int,
+                       reports: "queue.Queue", exited_ok: list[int],
+                       tails: list[str]) -> tuple[subprocess.Popen, threading.Thread]:
+    """Start ``python -m shoal.runner.launch ENTRY...`` on ``host`` through ``remote_command`` (constraint 6):
+    the job's secret is the first line on its stdin, never in an argv; its stderr is forwarded by a thread
+    (:func:`_pump_stderr`: report lines go to ``reports``/``exited_ok``, the last other line to
+    ``tails[index]``). Used by the static coordinator and the elastic one (:mod:`shoal.runner.elastic`).
+
+    Returns:
+        The remote command's process (in its own session: a Ctrl-C reaches only the coordinator, which
+        stops agents in order) and the stderr thread.
+
+    Raises:
+        ValueError: ``host`` or ``remote_command`` is not valid (:func:`shoal.runner.hosts.remote_argv`).
+    """
+    argv = remote_argv(remote_command, host, [sys.executable, "-m", _MODULE, *entry])
+    log.debug("shoal: host %s: %s", host, argv)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        proc.stdin.write(secret.encode() + b"\n")
+        proc.stdin.flush()
+    except OSError:  # the remote command ended already: its exit status tells why
+        pass
+    t = threading.Thread(target=_pump_stderr, name=f"shoal-agent-{host}",
+                         args=(proc.stderr, index, reports, exited_ok, tails), daemon=True)
+    t.start()
+    return proc, t
+
+
 def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int, secret: str) -> int:
     """Start one agent per host through ``remote_command`` and watch them (constraint 6).
 
@@ -593,21 +655,9 @@ def _run_hosts(plans: list[_AgentPlan], remote_command: str, world_size: int, se
     try:
         try:
             for i, plan in enumerate(plans):
-                argv = remote_argv(remote_command, plan.host,
-                                   [sys.executable, "-m", _MODULE, "--agent", _encode_plan(plan)])
-                log.debug("shoal: host %s: %s", plan.host, argv)
-                # Own session: a Ctrl-C reaches only the coordinator, which stops agents in order.
-                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        start_new_session=True)
+                proc, t = _start_remote_agent(remote_command, plan.host, ["--agent", _encode_plan(plan)], secret,
+                                             i, reports, exited_ok, tails)
                 procs.append(proc)
-                try:
-                    proc.stdin.write(secret.encode() + b"\n")
-                    proc.stdin.flush()
-                except OSError:  # the remote command ended already: its exit status tells why
-                    pass
-                t = threading.Thread(target=_pump_stderr, name=f"shoal-agent-{plan.host}",
-                                     args=(proc.stderr, i, reports, exited_ok, tails), daemon=True)
-                t.start()
                 pumps.append(t)
             while not all(p.poll() is not None for p in procs):
                 bad = reports.qsize() > 0 or any(p.poll() not in (None, 0) for p in procs)
@@ -764,10 +814,7 @@ def _main(args: argparse.Namespace) -> int:
     placed = place_ranks(hosts, args.num_proc)
     check_remote_command(args.remote_command)
     master_addr = parse_address(args.master_addr) if args.master_addr else placed[0][0]
-    # ssh forwards no environment: SHOAL_* of this shell, then the flags, then -x, all explicit.
-    forwarded = {env_name(f.name): v for f in knobs() if (v := _env.get_env(env_name(f.name))) is not None}
-    forwarded.update(knob_env)
-    forwarded.update(_extra_env(args.env, remote=True))
+    forwarded = _forwarded_env(args, knob_env)
     run_id = secrets.token_hex(_SECRET_BYTES)  # torch's keys live under it: not guessable either
     plans = [_AgentPlan(command=program, nproc=n, host=h, nnodes=len(placed), node_rank=i,
                         master_addr=master_addr, master_port=args.master_port,
@@ -779,12 +826,10 @@ def _main(args: argparse.Namespace) -> int:
 
 def _main_elastic(args: argparse.Namespace, program: list[str], knob_env: dict[str, str], hosts,
                   log_dir: Optional[str], secret: str) -> int:
-    """``shoal run`` in elastic mode (:mod:`shoal.runner.elastic`)."""
-    from .elastic import ElasticPlan, run_elastic  # noqa: PLC0415
+    """``shoal run`` in elastic mode (:mod:`shoal.runner.elastic`): on this host, or on several with ``-H`` /
+    ``--hostfile`` or a host discovery script that names other hosts."""
+    from .elastic import ElasticPlan, discover_hosts, local_names, run_elastic  # noqa: PLC0415
 
-    if hosts is not None:
-        raise _UsageError("shoal: elastic mode runs on one host for now (-H / --hostfile are not supported with "
-                          "--min-np/--max-np/--elastic). HINT: emulate nodes on one host with --local-size.")
     min_np = args.min_np if args.min_np is not None else args.num_proc
     max_np = args.max_np if args.max_np is not None else max(args.num_proc, min_np)
     if not 1 <= min_np <= args.num_proc <= max_np:
@@ -796,14 +841,91 @@ def _main_elastic(args: argparse.Namespace, program: list[str], knob_env: dict[s
     if script is not None and not (os.path.isfile(script) and os.access(script, os.X_OK)):
         raise _UsageError(f"shoal: --host-discovery-script {script!r} is not an executable file. HINT: chmod +x "
                           "it; it must print 'host:slots' lines.")
+    if script is not None and hosts is not None:
+        raise _UsageError("shoal: give -H/--hostfile or --host-discovery-script, not both (as horovodrun). HINT: "
+                          "the script's output is the job's host list while it runs.")
+    if script is not None:
+        found = discover_hosts(script)
+        if any(h not in local_names() for h, _ in found):
+            hosts = found  # it names other hosts: one agent per host
     _check_program(program)
-    env = {**knob_env, **_extra_env(args.env, remote=False)}
     if max_np > 1 and _env.get_env("OMP_NUM_THREADS") is None:
-        env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N workers x all-cores pools oversubscribe
-    plan = ElasticPlan(argv=_worker_argv(program), np=args.num_proc, min_np=min_np, max_np=max_np, env=env,
+        knob_env = {**knob_env, "OMP_NUM_THREADS": "1"}  # as torchrun: N workers x all-cores pools oversubscribe
+    if hosts is None:
+        env = {**knob_env, **_extra_env(args.env, remote=False)}
+        plan = ElasticPlan(argv=_worker_argv(program), np=args.num_proc, min_np=min_np, max_np=max_np, env=env,
+                           discovery_script=script, max_restarts=args.max_restarts, log_dir=log_dir,
+                           start_timeout_s=args.start_timeout_s, module=_MODULE)
+        return run_elastic(plan, secret, verbose=args.verbose)
+    place_ranks(hosts, args.num_proc)  # -np fits the slots, or a usage error naming them
+    check_remote_command(args.remote_command)
+    for host, _ in hosts:
+        remote_argv(args.remote_command, host, ["true"])  # every host name checked before anything starts
+    master_addr = _coordinator_address(args.master_addr, hosts)
+    plan = ElasticPlan(argv=[], np=args.num_proc, min_np=min_np, max_np=max_np, env=_forwarded_env(args, knob_env),
                        discovery_script=script, max_restarts=args.max_restarts, log_dir=log_dir,
-                       start_timeout_s=args.start_timeout_s, module=_MODULE)
-    return run_elastic(plan, secret, verbose=args.verbose)
+                       start_timeout_s=args.start_timeout_s, module=_MODULE, hosts=list(hosts), command=program,
+                       remote_command=args.remote_command, master_addr=master_addr, master_port=args.master_port,
+                       verbose=args.verbose)
+    try:
+        return run_elastic(plan, secret, verbose=args.verbose)
+    except ValueError as exc:  # the store cannot listen there (address, port): a usage error
+        raise _UsageError(str(exc)) from None
+
+
+def _forwarded_env(args: argparse.Namespace, knob_env: dict[str, str]) -> dict[str, str]:
+    """What remote workers get (ssh forwards no environment): ``SHOAL_*`` of this shell, then the flags, then
+    ``-x``, all explicit (constraint 6)."""
+    forwarded = {env_name(f.name): v for f in knobs() if (v := _env.get_env(env_name(f.name))) is not None}
+    forwarded.update(knob_env)
+    forwarded.update(_extra_env(args.env, remote=True))
+    return forwarded
+
+
+def _coordinator_address(given: Optional[str], hosts: Sequence[tuple[str, int]]) -> str:
+    """Where an elastic job's store listens: on this host (the coordinator holds it, elastic.py constraint 2),
+    at ``--master-addr`` when given, else at the address this host's route to the first other host uses.
+
+    Raises:
+        _UsageError: ``--master-addr`` is not an address of this host.
+    """
+    if given:
+        addr = parse_address(given)
+        if not _is_local_address(addr):
+            raise _UsageError(f"shoal: --master-addr {given} is not an address of this host "
+                              f"({socket.gethostname()}): in elastic mode the launching host holds the job's "
+                              "store. HINT: give one of this host's addresses that the other hosts reach, or "
+                              "leave --master-addr out (then the address of this host's route to the first other "
+                              "host is used).")
+        return addr
+    from .elastic import local_names  # noqa: PLC0415
+
+    others = [h for h, _ in hosts if h not in local_names() and not _is_local_address(h)]
+    target = others[0] if others else hosts[0][0]
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(target, 9, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(sockaddr)  # a UDP "connect" sends nothing: it only picks the route and its source address
+            return s.getsockname()[0]
+    except OSError as exc:
+        raise _UsageError(f"shoal: cannot find this host's address towards host {target!r}: {exc}. HINT: give "
+                          "--master-addr as this host's address that the other hosts reach.") from None
+
+
+def _is_local_address(addr: str) -> bool:
+    """Whether ``addr`` resolves to an address of this host (one a socket here can bind)."""
+    try:
+        infos = socket.getaddrinfo(addr, 0, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.bind((sockaddr[0], 0) + tuple(sockaddr[2:]))
+                return True
+        except OSError:
+            continue
+    return False
 
 
 # ------------------------------------------------------------------------------------- shim
@@ -851,9 +973,12 @@ def _module_main(argv: list[str]) -> int:
         return _shim_main(argv[1:])
     if argv[:1] == ["--agent"] and len(argv) == 2:
         return _agent_main(argv[1])
+    if argv[:1] == ["--elastic-agent"] and len(argv) == 2:
+        return _elastic_agent_main(argv[1])
     if argv[:1] == ["--sentinel"] and len(argv) == 3 and argv[1].isdigit():
         return sentinel_main(int(argv[1]), argv[2])
-    print("usage: python -m shoal.runner.launch (--worker COMMAND... | --agent PLAN | --sentinel PID DIR); "
+    print("usage: python -m shoal.runner.launch (--worker COMMAND... | --agent PLAN | --elastic-agent PLAN | "
+          "--sentinel PID DIR); "
           "this is shoal run's internal entry, use `shoal run` instead", file=sys.stderr)
     return EXIT_USAGE
 
