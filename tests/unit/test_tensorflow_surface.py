@@ -21,7 +21,7 @@ import pytest
 SRC = pathlib.Path(__file__).resolve().parents[2] / "src" / "shoal"
 
 #: What Horovod's TensorFlow 2 scripts and test_tensorflow.py call (horovod.tensorflow's public surface,
-#: minus elastic training and the TF1 session hooks).
+#: minus the TF1 session hooks).
 HOROVOD_TF_NAMES = (
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank", "cross_size",
     "is_homogeneous", "rank_op", "size_op", "local_rank_op", "local_size_op", "process_set_included_op",
@@ -31,7 +31,7 @@ HOROVOD_TF_NAMES = (
     "DistributedGradientTape", "PartialDistributedGradientTape", "DistributedOptimizer", "SyncBatchNormalization",
     "Compression", "Average", "Sum", "Adasum", "Min", "Max", "Product", "ProcessSet", "global_process_set",
     "add_process_set", "remove_process_set", "nccl_built", "gloo_built", "mpi_built", "cuda_built", "rocm_built",
-    "ddl_built", "ccl_built", "mpi_enabled", "gloo_enabled", "mpi_threads_supported",
+    "ddl_built", "ccl_built", "mpi_enabled", "gloo_enabled", "mpi_threads_supported", "elastic",
 )
 
 _TIMEOUT_S = 180

@@ -5,8 +5,9 @@ This package adapts the engine (``shoal.core``) to TensorFlow; it implements no 
 gradients go through the engine's step owner (:mod:`shoal.tensorflow.tape`), its collectives through
 :mod:`shoal.core.collectives`, both by the host call and DLPack bridge of :mod:`shoal.keras._bridge`, so it
 has what ``shoal.torch`` and ``shoal.keras`` have: fusion, compression, the per-step negotiation, the stall
-inspector, join and the NaN check. ``model.fit`` users want ``shoal.keras`` (also reachable as
-``shoal.tensorflow.keras``, Horovod's ``horovod.tensorflow.keras`` path).
+inspector, join and the NaN check, and Horovod's elastic training (``hvd.elastic.run``,
+``hvd.elastic.TensorFlowState``: :mod:`shoal.tensorflow.elastic`). ``model.fit`` users want ``shoal.keras``
+(also reachable as ``shoal.tensorflow.keras``, Horovod's ``horovod.tensorflow.keras`` path).
 
 Importing it imports TensorFlow and Keras (TensorFlow >= 2.16 ships Keras 3), or fails with the install
 line; it starts nothing: ``init()`` does. What ``dir()`` shows is ``__all__``.
@@ -100,12 +101,13 @@ from .collectives import (  # noqa: E402
     reducescatter,
     size_op,
 )
+from . import elastic  # noqa: E402
 from .sync_batch_norm import SyncBatchNormalization  # noqa: E402
 from .tape import DistributedGradientTape, PartialDistributedGradientTape, tape_stats  # noqa: E402
 
 __all__ = [
     "DistributedGradientTape", "PartialDistributedGradientTape", "DistributedOptimizer", "SyncBatchNormalization",
-    "Compression", "tape_stats",
+    "Compression", "tape_stats", "elastic",
     "allreduce", "grouped_allreduce", "allgather", "grouped_allgather", "broadcast", "broadcast_", "alltoall",
     "reducescatter", "grouped_reducescatter", "broadcast_variables", "broadcast_global_variables",
     "broadcast_object", "broadcast_object_fn", "allgather_object", "barrier", "join",

@@ -31,6 +31,18 @@ Design constraints:
 6. ``nan_check="skip"`` needs an update to skip, which a tape does not own (the user applies the
    gradients): it is refused, with a HINT; ``raise`` and ``warn`` behave as everywhere.
 7. World size 1 (or op=Average with no scaling) costs nothing: the local gradients are returned as they are.
+8. Elastic training changes the world under a traced step: a ``tf.function`` traced in a world of two
+   keeps its host call when only one rank is left (the host then hands the local gradients back), and one
+   traced in a world of one must still reduce when a worker joins, so in an elastic job every step goes
+   through the host call (the cost of constraint 7's shortcut: one host call per step in a world of one).
+   The step owner starts over in each new world (:mod:`shoal.core.step`, its constraint 6), buckets
+   included, so whether this is the owner's first step is read after ``ready()``, which starts it over.
+9. A peer lost during a traced step leaves the step half done: TensorFlow runs the ops that do not wait
+   for the reduced gradients alongside the host call, Keras' ``optimizer.iterations.assign_add(1)`` among
+   them (measured: 17 iterations after 16 steps kept across a SIGKILLed peer, tests/launcher/
+   test_tf_elastic.py). So the failure is reported as a partial update and the survivors go back to the
+   last commit (:func:`shoal.core.elastic.note_partial_update`). Eagerly the step stops at ``gradient()``,
+   before the update: the survivors keep their work.
 
 What lives elsewhere: the step's protocol (:mod:`shoal.core.step`), moving tensors (:mod:`shoal.keras._bridge`),
 the user collectives (:mod:`shoal.tensorflow.collectives`).
@@ -48,7 +60,8 @@ import torch
 from shoal.core import runtime
 from shoal.core.buckets import TensorSpec
 from shoal.core.compression import Compression, resolve_compression
-from shoal.core.errors import MismatchError, ShoalError
+from shoal.core import elastic as _elastic
+from shoal.core.errors import HorovodInternalError, MismatchError, ShoalError
 from shoal.core.ops import ReduceOp, gradient_op
 from shoal.core.step import StepOwner, resolve_settings
 from shoal.keras import _bridge
@@ -321,8 +334,9 @@ class _Exchange:
         self.sparse_as_dense = sparse_as_dense
         self.settings = settings
         self.fixed = fixed
-        self.active = process_set.included() and (
-            process_set.size() > 1 or op == ReduceOp.Sum or prescale * postscale != 1.0)
+        # In an elastic job the world may grow or shrink after a step is traced (constraint 8).
+        self.active = runtime.elastic() or (process_set.included() and (
+            process_set.size() > 1 or op == ReduceOp.Sum or prescale * postscale != 1.0))
         self.owners: dict[tuple, StepOwner] = {}
         self.reductions = 0
         self.sparse = 0
@@ -424,7 +438,7 @@ class _Exchange:
                 values, indices = ts[pos], ts[pos + 1]
                 given_sparse[i] = torch.sparse_coo_tensor(indices.reshape(1, -1), values, shape, check_invariants=True)
                 pos += 2
-        first = not owner.built
+        first = False  # set after ready(): that is where a new world (elastic training) drops the old buckets
 
         def local(i: int) -> Optional[torch.Tensor]:
             if i in given_sparse:
@@ -446,8 +460,16 @@ class _Exchange:
                 owner.ready(i, given_dense[i])
             for i in given_sparse:
                 owner.ready(i, None)
-            result = owner.synchronize(local)
+            first = not owner.built
+            try:
+                result = owner.synchronize(local)
+            except HorovodInternalError:
+                if not eager:  # constraint 9
+                    _elastic.note_partial_update()
+                raise
             owner.close()
+            if owner.negotiator is None:  # nothing to reduce in this world (constraint 8)
+                return _as_given(ts, specs, dense, sparse, layout, eager)
             self.reductions += 1
             self.sparse += len(result.sparse)
             result.apply_nan_policy()  # raise / warn, the same verdict on every rank (skip refused)
@@ -478,6 +500,23 @@ class _Exchange:
                     view = owner.view(i)
                     outs.append(view.reshape(specs[i][1]).clone())
         return outs
+
+
+def _as_given(ts: list[torch.Tensor], specs, dense: list[int], sparse: list[int], layout: list,
+              eager: bool) -> list[torch.Tensor]:
+    """The local gradients, as copies, in the host call's output order: a world with nothing to reduce."""
+    outs: list[torch.Tensor] = []
+    pos = 0
+    for i in sorted(dense + sparse):
+        if eager:
+            layout.append((i, "dense" if i in dense else "sparse"))
+        if i in dense:
+            outs.append(ts[pos].reshape(specs[i][1]).clone())
+            pos += 1
+        else:
+            outs += [ts[pos].clone(), ts[pos + 1].clone()]
+            pos += 2
+    return outs
 
 
 def _cast(t: tf.Tensor, dtype: str) -> tf.Tensor:
