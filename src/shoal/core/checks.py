@@ -71,6 +71,7 @@ __all__ = [
     "NonFiniteReport",
     "NonFiniteGradientError",
     "FiniteCheck",
+    "DeferredVerdict",
     "make_finite_check",
     "apply_nan_policy",
 ]
@@ -152,11 +153,17 @@ class NonFiniteGradientError(ShoalError):
     """A gradient held NaN/Inf before communication under ``nan_check="raise"``; raised on every rank
     with the same message. ``err.report`` is the :class:`NonFiniteReport`."""
 
-    def __init__(self, report: NonFiniteReport):
+    def __init__(self, report: NonFiniteReport, deferred: bool = False):
         self.report = report
         self.culprit_ranks = tuple(report.ranks)
+        #: Raised at the start of a later step (the device kept the verdict, constraint 6), not in the step.
+        self.deferred = deferred
+        when = (f" The weights were not updated by step {report.step} (its optimizer step was skipped on the "
+                f"device); raised now, after step {report.step}, because the verdict stayed on the device "
+                "(no host sync per step; docs/nan_check.md)." if deferred else
+                f" The weights were not updated by step {report.step}.")
         super().__init__(
-            report.describe() + " HINT: with PyTorch, call shoal.torch.nan_drilldown.drill_down(model, "
+            report.describe() + when + " HINT: with PyTorch, call shoal.torch.nan_drilldown.drill_down(model, "
             "closure, err.report) on every rank to name the first module that produced it; nan_check='skip' "
             "skips such steps on every rank instead (SHOAL_NAN_CHECK / --nan-check or the optimizer's "
             "nan_check= argument); fp16 overflow belongs to a loss scaler (torch's GradScaler, Keras' "
@@ -182,6 +189,12 @@ class FiniteCheck(ReducerObserver):
         report = check.finish_step(step)                              # after every bucket is reduced
         apply_nan_policy(report)                                       # raise / warn / True = skip
     """
+
+    #: Whether a step's verdict may stay on the device (constraint 6). None (default): where the check ran
+    #: on the device. True: CPU tensors too, checked the device way (per-tensor maxima, no counts): how the
+    #: tests run the CUDA path's logic on gloo. False: never (the host reads every verdict in the step).
+    #: Set it on every rank alike, before the first step.
+    defer: Optional[bool] = None
 
     def __init__(self, policy: str, process_set: runtime.ProcessSet):
         if policy not in NAN_POLICIES or policy == "off":
@@ -232,7 +245,7 @@ class FiniteCheck(ReducerObserver):
         self._num_buckets = max(self._num_buckets, bucket + 1)
         if not (buffer.is_floating_point() or buffer.is_complex()) or buffer.numel() == 0:
             return
-        if buffer.device.type == "cpu":
+        if buffer.device.type == "cpu" and not self.defer:
             # Constraint 1: one pass; 16-bit buckets summed in float32 so that they cannot overflow it.
             acc = buffer.sum(dtype=torch.float32) if buffer.element_size() < 4 else buffer.sum()
             if bool(torch.isfinite(acc)):
@@ -265,8 +278,8 @@ class FiniteCheck(ReducerObserver):
         local = flags.clone() if self._device else None
         self._combine = (dist.all_reduce(flags, group=group, async_op=True), flags, local)
 
-    def finish_step(self, step: Optional[int] = None, num_buckets: Optional[int] = None
-                    ) -> Optional[NonFiniteReport]:
+    def finish_step(self, step: Optional[int] = None, num_buckets: Optional[int] = None, defer: bool = False
+                    ) -> "Optional[NonFiniteReport] | DeferredVerdict":
         """Finish combining this step's flags across the process set; return the report, or None when
         every gradient of every rank was finite. Every member must call it once per step, after its
         buckets (it starts the combine itself when no bucket was marked ``last``).
@@ -274,27 +287,43 @@ class FiniteCheck(ReducerObserver):
         Args:
             step: the step number to report (default: this check's own count, 1-based).
             num_buckets: buckets this step (default: the highest checked index + 1).
+            defer: the caller can act on a verdict that stays on the device (constraint 6): when this
+                step was checked on the device, return a :class:`DeferredVerdict` instead of reading the
+                flags on the host. Steps checked on the host (the CPU) return the report as always.
+
+        Returns:
+            The report (None: all finite), or a :class:`DeferredVerdict` (``defer`` and a device check).
         """
         start = time.perf_counter()
         try:
-            return self._finish_step(step, num_buckets)
+            return self._finish_step(step, num_buckets, defer)
         finally:
             self.combine_s += time.perf_counter() - start
 
-    def _finish_step(self, step: Optional[int], num_buckets: Optional[int]) -> Optional[NonFiniteReport]:
+    def _finish_step(self, step: Optional[int], num_buckets: Optional[int], defer: bool):
         self.steps += 1
         step = self.steps if step is None else step
         if self._combine is None:
             self.start_combine(num_buckets)
         work, flags, local = self._combine
-        work.wait()
-        group = self.process_set.group
-        combined = flags.tolist()  # on CUDA the one host sync of the check per step
-        if not any(combined):
-            self._reset()
-            return None
-        mine = self._findings(local)
+        work.wait()  # on NCCL: the current stream waits for the allreduce; the host goes on
+        held = (dict(self._host_tripped), dict(self._device), local)
+        on_device = bool(self._device)
         self._reset()
+        if defer and on_device and self.defer is not False:
+            found_inf = (flags.sum() > 0).to(torch.float32)  # on the device: no host read
+            return DeferredVerdict(self, step, flags, found_inf, held)
+        return self._report(step, flags.tolist(), held)  # on CUDA the one host sync of the check
+
+    def _report(self, step: int, combined: list, held: tuple) -> Optional[NonFiniteReport]:
+        """The report of ``step`` from the combined flags and this rank's held findings: collective (one
+        ``all_gather`` of the findings) when any flag is set, so every member calls it at the same point
+        of its collective order (constraints 4 and 6)."""
+        if not any(combined):
+            return None
+        host_tripped, device, local = held
+        mine = self._findings(host_tripped, device, local)
+        group = self.process_set.group
         # Constraint 4, as JSON (shoal.core.exchange): a peer's findings are data, never unpickled.
         everyone = exchange.allgather_json([dataclasses.asdict(t) for t in mine], group=group)
         tensors = sorted((NonFiniteTensor(**t) for found in everyone for t in found),
@@ -304,14 +333,15 @@ class FiniteCheck(ReducerObserver):
         log.info("%s", report.describe())
         return report
 
-    def _findings(self, local: Optional[torch.Tensor]) -> list[NonFiniteTensor]:
+    @staticmethod
+    def _findings(host_tripped: dict, device: dict, local: Optional[torch.Tensor]) -> list[NonFiniteTensor]:
         """This rank's non-finite tensors (the rare path: host copies are fine here)."""
-        found = [t for b in sorted(self._host_tripped) for t in self._host_tripped[b]]
+        found = [t for b in sorted(host_tripped) for t in host_tripped[b]]
         me = runtime.rank()  # the world rank, as everywhere in Shoal (apply_nan_policy, drill_down)
-        for b, (maxima, tensors) in sorted(self._device.items()):
+        for b, (maxima, tensors) in sorted(device.items()):
             if local is None or not int(local[b]):
                 continue
-            named = tensors()
+            named = [(name, view.numel()) for name, view in tensors()]
             for pos, m in enumerate(maxima.tolist()):
                 if m != m:
                     kind = "nan"
@@ -319,8 +349,61 @@ class FiniteCheck(ReducerObserver):
                     kind = "inf"
                 else:
                     continue
-                found.append(NonFiniteTensor(named[pos][0], me, kind, b, pos, named[pos][1].numel()))
+                found.append(NonFiniteTensor(named[pos][0], me, kind, b, pos, named[pos][1]))
         return found
+
+
+class DeferredVerdict:
+    """A step's verdict kept on the device (constraint 6): ``found_inf`` for the optimizer step now, the
+    report later.
+
+    Attributes:
+        step: the step the verdict belongs to.
+        policy: the policy in force.
+        found_inf: a float32 scalar on the flags' device, 1.0 when a gradient of any rank was non-finite:
+            what torch's fused optimizers take (``optimizer.found_inf``, as GradScaler hands it over).
+        stepped: set by the frontend when it applied its (guarded) optimizer step for this verdict; a
+            verdict never stepped (AMP's GradScaler skipped ``step()`` itself) gets its report, no policy.
+    """
+
+    def __init__(self, check: FiniteCheck, step: int, flags: torch.Tensor, found_inf: torch.Tensor, held: tuple):
+        self.step = step
+        self.policy = check.policy
+        self.found_inf = found_inf
+        self.stepped = False
+        self._check = check
+        self._flags = flags
+        self._held = held
+        self._generation = runtime.generation()
+        self._combined: Optional[list] = None
+        self._resolved = False
+        self._report: Optional[NonFiniteReport] = None
+
+    def tripped(self) -> bool:
+        """Whether any rank found a non-finite gradient: one host read of the combined flags, no collective
+        (the flags are the same on every rank)."""
+        if self._combined is None:
+            self._combined = self._flags.tolist()
+        return any(self._combined)
+
+    def resolve(self) -> Optional[NonFiniteReport]:
+        """The report (None: all finite), built once. Collective when :meth:`tripped` (the findings'
+        ``all_gather``): every member resolves at the same point of its collective order (constraint 6).
+        A verdict of an earlier world (elastic training) is dropped: its group is gone."""
+        if self._resolved:
+            return self._report
+        self._resolved = True
+        if self._generation != runtime.generation():
+            log.warning("shoal: the NaN/Inf verdict of step %d belongs to a world that ended; dropped", self.step)
+            return None
+        start = time.perf_counter()
+        try:
+            if self.tripped():
+                self._report = self._check._report(self.step, self._combined, self._held)
+        finally:
+            self._check.combine_s += time.perf_counter() - start
+            self._held = ()
+        return self._report
 
 
 def _scan(tensors: Sequence[tuple[str, torch.Tensor]], bucket: int, rank: int) -> list[NonFiniteTensor]:
@@ -343,8 +426,12 @@ def make_finite_check(policy: Optional[str], process_set: runtime.ProcessSet) ->
     return None if policy == "off" else FiniteCheck(policy, process_set)
 
 
-def apply_nan_policy(report: Optional[NonFiniteReport]) -> bool:
+def apply_nan_policy(report: Optional[NonFiniteReport], deferred: bool = False) -> bool:
     """Apply ``report.policy`` on this rank; every rank calls it with the same report.
+
+    Args:
+        report: the step's report (None: nothing to do).
+        deferred: the policy comes after the step, from a :class:`DeferredVerdict` (the error says so).
 
     Returns:
         True when the step must be skipped (``skip``), False otherwise (no report, or ``warn``).
@@ -354,7 +441,7 @@ def apply_nan_policy(report: Optional[NonFiniteReport]) -> bool:
     if report is None:
         return False
     if report.policy == "raise":
-        raise NonFiniteGradientError(report)
+        raise NonFiniteGradientError(report, deferred)
     # Log where a reader looks: the first rank, and the ranks the values came from.
     loud = dist.get_rank() in report.ranks or dist.get_rank() == 0
     level = logging.WARNING if loud else logging.DEBUG

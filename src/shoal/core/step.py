@@ -53,7 +53,7 @@ import torch.distributed as dist
 from . import autotune as _autotune
 from . import exchange, runtime
 from .buckets import TensorSpec, plan_buckets
-from .checks import NonFiniteReport, apply_nan_policy, make_finite_check
+from .checks import DeferredVerdict, NonFiniteReport, apply_nan_policy, make_finite_check
 from .config import ShoalConfig
 from .errors import ShoalError
 from .join import note_step, register_owner
@@ -137,6 +137,11 @@ class StepResult:
     nan_report: Optional[NonFiniteReport] = None
     replanned: bool = False
     sparse: Mapping[int, torch.Tensor] = field(default_factory=dict)
+
+    #: The step's verdict kept on the device (``synchronize(defer_nan=True)`` on a device check): the
+    #: frontend guards its optimizer step with ``deferred.found_inf`` and resolves it later
+    #: (:class:`shoal.core.checks.DeferredVerdict`); ``nan_report`` is then None.
+    deferred: Optional[DeferredVerdict] = None
 
     def apply_nan_policy(self) -> bool:
         """The NaN policy on this rank (every rank decides alike): raises under ``raise``, True under
@@ -361,12 +366,14 @@ class StepOwner:
             return None  # a sparse gradient (reduced in synchronize), or nothing to copy
         return self._reducer.load(j, tensor)
 
-    def synchronize(self, local: Callable[[int], Optional[torch.Tensor]]) -> StepResult:
+    def synchronize(self, local: Callable[[int], Optional[torch.Tensor]], defer_nan: bool = False) -> StepResult:
         """End the step's reduction: launch what is not on the wire, wait, negotiate, check, tune.
 
         Args:
             local: tensor index -> its current local gradient (None: none). Read for tensors whose value
                 is not in their view yet (step 1, gradients never marked ready, sparse ones).
+            defer_nan: the frontend can act on a NaN verdict kept on the device (``StepResult.deferred``;
+                :mod:`shoal.core.checks`, constraint 6); a host check still gives ``nan_report``.
 
         Returns:
             The :class:`StepResult`.
@@ -389,8 +396,10 @@ class StepOwner:
             self._fill_views(local)
         none_have = self.negotiator.finish(self._reducer, self._counts, sorted(self._sparse))
         sparse = self._reduce_sparse(local) if self._sparse else {}
-        report = self._check.finish_step(self.step + 1, num_buckets=len(self._reducer.plans)) \
-            if self._check is not None else None
+        verdict = self._check.finish_step(self.step + 1, num_buckets=len(self._reducer.plans),
+                                          defer=defer_nan) if self._check is not None else None
+        deferred = verdict if isinstance(verdict, DeferredVerdict) else None
+        report = None if deferred is not None else verdict
         self.step += 1
         _completed += 1
         note_step(self)
@@ -399,7 +408,7 @@ class StepOwner:
         self._counts = [0] * len(self.specs)
         self.synchronized = True
         return StepResult(step=self.step, none_have=tuple(none_have), nan_report=report, replanned=replanned,
-                          sparse=sparse)
+                          sparse=sparse, deferred=deferred)
 
     def close(self) -> None:
         """The frontend's step is over (its optimizer step ran, or was skipped): the next gradient starts a
