@@ -88,10 +88,11 @@ def _bench_rank(args: dict) -> dict:
         spec = MODELS[name]
         x, y = synthetic_batch(name, spec.batch_size, seed=1 + rank)
         runs = {}
-        for policy in ("off", "raise"):
+        for policy in ("off", "raise") + (("raise_bucket",) if args.get("bucket_sums") else ()):
             model = build_model(name, 0)
             opt = sh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
-                                          named_parameters=model.named_parameters(), nan_check=policy)
+                                          named_parameters=model.named_parameters(),
+                                          nan_check=policy.split("_")[0])
             runs[policy] = {"model": model, "opt": opt, "steps_s": [], "check_s": [], "flags_s": []}
 
         def one_step(run):
@@ -104,8 +105,11 @@ def _bench_rank(args: dict) -> dict:
         for policy, run in runs.items():  # warm-up: step 1 discovers the order and builds the reducer
             for _ in range(args["warmup"]):
                 one_step(run)
+            if policy == "raise_bucket":  # the earlier check: every bucket summed whole at launch
+                run["opt"]._owner._check.cache_parts = False
         for rnd in range(args["rounds"]):
-            order = list(runs) if rnd % 2 == 0 else list(reversed(runs))
+            order = list(runs)[rnd % len(runs):] + list(runs)[:rnd % len(runs)]
+            order = order if rnd % 2 == 0 else list(reversed(order))
             for policy in order:
                 run = runs[policy]
                 dist.barrier()
@@ -135,6 +139,9 @@ def _bench_rank(args: dict) -> dict:
         res["step_overhead_pct"] = 100 * (res["raise"]["median_step_ms"] / res["off"]["median_step_ms"] - 1)
         cost = res["raise"]["median_check_ms"] + res["raise"]["median_flags_ms"]
         res["check_pct_of_step"] = 100 * cost / res["raise"]["median_step_ms"]
+        if "raise_bucket" in res:
+            rb = res["raise_bucket"]
+            res["bucket_sums_pct_of_step"] = 100 * (rb["median_check_ms"] + rb["median_flags_ms"]) / rb["median_step_ms"]
         res["loadavg_after_model"] = _load()  # the machine may be shared: the load while this model ran
         out["models"][name] = res
     return out
@@ -200,6 +207,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per setting per round")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds (off, on, on, off, ...)")
     ap.add_argument("--timeout-s", type=float, default=1200.0)
+    ap.add_argument("--bucket-sums", action="store_true",
+                    help="CPU: also time the earlier check (each bucket summed whole at launch) in the same "
+                         "rounds: 'raise_bucket' beside 'raise'")
     ap.add_argument("--micro-reps", type=int, default=15, help="repetitions of the 25 MB micro-benchmark")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu: 2 gloo ranks (default); cuda: a world of one on the GPU (NCCL)")
@@ -220,7 +230,8 @@ def main(argv=None) -> int:
                  "build of torch (`shoal doctor` says what this one has), or use --device cpu")
     console = Console()
     load_before = _load()
-    cfg = {"models": args.models, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds}
+    cfg = {"models": args.models, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
+           "bucket_sums": args.bucket_sums}
     torch.set_num_threads(1)
     micro = _micro(args.micro_reps)
     if args.cuda:
@@ -261,6 +272,12 @@ def main(argv=None) -> int:
                   f"{r['raise']['median_step_ms']:.1f}", f"{r['step_overhead_pct']:+.2f}%",
                   fmt(r["raise"].get("median_check_ms"), ".2f"), fmt(r["raise"].get("median_flags_ms"), ".2f"),
                   fmt(r.get("check_pct_of_step"), ".2f"))
+        if "raise_bucket" in r:
+            rb = r["raise_bucket"]
+            t.add_row(f"{name} (whole buckets)", "", "", f"{rb['median_step_ms']:.1f}",
+                      f"{100 * (rb['median_step_ms'] / r['off']['median_step_ms'] - 1):+.2f}%",
+                      f"{rb['median_check_ms']:.2f}", f"{rb['median_flags_ms']:.2f}",
+                      f"{r['bucket_sums_pct_of_step']:.2f}")
     console.print(t)
     from _results import save_report  # noqa: PLC0415
 

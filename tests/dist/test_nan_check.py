@@ -633,3 +633,68 @@ def test_skipped_steps_read_on_one_rank_is_no_collective():
         assert all(torch.isfinite(w).all() for w in r["weights"])
     for a, b in zip(results[0]["weights"], results[1]["weights"]):
         assert torch.equal(a, b), "ranks diverged"
+
+
+# --------------------------------------------- large gradients: summed part by part as they are loaded
+
+class _Wide(nn.Module):
+    """One gradient of 1.1 M elements (more than shoal.core.reducer.LOAD_PART: summed in two parts as it
+    is loaded) between small ones (summed together at launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 1100)
+        self.wide = nn.Linear(1100, 1000)
+        self.out = nn.Linear(1000, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.wide(torch.tanh(self.inp(x)))))
+
+
+def _wide_rank():
+    import shoal.torch as hvd
+    from shoal.core.reducer import LOAD_PART
+
+    torch.manual_seed(0)
+    model = _Wide()
+    assert model.wide.weight.numel() > LOAD_PART
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                   named_parameters=model.named_parameters(), nan_check="skip")
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    at = {"step": 0}
+
+    def wide_hook(g):
+        if at["step"] == 3 and hvd.rank() == 1:  # an Inf in the second part of the wide gradient
+            g = g.clone()
+            g.view(-1)[LOAD_PART + 7] = float("inf")
+        if at["step"] == 4 and hvd.rank() == 0:  # finite values whose part sum overflows: no trip
+            g = g.clone()
+            g.view(-1)[:2] = 3e38
+        return g
+
+    def bias_hook(g):  # and a NaN in a small gradient, summed with its neighbours at launch
+        if at["step"] == 3 and hvd.rank() == 1:
+            g = g.clone()
+            g[1] = float("nan")
+        return g
+
+    model.wide.weight.register_hook(wide_hook)
+    model.out.bias.register_hook(bias_hook)
+    out = {}
+    for step in range(1, 5):
+        at["step"] = step
+        x, y = _batch(hvd.rank(), step)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        if opt.nan_report is not None:
+            out[step] = _summary(opt.nan_report)
+    return {"reports": out, "skipped": opt.skipped_steps}
+
+
+def test_large_gradient_is_checked_part_by_part_with_exact_counts():
+    for r in run_ranks(_wide_rank, world_size=2, timeout_s=60):
+        assert list(r["reports"]) == [3] and r["skipped"] == 1
+        rep = r["reports"][3]
+        assert sorted(rep["names"]) == ["out.bias", "wide.weight"] and rep["ranks"] == [1]
+        assert sorted(rep["counts"]) == [(0, 1), (1, 0)] and rep["kinds"] == ["inf", "nan"]

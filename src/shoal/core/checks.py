@@ -18,17 +18,18 @@ Design constraints:
    nothing on the CPU (the op is synchronous). On CUDA, reading it back would stall the host behind
    backward's kernels, so the check stays on the device: one fused multi-tensor ``_foreach_norm(ord=inf)``
    (max |x| per tensor: never overflows, NaN stays NaN, checked on an H200 for fp32/fp16/bf16/fp64) per
-   bucket, read back once per step (constraint 2). Checking 6 buckets of 28 MB took 0.74 ms of host time
+   bucket, combined on the device (constraints 2 and 6). Checking 6 buckets of 28 MB took 0.74 ms of host time
    while the GPU stayed busy for 625 ms more: no sync on the hot path.
 2. One tiny collective per step, after the step's buckets: an allreduce (sum) of one int32 per bucket,
    "how many ranks found a non-finite value in bucket b". Its size does not grow with the world; which
    ranks, which tensors, NaN or Inf travel only when something tripped (constraint 4). It starts
    asynchronously as soon as the last bucket is checked, so it travels beside the last bucket instead of
    after it: waited for after the buckets, it cost 4-8 ms a step on this loaded 2-core machine (the wait
-   for the peer to be scheduled, not the bytes); started early, 0.05 ms. Reading it is the one host sync
-   per step the check adds on CUDA (GradScaler makes the same one): raise and skip must know before the
-   optimizer step. On an H200 with the small benchmark models (2-40 ms steps) that sync, which stops the
-   host from running ahead, cost 13-62% of a step: one reason the knob defaults to ``off``.
+   for the peer to be scheduled, not the bytes); started early, 0.05 ms. On the CPU the host reads it
+   after the buckets. On CUDA reading it would be a host sync per step (GradScaler makes that one): on an
+   H200 with the small benchmark models (2-40 ms steps) that sync, which stops the host from running
+   ahead, cost 13-62% of a step. So the verdict stays on the device where the frontend can act on it
+   there (constraint 6).
 3. Attribution uses the local values *before* the bucket leaves the rank (afterwards every rank holds the
    polluted sum). On the CPU, a rank whose bucket sum is non-finite scans that bucket's tensors at once
    (``isnan``/``isinf`` counts per tensor: slow, but only on this rare path). On CUDA the per-tensor
@@ -41,10 +42,23 @@ Design constraints:
    allreduce its peers wait in, so different policies are a named error there, not a hang.
 5. Report order is backward order: bucket plans follow the order gradients became ready, so
    (bucket, position) sorts the earliest-reached parameters first.
+6. A verdict checked on the device is not read on the host in its step (``finish_step(defer=True)``
+   returns a :class:`DeferredVerdict`): the combined flags give ``found_inf`` on the device, which torch's
+   fused optimizers take to skip their step on the device (the GradScaler hand-over, ``optimizer.found_inf``;
+   ``shoal.torch.optimizer`` says which optimizers and what the others do). The host reads it later, at
+   :meth:`DeferredVerdict.resolve`, and the policy (raise, skip count, warn log) applies then. Lockstep:
+   when the step tripped, resolving is collective (constraint 4's ``all_gather``), so every member must
+   resolve at the same point of its collective order. The frontend resolves at the first of: the next
+   step's start (``zero_grad``, its first gradient, ``synchronize``: after the tripped step's collectives,
+   before any of the next step's), or a read of the report, which is then collective and must be made on
+   every rank (as the documented pattern does). :meth:`DeferredVerdict.tripped` alone (is there anything,
+   for ``skipped_steps``) reads the combined flags, identical on every rank, with no collective, so it may
+   run on any subset of ranks. A world that ended (elastic) drops its verdicts: their group is gone.
 
 What lives elsewhere: when the check runs (:class:`shoal.core.reducer.GradientReducer` calls
 :meth:`FiniteCheck.check_bucket` before the algorithm, and :meth:`FiniteCheck.finish_step` after
-``finish``), what "skip" means for an optimizer (``shoal.torch.optimizer``), the module-level drill-down
+``finish``), what "skip" means for an optimizer and when a deferred verdict is resolved
+(``shoal.torch.optimizer``, its constraint 7), the module-level drill-down
 (``shoal.torch.nan_drilldown``: it needs torch.nn, which the engine does not import).
 """
 
@@ -63,7 +77,7 @@ from . import exchange, runtime
 from . import timeline as _timeline
 from .config import NAN_POLICIES
 from .errors import ShoalError
-from .reducer import ReducerObserver
+from .reducer import LOAD_PART, ReducerObserver
 
 __all__ = [
     "NAN_POLICIES",
@@ -209,6 +223,10 @@ class FiniteCheck(ReducerObserver):
         self._reset()
 
     def _reset(self) -> None:
+        # Host path under a reducer (constraint 1): bucket -> the sums of its tensors' parts, taken while
+        # each part was in the cache (on_loaded), and the tensors they cover.
+        self._part_sums: dict[int, list[torch.Tensor]] = {}
+        self._loaded: set[int] = set()
         self._num_buckets = 0
         self._combine: Optional[tuple] = None  # (work, flags, local flags) of the flag allreduce
         self._host_tripped: dict[int, list[NonFiniteTensor]] = {}
@@ -232,11 +250,55 @@ class FiniteCheck(ReducerObserver):
             self.start_combine()
         self.check_s += time.perf_counter() - start
 
+    # Constraint 1: on the host, under a reducer, the gradients of at least LOAD_PART elements are summed
+    # part by part as the reducer writes them into their bucket (shoal.core.reducer, constraint 8), while
+    # each part is in the cache; at launch, one sum per run of the other (small) gradients, cold.
+    _host_path = False
+    #: Sum large gradients part by part as they are loaded (True), or every bucket whole at launch.
+    cache_parts: bool = True
+
+    def on_buffers(self, reducer, tail) -> None:
+        self._host_path = not self.defer and all(b.device.type == "cpu" for b in reducer.buffers)
+
+    def wants(self, event: str) -> bool:
+        return event != "on_loaded" or (self._host_path and self.cache_parts)
+
+    def on_loaded(self, reducer, i: int, part: torch.Tensor) -> None:
+        """The reducer's event: ``part`` of tensor ``i`` was just written, scaled, and is in the cache."""
+        if reducer.views[i].numel() < LOAD_PART or not part.is_floating_point():
+            return  # small: summed with its neighbours at launch
+        start = time.perf_counter()
+        acc = part.sum(dtype=torch.float32) if part.element_size() < 4 else part.sum()
+        self._part_sums.setdefault(reducer.bucket_of[i], []).append(acc)
+        self._loaded.add(i)
+        self.check_s += time.perf_counter() - start
+
     def before_launch(self, reducer, bucket: int, buffer: torch.Tensor, tensors: TensorsOf) -> None:
         """The reducer's event: ``bucket`` is about to leave this rank."""
         tl = _timeline.active()
         start = tl.now_ns() if tl is not None else 0
-        self.check_bucket(bucket, buffer, tensors, last=bucket == len(reducer.plans) - 1)
+        sums = self._part_sums.pop(bucket, None)
+        last = bucket == len(reducer.plans) - 1
+        if sums is not None:
+            t0 = time.perf_counter()
+            plan, loaded = reducer.plans[bucket], self._loaded
+            run = None  # [first offset, end) of a run of tensors not summed yet
+            for t, off in zip(plan.tensor_ids, plan.offsets):
+                if t in loaded:
+                    if run is not None:
+                        sums.append(_sum(buffer[run[0]:run[1]]))
+                        run = None
+                    continue
+                end = off + reducer.specs[t].numel
+                run = [off, end] if run is None else [run[0], end]
+            if run is not None:
+                sums.append(_sum(buffer[run[0]:run[1]]))
+            self._check_sums(bucket, torch.stack(sums), tensors)
+            if last:
+                self.start_combine()
+            self.check_s += time.perf_counter() - t0
+        else:
+            self.check_bucket(bucket, buffer, tensors, last=last)
         if tl is not None:
             tl.complete("nan_check", f"nan check b{bucket}", start, tl.now_ns(), "main",
                         {"bucket": bucket, "step": reducer.step_number})
@@ -247,20 +309,24 @@ class FiniteCheck(ReducerObserver):
             return
         if buffer.device.type == "cpu" and not self.defer:
             # Constraint 1: one pass; 16-bit buckets summed in float32 so that they cannot overflow it.
-            acc = buffer.sum(dtype=torch.float32) if buffer.element_size() < 4 else buffer.sum()
-            if bool(torch.isfinite(acc)):
-                return
-            found = _scan(tensors(), bucket, runtime.rank())
-            if found:
-                self._host_tripped[bucket] = found
-            else:
-                log.debug("shoal: bucket %d summed to %s but holds no NaN/Inf (overflow of the sum)",
-                          bucket, acc.item())
+            self._check_sums(bucket, _sum(buffer), tensors)
             return
         views = [v for _, v in tensors()]
         # Max |x| per tensor: one fused kernel on CUDA, exact (a maximum cannot overflow).
         maxima = torch.stack(torch._foreach_norm(views, float("inf")))
         self._device[bucket] = (maxima, tensors)
+
+    def _check_sums(self, bucket: int, sums: torch.Tensor, tensors: TensorsOf) -> None:
+        """Host path: the bucket's sums all finite, or scan it (constraint 3)."""
+        self._num_buckets = max(self._num_buckets, bucket + 1)
+        if bool(torch.isfinite(sums).all()):
+            return
+        found = _scan(tensors(), bucket, runtime.rank())
+        if found:
+            self._host_tripped[bucket] = found
+        else:
+            log.debug("shoal: bucket %d summed to a non-finite value but holds no NaN/Inf (overflow of the "
+                      "sum)", bucket)
 
     # ----------------------------------------------------------------------- after the step's buckets
     def start_combine(self, num_buckets: Optional[int] = None) -> None:
@@ -404,6 +470,11 @@ class DeferredVerdict:
             self._check.combine_s += time.perf_counter() - start
             self._held = ()
         return self._report
+
+
+def _sum(x: torch.Tensor) -> torch.Tensor:
+    """Constraint 1's reduction: 16-bit values summed in float32, so that they cannot overflow it."""
+    return x.sum(dtype=torch.float32) if x.element_size() < 4 else x.sum()
 
 
 def _scan(tensors: Sequence[tuple[str, torch.Tensor]], bucket: int, rank: int) -> list[NonFiniteTensor]:

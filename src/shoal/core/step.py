@@ -64,7 +64,8 @@ from .reducer import GradientReducer, ReducerObserver, TimelineObserver
 # torch 2.13 renamed all_gather_into_tensor (the old name warns); earlier versions have the old name only.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-__all__ = ["StepOwner", "StepResult", "EngineInfo", "resolve_settings", "ENGINE_OPTIONS", "completed_steps"]
+__all__ = ["StepOwner", "StepResult", "EngineInfo", "resolve_settings", "ENGINE_OPTIONS", "completed_steps",
+           "settle_deferred"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,27 @@ class StepResult:
         """The NaN policy on this rank (every rank decides alike): raises under ``raise``, True under
         ``skip`` (skip the update), False otherwise."""
         return apply_nan_policy(self.nan_report)
+
+
+def settle_deferred(verdict: DeferredVerdict, stepped: bool) -> tuple[Optional[NonFiniteReport], bool]:
+    """Read a verdict the device kept (:class:`shoal.core.checks.DeferredVerdict`; collective when its step
+    tripped, so every rank calls it at the same point) and apply its policy if the frontend stepped on it.
+
+    Args:
+        verdict: the verdict of an earlier synchronization (``StepResult.deferred``).
+        stepped: the frontend's optimizer step ran for it (guarded by ``verdict.found_inf``, or just now on
+            the host); a step AMP's GradScaler skipped itself gets its report and no policy.
+
+    Returns:
+        ``(report, skipped)``: the report (None: all finite), and whether the policy was ``skip``.
+    Raises:
+        NonFiniteGradientError: under ``raise``, naming the step; ``err.deferred`` when the step was
+        skipped on the device and the error comes later.
+    """
+    report = verdict.resolve()
+    if report is None or not (verdict.stepped or stepped):
+        return report, False
+    return report, apply_nan_policy(report, deferred=verdict.stepped)
 
 
 class StepOwner:

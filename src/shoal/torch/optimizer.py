@@ -45,11 +45,10 @@ import torch
 from shoal.core import runtime
 from shoal.core import timeline as _timeline
 from shoal.core.buckets import TensorSpec
-from shoal.core.checks import DeferredVerdict, apply_nan_policy
 from shoal.core.errors import ShoalError
 from shoal.core.no_sync import NO_SYNC_ATTR
 from shoal.core.ops import ReduceOp, gradient_op, resolve_op
-from shoal.core.step import EngineInfo, StepOwner, StepResult, resolve_settings
+from shoal.core.step import EngineInfo, StepOwner, StepResult, resolve_settings, settle_deferred
 
 from .compression import Compression, engine_compression
 from .overlap import OverlapStepper, can_step_in_parts
@@ -129,7 +128,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         given = {**engine_options, "compression": engine_compression(compression)}
         settings = resolve_settings(given, "DistributedOptimizer")  # now, not when step 1 builds the buckets
         self._skipped = 0
-        self._deferred: Optional[DeferredVerdict] = None  # a verdict on the device, not yet read (7)
+        self._deferred = None  # a verdict on the device, not yet read (7): StepResult.deferred
         self._report = None  # the NaN report of the last synchronization, once known
         self._index = {id(p): i for i, p in enumerate(self._params)}
         #: sparse_as_dense: the parameters whose gradient was sparse this step (handed back sparse).
@@ -457,7 +456,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             return False
         return policy == "warn" or _takes_found_inf(self._inner)
 
-    def _step_deferred(self, verdict: DeferredVerdict, closure):
+    def _step_deferred(self, verdict, closure):
         """The optimizer step of a step whose verdict is on the device (constraint 7)."""
         inner = self._inner
         if verdict.policy != "warn":
@@ -483,7 +482,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         with _timeline.span("optimizer", "optimizer step"):
             return inner.step(closure) if closure is not None else inner.step()
 
-    def _settle_nan(self, verdict: Optional[DeferredVerdict] = None, stepped: bool = False) -> None:
+    def _settle_nan(self, verdict=None, stepped: bool = False) -> None:
         """Read the verdict left on the device and apply its policy (constraint 7): at the next step's
         start, at a read of ``nan_report``, or in ``step()`` for an optimizer that cannot skip on the device.
         Collective when the step tripped; every rank gets here at the same point of its collective order
@@ -492,12 +491,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if d is None:
             return
         self._deferred = None
-        report = d.resolve()
-        self._report = report
-        if report is None or not (d.stepped or stepped):  # a GradScaler-skipped step: its report, no policy
-            return
-        if apply_nan_policy(report, deferred=not stepped):  # raises under "raise"
-            self._skipped += 1
+        try:
+            self._report, skipped = settle_deferred(d, stepped)  # raises under "raise"
+        except ShoalError as err:  # NonFiniteGradientError: its report is the step's report
+            self._report = getattr(err, "report", None)
+            raise
+        self._skipped += int(skipped)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients, as ``torch.optim.Optimizer.zero_grad`` does.
