@@ -11,6 +11,8 @@ that a noisy neighbour hurts both alike. Two numbers per model:
   the slowest rank per step. A direct measurement, far less noisy.
 
 Plus the micro-benchmark behind the choice of the per-bucket reduction (25 MB fp32 bucket, one thread).
+``--bucket-sums`` (CPU) also times the earlier check, every bucket summed whole at launch, in the same
+rounds ("raise_bucket"), beside the current one (large gradients summed part by part as they are loaded).
 
 Launch (2 ranks on one host; the script starts them itself through shoal.testing.run_ranks)::
 
@@ -19,7 +21,8 @@ Launch (2 ranks on one host; the script starts them itself through shoal.testing
 
 or under a launcher: ``shoal run -np 2 python benchmarks/nan_check_bench.py``. On a GPU, ``--device cuda``
 (or ``--cuda``) runs a world of one on NCCL (``op=Sum`` keeps the optimizer's reducer, and so the check,
-active), timing 20 steps between synchronizations so that the check's one host sync per step shows.
+active) with a fused SGD, timing 20 steps between synchronizations: a host sync per step would show there
+(the check keeps its verdict on the device and the fused SGD skips on it; it adds none).
 Results: a table on the console and JSON under ``benchmarks/results/<date>-nan_check.json`` (``--name``,
 ``--out`` change the name and the folder; scripts/gpu_check.sh writes ``<date>-gpu-nan_check.json``).
 """
@@ -43,7 +46,8 @@ _ENV = {"SHOAL_AUTOTUNE": "0"}
 
 
 def _micro(reps: int = 15) -> dict:
-    """Milliseconds per call on a 25 MB fp32 bucket (median of ``reps``), one thread."""
+    """Milliseconds per call on a 25 MB fp32 bucket, and on a 64 MB gradient as it is loaded (median of
+    ``reps``), one thread."""
     import torch  # noqa: PLC0415
 
     b = torch.randn(25 * 1024 * 1024 // 4)
@@ -55,6 +59,23 @@ def _micro(reps: int = 15) -> dict:
         "foreach_norm(inf), 1 tensor": lambda: torch._foreach_norm([b], float("inf")),
         "mul_(1.0) (the postscale pass, reference)": lambda: b.mul_(1.0),
     }
+    # The load pass the check rides on (shoal.core.reducer, constraint 8): a 64 MB gradient scaled into its
+    # bucket, then summed whole (cold) or part by part right after each part is written (in the cache).
+    g, view, part = torch.randn(16 << 20), torch.empty(16 << 20), 1 << 20
+
+    def in_parts(check: bool):
+        for i in range(0, g.numel(), part):
+            p = view[i:i + part]
+            torch.mul(g[i:i + part], 0.5, out=p)
+            if check:
+                p.sum()
+
+    cases.update({
+        "64 MB: scale into bucket (reference)": lambda: torch.mul(g, 0.5, out=view),
+        "64 MB: scale, then sum whole": lambda: (torch.mul(g, 0.5, out=view), view.sum()),
+        "64 MB: scale in 4 MB parts (reference)": lambda: in_parts(False),
+        "64 MB: scale + sum in 4 MB parts (chosen)": lambda: in_parts(True),
+    })
     out = {}
     for name, fn in cases.items():
         fn()
@@ -166,7 +187,9 @@ def _bench_cuda(args: dict) -> dict:
             runs = {}
             for policy in ("off", "raise"):
                 model = build_model(name, 0).to(dev)
-                opt = sh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), op="sum",
+                # fused: the optimizer skips on the device, so the check adds no host sync (in both
+                # settings, so that only the check differs; shoal.torch.optimizer, constraint 7).
+                opt = sh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, fused=True), op="sum",
                                               named_parameters=model.named_parameters(), nan_check=policy)
                 runs[policy] = (model, opt, [])
 
@@ -257,7 +280,7 @@ def main(argv=None) -> int:
     console.print(f"[bold]NaN check overhead[/]  {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; "
                   f"world size {world}; autotune off; load average before {load_before}, after "
                   f"{report['loadavg_after']}")
-    mt = Table(title="one 25 MB fp32 bucket, one thread (median ms)")
+    mt = Table(title="one 25 MB fp32 bucket / one 64 MB gradient, one thread (median ms)")
     mt.add_column("reduction")
     mt.add_column("ms", justify="right")
     for k, v in micro.items():
