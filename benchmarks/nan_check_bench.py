@@ -76,16 +76,15 @@ def _micro(reps: int = 15) -> dict:
         "64 MB: scale in 4 MB parts (reference)": lambda: in_parts(False),
         "64 MB: scale + sum in 4 MB parts (chosen)": lambda: in_parts(True),
     })
-    out = {}
-    for name, fn in cases.items():
+    ts: dict = {name: [] for name in cases}
+    for fn in cases.values():
         fn()
-        ts = []
-        for _ in range(reps):
+    for _ in range(reps):  # interleaved, so that a noisy neighbour hurts every case alike
+        for name, fn in cases.items():
             t0 = time.perf_counter()
             fn()
-            ts.append(time.perf_counter() - t0)
-        out[name] = round(statistics.median(ts) * 1e3, 3)
-    return out
+            ts[name].append(time.perf_counter() - t0)
+    return {name: round(statistics.median(t) * 1e3, 3) for name, t in ts.items()}
 
 
 def _bench_rank(args: dict) -> dict:

@@ -15,7 +15,16 @@ Design constraints:
    16-core Xeon: ``sum`` 1.08 ms (the postscale ``mul_`` that already runs: 1.18 ms), ``isfinite(b).all()``
    25.7 ms (it materialises a 6.5 M-element bool tensor), ``isnan(b).any()`` 9.9 ms; on this 2-core
    machine under load 12 the same ratios (sum 12.9 ms, isfinite-all 130 ms). Reading the sum back costs
-   nothing on the CPU (the op is synchronous). On CUDA, reading it back would stall the host behind
+   nothing on the CPU (the op is synchronous). Under a reducer, a gradient of at least ``LOAD_PART`` (1 M)
+   elements is summed part by part as the reducer scales each 4 MB part into its bucket, while the part is
+   in the cache (``shoal.core.reducer``, constraint 8); the other gradients of a bucket are summed at
+   launch, one sum per run of neighbours. A 64 MB gradient, one thread, interleaved, load 4 on this
+   machine: scaled into its bucket 7.47 ms; summed whole afterwards +3.33 ms; scaled and summed in parts
+   +2.39 ms (0.49 of it the scaling in parts). Summing 4 MB from the cache: ``sum`` 87-105 us, ``amax``
+   116, ``aminmax`` 167, ``dot`` with ones 315; 512 KB parts (the L2) lost more to per-op overhead than
+   they gained. The benchmark models: mlp_big's check time 27-39% lower than whole-bucket sums in the same
+   rounds, about 2% of a step (docs/nan_check.md); a pass that scales and checks at once exists only in
+   place (``_amp_foreach_non_finite_check_and_unscale_``), and a fresh gradient must be copied anyway. On CUDA, reading it back would stall the host behind
    backward's kernels, so the check stays on the device: one fused multi-tensor ``_foreach_norm(ord=inf)``
    (max |x| per tensor: never overflows, NaN stays NaN, checked on an H200 for fp32/fp16/bf16/fp64) per
    bucket, combined on the device (constraints 2 and 6). Checking 6 buckets of 28 MB took 0.74 ms of host time

@@ -130,6 +130,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._skipped = 0
         self._deferred = None  # a verdict on the device, not yet read (7): StepResult.deferred
         self._report = None  # the NaN report of the last synchronization, once known
+        self._state_ready = False  # the fused optimizer has state for every parameter (constraint 7)
         self._index = {id(p): i for i, p in enumerate(self._params)}
         #: sparse_as_dense: the parameters whose gradient was sparse this step (handed back sparse).
         self._sparse_as_dense = bool(sparse_as_dense)
@@ -209,6 +210,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return self._inner.state_dict()
 
     def load_state_dict(self, state_dict):
+        self._state_ready = False  # the loaded state may be empty (saved before the first step)
         return self._inner.load_state_dict(state_dict)
 
     def add_param_group(self, param_group):
@@ -460,7 +462,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """The optimizer step of a step whose verdict is on the device (constraint 7)."""
         inner = self._inner
         if verdict.policy != "warn":
-            if not _fused_state_ready(inner):
+            self._state_ready = self._state_ready or _fused_state_ready(inner)
+            if not self._state_ready:
                 # Its first step: decide on the host (one read), as the eager path does.
                 self._settle_nan(verdict, stepped=True)
                 if self._report is not None and self._report.policy == "skip":
