@@ -277,8 +277,7 @@ class FiniteCheck(ReducerObserver):
         if reducer.views[i].numel() < LOAD_PART or not part.is_floating_point():
             return  # small: summed with its neighbours at launch
         start = time.perf_counter()
-        acc = part.sum(dtype=torch.float32) if part.element_size() < 4 else part.sum()
-        self._part_sums.setdefault(reducer.bucket_of[i], []).append(acc)
+        self._part_sums.setdefault(reducer.bucket_of[i], []).append(_sum(part))
         self._loaded.add(i)
         self.check_s += time.perf_counter() - start
 

@@ -340,15 +340,18 @@ class GradientReducer:
         if tensor.is_sparse:
             tensor = tensor.to_dense()
         loaded = self._calls["on_loaded"]
-        if not loaded:
-            self._scale_into(view, tensor)
-        else:  # constraint 8: part by part, each listener reading the part just written
-            flat, src = view.view(-1), tensor.reshape(-1)
+        if loaded and view.numel() > LOAD_PART and tensor.is_contiguous():
+            # Constraint 8: part by part, each listener reading the part just written.
+            flat, src = view.view(-1), tensor.view(-1)
             for start in range(0, flat.numel(), LOAD_PART):
                 part = flat[start:start + LOAD_PART]
                 self._scale_into(part, src[start:start + LOAD_PART])
                 for cb in loaded:
                     cb(self, i, part)
+        else:
+            self._scale_into(view, tensor)
+            for cb in loaded:
+                cb(self, i, view)
         self.mark_ready(i, scaled=True)
         return view
 
@@ -373,8 +376,9 @@ class GradientReducer:
                     self.views[i].mul_(self.load_scale)
             else:  # constraint 8
                 flat = self.views[i].view(-1)
-                for start in range(0, flat.numel(), LOAD_PART):
-                    part = flat[start:start + LOAD_PART]
+                parts = [flat] if flat.numel() <= LOAD_PART else \
+                    [flat[start:start + LOAD_PART] for start in range(0, flat.numel(), LOAD_PART)]
+                for part in parts:
                     if self.load_scale != 1.0:
                         part.mul_(self.load_scale)
                     for cb in loaded:
