@@ -161,7 +161,8 @@ def _bench_rank(args: dict) -> dict:
         res["check_pct_of_step"] = 100 * cost / res["raise"]["median_step_ms"]
         if "raise_bucket" in res:
             rb = res["raise_bucket"]
-            res["bucket_sums_pct_of_step"] = 100 * (rb["median_check_ms"] + rb["median_flags_ms"]) / rb["median_step_ms"]
+            rb_cost = rb["median_check_ms"] + rb["median_flags_ms"]
+            res["bucket_sums_pct_of_step"] = 100 * rb_cost / rb["median_step_ms"]
         res["loadavg_after_model"] = _load()  # the machine may be shared: the load while this model ran
         out["models"][name] = res
     return out

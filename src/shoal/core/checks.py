@@ -24,11 +24,12 @@ Design constraints:
    116, ``aminmax`` 167, ``dot`` with ones 315; 512 KB parts (the L2) lost more to per-op overhead than
    they gained. The benchmark models: mlp_big's check time 27-39% lower than whole-bucket sums in the same
    rounds, about 2% of a step (docs/nan_check.md); a pass that scales and checks at once exists only in
-   place (``_amp_foreach_non_finite_check_and_unscale_``), and a fresh gradient must be copied anyway. On CUDA, reading it back would stall the host behind
-   backward's kernels, so the check stays on the device: one fused multi-tensor ``_foreach_norm(ord=inf)``
-   (max |x| per tensor: never overflows, NaN stays NaN, checked on an H200 for fp32/fp16/bf16/fp64) per
-   bucket, combined on the device (constraints 2 and 6). Checking 6 buckets of 28 MB took 0.74 ms of host time
-   while the GPU stayed busy for 625 ms more: no sync on the hot path.
+   place (``_amp_foreach_non_finite_check_and_unscale_``), and a fresh gradient must be copied anyway.
+   On CUDA, reading a sum back would stall the host behind backward's kernels, so the check stays on the
+   device: one fused multi-tensor ``_foreach_norm(ord=inf)`` (max |x| per tensor: never overflows, NaN
+   stays NaN, checked on an H200 for fp32/fp16/bf16/fp64) per bucket, combined on the device
+   (constraints 2 and 6). Checking 6 buckets of 28 MB took 0.74 ms of
+   host time while the GPU stayed busy for 625 ms more: no sync on the hot path.
 2. One tiny collective per step, after the step's buckets: an allreduce (sum) of one int32 per bucket,
    "how many ranks found a non-finite value in bucket b". Its size does not grow with the world; which
    ranks, which tensors, NaN or Inf travel only when something tripped (constraint 4). It starts
