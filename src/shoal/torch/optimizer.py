@@ -400,7 +400,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                              "this step: gradients would be applied unreduced. HINT: call "
                              "optimizer.synchronize() first.")
         try:
-            if owner.active and self._deferred is not None and not self._deferred.stepped:
+            if owner.active and self._deferred is not None:  # (again, if step() is called twice: guarded)
                 return self._step_deferred(self._deferred, closure)
             # NaN/Inf policy (shoal.core.checks): raises, or True on every rank alike for "skip".
             if owner.active and self._result is not None and self._result.apply_nan_policy():
