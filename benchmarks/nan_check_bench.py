@@ -11,6 +11,8 @@ that a noisy neighbour hurts both alike. Two numbers per model:
   the slowest rank per step. A direct measurement, far less noisy.
 
 Plus the micro-benchmark behind the choice of the per-bucket reduction (25 MB fp32 bucket, one thread).
+``--bucket-sums`` (CPU) also times the earlier check, every bucket summed whole at launch, in the same
+rounds ("raise_bucket"), beside the current one (large gradients summed part by part as they are loaded).
 
 Launch (2 ranks on one host; the script starts them itself through shoal.testing.run_ranks)::
 
@@ -19,7 +21,8 @@ Launch (2 ranks on one host; the script starts them itself through shoal.testing
 
 or under a launcher: ``shoal run -np 2 python benchmarks/nan_check_bench.py``. On a GPU, ``--device cuda``
 (or ``--cuda``) runs a world of one on NCCL (``op=Sum`` keeps the optimizer's reducer, and so the check,
-active), timing 20 steps between synchronizations so that the check's one host sync per step shows.
+active) with a fused SGD, timing 20 steps between synchronizations: a host sync per step would show there
+(the check keeps its verdict on the device and the fused SGD skips on it; it adds none).
 Results: a table on the console and JSON under ``benchmarks/results/<date>-nan_check.json`` (``--name``,
 ``--out`` change the name and the folder; scripts/gpu_check.sh writes ``<date>-gpu-nan_check.json``).
 """
@@ -43,7 +46,8 @@ _ENV = {"SHOAL_AUTOTUNE": "0"}
 
 
 def _micro(reps: int = 15) -> dict:
-    """Milliseconds per call on a 25 MB fp32 bucket (median of ``reps``), one thread."""
+    """Milliseconds per call on a 25 MB fp32 bucket, and on a 64 MB gradient as it is loaded (median of
+    ``reps``), one thread."""
     import torch  # noqa: PLC0415
 
     b = torch.randn(25 * 1024 * 1024 // 4)
@@ -55,16 +59,32 @@ def _micro(reps: int = 15) -> dict:
         "foreach_norm(inf), 1 tensor": lambda: torch._foreach_norm([b], float("inf")),
         "mul_(1.0) (the postscale pass, reference)": lambda: b.mul_(1.0),
     }
-    out = {}
-    for name, fn in cases.items():
+    # The load pass the check rides on (shoal.core.reducer, constraint 8): a 64 MB gradient scaled into its
+    # bucket, then summed whole (cold) or part by part right after each part is written (in the cache).
+    g, view, part = torch.randn(16 << 20), torch.empty(16 << 20), 1 << 20
+
+    def in_parts(check: bool):
+        for i in range(0, g.numel(), part):
+            p = view[i:i + part]
+            torch.mul(g[i:i + part], 0.5, out=p)
+            if check:
+                p.sum()
+
+    cases.update({
+        "64 MB: scale into bucket (reference)": lambda: torch.mul(g, 0.5, out=view),
+        "64 MB: scale, then sum whole": lambda: (torch.mul(g, 0.5, out=view), view.sum()),
+        "64 MB: scale in 4 MB parts (reference)": lambda: in_parts(False),
+        "64 MB: scale + sum in 4 MB parts (chosen)": lambda: in_parts(True),
+    })
+    ts: dict = {name: [] for name in cases}
+    for fn in cases.values():
         fn()
-        ts = []
-        for _ in range(reps):
+    for _ in range(reps):  # interleaved, so that a noisy neighbour hurts every case alike
+        for name, fn in cases.items():
             t0 = time.perf_counter()
             fn()
-            ts.append(time.perf_counter() - t0)
-        out[name] = round(statistics.median(ts) * 1e3, 3)
-    return out
+            ts[name].append(time.perf_counter() - t0)
+    return {name: round(statistics.median(t) * 1e3, 3) for name, t in ts.items()}
 
 
 def _bench_rank(args: dict) -> dict:
@@ -88,10 +108,11 @@ def _bench_rank(args: dict) -> dict:
         spec = MODELS[name]
         x, y = synthetic_batch(name, spec.batch_size, seed=1 + rank)
         runs = {}
-        for policy in ("off", "raise"):
+        for policy in ("off", "raise") + (("raise_bucket",) if args.get("bucket_sums") else ()):
             model = build_model(name, 0)
             opt = sh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
-                                          named_parameters=model.named_parameters(), nan_check=policy)
+                                          named_parameters=model.named_parameters(),
+                                          nan_check=policy.split("_")[0])
             runs[policy] = {"model": model, "opt": opt, "steps_s": [], "check_s": [], "flags_s": []}
 
         def one_step(run):
@@ -104,8 +125,11 @@ def _bench_rank(args: dict) -> dict:
         for policy, run in runs.items():  # warm-up: step 1 discovers the order and builds the reducer
             for _ in range(args["warmup"]):
                 one_step(run)
+            if policy == "raise_bucket":  # the earlier check: every bucket summed whole at launch
+                run["opt"]._owner._check.cache_parts = False
         for rnd in range(args["rounds"]):
-            order = list(runs) if rnd % 2 == 0 else list(reversed(runs))
+            order = list(runs)[rnd % len(runs):] + list(runs)[:rnd % len(runs)]
+            order = order if rnd % 2 == 0 else list(reversed(order))
             for policy in order:
                 run = runs[policy]
                 dist.barrier()
@@ -135,6 +159,10 @@ def _bench_rank(args: dict) -> dict:
         res["step_overhead_pct"] = 100 * (res["raise"]["median_step_ms"] / res["off"]["median_step_ms"] - 1)
         cost = res["raise"]["median_check_ms"] + res["raise"]["median_flags_ms"]
         res["check_pct_of_step"] = 100 * cost / res["raise"]["median_step_ms"]
+        if "raise_bucket" in res:
+            rb = res["raise_bucket"]
+            rb_cost = rb["median_check_ms"] + rb["median_flags_ms"]
+            res["bucket_sums_pct_of_step"] = 100 * rb_cost / rb["median_step_ms"]
         res["loadavg_after_model"] = _load()  # the machine may be shared: the load while this model ran
         out["models"][name] = res
     return out
@@ -159,7 +187,9 @@ def _bench_cuda(args: dict) -> dict:
             runs = {}
             for policy in ("off", "raise"):
                 model = build_model(name, 0).to(dev)
-                opt = sh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), op="sum",
+                # fused: the optimizer skips on the device, so the check adds no host sync (in both
+                # settings, so that only the check differs; shoal.torch.optimizer, constraint 7).
+                opt = sh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, fused=True), op="sum",
                                               named_parameters=model.named_parameters(), nan_check=policy)
                 runs[policy] = (model, opt, [])
 
@@ -200,6 +230,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per setting per round")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds (off, on, on, off, ...)")
     ap.add_argument("--timeout-s", type=float, default=1200.0)
+    ap.add_argument("--bucket-sums", action="store_true",
+                    help="CPU: also time the earlier check (each bucket summed whole at launch) in the same "
+                         "rounds: 'raise_bucket' beside 'raise'")
     ap.add_argument("--micro-reps", type=int, default=15, help="repetitions of the 25 MB micro-benchmark")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu: 2 gloo ranks (default); cuda: a world of one on the GPU (NCCL)")
@@ -220,7 +253,8 @@ def main(argv=None) -> int:
                  "build of torch (`shoal doctor` says what this one has), or use --device cpu")
     console = Console()
     load_before = _load()
-    cfg = {"models": args.models, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds}
+    cfg = {"models": args.models, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
+           "bucket_sums": args.bucket_sums}
     torch.set_num_threads(1)
     micro = _micro(args.micro_reps)
     if args.cuda:
@@ -246,7 +280,7 @@ def main(argv=None) -> int:
     console.print(f"[bold]NaN check overhead[/]  {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; "
                   f"world size {world}; autotune off; load average before {load_before}, after "
                   f"{report['loadavg_after']}")
-    mt = Table(title="one 25 MB fp32 bucket, one thread (median ms)")
+    mt = Table(title="one 25 MB fp32 bucket / one 64 MB gradient, one thread (median ms)")
     mt.add_column("reduction")
     mt.add_column("ms", justify="right")
     for k, v in micro.items():
@@ -261,6 +295,12 @@ def main(argv=None) -> int:
                   f"{r['raise']['median_step_ms']:.1f}", f"{r['step_overhead_pct']:+.2f}%",
                   fmt(r["raise"].get("median_check_ms"), ".2f"), fmt(r["raise"].get("median_flags_ms"), ".2f"),
                   fmt(r.get("check_pct_of_step"), ".2f"))
+        if "raise_bucket" in r:
+            rb = r["raise_bucket"]
+            t.add_row(f"{name} (whole buckets)", "", "", f"{rb['median_step_ms']:.1f}",
+                      f"{100 * (rb['median_step_ms'] / r['off']['median_step_ms'] - 1):+.2f}%",
+                      f"{rb['median_check_ms']:.2f}", f"{rb['median_flags_ms']:.2f}",
+                      f"{r['bucket_sums_pct_of_step']:.2f}")
     console.print(t)
     from _results import save_report  # noqa: PLC0415
 

@@ -370,10 +370,17 @@ def test_ddp_comm_hook_reports_skips_and_raises_on_every_rank():
 
 # ------------------------------------------------------------------------------------ GradScaler
 
-def _scaler_rank(policy: str = "raise"):
+def _scaler_rank(policy: str = "raise", deferred: bool = False):
     """AMP's pattern under nan_check='raise' or 'skip': an Inf from rank 1 is GradScaler's to skip, not
-    ours (the reduced gradients hold it on every rank, so GradScaler sees it everywhere)."""
-    model, opt = _setup(policy)
+    ours (the reduced gradients hold it on every rank, so GradScaler sees it everywhere). ``deferred``: a
+    fused SGD with the verdict kept on the device (the CUDA path, on CPU tensors)."""
+    if deferred:
+        from shoal.core.checks import FiniteCheck
+
+        FiniteCheck.defer = True
+        model, opt = _deferred_setup(policy, "sgd_fused", "cpu")
+    else:
+        model, opt = _setup(policy)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     at = {"step": 0, "when": 2}
     _inject(model, "mid.weight", at, rank=1, value=float("inf"))
@@ -398,9 +405,10 @@ def _scaler_rank(policy: str = "raise"):
     return out
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["host", "deferred"])
 @pytest.mark.parametrize("policy", ["raise", "skip"])
-def test_grad_scaler_skips_inf_steps_itself(policy):
-    results = run_ranks(_scaler_rank, world_size=2, timeout_s=60, args=(policy,))
+def test_grad_scaler_skips_inf_steps_itself(policy, deferred):
+    results = run_ranks(_scaler_rank, world_size=2, timeout_s=60, args=(policy, deferred))
     for r in results:
         assert r["reports"].get(2, {}).get("policy") == policy
         assert r["skipped_by_scaler"] == [False, True, False]
@@ -474,3 +482,219 @@ def test_reports_on_a_process_set_name_world_ranks():
         assert hook is not None and hook["names"] == ["mid.bias"] and hook["ranks"] == [2], hook
         assert hook["policy"] == "skip" and "rank 2" in hook["text"]
     assert results[1] == results[2]
+
+
+# ------------------------------------------------------------- the verdict kept on the device (deferred)
+
+OPTIMIZERS = {
+    "sgd_fused": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True),
+    "adam_fused": lambda params: torch.optim.Adam(params, lr=0.01, fused=True),
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),  # takes no found_inf
+}
+
+
+def _deferred_setup(policy: str, optim: str, device: str):
+    import shoal.torch as hvd
+
+    torch.manual_seed(0)
+    model = _Net().to(device)
+    opt = hvd.DistributedOptimizer(OPTIMIZERS[optim](model.parameters()), named_parameters=model.named_parameters(),
+                                   nan_check=policy, **ENGINE)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    return model, opt
+
+
+def _deferred_run(policy: str, optim: str, device: str, defer, when: int) -> dict:
+    """Five steps with a NaN in rank 1's 'mid.weight' at step ``when``; ``defer``: FiniteCheck.defer
+    (False: the host reads each verdict in step(); True/None: kept on the device where it can be)."""
+    from shoal.core.checks import FiniteCheck, NonFiniteGradientError
+
+    FiniteCheck.defer = defer
+    model, opt = _deferred_setup(policy, optim, device)
+    at = {"step": 0, "when": when}
+    _inject(model, "mid.weight", at, rank=1, value=float("nan"))
+    out = {"raised": None, "reports": {}, "kept_on_device": [], "after": {}}
+    for step in range(1, 6):
+        at["step"] = step
+        x, y = (t.to(device) for t in _batch(torch.distributed.get_rank(), step))
+        try:
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+        except NonFiniteGradientError as err:
+            out["raised"] = {"at": step, **_summary(err.report), "message": str(err), "deferred": err.deferred}
+            break
+        out["kept_on_device"].append(opt._deferred is not None)  # the verdict was not read in step()
+        out["after"][step] = [p.detach().cpu().clone() for p in model.parameters()]
+        if policy != "raise":  # every rank reads it: under "raise" the next step's start raises instead
+            if opt.nan_report is not None:
+                out["reports"][step] = _summary(opt.nan_report)
+    out["skipped"] = opt.skipped_steps
+    out["weights"] = [p.detach().cpu().clone() for p in model.parameters()]
+    out["state"] = [{k: v.detach().cpu().clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+                    for p in model.parameters()]
+    return out
+
+
+def _deferred_rank(policy: str, optim: str, device: str, when: int) -> dict:
+    """The same run with the verdict read on the host in step() and kept on the device."""
+    return {"host": _deferred_run(policy, optim, device, False, when),
+            "deferred": _deferred_run(policy, optim, device, True if device == "cpu" else None, when)}
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal values, NaN equal to NaN (under warn the NaN is applied on both paths)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _without_counts(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in ("counts", "text")}
+
+
+def _check_deferred(policy: str, optim: str, when: int, results) -> None:
+    """Deferred == host, bitwise: weights, optimizer state, skipped_steps, the report (but for the exact
+    counts, which only the host check has); ``raise`` raises at the next step's start naming the step."""
+    fused = optim.endswith("_fused")
+    for r in results:
+        host, lazy = r["host"], r["deferred"]
+        for a, b in zip(host["weights"], lazy["weights"]):
+            assert _same(a, b), "the deferred path changed the weights"
+        for sa, sb in zip(host["state"], lazy["state"]):
+            assert sa.keys() == sb.keys() and all(_same(sa[k], sb[k]) for k in sa), "state differs"
+        assert host["skipped"] == lazy["skipped"] == (1 if policy == "skip" else 0)
+        # Kept on the device where it can be: warn always; skip/raise with a fused optimizer, after its
+        # first step that ran (whose state a skipped fused kernel would leave unset).
+        first_run = 2 if (when == 1 and policy == "skip") else 1
+        expect_kept = [policy == "warn" or (fused and s > first_run)
+                       for s in range(1, len(lazy["kept_on_device"]) + 1)]
+        assert lazy["kept_on_device"] == expect_kept
+        assert not any(host["kept_on_device"])
+        assert {s: _without_counts(v) for s, v in host["reports"].items()} == \
+               {s: _without_counts(v) for s, v in lazy["reports"].items()}
+        if policy == "raise":
+            h, d = host["raised"], lazy["raised"]
+            assert h["at"] == when and h["step"] == when and not h["deferred"]
+            assert d["step"] == when and f"at step {when}" in d["message"]
+            assert f"not updated by step {when}" in d["message"] and f"not updated by step {when}" in h["message"]
+            lazy_raise = fused and when > 1
+            assert d["at"] == (when + 1 if lazy_raise else when) and d["deferred"] == lazy_raise
+            assert d["names"] == ["mid.weight"] and d["ranks"] == [1] and d["kinds"] == ["nan"]
+            # The weights when it raised are those after step when-1, on both paths.
+            assert len(lazy["after"]) == when - 1 or lazy_raise
+            for a, b in zip(lazy["weights"], host["after"].get(when - 1, lazy["weights"])):
+                assert torch.equal(a, b), "the tripped step updated the weights"
+        else:  # skip: one report; warn applied the NaN, so later steps report again
+            assert min(lazy["reports"]) == when and (policy == "warn" or list(lazy["reports"]) == [when])
+            assert lazy["reports"][when]["names"][0] == "mid.weight" and lazy["reports"][when]["ranks"] == [1]
+    if policy == "raise":
+        assert results[0]["deferred"]["raised"] == results[1]["deferred"]["raised"], "the same error everywhere"
+    for a, b in zip(results[0]["deferred"]["weights"], results[1]["deferred"]["weights"]):
+        assert _same(a, b), "ranks diverged"
+
+
+@pytest.mark.parametrize("policy,optim,when", [
+    ("skip", "sgd_fused", 3), ("skip", "adam_fused", 3), ("skip", "sgd", 3), ("skip", "sgd_fused", 1),
+    ("raise", "sgd_fused", 3), ("raise", "adam_fused", 3), ("raise", "sgd", 3), ("raise", "sgd_fused", 1),
+    ("warn", "sgd_fused", 3), ("warn", "sgd", 3)])
+def test_deferred_verdict_equals_the_host_verdict(policy, optim, when):
+    _check_deferred(policy, optim, when, run_ranks(_deferred_rank, world_size=2, timeout_s=60,
+                                                   args=(policy, optim, "cpu", when)))
+
+
+def _one_rank_reads_rank(device: str = "cpu"):
+    """Rank 0 alone reads ``skipped_steps`` right after a tripped step, then both ranks run a collective of
+    their own: reading the count is one host read, never a collective, so nothing pairs up wrongly."""
+    import shoal.torch as hvd
+    from shoal.core.checks import FiniteCheck
+
+    FiniteCheck.defer = True if device == "cpu" else None
+    model, opt = _deferred_setup("skip", "sgd_fused", device)
+    at = {"step": 0, "when": 2}
+    _inject(model, "mid.weight", at, rank=1, value=float("inf"))
+    seen = []
+    for step in range(1, 5):
+        at["step"] = step
+        x, y = (t.to(device) for t in _batch(torch.distributed.get_rank(), step))
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        if hvd.rank() == 0:
+            seen.append(opt.skipped_steps)
+        hvd.allreduce(torch.ones(3, device=device), name=f"user.{step}")
+    return {"seen": seen, "skipped": opt.skipped_steps, "report": _summary(opt.nan_report) if opt.nan_report else None,
+            "weights": [p.detach().cpu().clone() for p in model.parameters()]}
+
+
+def test_skipped_steps_read_on_one_rank_is_no_collective():
+    results = run_ranks(_one_rank_reads_rank, world_size=2, timeout_s=60)
+    assert results[0]["seen"] == [0, 1, 1, 1]
+    for r in results:
+        assert r["skipped"] == 1 and r["report"] is None  # the last step was finite
+        assert all(torch.isfinite(w).all() for w in r["weights"])
+    for a, b in zip(results[0]["weights"], results[1]["weights"]):
+        assert torch.equal(a, b), "ranks diverged"
+
+
+# --------------------------------------------- large gradients: summed part by part as they are loaded
+
+class _Wide(nn.Module):
+    """One gradient of 1.1 M elements (more than shoal.core.reducer.LOAD_PART: summed in two parts as it
+    is loaded) between small ones (summed together at launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 1100)
+        self.wide = nn.Linear(1100, 1000)
+        self.out = nn.Linear(1000, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.wide(torch.tanh(self.inp(x)))))
+
+
+def _wide_rank():
+    import shoal.torch as hvd
+    from shoal.core.reducer import LOAD_PART
+
+    torch.manual_seed(0)
+    model = _Wide()
+    assert model.wide.weight.numel() > LOAD_PART
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                   named_parameters=model.named_parameters(), nan_check="skip")
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    at = {"step": 0}
+
+    def wide_hook(g):
+        if at["step"] == 3 and hvd.rank() == 1:  # an Inf in the second part of the wide gradient
+            g = g.clone()
+            g.view(-1)[LOAD_PART + 7] = float("inf")
+        if at["step"] == 4 and hvd.rank() == 0:  # finite values whose part sum overflows: no trip
+            g = g.clone()
+            g.view(-1)[:2] = 3e38
+        return g
+
+    def bias_hook(g):  # and a NaN in a small gradient, summed with its neighbours at launch
+        if at["step"] == 3 and hvd.rank() == 1:
+            g = g.clone()
+            g[1] = float("nan")
+        return g
+
+    model.wide.weight.register_hook(wide_hook)
+    model.out.bias.register_hook(bias_hook)
+    out = {}
+    for step in range(1, 5):
+        at["step"] = step
+        x, y = _batch(hvd.rank(), step)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        if opt.nan_report is not None:
+            out[step] = _summary(opt.nan_report)
+    return {"reports": out, "skipped": opt.skipped_steps}
+
+
+def test_large_gradient_is_checked_part_by_part_with_exact_counts():
+    for r in run_ranks(_wide_rank, world_size=2, timeout_s=60):
+        assert list(r["reports"]) == [3] and r["skipped"] == 1
+        rep = r["reports"][3]
+        assert sorted(rep["names"]) == ["out.bias", "wide.weight"] and rep["ranks"] == [1]
+        assert sorted(rep["counts"]) == [(0, 1), (1, 0)] and rep["kinds"] == ["inf", "nan"]

@@ -146,3 +146,26 @@ def test_nan_check_names_the_gradient_and_applies_each_policy(policy):
         _check_skipped("inf", results, counted=counted(DEVICE))
     else:
         _check_warned(results)
+
+
+# ------------------------------------------------------------------ the NaN verdict kept on the device
+@pytest.mark.parametrize("policy,optim,when", [
+    ("skip", "sgd_fused", 3), ("skip", "adam_fused", 3), ("skip", "sgd", 3), ("skip", "sgd_fused", 1),
+    ("raise", "sgd_fused", 3), ("raise", "adam_fused", 3), ("raise", "sgd", 3), ("warn", "sgd_fused", 3)])
+def test_nan_verdict_on_the_device_equals_the_host_verdict(policy, optim, when):
+    """On CUDA the check's verdict stays on the device (no host sync per step): a fused optimizer skips on
+    ``found_inf``, a non-fused one reads the verdict in step(); bitwise the same weights, optimizer state,
+    skipped_steps and report as the verdict read on the host, and ``raise`` raises at the next step's start
+    naming the step. On CPU tensors (GPU_CHECK_DEVICE=cpu) ``FiniteCheck.defer=True`` takes the same path."""
+    from test_nan_check import _check_deferred, _deferred_rank  # noqa: PLC0415
+
+    _check_deferred(policy, optim, when, run_ranks(_deferred_rank, world_size=2, timeout_s=DEADLINE_S,
+                                                   args=(policy, optim, DEVICE, when)))
+
+
+def test_nan_skipped_steps_read_on_one_rank_is_no_collective():
+    from test_nan_check import _one_rank_reads_rank  # noqa: PLC0415
+
+    results = run_ranks(_one_rank_reads_rank, world_size=2, timeout_s=DEADLINE_S, args=(DEVICE,))
+    assert results[0]["seen"] == [0, 1, 1, 1]
+    assert all(r["skipped"] == 1 for r in results)

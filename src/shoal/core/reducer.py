@@ -30,6 +30,11 @@ Design constraints:
    :class:`ReducerObserver` they need; which ones are called is settled once per step (``wants``), so an
    event nobody listens to costs an empty loop (the timeline's per-gradient event when it is off). Nobody
    assigns callbacks onto the reducer or reads its private fields.
+8. A pass over a gradient that must read it anyway reads it while it is in the cache: an ``on_loaded``
+   listener (the NaN check) gets each gradient in parts of :data:`LOAD_PART` elements, right after the
+   scaling pass of constraint 6 wrote each part (the part is then in the cache, and summing it costs a
+   fraction of reading it from memory again: numbers in :mod:`shoal.core.checks`). Without listeners
+   the pass is one op per gradient, as before.
 
 What lives elsewhere: the bucket plan (:mod:`shoal.core.buckets`), the per-bucket algorithm (flat or
 hierarchical, with or without compression: :mod:`shoal.core.algorithms`), the step's protocol around the
@@ -51,7 +56,7 @@ from .buckets import BucketPlan, TensorSpec, plan_buckets
 from .errors import ShoalError
 from .ops import ReduceOp
 
-__all__ = ["GradientReducer", "ReducerObserver", "TimelineObserver", "OBSERVER_EVENTS"]
+__all__ = ["GradientReducer", "ReducerObserver", "TimelineObserver", "OBSERVER_EVENTS", "LOAD_PART"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +66,11 @@ _MB = 1024 * 1024
 TensorsOf = Callable[[], Sequence[tuple[str, torch.Tensor]]]
 
 #: The events of :class:`ReducerObserver`, in the order a step raises them.
-OBSERVER_EVENTS = ("on_ready", "before_launch", "after_launch", "before_wait", "on_done", "on_finish")
+OBSERVER_EVENTS = ("on_loaded", "on_ready", "before_launch", "after_launch", "before_wait", "on_done", "on_finish")
+
+#: Elements per part of a tensor handed to ``on_loaded`` listeners: 4 MB of fp32, so that the part is still
+#: in the cache when the listener reads it (constraint 8).
+LOAD_PART = 1 << 20
 
 
 class ReducerObserver:
@@ -80,6 +89,11 @@ class ReducerObserver:
 
     def on_buffers(self, reducer: "GradientReducer", tail: Optional[torch.Tensor]) -> None:
         """The buffers were (re)allocated; ``tail`` is this observer's slice of the last bucket, or None."""
+
+    def on_loaded(self, reducer: "GradientReducer", i: int, part: torch.Tensor) -> None:
+        """``part`` (a flat slice of tensor ``i``'s view, or all of it) was just written with its final
+        local value and is still in the cache (constraint 8); every element of the tensor is handed over
+        once per step in which the tensor is marked ready."""
 
     def on_ready(self, reducer: "GradientReducer", i: int, bucket: int) -> None:
         """Tensor ``i`` of ``bucket`` holds its local value (once per tensor and step; the hot path)."""
@@ -207,7 +221,8 @@ class GradientReducer:
         self._wait_error: Optional[BaseException] = None
         # Constraint 7: who hears what in this step, settled once (the waits' listeners when the waits
         # come: an observer may be armed between backward and the step's end, e.g. the overlapped step).
-        self._calls = {ev: self._listeners(ev) for ev in ("on_ready", "before_launch", "after_launch", "on_finish")}
+        self._calls = {ev: self._listeners(ev)
+                       for ev in ("on_loaded", "on_ready", "before_launch", "after_launch", "on_finish")}
 
     def _listeners(self, event: str) -> list[Callable]:
         return [getattr(o, event) for o in self.observers if _overrides(o, event) and o.wants(event)]
@@ -324,12 +339,27 @@ class GradientReducer:
             return view
         if tensor.is_sparse:
             tensor = tensor.to_dense()
-        if self.load_scale != 1.0:
-            torch.mul(tensor, self.load_scale, out=view)
+        loaded = self._calls["on_loaded"]
+        if loaded and view.numel() > LOAD_PART and tensor.is_contiguous():
+            # Constraint 8: part by part, each listener reading the part just written.
+            flat, src = view.view(-1), tensor.view(-1)
+            for start in range(0, flat.numel(), LOAD_PART):
+                part = flat[start:start + LOAD_PART]
+                self._scale_into(part, src[start:start + LOAD_PART])
+                for cb in loaded:
+                    cb(self, i, part)
         else:
-            view.copy_(tensor)
+            self._scale_into(view, tensor)
+            for cb in loaded:
+                cb(self, i, view)
         self.mark_ready(i, scaled=True)
         return view
+
+    def _scale_into(self, out: torch.Tensor, value: torch.Tensor) -> None:
+        if self.load_scale != 1.0:
+            torch.mul(value, self.load_scale, out=out)
+        else:
+            out.copy_(value)
 
     def mark_ready(self, i: int, scaled: bool = False) -> None:
         """Tensor ``i`` holds its final local value in ``views[i]`` (already multiplied by
@@ -339,8 +369,20 @@ class GradientReducer:
                 f"shoal: gradient of '{self.specs[i].name}' became ready twice in one step on rank "
                 f"{runtime.rank()}. HINT: call optimizer.synchronize()/step() between backward passes, or "
                 "set backward_passes_per_step to the number of backward passes per step.")
-        if not scaled and self.load_scale != 1.0:
-            self.views[i].mul_(self.load_scale)
+        if not scaled:
+            loaded = self._calls["on_loaded"]
+            if not loaded:
+                if self.load_scale != 1.0:
+                    self.views[i].mul_(self.load_scale)
+            else:  # constraint 8
+                flat = self.views[i].view(-1)
+                parts = [flat] if flat.numel() <= LOAD_PART else \
+                    [flat[start:start + LOAD_PART] for start in range(0, flat.numel(), LOAD_PART)]
+                for part in parts:
+                    if self.load_scale != 1.0:
+                        part.mul_(self.load_scale)
+                    for cb in loaded:
+                        cb(self, i, part)
         self._ready[i] = True
         self._observed.append(i)
         b = self.bucket_of[i]

@@ -53,7 +53,7 @@ import torch.distributed as dist
 from . import autotune as _autotune
 from . import exchange, runtime
 from .buckets import TensorSpec, plan_buckets
-from .checks import NonFiniteReport, apply_nan_policy, make_finite_check
+from .checks import DeferredVerdict, NonFiniteReport, apply_nan_policy, make_finite_check
 from .config import ShoalConfig
 from .errors import ShoalError
 from .join import note_step, register_owner
@@ -64,7 +64,8 @@ from .reducer import GradientReducer, ReducerObserver, TimelineObserver
 # torch 2.13 renamed all_gather_into_tensor (the old name warns); earlier versions have the old name only.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-__all__ = ["StepOwner", "StepResult", "EngineInfo", "resolve_settings", "ENGINE_OPTIONS", "completed_steps"]
+__all__ = ["StepOwner", "StepResult", "EngineInfo", "resolve_settings", "ENGINE_OPTIONS", "completed_steps",
+           "settle_deferred"]
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,36 @@ class StepResult:
     replanned: bool = False
     sparse: Mapping[int, torch.Tensor] = field(default_factory=dict)
 
+    #: The step's verdict kept on the device (``synchronize(defer_nan=True)`` on a device check): the
+    #: frontend guards its optimizer step with ``deferred.found_inf`` and resolves it later
+    #: (:class:`shoal.core.checks.DeferredVerdict`); ``nan_report`` is then None.
+    deferred: Optional[DeferredVerdict] = None
+
     def apply_nan_policy(self) -> bool:
         """The NaN policy on this rank (every rank decides alike): raises under ``raise``, True under
         ``skip`` (skip the update), False otherwise."""
         return apply_nan_policy(self.nan_report)
+
+
+def settle_deferred(verdict: DeferredVerdict, stepped: bool) -> tuple[Optional[NonFiniteReport], bool]:
+    """Read a verdict the device kept (:class:`shoal.core.checks.DeferredVerdict`; collective when its step
+    tripped, so every rank calls it at the same point) and apply its policy if the frontend stepped on it.
+
+    Args:
+        verdict: the verdict of an earlier synchronization (``StepResult.deferred``).
+        stepped: the frontend's optimizer step ran for it (guarded by ``verdict.found_inf``, or just now on
+            the host); a step AMP's GradScaler skipped itself gets its report and no policy.
+
+    Returns:
+        ``(report, skipped)``: the report (None: all finite), and whether the policy was ``skip``.
+    Raises:
+        NonFiniteGradientError: under ``raise``, naming the step; ``err.deferred`` when the step was
+        skipped on the device and the error comes later.
+    """
+    report = verdict.resolve()
+    if report is None or not (verdict.stepped or stepped):
+        return report, False
+    return report, apply_nan_policy(report, deferred=verdict.stepped)
 
 
 class StepOwner:
@@ -361,12 +388,14 @@ class StepOwner:
             return None  # a sparse gradient (reduced in synchronize), or nothing to copy
         return self._reducer.load(j, tensor)
 
-    def synchronize(self, local: Callable[[int], Optional[torch.Tensor]]) -> StepResult:
+    def synchronize(self, local: Callable[[int], Optional[torch.Tensor]], defer_nan: bool = False) -> StepResult:
         """End the step's reduction: launch what is not on the wire, wait, negotiate, check, tune.
 
         Args:
             local: tensor index -> its current local gradient (None: none). Read for tensors whose value
                 is not in their view yet (step 1, gradients never marked ready, sparse ones).
+            defer_nan: the frontend can act on a NaN verdict kept on the device (``StepResult.deferred``;
+                :mod:`shoal.core.checks`, constraint 6); a host check still gives ``nan_report``.
 
         Returns:
             The :class:`StepResult`.
@@ -389,8 +418,10 @@ class StepOwner:
             self._fill_views(local)
         none_have = self.negotiator.finish(self._reducer, self._counts, sorted(self._sparse))
         sparse = self._reduce_sparse(local) if self._sparse else {}
-        report = self._check.finish_step(self.step + 1, num_buckets=len(self._reducer.plans)) \
-            if self._check is not None else None
+        verdict = self._check.finish_step(self.step + 1, num_buckets=len(self._reducer.plans),
+                                          defer=defer_nan) if self._check is not None else None
+        deferred = verdict if isinstance(verdict, DeferredVerdict) else None
+        report = None if deferred is not None else verdict
         self.step += 1
         _completed += 1
         note_step(self)
@@ -399,7 +430,7 @@ class StepOwner:
         self._counts = [0] * len(self.specs)
         self.synchronized = True
         return StepResult(step=self.step, none_have=tuple(none_have), nan_report=report, replanned=replanned,
-                          sparse=sparse)
+                          sparse=sparse, deferred=deferred)
 
     def close(self) -> None:
         """The frontend's step is over (its optimizer step ran, or was skipped): the next gradient starts a

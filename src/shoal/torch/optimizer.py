@@ -20,6 +20,14 @@ Design constraints:
    ``step()`` inside ``skip_synchronize()``); a gradient replaced between ``backward()`` and ``step()``
    fails the step on every rank, naming it (the step owner detects it).
 6. The step may overlap the wire (``overlap_step``, opt-in, :mod:`shoal.torch.overlap`).
+7. The NaN check does not stop the host (``shoal.core.checks``, constraint 6). When the check ran on the
+   device, the verdict stays there: under ``warn`` the step runs as usual; under ``skip``/``raise`` an
+   optimizer that takes ``found_inf`` (torch's ``fused=True`` SGD/Adam/AdamW..., the GradScaler hand-over:
+   ``optimizer.found_inf``) skips on the device. The host learns at the next step's start (``zero_grad``,
+   the first gradient, ``synchronize``) or when ``nan_report``/``skipped_steps`` is read; ``raise`` raises
+   there, naming the step. Other optimizers read the verdict in ``step()`` (one host read, as GradScaler's
+   ``_maybe_opt_step``), and so does a fused optimizer's first step (the fused SGD kernel, told to skip it,
+   would leave momentum buffers it allocated uninitialised: torch/optim/sgd.py ``_fused_sgd``).
 
 What lives elsewhere: the step's protocol (:mod:`shoal.core.step`), the broadcasts
 (:mod:`shoal.torch.broadcast_state`), the overlapped step (:mod:`shoal.torch.overlap`).
@@ -40,7 +48,7 @@ from shoal.core.buckets import TensorSpec
 from shoal.core.errors import ShoalError
 from shoal.core.no_sync import NO_SYNC_ATTR
 from shoal.core.ops import ReduceOp, gradient_op, resolve_op
-from shoal.core.step import EngineInfo, StepOwner, StepResult, resolve_settings
+from shoal.core.step import EngineInfo, StepOwner, StepResult, resolve_settings, settle_deferred
 
 from .compression import Compression, engine_compression
 from .overlap import OverlapStepper, can_step_in_parts
@@ -119,8 +127,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.overlap_step: Optional[bool] = engine_options.pop("overlap_step", None)
         given = {**engine_options, "compression": engine_compression(compression)}
         settings = resolve_settings(given, "DistributedOptimizer")  # now, not when step 1 builds the buckets
-        #: Steps skipped on every rank by ``nan_check="skip"`` (steps a GradScaler skipped are its own).
-        self.skipped_steps = 0
+        self._skipped = 0
+        self._deferred = None  # a verdict on the device, not yet read (7): StepResult.deferred
+        self._report = None  # the NaN report of the last synchronization, once known
+        self._state_ready = False  # the fused optimizer has state for every parameter (constraint 7)
         self._index = {id(p): i for i, p in enumerate(self._params)}
         #: sparse_as_dense: the parameters whose gradient was sparse this step (handed back sparse).
         self._sparse_as_dense = bool(sparse_as_dense)
@@ -200,6 +210,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return self._inner.state_dict()
 
     def load_state_dict(self, state_dict):
+        self._state_ready = False  # the loaded state may be empty (saved before the first step)
         return self._inner.load_state_dict(state_dict)
 
     def add_param_group(self, param_group):
@@ -286,6 +297,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         def hook(param: torch.Tensor) -> None:
             if not self._should_synchronize and self._owner.synchronized:
                 return
+            if self._deferred is not None:  # the next step started: read the last verdict (constraint 7)
+                self._settle_nan()
             if self._sparse_as_dense and param.grad is not None and param.grad.is_sparse:
                 self._was_sparse.add(i)
             view = self._owner.ready(i, param.grad)
@@ -309,7 +322,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             return
         if owner.synchronized:
             return
-        result = owner.synchronize(lambda i: self._params[i].grad)
+        self._settle_nan()
+        result = owner.synchronize(lambda i: self._params[i].grad, defer_nan=self._can_defer())
         none_have = set(result.none_have)
         for i, p in enumerate(self._params):
             if i in none_have:  # unused on every rank: no gradient, as in single-process training
@@ -328,6 +342,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 p.grad = p.grad.to_sparse()
         self._was_sparse.clear()
         self._result = result
+        self._report = result.nan_report
+        self._deferred = result.deferred
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         """Change the number of backward passes accumulated locally per step (Horovod's method); call it
@@ -384,11 +400,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
                              "this step: gradients would be applied unreduced. HINT: call "
                              "optimizer.synchronize() first.")
         try:
+            if owner.active and self._deferred is not None:  # (again, if step() is called twice: guarded)
+                return self._step_deferred(self._deferred, closure)
             # NaN/Inf policy (shoal.core.checks): raises, or True on every rank alike for "skip".
             if owner.active and self._result is not None and self._result.apply_nan_policy():
                 if stepper is not None:
                     stepper.disarm()
-                self.skipped_steps += 1
+                self._skipped += 1
                 return None
             if stepper is not None:  # what no bucket stepped
                 stepper.finish()
@@ -411,8 +429,77 @@ class DistributedOptimizer(torch.optim.Optimizer):
     @property
     def nan_report(self):
         """The :class:`~shoal.core.checks.NonFiniteReport` of the last synchronization; None when every
-        gradient of every rank was finite (or ``nan_check`` is off)."""
-        return self._result.nan_report if self._result is not None else None
+        gradient of every rank was finite (or ``nan_check`` is off).
+
+        Where the verdict stayed on the device (constraint 7), reading this reads it: after a tripped step
+        that is collective (the findings' ``all_gather``), so read it on every rank, or after the next step
+        started; under ``raise`` it raises the step's ``NonFiniteGradientError``."""
+        self._settle_nan()
+        return self._report
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped on every rank by ``nan_check="skip"`` (steps a GradScaler skipped are its own).
+        Reading it reads a verdict left on the device (one host read, never a collective)."""
+        d = self._deferred
+        pending = d is not None and d.stepped and d.policy == "skip" and d.tripped()
+        return self._skipped + int(pending)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped = int(value)
+
+    # ------------------------------------------------------------------------- the deferred NaN verdict
+    def _can_defer(self) -> bool:
+        """Whether this step's NaN verdict may stay on the device (constraint 7): ``warn`` never needs it
+        before the step; ``skip``/``raise`` need an optimizer that skips on ``found_inf``."""
+        policy = self._owner.settings.nan_check
+        if policy == "off" or type(self).step is not DistributedOptimizer.step:  # e.g. Adasum: its own step
+            return False
+        return policy == "warn" or _takes_found_inf(self._inner)
+
+    def _step_deferred(self, verdict, closure):
+        """The optimizer step of a step whose verdict is on the device (constraint 7)."""
+        inner = self._inner
+        if verdict.policy != "warn":
+            self._state_ready = self._state_ready or _fused_state_ready(inner)
+            if not self._state_ready:
+                # Its first step: decide on the host (one read), as the eager path does.
+                self._settle_nan(verdict, stepped=True)
+                if self._report is not None and self._report.policy == "skip":
+                    return None
+                with _timeline.span("optimizer", "optimizer step"):
+                    return inner.step(closure) if closure is not None else inner.step()
+            saved = {k: inner.__dict__[k] for k in ("found_inf", "grad_scale") if k in inner.__dict__}
+            inner.found_inf, inner.grad_scale = verdict.found_inf, None
+            try:
+                with _timeline.span("optimizer", "optimizer step (skipped on the device on a NaN/Inf)"):
+                    out = inner.step(closure) if closure is not None else inner.step()
+            finally:
+                for k in ("found_inf", "grad_scale"):
+                    inner.__dict__.pop(k, None)
+                inner.__dict__.update(saved)
+            verdict.stepped = True
+            return out
+        verdict.stepped = True
+        with _timeline.span("optimizer", "optimizer step"):
+            return inner.step(closure) if closure is not None else inner.step()
+
+    def _settle_nan(self, verdict=None, stepped: bool = False) -> None:
+        """Read the verdict left on the device and apply its policy (constraint 7): at the next step's
+        start, at a read of ``nan_report``, or in ``step()`` for an optimizer that cannot skip on the device.
+        Collective when the step tripped; every rank gets here at the same point of its collective order
+        (before any collective of the next step, or at a read every rank makes)."""
+        d = verdict if verdict is not None else self._deferred
+        if d is None:
+            return
+        self._deferred = None
+        try:
+            self._report, skipped = settle_deferred(d, stepped)  # raises under "raise"
+        except ShoalError as err:  # NonFiniteGradientError: its report is the step's report
+            self._report = getattr(err, "report", None)
+            raise
+        self._skipped += int(skipped)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients, as ``torch.optim.Optimizer.zero_grad`` does.
@@ -422,6 +509,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         into the buckets are zeroed in place and autograd accumulates into them (a zeroing pass plus an
         add per step: measured slower)."""
         owner = self._owner
+        self._settle_nan()  # the next step starts: the last verdict is read here (constraint 7)
         if owner.pending and not owner.synchronized:
             raise ShoalError("shoal: optimizer.zero_grad() was called after loss.backward() but before "
                              "optimizer.step() or optimizer.synchronize(). HINT: zero the gradients "
@@ -445,6 +533,24 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     p.grad.detach_()
                     p.grad.zero_()
         owner.reset_counts()
+
+
+def _takes_found_inf(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt.step()`` skips on the device when given ``opt.found_inf`` (how GradScaler hands it to
+    torch's fused optimizers: torch/amp/grad_scaler.py, ``_step_supports_amp_scaling``)."""
+    return bool(getattr(opt, "_step_supports_amp_scaling", False)) and bool(opt.defaults.get("fused"))
+
+
+def _fused_state_ready(opt: torch.optim.Optimizer) -> bool:
+    """Whether every parameter with a gradient has its optimizer state: a fused kernel told to skip its
+    first step would leave the state it allocated there (SGD's momentum: ``torch.empty_like``) unset."""
+    return all(p in opt.state and opt.state[p] for g in opt.param_groups for p in g["params"]
+               if p.grad is not None) or not _needs_state(opt)
+
+
+def _needs_state(opt: torch.optim.Optimizer) -> bool:
+    """SGD without momentum keeps no state; every other fused optimizer does."""
+    return not (isinstance(opt, torch.optim.SGD) and all(g.get("momentum", 0) == 0 for g in opt.param_groups))
 
 
 def _is_adasum(op) -> bool:
