@@ -218,7 +218,9 @@ class Shoal(Mode):
         if summary is None:
             return {"state": "off"}
         return {"state": summary["state"], "choice": summary["choice"], "settled_at": summary["settled_at"],
-                "settle_steps": steps}
+                "settle_steps": steps,
+                "trials": [{k: t[k] for k in ("setting", "score_ms", "median_ms", "samples")}
+                           for t in summary.get("trials", [])]}
 
 
 #: ``--commit-every``: steps between commits of the ``shoal_elastic`` mode (set once by ``main``).
