@@ -181,7 +181,7 @@ def test_doctor_says_when_compression_pays_on_this_link():
 
     slow, fast = 1000, 2 * max(_CROSSOVER_MBPS.values())
     assert "powersgd" in _compression_advice("none", slow, False).split(";")[0]  # worth trying here
-    assert "int8" not in _compression_advice("none", slow, False).split(";")[0]  # measured 0.95x there
+    assert "int8" in _compression_advice("none", slow, False).split(";")[0]  # 2.1x DDP there (quiet)
     assert "no compression was measured faster" in _compression_advice("none", fast, False)
     assert "pays on this link" in _compression_advice("powersgd:rank=2", slow, False)
     assert "pays on this link" in _compression_advice("mixed_fp16", 4000, False)

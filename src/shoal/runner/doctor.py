@@ -222,13 +222,14 @@ def _hierarchical(cfg: Any, world: Any, multi_host: bool) -> tuple[bool, str]:
 #: int8 was 0.95x at 1 Gbit/s on the loaded machine (load 5-11): no speed where it paid, hence 0. The
 #: crossovers move up with faster compute (a GPU computes the step and the compression in a fraction of
 #: that) and down for models with less gradient per unit of compute.
-_CROSSOVER_MBPS = {"fp16": 5000, "bf16": 5000, "powersgd": 1000, "int8": 0}
+_CROSSOVER_MBPS = {"fp16": 5000, "bf16": 5000, "powersgd": 1000, "int8": 1000}
 
 #: What each crossover rests on, in the words the doctor prints.
 _CROSSOVER_EVIDENCE = {
     "fp16": "fp16/bf16 pay below ~5 Gbit/s (1.5x at 1 Gbit/s, 0.9x on loopback)",
-    "powersgd": "powersgd 1.5x at 1 Gbit/s (faster links not measured)",
-    "int8": "int8 0.95x at 1 Gbit/s (2 loaded cores: CPU-bound)",
+    "powersgd": "powersgd 2.9x (rank 4) to 4.0x (rank 1) DDP fp32 at 1 Gbit/s (faster links not measured)",
+    "int8": "int8 2.1x DDP fp32 at 1 Gbit/s on idle cores, 0.95x on loaded ones (CPU-bound; faster links not "
+            "measured)",
 }
 
 
