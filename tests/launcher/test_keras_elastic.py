@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import textwrap
 
@@ -80,7 +81,13 @@ def _events(out: str) -> list[dict]:
     return [json.loads(m.group(1)) for m in re.finditer(r"EVENT (\{.*\})", out)]
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "torch", "jax"])
+# JAX runs the same path as the other two backends (one more ~25 s launch): it runs where asked for, so that the
+# default suite stays within its time budget on 2 cores (issue 17 asks for TensorFlow and torch).
+_JAX = pytest.mark.skipif(os.environ.get("SHOAL_TEST_JAX_ELASTIC") != "1",
+                          reason="set SHOAL_TEST_JAX_ELASTIC=1 to run Keras fit on JAX under a killed worker too")
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "torch", pytest.param("jax", marks=_JAX)])
 def test_fit_survives_a_killed_worker(run_cli, tmp_path, backend):
     for module in ("keras", backend):
         if importlib.util.find_spec(module) is None:
