@@ -9,8 +9,6 @@ line per event, which the tests read.
 
 from __future__ import annotations
 
-import json
-import re
 import secrets
 import signal
 import sys
@@ -19,24 +17,15 @@ import time
 
 import pytest
 
+from elastic_job import SETUP  # tests/launcher is on sys.path (rootdir-relative imports)
+from elastic_job import assert_same_weights as _assert_same_weights
+from elastic_job import done as _done
+from elastic_job import events as _events
+
 pytestmark = pytest.mark.timeout(240)
 
-_JOB = textwrap.dedent('''
-    import json, os, sys, time, signal
-    import torch
-    import shoal.torch as hvd
-    from shoal.core import elastic as _el, runtime as _rt
-
+_JOB = SETUP + textwrap.dedent('''
     mode, victim, at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    hvd.init()
-    torch.set_num_threads(1)
-    wid = int(os.environ["SHOAL_ELASTIC_ID"])
-    data = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
-    target = data @ torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 3)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
-                                   named_parameters=model.named_parameters())
     sampler = hvd.elastic.ElasticSampler(list(range(96)), shuffle=True, seed=3)
     state = hvd.elastic.TorchState(model, opt, sampler=sampler, epoch=0, batch=0, steps=0, regrown=0)
 
@@ -89,24 +78,12 @@ _JOB = textwrap.dedent('''
 ''')
 
 
-def _events(out: str) -> list[dict]:
-    return [json.loads(m.group(1)) for m in re.finditer(r"EVENT (\{.*\})", out)]
-
-
 def _run(run_cli, tmp_path, mode: str, victim: int, at: int, extra_env=None, args=()):
     script = tmp_path / "job.py"
     script.write_text(_JOB)
     env = {"SHOAL_TIMEOUT_S": "20", "SHOAL_ELASTIC_TIMEOUT_S": "3", **(extra_env or {})}
     return run_cli(["run", "-np", "3", "--min-np", "2", "--max-np", "3", *args, "python", str(script), mode,
                     str(victim), str(at)], timeout_s=200, env=env)
-
-
-def _done(events: list[dict]) -> list[dict]:
-    return [e for e in events if e["what"] == "done"]
-
-
-def _assert_same_weights(done: list[dict]) -> None:
-    assert len({json.dumps(e["weights"]) for e in done}) == 1, [e["weights"][:3] for e in done]
 
 
 def test_killed_worker_costs_seconds_and_a_replacement_catches_up(run_cli, tmp_path):

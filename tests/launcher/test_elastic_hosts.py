@@ -15,28 +15,18 @@ import os
 import re
 import signal
 import textwrap
-import time
 
 import pytest
 
+from elastic_job import SETUP  # tests/launcher is on sys.path (rootdir-relative imports)
+from elastic_job import assert_same_weights as _assert_same_weights
+from elastic_job import done as _done
+from elastic_job import events as _events
+
 pytestmark = pytest.mark.timeout(120)
 
-_JOB = textwrap.dedent('''
-    import json, os, signal, socket, sys, time
-    import torch
-    import shoal.torch as hvd
-    from shoal.core import elastic as _el, runtime as _rt
-
+_JOB = SETUP + textwrap.dedent('''
     mode, victim, at, total, want = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    hvd.init()
-    torch.set_num_threads(1)
-    wid = int(os.environ["SHOAL_ELASTIC_ID"])
-    data = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
-    target = data @ torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 3)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
-                                   named_parameters=model.named_parameters())
     state = hvd.elastic.TorchState(model, opt, steps=0, peak=0)
 
     def say(**kw):
@@ -102,18 +92,6 @@ _READY = textwrap.dedent('''
 ''')
 
 
-def _events(out: str) -> list[dict]:
-    return [json.loads(m.group(1)) for m in re.finditer(r"EVENT (\{.*\})", out)]
-
-
-def _done(events: list[dict]) -> list[dict]:
-    return [e for e in events if e["what"] == "done"]
-
-
-def _assert_same_weights(done: list[dict]) -> None:
-    assert len({json.dumps(e["weights"]) for e in done}) == 1, [e["weights"][:3] for e in done]
-
-
 def _assert_local_topology(events: list[dict]) -> None:
     """In every generation, each rank's local_rank / local_size match the host names of its generation."""
     by_gen: dict[int, dict[int, dict]] = {}
@@ -177,11 +155,17 @@ def _recovery(ev: list[dict], fault: dict) -> tuple[float, dict]:
     return after[0]["t"] - fault["t"], {k: round(v, 3) for k, v in phases.items()}
 
 
-def test_worker_killed_on_the_second_host_is_replaced_there(run_cli, hosts, tmp_path):
+def _fault_on_two_hosts(run_cli, hosts, tmp_path, mode: str, victim: int, want: int):
+    """4 workers on 2 hosts x 2 slots; worker ``victim`` makes fault ``mode`` at step 4; the job ends at step 10
+    with ``want`` workers. ``elastic_timeout_s`` is 20 s, so a recovery that waited for it shows."""
     prefix, args = _cli(hosts, "-np", "4", "--min-np", "2", "--max-np", "4",
                         "-H", f"{hosts.node_ns[0]}:2,{hosts.node_ns[1]}:2")
-    r = run_cli([*args, "python", _job(tmp_path), "kill", "2", "4", "10", "4"], prefix=prefix, timeout_s=90,
-                env={**_ENV, "SHOAL_ELASTIC_TIMEOUT_S": "20"})
+    return run_cli([*args, "python", _job(tmp_path), mode, str(victim), "4", "10", str(want)], prefix=prefix,
+                   timeout_s=90, env={**_ENV, "SHOAL_ELASTIC_TIMEOUT_S": "20"})
+
+
+def test_worker_killed_on_the_second_host_is_replaced_there(run_cli, hosts, tmp_path):
+    r = _fault_on_two_hosts(run_cli, hosts, tmp_path, "kill", victim=2, want=4)
     assert r.returncode == 0, r.describe()
     ev = _events(r.stdout)
     fault = next(e for e in ev if e["what"] == "fault")
@@ -200,10 +184,7 @@ def test_worker_killed_on_the_second_host_is_replaced_there(run_cli, hosts, tmp_
 
 
 def test_a_whole_host_lost_costs_no_elastic_timeout(run_cli, hosts, tmp_path):
-    prefix, args = _cli(hosts, "-np", "4", "--min-np", "2", "--max-np", "4",
-                        "-H", f"{hosts.node_ns[0]}:2,{hosts.node_ns[1]}:2")
-    r = run_cli([*args, "python", _job(tmp_path), "host", "3", "4", "10", "2"], prefix=prefix, timeout_s=90,
-                env={**_ENV, "SHOAL_ELASTIC_TIMEOUT_S": "20"})
+    r = _fault_on_two_hosts(run_cli, hosts, tmp_path, "host", victim=3, want=2)
     assert r.returncode == 0, r.describe()
     ev = _events(r.stdout)
     fault = json.loads((tmp_path / "fault.json").read_text())

@@ -9,29 +9,16 @@ workers that finish, through the real ``shoal run --min-np``.
 
 from __future__ import annotations
 
-import json
-import re
 import textwrap
 
 import pytest
 
+from elastic_job import SETUP  # tests/launcher is on sys.path (rootdir-relative imports)
+from elastic_job import events as _events
+
 pytestmark = pytest.mark.timeout(240)
 
-_JOB = textwrap.dedent('''
-    import json, os, signal, sys, time
-    import torch
-    import shoal.torch as hvd
-    from shoal.core import runtime as _rt
-
-    hvd.init()
-    torch.set_num_threads(1)
-    wid = int(os.environ["SHOAL_ELASTIC_ID"])
-    data = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
-    target = data @ torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 3)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
-                                   named_parameters=model.named_parameters())
+_JOB = SETUP + textwrap.dedent('''
     sampler = hvd.elastic.ElasticSampler(list(range(96)), shuffle=True, seed=3)
     state = hvd.elastic.TorchState(model, opt, sampler=sampler, epoch=0, steps=0)
 
@@ -72,10 +59,6 @@ _JOB = textwrap.dedent('''
 
     train(state)
 ''')
-
-
-def _events(out: str) -> list[dict]:
-    return [json.loads(m.group(1)) for m in re.finditer(r"EVENT (\{.*\})", out)]
 
 
 def test_a_second_worker_killed_during_the_recovery_is_recovered_from_too(run_cli, tmp_path):

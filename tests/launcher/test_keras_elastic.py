@@ -14,10 +14,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import textwrap
 
 import pytest
+
+from elastic_job import events as _events  # tests/launcher is on sys.path (rootdir-relative imports)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -75,10 +76,6 @@ _JOB = textwrap.dedent('''
 _ENV = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
         "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
         "OMP_NUM_THREADS": "1", "SHOAL_TIMEOUT_S": "30", "SHOAL_ELASTIC_TIMEOUT_S": "3"}
-
-
-def _events(out: str) -> list[dict]:
-    return [json.loads(m.group(1)) for m in re.finditer(r"EVENT (\{.*\})", out)]
 
 
 # JAX runs the same path as the other two backends (one more ~25 s launch): it runs where asked for, so that the
