@@ -73,6 +73,14 @@ OBSERVER_EVENTS = ("on_loaded", "on_ready", "before_launch", "after_launch", "be
 LOAD_PART = 1 << 20
 
 
+def _load_parts(numel: int) -> list[slice]:
+    """The parts of a flat tensor of ``numel`` elements that ``on_loaded`` listeners get (constraint 8): all of
+    it up to :data:`LOAD_PART` elements, else consecutive parts of that size."""
+    if numel <= LOAD_PART:
+        return [slice(None)]
+    return [slice(start, start + LOAD_PART) for start in range(0, numel, LOAD_PART)]
+
+
 class ReducerObserver:
     """What an observer of a :class:`GradientReducer` may hear (constraint 7). Override what you need.
 
@@ -340,12 +348,12 @@ class GradientReducer:
         if tensor.is_sparse:
             tensor = tensor.to_dense()
         loaded = self._calls["on_loaded"]
-        if loaded and view.numel() > LOAD_PART and tensor.is_contiguous():
+        if loaded and tensor.is_contiguous():
             # Constraint 8: part by part, each listener reading the part just written.
             flat, src = view.view(-1), tensor.view(-1)
-            for start in range(0, flat.numel(), LOAD_PART):
-                part = flat[start:start + LOAD_PART]
-                self._scale_into(part, src[start:start + LOAD_PART])
+            for part_of in _load_parts(flat.numel()):
+                part = flat[part_of]
+                self._scale_into(part, src[part_of])
                 for cb in loaded:
                     cb(self, i, part)
         else:
@@ -376,9 +384,8 @@ class GradientReducer:
                     self.views[i].mul_(self.load_scale)
             else:  # constraint 8
                 flat = self.views[i].view(-1)
-                parts = [flat] if flat.numel() <= LOAD_PART else \
-                    [flat[start:start + LOAD_PART] for start in range(0, flat.numel(), LOAD_PART)]
-                for part in parts:
+                for part_of in _load_parts(flat.numel()):
+                    part = flat[part_of]
                     if self.load_scale != 1.0:
                         part.mul_(self.load_scale)
                     for cb in loaded:

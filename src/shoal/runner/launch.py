@@ -297,8 +297,12 @@ def _encode_plan(plan: _AgentPlan) -> str:
     return _encode_json(dataclasses.asdict(plan))
 
 
+def _decode_json(token: str) -> Any:
+    return json.loads(base64.urlsafe_b64decode(token.encode()))
+
+
 def _decode_plan(token: str) -> _AgentPlan:
-    return _AgentPlan(**json.loads(base64.urlsafe_b64decode(token.encode())))
+    return _AgentPlan(**_decode_json(token))
 
 
 # ------------------------------------------------------------------------------ worker argv
@@ -504,17 +508,27 @@ def _read_secret(timeout_s: float) -> Optional[str]:
     return secret if re.fullmatch(r"[0-9a-f]{32,}", secret) else None
 
 
+_NO_SECRET = ("no job secret arrived on the agent's stdin. HINT: the --remote-command must pass stdin through to "
+              "the remote command (ssh and 'ip netns exec' do; ssh -n does not)")
+
+
+def _agent_secret(timeout_s: float) -> Optional[str]:
+    """A remote agent's first act (static or elastic): the job's secret from stdin (None: it did not come);
+    once it came, the agent stops when stdin closes (the coordinator's end of the pipe)."""
+    secret = _read_secret(timeout_s)
+    if secret is not None:
+        threading.Thread(target=_stop_when_stdin_closes, name="shoal-stdin-watch", daemon=True).start()
+    return secret
+
+
 def _agent_main(token: str) -> int:
     """Entry of a remote agent: ``python -m shoal.runner.launch --agent PLAN``, secret on stdin."""
     plan = _decode_plan(token)
-    secret = _read_secret(plan.start_timeout_s)
+    secret = _agent_secret(plan.start_timeout_s)
     if secret is None:
-        result = _AgentResult(EXIT_LAUNCHER, [Failure(
-            rank=None, host=plan.host, what="no job secret arrived on the agent's stdin. HINT: the "
-            "--remote-command must pass stdin through to the remote command (ssh and 'ip netns exec' "
-            "do; ssh -n does not)", timestamp=time.time())])
+        result = _AgentResult(EXIT_LAUNCHER, [Failure(rank=None, host=plan.host, what=_NO_SECRET,
+                                                      timestamp=time.time())])
     else:
-        threading.Thread(target=_stop_when_stdin_closes, name="shoal-stdin-watch", daemon=True).start()
         try:
             result = _run_agent(plan, secret)
         except _UsageError as exc:  # e.g. the command is not on this host's PATH
@@ -527,14 +541,11 @@ def _agent_main(token: str) -> int:
 
 def _elastic_agent_main(token: str) -> int:
     """Entry of an elastic job's agent on a host (:func:`shoal.runner.elastic.serve_host`), secret on stdin."""
-    plan = json.loads(base64.urlsafe_b64decode(token.encode()))
-    secret = _read_secret(float(plan["start_timeout_s"]))
+    plan = _decode_json(token)
+    secret = _agent_secret(float(plan["start_timeout_s"]))
     if secret is None:
-        print(f"shoal: agent on host {plan['host']}: no job secret arrived on the agent's stdin. HINT: the "
-              "--remote-command must pass stdin through to the remote command (ssh and 'ip netns exec' do; "
-              "ssh -n does not)", file=sys.stderr, flush=True)
+        print(f"shoal: agent on host {plan['host']}: {_NO_SECRET}", file=sys.stderr, flush=True)
         return EXIT_LAUNCHER
-    threading.Thread(target=_stop_when_stdin_closes, name="shoal-stdin-watch", daemon=True).start()
     try:
         _env.export_env(plan["env"], "shoal run flags")
         _check_program(plan["command"])

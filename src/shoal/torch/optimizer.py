@@ -411,10 +411,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
             if stepper is not None:  # what no bucket stepped
                 stepper.finish()
                 return None
-            with _timeline.span("optimizer", "optimizer step"):
-                return self._inner.step(closure) if closure is not None else self._inner.step()
+            return self._inner_step(closure)
         finally:
             owner.close()
+
+    def _inner_step(self, closure, label: str = "optimizer step"):
+        """The wrapped optimizer's step, on the timeline (``closure`` passed only when given)."""
+        with _timeline.span("optimizer", label):
+            return self._inner.step(closure) if closure is not None else self._inner.step()
 
     def _switch_overlap(self, on: bool) -> None:
         """The tuner's switch of the overlapped step (between steps, every rank alike)."""
@@ -468,13 +472,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 self._settle_nan(verdict, stepped=True)
                 if self._report is not None and self._report.policy == "skip":
                     return None
-                with _timeline.span("optimizer", "optimizer step"):
-                    return inner.step(closure) if closure is not None else inner.step()
+                return self._inner_step(closure)
             saved = {k: inner.__dict__[k] for k in ("found_inf", "grad_scale") if k in inner.__dict__}
             inner.found_inf, inner.grad_scale = verdict.found_inf, None
             try:
-                with _timeline.span("optimizer", "optimizer step (skipped on the device on a NaN/Inf)"):
-                    out = inner.step(closure) if closure is not None else inner.step()
+                out = self._inner_step(closure, "optimizer step (skipped on the device on a NaN/Inf)")
             finally:
                 for k in ("found_inf", "grad_scale"):
                     inner.__dict__.pop(k, None)
@@ -482,8 +484,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             verdict.stepped = True
             return out
         verdict.stepped = True
-        with _timeline.span("optimizer", "optimizer step"):
-            return inner.step(closure) if closure is not None else inner.step()
+        return self._inner_step(closure)
 
     def _settle_nan(self, verdict=None, stepped: bool = False) -> None:
         """Read the verdict left on the device and apply its policy (constraint 7): at the next step's
