@@ -43,3 +43,35 @@ def test_shutdown_then_init_builds_a_new_world_each_time():
         assert r["steps"] == [2, 2, 2]  # the optimizer starts over in each world
         assert r["generations"] == [1, 2, 3] and r["initialized"] == [False] * 3
         assert r["same_weights"]
+
+
+def _rank_late_start():
+    import os  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import shoal.torch as hvd  # noqa: PLC0415
+
+    if int(os.environ["RANK"]) == 1:
+        time.sleep(2.5)  # rank 1 comes late: longer than timeout_s, well within start_timeout_s
+    hvd.init(timeout_s=1.0)
+    return hvd.allreduce(torch.ones(1), op=hvd.Sum).item()
+
+
+def test_ranks_that_start_further_apart_than_timeout_s_still_start():
+    """Starting is not a collective (jobstore, constraint 5): before, gloo's connect gave up after
+    ``timeout_s`` waiting for the late rank's address ("wait timeout after 1000ms")."""
+    assert run_ranks(_rank_late_start, world_size=2, timeout_s=40, init=False) == [2.0, 2.0]
+
+
+def test_a_rank_that_never_starts_is_named():
+    import datetime  # noqa: PLC0415
+
+    import pytest  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from shoal.core import jobstore  # noqa: PLC0415
+
+    store = dist.HashStore()
+    store.set_timeout(datetime.timedelta(seconds=5))
+    with pytest.raises(TimeoutError, match=r"rank\(s\) 1, 2 of 3 did not reach init\(\) within start_timeout_s=0.2 s"):
+        jobstore.await_start(store, 0, 3, 0.2)

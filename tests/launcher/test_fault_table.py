@@ -39,6 +39,7 @@ def test_fault_table_row(case):
     assert not row.abort, f"a rank aborted (SIGABRT, exit code 134)\n{table}"
     assert row.left == 0, f"{row.left} process(es) left behind\n{table}"
     slack = _slack_s()
+    assert row.time_to_failure_s is not None, f"the fault's time to failure was not measured\n{table}"
     assert row.within_bound or row.time_to_failure_s <= _TIMEOUT_S + slack, \
         f"not within timeout + {slack:.1f} s (load {os.getloadavg()[0]:.1f})\n{table}"
     assert row.exit_ok, f"unexpected exit code {row.exit_code} for {case.expect!r}\n{table}"

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(60)
 
 # The launcher's own options. Changing this set is a CLI change: update docs/launcher.md too.
 _OWN = {"--num-proc", "--hosts", "--hostfile", "--remote-command", "--master-addr", "--master-port",
-        "--start-timeout-s", "--env", "--log-dir", "--verbose", "--elastic", "--min-np", "--max-np",
+        "--env", "--log-dir", "--verbose", "--elastic", "--min-np", "--max-np",
         "--host-discovery-script", "--max-restarts"}
 
 

@@ -81,6 +81,11 @@ class ShoalConfig:
         None, "torch.distributed backend; default: nccl when the process has a CUDA device, else gloo.")
     timeout_s: float = _knob(
         300.0, "Seconds a collective may wait for its peers before it fails (the process-group timeout).")
+    start_timeout_s: float = _knob(
+        300.0, "Seconds the job's processes wait for each other to start: shoal run's agents at the "
+               "rendezvous, and ranks in init() (at least timeout_s there), which then fails naming the ranks "
+               "that never came. Apart from timeout_s, so that a short collective timeout does not fail a "
+               "job whose ranks start a few seconds apart.")
     local_size: Optional[int] = _knob(
         None, "Override: ranks per node. Groups consecutive ranks into nodes of this size, so that one "
               "machine can emulate several nodes (e.g. 4 ranks as 2 nodes x 2).")
@@ -163,7 +168,8 @@ class ShoalConfig:
                     f"shoal: {f.name} must be a finite number, got {value!r} (set by keyword, "
                     f"{env_name(f.name)} or {flag_name(f.name)}). HINT: give a number of "
                     f"{'seconds' if f.name.endswith('_s') else 'MB' if f.name.endswith('_mb') else 'units'}.")
-        for name in ("timeout_s", "fusion_threshold_mb", "first_bucket_mb", "stall_warning_s", "elastic_timeout_s"):
+        for name in ("timeout_s", "start_timeout_s", "fusion_threshold_mb", "first_bucket_mb", "stall_warning_s",
+                     "elastic_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"shoal: {name} must be > 0, got {getattr(self, name)!r} "
                                  f"(HINT: check {env_name(name)})")

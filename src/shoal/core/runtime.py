@@ -220,10 +220,14 @@ def init(backend: Optional[str] = None, timeout_s: Optional[float] = None, **kno
             dist.init_process_group(chosen, init_method=world.init_method, rank=world.rank,
                                     world_size=world.size, timeout=timeout)
         else:
-            store = _jobstore.job_store(world.init_method, world.rank, world.size, timeout)
+            start_s = max(cfg.start_timeout_s, cfg.timeout_s)
+            store = _jobstore.job_store(world.init_method, world.rank, world.size, timeout,
+                                        datetime.timedelta(seconds=start_s))
             _generation += 1  # a world of its own for every init() of this process (jobstore, constraint 3)
-            dist.init_process_group(chosen, store=_jobstore.generation_store(store, _generation),
-                                    rank=world.rank, world_size=world.size, timeout=timeout)
+            gen_store = _jobstore.generation_store(store, _generation)
+            _jobstore.await_start(gen_store, world.rank, world.size, start_s)
+            dist.init_process_group(chosen, store=gen_store, rank=world.rank, world_size=world.size,
+                                    timeout=timeout)
     _build_world(cfg, world, owns)
 
 

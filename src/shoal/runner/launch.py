@@ -146,10 +146,6 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
                              "the first other host).")
     parser.add_argument("--master-port", dest="master_port", type=int, default=_DEFAULT_MASTER_PORT,
                         metavar="PORT", help="Port of the rendezvous store (default: %(default)s).")
-    parser.add_argument("--start-timeout-s", dest="start_timeout_s", type=float, default=120.0,
-                        metavar="SECONDS",
-                        help="How long agents wait for each other at the rendezvous (default: "
-                             "%(default)s).")
     parser.add_argument("-x", "--env", dest="env", action="append", default=[],
                         metavar="NAME[=VALUE]",
                         help="Also set this variable for the workers (repeatable). NAME alone "
@@ -779,14 +775,15 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
-def _check_inherited_knobs(knob_env: dict[str, str]) -> None:
-    """Refuse a bad ``SHOAL_*`` value inherited from the shell before any rank starts (constraint 2).
+def _check_inherited_knobs(knob_env: dict[str, str]) -> ShoalConfig:
+    """Refuse a bad ``SHOAL_*`` value inherited from the shell before any rank starts (constraint 2);
+    return the configuration the ranks will read (the launcher uses ``start_timeout_s`` of it too).
 
     The ranks would each fail on it at ``init()``, after the rendezvous; the same value as a flag is
     refused at once. A flag given for the knob replaces the shell's value, so it is checked instead.
     """
     try:
-        _env.read_config(environ=_env.child_environ(knob_env))
+        return _env.read_config(environ=_env.child_environ(knob_env))
     except ValueError as exc:
         raise _UsageError(f"{exc} (inherited from this shell's environment). HINT: fix or unset the "
                           "variable, or give the knob's flag, which wins over it.") from None
@@ -801,7 +798,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.num_proc < 1:
         raise _UsageError(f"shoal: -np must be >= 1, got {args.num_proc}.")
     knob_env = knob_environment(args)
-    _check_inherited_knobs(knob_env)
+    # One knob for the whole start: agents wait for each other this long, and so do ranks in init().
+    args.start_timeout_s = _check_inherited_knobs(knob_env).start_timeout_s
     if args.hosts and args.hostfile:
         raise _UsageError("shoal: give -H or --hostfile, not both.")
     hosts = parse_hosts(args.hosts) if args.hosts else \
