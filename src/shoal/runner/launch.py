@@ -65,7 +65,6 @@ import threading
 import time
 import traceback
 import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
