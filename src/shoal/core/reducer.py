@@ -17,7 +17,9 @@ Design constraints:
 3. Same collective order on every rank: buckets are launched strictly in plan order (a bucket that fills
    early waits for its predecessors), so no rank can issue collectives in a different order.
 4. Several buckets in flight: bucket ``b`` goes on stream ``b % num_streams``, each stream its own process
-   group (on GPU each NCCL communicator has its own CUDA stream; on gloo each group its own threads).
+   group (on GPU each NCCL communicator has its own CUDA stream; on gloo each group its own threads), and
+   one bucket at a time on each stream, in launch order (:func:`shoal.core.runtime.launch_in_order`): gloo
+   would run two of one group at once, and a later small bucket would overtake an earlier big one.
 5. No background loop of ours: completion work (scaling) runs as a future callback on the backend's own
    completion thread, so an idle rank costs nothing (an idle Horovod rank burns ~7% of a core here for its
    1 ms cycle).
@@ -44,7 +46,6 @@ reduction (negotiation, NaN policy, tuning: :mod:`shoal.core.step`), hooks into 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -220,6 +221,7 @@ class GradientReducer:
         self._reset_step()
 
     def _reset_step(self) -> None:
+        self._epoch = getattr(self, "_epoch", 0) + 1  # launches still waiting for their stream are void
         self._pending = [len(p.tensor_ids) for p in self.plans]
         self._ready = [False] * len(self.specs)
         self._futures: list[Optional[torch.futures.Future]] = [None] * len(self.plans)
@@ -418,7 +420,14 @@ class GradientReducer:
                             state=self._bucket_state[b], step=self._steps() + 1,
                             layout=lambda plan=plan: [(off, self.specs[t].shape)
                                                       for t, off in zip(plan.tensor_ids, plan.offsets)])
-        self._futures[b] = fut = self._algorithm(buf, ctx)
+        epoch = self._epoch
+
+        def launch() -> torch.futures.Future:
+            if self._epoch != epoch:  # the step was given up while this bucket waited for its stream
+                raise ShoalError(f"shoal: bucket {b} of an abandoned step was not launched")
+            return self._algorithm(buf, ctx)
+
+        self._futures[b] = fut = runtime.launch_in_order(ctx.group, launch)  # constraint 4
         for cb in self._calls["after_launch"]:
             cb(self, b, fut)
 
@@ -492,7 +501,7 @@ class GradientReducer:
         try:
             callback_error = self._wait_buckets()
         except BaseException:
-            self._abandon()
+            self.abandon_step()
             raise
         error = self._wait_error
         self.last_order = list(self._observed)
@@ -508,9 +517,10 @@ class GradientReducer:
         for cb in calls:
             cb(self, step)
 
-    def _abandon(self) -> None:
-        """A wait raised (a stall): the step is over for this rank; its collectives may still complete.
-        The buffers stay (a later step overwrites them); the bookkeeping starts a new step."""
+    def abandon_step(self) -> None:
+        """Give up the step in progress (a wait raised, or the world is gone): its collectives may still
+        complete, buckets still waiting for their stream are not launched. The buffers stay (a later step
+        overwrites them); the bookkeeping starts a new step."""
         self._observed = []
         self._reset_step()
 

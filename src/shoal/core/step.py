@@ -254,6 +254,7 @@ class StepOwner:
         reducer = getattr(self, "_reducer", None)
         if reducer is not None:  # buckets of a failed step may still be pending on the old groups
             runtime.abandon_futures(reducer.pending_futures())
+            reducer.abandon_step()
         self._counts = [0] * len(self.specs)
         self._reducer: Optional[GradientReducer] = None
         self._tuner: Optional[_autotune.Autotuner] = None

@@ -62,7 +62,7 @@ def allreduce_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futur
         state.nan_check.check_bucket(bucket.index(), buffer, lambda: [
             (state.param_names.get(id(p), f"<unnamed {tuple(p.shape)}>"), g)
             for p, g in zip(bucket.parameters(), bucket.gradients())], last=bucket.is_last())
-    fut = state.algorithm(buffer, ctx)
+    fut = runtime.launch_in_order(ctx.group, lambda: state.algorithm(buffer, ctx))  # one per stream, in order
     if state.nan_check is not None and bucket.is_last():
         # Every rank gets the same report. DDP cannot skip the user's optimizer step: under "skip" (and
         # "warn") the hook only logs, and the caller skips when state.nan_report is not None.

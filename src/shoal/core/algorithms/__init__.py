@@ -175,7 +175,7 @@ def start_allreduce(buffer: torch.Tensor, process_set: runtime.ProcessSet, op) -
         algorithm = _user_algorithms[group]
         if algorithm is not None:
             ctx = ReduceContext(group=runtime.stream_groups(process_set, 1)[0], process_set=process_set)
-            return _FutureWork(algorithm(buffer.view(-1), ctx))
+            return _FutureWork(runtime.launch_in_order(ctx.group, lambda: algorithm(buffer.view(-1), ctx)))
     return dist.all_reduce(buffer, op=op, group=process_set.group, async_op=True)
 
 
