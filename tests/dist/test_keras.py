@@ -321,6 +321,8 @@ def _keras_faults(keras, hvd, backend: str, r: int, n: int, x, y) -> dict:
     """The per-step negotiation, the stall inspector and join on Keras (through the step owner, as on
     torch): a variable only rank 0 has a gradient for, uneven batch counts with join, a rank that stops
     calling fit."""
+    import os
+    import tempfile
     import time
 
     from shoal.core import runtime
@@ -372,16 +374,23 @@ def _keras_faults(keras, hvd, backend: str, r: int, n: int, x, y) -> dict:
     stalled = keras.Sequential([keras.Input((_IN,)), keras.layers.Dense(_OUT)])
     stalled.set_weights(_linear_weights(3))
     stalled.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+    # Both ranks are children of one test process: rank 0 leaves a mark there once it has failed.
+    named = os.path.join(tempfile.gettempdir(), f"shoal-keras-stall-{os.getppid()}")
     start = time.monotonic()
     try:
         rows = (_STEPS if r == 0 else 1) * n * _LOCAL
         stalled.fit(_local(x[:rows], r, n), _local(y[:rows], r, n), batch_size=_LOCAL, epochs=1,
                     shuffle=False, verbose=0)
-        if r == 1:
-            time.sleep(10)  # busy: never reaches the next step's collectives
+        if r == 1:  # busy: never reaches the next step's collectives, until rank 0 has failed (30 s at most)
+            while not os.path.exists(named) and time.monotonic() - start < 30:
+                time.sleep(0.1)
+            if os.path.exists(named):
+                os.unlink(named)
         out["stall"] = ""
     except Exception as exc:  # noqa: BLE001 (TF and JAX wrap what a host call raised; the text is kept)
         out["stall"] = f"{type(exc).__name__}: {exc}"
+        with open(named, "w"):
+            pass
     out["stall_s"] = time.monotonic() - start
     return out
 

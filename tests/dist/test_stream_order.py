@@ -9,7 +9,7 @@ import torch
 from shoal.testing import run_ranks
 
 
-def _rank_landing_order(num_streams: int):
+def _rank_landing_order(num_streams: int) -> dict:
     import threading  # noqa: PLC0415
     import time  # noqa: PLC0415
 
@@ -48,16 +48,15 @@ def _rank_landing_order(num_streams: int):
     return {"orders": orders, "values": values, "buckets": [list(p.tensor_ids) for p in red.plans]}
 
 
-def test_buckets_of_one_stream_land_in_launch_order():
-    for r in run_ranks(_rank_landing_order, world_size=2, timeout_s=60, args=(1,)):
-        assert r["buckets"] == [[3], [2], [1], [0]]
-        assert r["orders"] == [[0, 1, 2, 3]] * 3  # the big bucket 1 is never overtaken by 2 or 3
-        # Average of (step + 1) and (step + 2) on every tensor.
-        assert r["values"] == [[1.5] * 4, [2.5] * 4, [3.5] * 4]
+def _rank_both() -> list[dict]:
+    return [_rank_landing_order(1), _rank_landing_order(2)]
 
 
-def test_two_streams_keep_the_order_within_each():
-    for r in run_ranks(_rank_landing_order, world_size=2, timeout_s=60, args=(2,)):
-        for order in r["orders"]:
+def test_buckets_of_a_stream_land_in_launch_order():
+    for one, two in run_ranks(_rank_both, world_size=2, timeout_s=60):
+        assert one["buckets"] == [[3], [2], [1], [0]]
+        assert one["orders"] == [[0, 1, 2, 3]] * 3  # the big bucket 1 is never overtaken by 2 or 3
+        for order in two["orders"]:  # two streams: in order within each
             assert [b for b in order if b % 2 == 0] == [0, 2] and [b for b in order if b % 2 == 1] == [1, 3]
-        assert r["values"] == [[1.5] * 4, [2.5] * 4, [3.5] * 4]
+        for r in (one, two):  # the average of (step + 1) and (step + 2) on every tensor
+            assert r["values"] == [[1.5] * 4, [2.5] * 4, [3.5] * 4]
