@@ -1,13 +1,27 @@
 """Guards for every test: a test may not leak environment variables, process groups or threads into the
 pytest process (multi-rank work belongs inside shoal.testing.run_ranks, in child processes)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 import threading
 
 import pytest
 
 # Set by pytest itself, and by torch's lazy import of torch._dynamo (the first optimizer step of a process).
 _ALLOWED = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+
+
+def pytest_configure(config):
+    """Every process the suite starts keeps its temporary files under one directory, removed at exit:
+    TensorFlow's autograph leaves a generated file per traced function in the temporary directory (about 20
+    per Keras run, never removed), which piled up in /tmp. Removed by an exit handler registered before
+    multiprocessing's own (they run last first), so that multiprocessing has removed its directory inside."""
+    made = tempfile.mkdtemp(prefix="shoal-tests-")
+    atexit.register(shutil.rmtree, made, True)
+    os.environ["TMPDIR"] = made
+    tempfile.tempdir = None  # tempfile reads TMPDIR again
 
 
 @pytest.fixture(autouse=True)
