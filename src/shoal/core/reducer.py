@@ -192,6 +192,7 @@ class GradientReducer:
         #: Ready order of the last finished step (indices of tensors marked ready, in order).
         self.last_order: list[int] = []
         _timeline.maybe_start_from_config(runtime.config())  # SHOAL_TIMELINE_FILENAME alone starts it
+        self._epoch = 0  # which step a launch belongs to (constraint 4)
         self._build(order=None)
 
     # ----------------------------------------------------------------------------------- planning
@@ -221,7 +222,7 @@ class GradientReducer:
         self._reset_step()
 
     def _reset_step(self) -> None:
-        self._epoch = getattr(self, "_epoch", 0) + 1  # launches still waiting for their stream are void
+        self._epoch += 1  # launches of the step before that still wait for their stream are void
         self._pending = [len(p.tensor_ids) for p in self.plans]
         self._ready = [False] * len(self.specs)
         self._futures: list[Optional[torch.futures.Future]] = [None] * len(self.plans)
