@@ -70,7 +70,8 @@ _JOB = textwrap.dedent('''
     t0 = time.time()
     train(state)
     w = np.concatenate([np.ravel(v) for v in model.get_weights()])
-    say(what="done", steps=state.steps, epoch=state.epoch, weights=w.tolist())
+    say(what="done", steps=state.steps, epoch=state.epoch, weights=w.tolist(),
+        iterations=int(keras.ops.convert_to_numpy(model.optimizer.iterations)))
 ''')
 
 _ENV = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -102,3 +103,8 @@ def test_fit_survives_a_killed_worker(run_cli, tmp_path, backend):
     assert any(e["wid"] >= 3 for e in done), done  # the replacement finished with the others ...
     assert len({json.dumps(e["weights"]) for e in done}) == 1, [e["weights"][:3] for e in done]  # ... caught up
     assert {e["epoch"] for e in done} == {4}, done
+    # The optimizer's step counter is part of the state too: after the recovery it matches the steps trained
+    # on every worker, the replacement's included (a counter one ahead would shift every schedule).
+    counts = {(e["steps"], e["iterations"]) for e in done}
+    assert len(counts) == 1 and all(s == i for s, i in counts), [(e["wid"], e["steps"], e["iterations"])
+                                                                 for e in done]
