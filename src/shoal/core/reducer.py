@@ -352,13 +352,7 @@ class GradientReducer:
             tensor = tensor.to_dense()
         loaded = self._calls["on_loaded"]
         if loaded and tensor.is_contiguous():
-            # Constraint 8: part by part, each listener reading the part just written.
-            flat, src = view.view(-1), tensor.view(-1)
-            for part_of in _load_parts(flat.numel()):
-                part = flat[part_of]
-                self._scale_into(part, src[part_of])
-                for cb in loaded:
-                    cb(self, i, part)
+            self._scale_in_parts(i, loaded, tensor.view(-1))
         else:
             self._scale_into(view, tensor)
             for cb in loaded:
@@ -366,11 +360,25 @@ class GradientReducer:
         self.mark_ready(i, scaled=True)
         return view
 
-    def _scale_into(self, out: torch.Tensor, value: torch.Tensor) -> None:
-        if self.load_scale != 1.0:
+    def _scale_into(self, out: torch.Tensor, value: Optional[torch.Tensor]) -> None:
+        """``out = value * load_scale`` (``value`` None: ``out`` in place)."""
+        if value is None:
+            if self.load_scale != 1.0:
+                out.mul_(self.load_scale)
+        elif self.load_scale != 1.0:
             torch.mul(value, self.load_scale, out=out)
         else:
             out.copy_(value)
+
+    def _scale_in_parts(self, i: int, loaded: list[Callable], src: Optional[torch.Tensor]) -> None:
+        """Constraint 8: scale tensor ``i`` into its view part by part (from the flat ``src``, or in place
+        when None), each ``on_loaded`` listener reading the part just written."""
+        flat = self.views[i].view(-1)
+        for part_of in _load_parts(flat.numel()):
+            part = flat[part_of]
+            self._scale_into(part, None if src is None else src[part_of])
+            for cb in loaded:
+                cb(self, i, part)
 
     def mark_ready(self, i: int, scaled: bool = False) -> None:
         """Tensor ``i`` holds its final local value in ``views[i]`` (already multiplied by
@@ -382,17 +390,10 @@ class GradientReducer:
                 "set backward_passes_per_step to the number of backward passes per step.")
         if not scaled:
             loaded = self._calls["on_loaded"]
-            if not loaded:
-                if self.load_scale != 1.0:
-                    self.views[i].mul_(self.load_scale)
-            else:  # constraint 8
-                flat = self.views[i].view(-1)
-                for part_of in _load_parts(flat.numel()):
-                    part = flat[part_of]
-                    if self.load_scale != 1.0:
-                        part.mul_(self.load_scale)
-                    for cb in loaded:
-                        cb(self, i, part)
+            if loaded:
+                self._scale_in_parts(i, loaded, None)
+            elif self.load_scale != 1.0:
+                self.views[i].mul_(self.load_scale)
         self._ready[i] = True
         self._observed.append(i)
         b = self.bucket_of[i]
