@@ -104,6 +104,18 @@ def test_bad_host_syntax_is_a_usage_error_with_a_hint(text, words):
     assert words in str(info.value) and "HINT" in str(info.value)
 
 
+def test_discovery_script_slots_for_this_host_use_the_host_grammar(tmp_path):
+    from shoal.runner.elastic import discover_slots  # noqa: PLC0415
+
+    script = tmp_path / "discover.sh"
+    script.write_text("#!/bin/sh\necho '# a comment'\necho localhost:2\necho '[::1]:1'\necho elsewhere:4\n")
+    script.chmod(0o755)
+    assert discover_slots(str(script)) == 3  # this host's lines only
+    script.write_text("#!/bin/sh\necho '-oProxyCommand=id:1'\n")
+    with pytest.raises(ValueError, match="discovery script .*HINT"):
+        discover_slots(str(script))
+
+
 # Hostile host names: each would have become an ssh option (runs a command on this machine) or more
 # words for the remote shell.
 _HOSTILE = ["-oProxyCommand=touch /tmp/pwned", "-oProxyCommand=id", "a b", "a;id", "a&&id", "$(id)",

@@ -173,21 +173,14 @@ def discover_hosts(script: str) -> list[tuple[str, int]]:
 
 
 def discover_slots(script: str) -> int:
-    """Slots for this host from a host discovery script (the one-host launcher uses only this host's).
+    """Slots for this host from a host discovery script (the one-host launcher uses only this host's): the
+    lines of :func:`discover_hosts` that name this host (:func:`local_names`).
 
     Raises:
         ValueError: the script failed or printed a line that does not parse.
     """
     me = local_names()
-    slots = 0
-    for line in _run_script(script):
-        host, _, count = line.rpartition(":") if ":" in line else (line, "", "1")
-        if not count.isdigit():
-            raise ValueError(f"shoal: host discovery script {script!r} printed {line!r}. HINT: print "
-                             "'host:slots' lines.")
-        if host in me:
-            slots += int(count)
-    return slots
+    return sum(slots for host, slots in discover_hosts(script) if host in me)
 
 
 # ------------------------------------------------------------------------ one host's workers
