@@ -46,11 +46,12 @@ def test_run_returns_each_ranks_result_and_names_a_failed_rank(tmp_path):
             if fail and hvd.rank() == 1:
                 raise ZeroDivisionError("rank one divides by zero")
             total = hvd.allreduce(torch.tensor([float(hvd.rank())]), op=hvd.Sum).item()
-            return {"rank": hvd.rank(), "size": hvd.size(), "value": scale * total + offset}
+            return {"rank": hvd.rank(), "size": hvd.size(), "value": scale * total + offset,
+                    "start_timeout_s": os.environ.get("SHOAL_START_TIMEOUT_S")}
 
         if __name__ == "__main__":
             before = dict(os.environ)
-            results = shoal.run(train, args=(10,), kwargs={"offset": 1}, np=2, use_gloo=True)
+            results = shoal.run(train, args=(10,), kwargs={"offset": 1}, np=2, use_gloo=True, start_timeout=77)
             print("RESULT", json.dumps({"results": results, "env_unchanged": dict(os.environ) == before}))
             try:
                 shoal.run(train, args=(1,), np=2, hosts="otherhost:2")
@@ -64,7 +65,8 @@ def test_run_returns_each_ranks_result_and_names_a_failed_rank(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
     got = json.loads(line[len("RESULT "):])
-    assert got["results"] == [{"rank": 0, "size": 2, "value": 11.0}, {"rank": 1, "size": 2, "value": 11.0}]
+    # start_timeout is the start_timeout_s knob: the ranks wait as long in init()
+    assert got["results"] == [{"rank": r, "size": 2, "value": 11.0, "start_timeout_s": "77.0"} for r in (0, 1)]
     assert got["env_unchanged"]
     assert "HOSTS True" in res.stdout, res.stdout
     failed = next(ln for ln in res.stdout.splitlines() if ln.startswith("FAILED "))

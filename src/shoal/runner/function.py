@@ -36,6 +36,7 @@ import tempfile
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from shoal.core import env as _env
+from shoal.core.config import env_name
 
 from .report import blame, failure_from_torch
 
@@ -73,7 +74,9 @@ def run(func: Callable, args: Sequence = (), kwargs: Optional[Mapping[str, Any]]
             so ``use_mpi=True`` is refused.
         env: extra variables for the ranks.
         verbose: show torch's agent log lines.
-        start_timeout: seconds the ranks have to meet (default 120).
+        start_timeout: seconds the ranks have to start and meet, at the rendezvous and in ``init()``
+            (default: the ``start_timeout_s`` knob, as under ``shoal run``: ``SHOAL_START_TIMEOUT_S`` in
+            this environment or ``env``, else 300).
         **_horovod_only: Horovod's other options (ssh ports, network interfaces, ...), accepted and unused.
 
     Returns:
@@ -97,8 +100,12 @@ def run(func: Callable, args: Sequence = (), kwargs: Optional[Mapping[str, Any]]
     if use_mpi:
         raise ValueError("shoal: run(use_mpi=True): Shoal's ranks talk through torch.distributed (gloo on CPU, "
                          "NCCL on GPU), not an MPI controller. HINT: drop use_mpi (use_gloo is what happens).")
-    return _launch(_call, (func, dict(kwargs or {}), *args), np, dict(env or {}), bool(verbose),
-                   120.0 if start_timeout is None else float(start_timeout))
+    extra_env = dict(env or {})
+    if start_timeout is None:  # one knob for the whole start, as shoal run reads it
+        start_timeout = _env.read_config(environ=_env.child_environ(extra_env)).start_timeout_s
+    else:  # and the ranks wait as long in init()
+        extra_env[env_name("start_timeout_s")] = str(float(start_timeout))
+    return _launch(_call, (func, dict(kwargs or {}), *args), np, extra_env, bool(verbose), float(start_timeout))
 
 
 def _call(func: Callable, kwargs: dict, *args: Any) -> Any:
