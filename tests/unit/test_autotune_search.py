@@ -167,6 +167,25 @@ def test_a_burst_of_load_during_the_best_trial_does_not_decide():
     assert burst["left"] == 0 and tuner.choice == Setting(8.0, 2)
 
 
+def test_the_configured_setting_measured_in_a_slow_start_is_measured_again_in_the_run_off():
+    # The machine is slower in the job's first steps (the configured setting is measured first), then
+    # steady: the configured 25 MB is truly best, and only a second look later in time can show it.
+    red = _Reducer()
+    steps = {"n": 0}
+    cost = lambda mb: 0.100 + 0.010 * abs(math.log2(mb / 25.0))  # noqa: E731
+
+    class _Slowstart(_Clock):
+        def __call__(self) -> float:
+            steps["n"] += 1
+            self.t += 0.040 * max(0.0, 1.0 - steps["n"] / 12.0)
+            return super().__call__()
+
+    tuner = Autotuner(red, clock=_Slowstart(red, lambda mb, s: cost(mb) + 0.003 * abs(s - 2)))
+    _run(tuner, MAX_TUNING_STEPS)
+    assert tuner.state == "settled" and tuner.choice == Setting(25.0, 2)
+    assert len(tuner.trials[Setting(25.0, 2)].samples_s) > 2  # measured again, late
+
+
 class _Switch:
     """The frontend's overlapped-step switch: the clock reads it, the tuner flips it."""
 

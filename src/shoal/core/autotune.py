@@ -24,6 +24,10 @@ Design constraints:
    steps (contention from other processes only ever adds time: on the shared 2-core machine two runs of
    the same setting differed by up to 30% in median, far less in their fastest steps), and the run-off
    re-measures the leaders later in time, so a burst of load that hit one trial does not decide alone.
+   The configured setting always takes part in the run-off (with the best others): it is measured first,
+   in the job's first steps, and a machine whose speed drifts during the search (a loopback run kept
+   1 MB x 2 streams with the overlapped step, 1.23x DDP, over the configured 25 MB x 2, whose only
+   samples were its first two steps) must not rule it out on those alone.
 5. Numerics never change: a new plan moves the current values into the new buffers and sums the same
    numbers (bitwise the same result with 2 ranks; with more, a ring may add in another order, the
    rounding-level difference any bucket size change brings).
@@ -359,6 +363,9 @@ class Autotuner:
             elif self._phase == "streams":
                 self._phase = "runoff"
                 leaders = sorted(self.trials.values(), key=lambda t: t.score_s)[:self.runoff]
+                configured = self.trials.get(self.initial)
+                if configured is not None and configured not in leaders and self.runoff > 1:
+                    leaders = leaders[:self.runoff - 1] + [configured]  # constraint 4
                 if len(leaders) > 1:
                     self._queue = [(t.setting, self.runoff_steps) for t in leaders]
             else:
