@@ -94,7 +94,7 @@ def _compute(model: str, optimizer: str, steps: int, warmup: int, barrier, queue
         step_end = time.perf_counter() - start[0]
         if step >= warmup:
             rows.append((backward_end, step_end - backward_end, dict(ready)))
-    barrier.wait()  # the other ranks still compute while this one times single steps
+    barrier.wait()  # then every rank times single steps, side by side as well
     step_of = []
     for p in params:
         one = _make_optimizer(optimizer, [p], lr=0.0)
