@@ -54,16 +54,8 @@ import sys
 import time
 
 from _results import save_report
+from synthetic import OPTIMIZERS, make_optimizer
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
-
-
-def _make_optimizer(name: str, params, lr: float = 0.01):
-    import torch  # noqa: PLC0415
-
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
 
 
 def _compute(model: str, optimizer: str, steps: int, warmup: int, barrier, queue) -> None:
@@ -76,7 +68,7 @@ def _compute(model: str, optimizer: str, steps: int, warmup: int, barrier, queue
     net = build_model(model)
     x, y = synthetic_batch(model, MODELS[model].batch_size)
     params = list(net.parameters())
-    opt = _make_optimizer(optimizer, params)
+    opt = make_optimizer(params, 0.01, optimizer)
     start = [0.0]
     ready: dict[int, float] = {}
     for i, p in enumerate(params):
@@ -97,7 +89,7 @@ def _compute(model: str, optimizer: str, steps: int, warmup: int, barrier, queue
     barrier.wait()  # then every rank times single steps, side by side as well
     step_of = []
     for p in params:
-        one = _make_optimizer(optimizer, [p], lr=0.0)
+        one = make_optimizer([p], 0.0, optimizer)
         one.step()  # its state exists from here, as in training
         times = []
         for _ in range(5):

@@ -84,13 +84,15 @@ def powersgd_name() -> str:
     return f"powersgd:rank={POWERSGD['rank']},start_step={POWERSGD['start_step']}"
 
 
-def make_optimizer(params, lr: float):
-    """The ``--optimizer`` of this run over ``params``: plain SGD, SGD with momentum 0.9, or Adam."""
+def make_optimizer(params, lr: float, name: Optional[str] = None):
+    """Optimizer ``name`` (default: this run's ``--optimizer``) over ``params``: plain SGD, SGD with momentum
+    0.9, or Adam."""
     import torch  # noqa: PLC0415
 
-    if OPTIMIZER == "adam":
+    name = OPTIMIZER if name is None else name
+    if name == "adam":
         return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9 if OPTIMIZER == "momentum" else 0.0)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
 
 
 class Mode:

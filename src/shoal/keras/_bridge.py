@@ -69,6 +69,7 @@ __all__ = [
     "run_on_host",
     "take_host_error",
     "in_xla_trace",
+    "in_tf_trace",
     "aligned",
     "ALIGN_BYTES",
     "SUPPORTED_BACKENDS",
@@ -215,6 +216,16 @@ def in_xla_trace() -> bool:
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()))
 
 
+def in_tf_trace(backend: str) -> bool:
+    """True while TensorFlow traces a function (``fit``'s train step): a host call made now runs later,
+    inside the traced step, alongside ops that do not wait for it."""
+    if backend != "tensorflow":
+        return False
+    import tensorflow as tf  # noqa: PLC0415 (TensorFlow backend only)
+
+    return not tf.executing_eagerly()
+
+
 _HostFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 #: The last exception raised by a host call, for take_host_error (constraint 6).
@@ -266,7 +277,7 @@ def run_on_host(fn: _HostFn, tensors: Sequence[Any], out_specs: Sequence[tuple[t
                 raise
             return [from_torch(o, "tensorflow") for o in outs]
 
-        if tf.executing_eagerly():
+        if not in_tf_trace(backend):
             return host(*tensors)
         if in_xla_trace():
             raise ShoalError(

@@ -197,15 +197,7 @@ def _set_accumulation(opt, steps: int) -> None:
     opt.gradient_accumulation_steps = steps
 
 
-def _tf_eager() -> bool:
-    """Whether TensorFlow runs this call eagerly (False while ``fit``'s train function is traced)."""
-    import tensorflow as tf  # noqa: PLC0415 (TensorFlow backend only)
-
-    return tf.executing_eagerly()
-
-
 # ------------------------------------------------------------------------------------------- state access
-
 
 class _Stateful:
     """Reads and writes optimizer variables in place (TF, torch, eager JAX)."""
@@ -431,7 +423,7 @@ class _Exchange:
         """One host call for the whole step (bridge constraint 3): the present gradients in, every
         variable's reduced gradient and the skip flag out."""
         specs = [self._var_spec(v) for v in variables] + [((), "int32")]
-        traced = self.backend == "tensorflow" and not _tf_eager()
+        traced = _bridge.in_tf_trace(self.backend)
         outs = _bridge.run_on_host(lambda ts: self._host_reduce(key, present, variables, ts, traced), tensors,
                                    specs, self.backend, what="gradient allreduce")
         return outs[:-1], outs[-1]
